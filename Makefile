@@ -1,0 +1,27 @@
+# Two commands set up and run everything: `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test serve bench clean
+
+install: $(STAMP)
+
+# torch is pinned first so pip takes the local CPU wheel instead of a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+# Until the server issue lands, `make serve` opens an interactive chat on the default model.
+serve: install
+	$(VENV)/bin/trinity chat
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,133 @@
+"""Attention metadata: how a flat token batch maps onto sequences and their cached keys/values.
+
+The model never owns a cache. Each forward receives an `AttentionMetadata` object and every attention
+layer calls `attn.attend(layer_idx, q, k, v, window, scale)`; the object decides where new K/V go and
+which keys each query sees. This file holds the pure-torch reference implementations:
+
+- `PackedSequences`: whole sequences (no cache), e.g. the `model(input_ids[B, T])` convenience call and training.
+- `ContiguousKVCache` / `CacheStep`: a simple per-sequence contiguous cache for the basic decode loop.
+
+The paged engine supplies its own metadata with the same `attend` contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionMetadata(Protocol):
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None, scale: float) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> attention output [T, Hq, D]."""
+        ...
+
+
+def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[n, L] bool: query i sees key j when j <= i and, in a sliding layer, j > i - window (window keys incl. itself)."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """q: [..., n, Hq, D], k/v: [..., L, Hkv, D], mask: [n, L] -> [..., n, Hq, D]. GQA by head grouping."""
+    out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
+                                         attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(-3, -2)
+
+
+@dataclass(slots=True)
+class PackedSequences:
+    """Whole sequences packed back to back in the flat batch; `seq_lens` sums to T. No cache."""
+
+    seq_lens: list[int]
+
+    def attend(self, layer_idx, q, k, v, window, scale):
+        lens = self.seq_lens
+        if len(set(lens)) == 1:  # equal lengths: one batched call
+            b, n = len(lens), lens[0]
+            pos = torch.arange(n, device=q.device)
+            mask = visibility_mask(pos, pos, window)
+            out = reference_attention(q.view(b, n, *q.shape[1:]), k.view(b, n, *k.shape[1:]),
+                                      v.view(b, n, *v.shape[1:]), mask, scale)
+            return out.reshape(q.shape)
+        outs, start = [], 0
+        for n in lens:
+            pos = torch.arange(n, device=q.device)
+            sl = slice(start, start + n)
+            outs.append(reference_attention(q[sl], k[sl], v[sl], visibility_mask(pos, pos, window), scale))
+            start += n
+        return torch.cat(outs, dim=0)
+
+
+class ContiguousKVCache:
+    """Per-layer K/V tensors [B, max_len, Hkv, D]; sequence b's token at position p lives at index p.
+
+    Sliding layers keep every token here and mask to the window: this cache is the simple reference;
+    the engine's paged pools are the ones that store only the window.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.lengths = [0] * batch_size
+
+    def step(self, query_lens: list[int]) -> "CacheStep":
+        """Metadata for a forward that appends `query_lens[b]` tokens to sequence b (0 skips it)."""
+        if len(query_lens) != len(self.lengths):
+            raise ValueError(f"got {len(query_lens)} query lengths for a cache of {len(self.lengths)} sequences")
+        for b, n in enumerate(query_lens):
+            if self.lengths[b] + n > self.max_len:
+                raise ValueError(f"sequence {b} would reach {self.lengths[b] + n} tokens; cache holds {self.max_len}")
+        return CacheStep(self, list(self.lengths), list(query_lens))
+
+    def positions(self, query_lens: list[int], device: torch.device | str) -> torch.Tensor:
+        """Flat positions [T] for a step appending `query_lens` tokens."""
+        return torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(self.lengths, query_lens)])
+
+    def advance(self, step: "CacheStep") -> None:
+        for b, n in enumerate(step.query_lens):
+            self.lengths[b] = step.starts[b] + n
+
+
+@dataclass(slots=True)
+class CacheStep:
+    cache: ContiguousKVCache
+    starts: list[int]
+    query_lens: list[int]
+
+    def attend(self, layer_idx, q, k, v, window, scale):
+        ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        starts, lens = self.starts, self.query_lens
+        active = [b for b, n in enumerate(lens) if n]
+        # Uniform step (the common decode case): write and attend for all sequences in one call.
+        if len({starts[b] for b in active}) == 1 and len({lens[b] for b in active}) == 1 \
+                and active == list(range(active[0], active[0] + len(active))):
+            s, n, b0, b1 = starts[active[0]], lens[active[0]], active[0], active[-1] + 1
+            ck[b0:b1, s:s + n] = k.view(b1 - b0, n, *k.shape[1:])
+            cv[b0:b1, s:s + n] = v.view(b1 - b0, n, *v.shape[1:])
+            q_pos = torch.arange(s, s + n, device=q.device)
+            k_pos = torch.arange(s + n, device=q.device)
+            out = reference_attention(q.view(b1 - b0, n, *q.shape[1:]), ck[b0:b1, :s + n], cv[b0:b1, :s + n],
+                                      visibility_mask(q_pos, k_pos, window), scale)
+            return out.reshape(q.shape)
+        outs, offset = [], 0
+        for b in active:
+            s, n = starts[b], lens[b]
+            sl = slice(offset, offset + n)
+            ck[b, s:s + n], cv[b, s:s + n] = k[sl], v[sl]
+            q_pos = torch.arange(s, s + n, device=q.device)
+            k_pos = torch.arange(s + n, device=q.device)
+            outs.append(reference_attention(q[sl], ck[b, :s + n], cv[b, :s + n],
+                                            visibility_mask(q_pos, k_pos, window), scale))
+            offset += n
+        return torch.cat(outs, dim=0)

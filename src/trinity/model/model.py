@@ -1,0 +1,147 @@
+"""TrinityForCausalLM: single-device model code for `AfmoeForCausalLM`.
+
+The main forward takes a flat batch: `input_ids[T]`, `positions[T]` and attention metadata that says
+how those tokens split into sequences and where their keys/values live. Parallelism and caching are
+applied from outside.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..config import TrinityConfig
+from .attention import AttentionMetadata, PackedSequences
+from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLU
+from .moe import MoEBlock
+
+
+class DecoderLayer(nn.Module):
+    """Depth-scaled sandwich norm: each sublayer's output is normalised again before the residual add."""
+
+    def __init__(self, config: TrinityConfig, layer_idx: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = GatedAttention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_mlp_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp: nn.Module = MoEBlock(config) if config.is_moe_layer(layer_idx) \
+            else SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, attn))
+        return x + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(x)))
+
+
+class TrinityModel(nn.Module):
+    def __init__(self, config: TrinityConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.embed_scale = config.hidden_size ** 0.5 if config.mup_enabled else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:  # muP input scaling
+            x = x * self.embed_scale
+        rope = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, attn)
+        return self.norm(x)
+
+
+class TrinityForCausalLM(nn.Module):
+    # Parameters kept in fp32 whatever the model dtype: small, and precision-critical (as in HF).
+    FP32_PARAM_SUFFIXES = ("layernorm.weight", "q_norm.weight", "k_norm.weight", "model.norm.weight", "expert_bias")
+
+    def __init__(self, config: TrinityConfig):
+        super().__init__()
+        self.config = config
+        self.model = TrinityModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                attn: AttentionMetadata | None = None, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Two ways in.
+
+        - flat batch: `input_ids[T]`, `positions[T]`, `attn` -> logits [T, V] (or [N, V] at `logits_indices`).
+        - convenience: `input_ids[B, T]` whole sequences, no cache -> logits [B, T, V].
+        """
+        if input_ids.dim() == 2:
+            b, t = input_ids.shape
+            positions = torch.arange(t, device=input_ids.device).repeat(b)
+            hidden = self.model(input_ids.reshape(-1), positions, PackedSequences([t] * b))
+            return self.lm_head(hidden).view(b, t, -1)
+        if positions is None or attn is None:
+            raise ValueError("a flat batch (input_ids of shape [T]) needs positions and attention metadata")
+        hidden = self.model(input_ids, positions, attn)
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]
+        return self.lm_head(hidden)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def keeps_fp32(self, name: str) -> bool:
+        return name.endswith(self.FP32_PARAM_SUFFIXES)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def empty(cls, config: TrinityConfig, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> "TrinityForCausalLM":
+        """A model with uninitialised storage allocated once in its final dtype/device (no fp32 detour)."""
+        with torch.device("meta"):
+            model = cls(config)
+        for prefix, module in model.named_modules():
+            for name, param in list(module._parameters.items()):
+                if param is None:
+                    continue
+                full = f"{prefix}.{name}" if prefix else name
+                want = torch.float32 if model.keeps_fp32(full) else dtype
+                module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=want, device=device),
+                                                        requires_grad=param.requires_grad)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    @classmethod
+    def random(cls, config: TrinityConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               seed: int = 0) -> "TrinityForCausalLM":
+        """Random weights (normal, std = initializer_range; norms at 1; zero expert bias), reproducible by seed."""
+        from .init import init_random_
+
+        model = cls.empty(config, dtype, device)
+        init_random_(model, seed)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str = "cpu", progress: bool | None = None) -> "TrinityForCausalLM":
+        """Load a local HF-layout safetensors checkpoint (single file or sharded; per-expert or stacked experts)."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(cls, path, dtype=dtype, device=device, progress=progress)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        expert_layout: str = "per_expert", dtype: torch.dtype | str | None = None) -> None:
+        """Write HF names and layout (`config.json` + safetensors, sharded by size with an index)."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, max_shard_size=max_shard_size, expert_layout=expert_layout, dtype=dtype)

@@ -1,0 +1,91 @@
+"""Trinity's MoE block: fp32 sigmoid router whose bias only selects, stacked routed experts, a shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TrinityConfig
+from .layers import SwiGLU
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+          route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [T, H] -> (weights [T, k] fp32, expert ids [T, k]).
+
+    Scores are sigmoid(logits) in fp32. The bias shifts which experts are chosen (aux-loss-free balancing)
+    but never the weights: those are the chosen experts' unbiased scores, normalised to sum 1 when
+    `route_norm`, then multiplied by `route_scale`.
+    """
+    scores = torch.sigmoid(F.linear(x.float(), gate_weight.float()))
+    _, ids = torch.topk(scores + expert_bias.float(), k=top_k, dim=-1)
+    weights = scores.gather(-1, ids)
+    if route_norm:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * route_scale, ids
+
+
+def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                      down: torch.Tensor) -> torch.Tensor:
+    """Routed SwiGLU experts, tokens grouped by expert. x: [T, H]; weights/ids: [T, k];
+    gate_up: [E, 2I, H] (gate rows first, then up); down: [E, H, I] -> [T, H] in x's dtype."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // k
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()  # one host sync per layer
+    xs = x[token_of]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        g, u = F.linear(xs[rows], gate_up[e]).chunk(2, dim=-1)
+        ys[rows] = F.linear(F.silu(g) * u, down[e])
+        start += n
+    # Weighted combine in fp32: each token sums k expert outputs.
+    out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, token_of, ys.float() * weights.reshape(-1)[order, None])
+    return out.to(x.dtype)
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts' weights stacked: one tensor per projection (the HF transformers 5 layout)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return experts_reference(x, weights, ids, self.gate_up_proj, self.down_proj)
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, config: TrinityConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.route_norm = config.route_norm
+        self.route_scale = config.route_scale
+        self.router = Router(config.hidden_size, config.num_experts)
+        # Not trained by gradients: the balancing rule moves it after each optimizer step.
+        self.expert_bias = nn.Parameter(torch.zeros(config.num_experts), requires_grad=False)
+        self.experts = RoutedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        shared = config.moe_intermediate_size * config.num_shared_experts
+        self.shared_experts = SwiGLU(config.hidden_size, shared) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(x, self.router.gate.weight, self.expert_bias, self.top_k,
+                             self.route_norm, self.route_scale)
+        out = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
