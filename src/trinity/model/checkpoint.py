@@ -220,12 +220,18 @@ def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.devi
 def hf_tensors(model, expert_layout: str = "per_expert", dtype: torch.dtype | None = None) \
         -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors under HF names, in HF layout; fp32-kept parameters stay fp32."""
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and not model.keeps_fp32(name) else t
+
+    return hf_layout(((name, cast(name, p.detach())) for name, p in model.named_parameters()), expert_layout)
+
+
+def hf_layout(named: Iterator[tuple[str, torch.Tensor]], expert_layout: str = "per_expert") \
+        -> Iterator[tuple[str, torch.Tensor]]:
+    """Our parameter names/tensors -> HF checkpoint names/tensors (stacked experts split per expert if asked)."""
     if expert_layout not in ("per_expert", "stacked"):
         raise ValueError(f"expert_layout {expert_layout!r}: allowed per_expert, stacked")
-    for name, param in model.named_parameters():
-        t = param.detach()
-        if dtype is not None and not model.keeps_fp32(name):
-            t = t.to(dtype)
+    for name, t in named:
         if expert_layout == "per_expert" and name.endswith(".mlp.experts.gate_up_proj"):
             prefix, inter = name.removesuffix(".gate_up_proj"), t.shape[1] // 2
             for e in range(t.shape[0]):

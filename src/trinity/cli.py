@@ -1,0 +1,189 @@
+"""The `trinity` command: generate, chat, init."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import PRESETS
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder or preset (%s); default: the built-in model" % ", ".join(PRESETS))
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: config dtype on "
+                                                   "GPU, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trinity", description="Run the Arcee Trinity model family.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and stream the text")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--no-think", action="store_true", help="with --chat: no thinking prefill")
+    _add_sampling_args(gen, max_tokens=64)
+
+    chat = sub.add_parser("chat", help="interactive chat; reasoning is shown dimmed")
+    _add_model_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--no-think", action="store_true", help="no thinking prefill")
+    _add_sampling_args(chat, max_tokens=512)
+
+    init = sub.add_parser("init", help="write a random-weight checkpoint for a preset (for benchmarks)")
+    init.add_argument("--preset", required=True, choices=list(PRESETS))
+    init.add_argument("--out", required=True)
+    init.add_argument("--dtype", default="bfloat16")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--max-shard-size", default="5GB")
+    init.add_argument("--expert-layout", default="per_expert", choices=["per_expert", "stacked"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            return _cmd_init(args)
+        if args.command == "generate":
+            return _cmd_generate(args)
+        if args.command == "chat":
+            return _cmd_chat(args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"trinity {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _params(args, stop_token_ids):
+    from .generate import GenerationParams
+
+    return GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop_token_ids=stop_token_ids)
+
+
+def _stream_text(loaded, prompt_ids: list[int], params):
+    """Yields text deltas of the completion, stopping before a stop token."""
+    from .generate import generate_stream
+
+    detok = loaded.tokenizer.detokenizer(skip_special_tokens=True)
+    stop = set(params.stop_token_ids)
+    for (token,) in generate_stream(loaded.model, [prompt_ids], params):
+        if token in stop:
+            break
+        delta = detok.add(token)
+        if delta:
+            yield delta
+    tail = detok.flush()
+    if tail:
+        yield tail
+
+
+def _cmd_generate(args) -> int:
+    from .loading import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.chat:
+        prompt_ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True,
+                                                          enable_thinking=not args.no_think)
+    else:
+        prompt_ids = loaded.tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt encodes to no tokens")
+    for delta in _stream_text(loaded, prompt_ids, _params(args, loaded.stop_token_ids)):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from rich.console import Console
+
+    from .loading import load_model
+    from .reasoning import ThinkSplitter
+
+    console = Console(highlight=False)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    params = _params(args, loaded.stop_token_ids)
+    console.print(f"[bold]trinity chat[/bold] · model [cyan]{loaded.name}[/cyan] on {loaded.model.device} · "
+                  "/reset clears the history, /exit or Ctrl-D quits")
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = console.input("[bold green]> [/bold green]")
+        except EOFError:
+            console.print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = loaded.tokenizer.apply_chat_template(history, enable_thinking=not args.no_think)
+        splitter = ThinkSplitter(starts_in_reasoning=prompt.endswith("<think>\n"))
+        reasoning, content = [], []
+        try:
+            for delta in _stream_text(loaded, loaded.tokenizer.encode(prompt), params):
+                r, c = splitter.feed(delta)
+                _show(console, r, c, reasoning, content)
+            _show(console, *splitter.flush(), reasoning, content)
+        except KeyboardInterrupt:
+            console.print("[yellow] (interrupted)[/yellow]")
+        console.print()
+        turn = {"role": "assistant", "content": "".join(content)}
+        if reasoning:
+            turn["reasoning_content"] = "".join(reasoning)
+        history.append(turn)
+
+
+def _show(console, reasoning: str, content: str, reasoning_acc: list[str], content_acc: list[str]) -> None:
+    if reasoning:
+        console.print(reasoning, style="dim", end="", markup=False)
+        reasoning_acc.append(reasoning)
+    if content:
+        if reasoning_acc and not content_acc:
+            console.print()
+        console.print(content, end="", markup=False)
+        content_acc.append(content)
+
+
+def _cmd_init(args) -> int:
+    import torch  # noqa: F401  (imported here so `trinity --help` stays fast)
+
+    from .config import preset
+    from .model.checkpoint import parse_dtype
+    from .model.init import write_random_checkpoint
+    from .tokenizer import build_byte_level_tokenizer
+
+    cfg = preset(args.preset)
+    dtype = parse_dtype(args.dtype)
+    size_gb = cfg.num_parameters() * torch.empty((), dtype=dtype).element_size() / 1e9
+    print(f"writing {args.preset} ({cfg.num_parameters() / 1e9:.2f}B parameters, {size_gb:.1f} GB in {dtype}) "
+          f"with random weights to {args.out}", file=sys.stderr)
+    write_random_checkpoint(cfg, args.out, dtype=dtype, seed=args.seed, max_shard_size=args.max_shard_size,
+                            expert_layout=args.expert_layout)
+    build_byte_level_tokenizer().save_pretrained(args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Resolve what the user names as a model (a checkpoint folder or a preset) to a model and its tokenizer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import PRESETS, preset
+from .model import TrinityForCausalLM
+from .tokenizer import TrinityTokenizer, build_byte_level_tokenizer
+
+# Until the project ships a trained built-in model, the default is the `tiny` preset with random weights.
+DEFAULT_MODEL = "tiny"
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str
+    model: TrinityForCausalLM
+    tokenizer: TrinityTokenizer
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return sorted(set(self.tokenizer.eos_token_ids) | set(self.model.config.eos_token_ids))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(spec: str | None = None, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
+               seed: int = 0) -> LoadedModel:
+    """`spec`: a local checkpoint folder (config.json, safetensors, tokenizer.json) or a preset name
+    (random weights from `seed` with a byte-level tokenizer: for trying the machinery, not for real text)."""
+    spec = spec or DEFAULT_MODEL
+    dev = resolve_device(device)
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "tokenizer.json")):
+            raise FileNotFoundError(f"{spec} has no tokenizer.json; copy the model's tokenizer files beside the weights")
+        model = TrinityForCausalLM.from_pretrained(spec, dtype=dtype, device=dev)
+        tokenizer = TrinityTokenizer.from_pretrained(spec)
+        name = os.path.basename(os.path.normpath(spec))
+    elif spec in PRESETS:
+        from .model.checkpoint import resolve_dtype
+
+        cfg = preset(spec)
+        model = TrinityForCausalLM.random(cfg, dtype=resolve_dtype(dtype, cfg, dev), device=dev, seed=seed).eval()
+        tokenizer = build_byte_level_tokenizer()
+        name = spec
+    else:
+        raise FileNotFoundError(f"model {spec!r} is neither a local checkpoint folder nor a preset "
+                                f"({', '.join(PRESETS)}); download a Trinity checkpoint first and pass its folder")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
+    return LoadedModel(name, model, tokenizer)
