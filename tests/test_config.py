@@ -108,9 +108,6 @@ def test_topk_not_checked_when_every_layer_is_dense():
     assert cfg.num_moe_layers == 0 and not any(cfg.is_moe_layer(i) for i in range(4))
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: TrinityConfig.validate lets wrong *types* through or raises "
-                   "TypeError/AttributeError instead of ConfigError (config.py validate(): num_dense_layers, "
-                   "num_experts_per_tok, rope_scaling and sliding_window are not type-checked)")
 @pytest.mark.parametrize("overrides", [dict(num_dense_layers="2"), dict(num_dense_layers=1.5),
                                        dict(num_experts_per_tok=2.0), dict(rope_scaling="yarn"),
                                        dict(sliding_window=True)], ids=repr)
@@ -311,9 +308,6 @@ def test_rope_parameters_non_default_rejected():
     assert "only default RoPE (null) is supported" in str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: config.py from_dict uses data.setdefault(...) for rope_theta / "
-                   "rope_scaling, so a top-level rope_theta or `rope_scaling: null` silently overrides "
-                   "rope_parameters; transformers 5 gives rope_parameters precedence (theta 500 / yarn)")
 @pytest.mark.parametrize("case", ["theta", "yarn"])
 def test_rope_parameters_take_precedence_like_transformers(case):
     data = preset("tiny").to_dict()

@@ -84,8 +84,15 @@ class TrinityConfig:
                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
         for key in positive:
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 _fail(key, value, "must be a positive integer")
+        for key in ("num_dense_layers", "num_experts", "num_experts_per_tok", "num_shared_experts", "sliding_window",
+                    "global_attn_every_n_layers", "n_group", "topk_group"):
+            if not _is_int(getattr(self, key)):
+                at_least_one = key in ("sliding_window", "global_attn_every_n_layers")
+                _fail(key, getattr(self, key), "must be an integer" + (" >= 1" if at_least_one else ""))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            _fail("rope_scaling", self.rope_scaling, "must be null or an object")
         if self.num_attention_heads % self.num_key_value_heads:
             _fail("num_key_value_heads", self.num_key_value_heads,
                   f"num_attention_heads ({self.num_attention_heads}) must be divisible by it")
@@ -95,9 +102,9 @@ class TrinityConfig:
             _fail("hidden_act", self.hidden_act, "only 'silu' (SwiGLU) is supported")
         if self.score_func != "sigmoid":
             _fail("score_func", self.score_func, "only 'sigmoid' routing is supported")
-        if not (isinstance(self.sliding_window, int) and self.sliding_window >= 1):
+        if self.sliding_window < 1:
             _fail("sliding_window", self.sliding_window, "must be an integer >= 1")
-        if not (isinstance(self.global_attn_every_n_layers, int) and self.global_attn_every_n_layers >= 1):
+        if self.global_attn_every_n_layers < 1:
             _fail("global_attn_every_n_layers", self.global_attn_every_n_layers, "must be an integer >= 1")
         if not 0 <= self.num_dense_layers <= self.num_hidden_layers:
             _fail("num_dense_layers", self.num_dense_layers,
@@ -170,10 +177,10 @@ class TrinityConfig:
         if model_type != "afmoe":
             _fail("model_type", model_type, "expected 'afmoe' (AfmoeForCausalLM)")
         rope_parameters = data.get("rope_parameters")
-        if isinstance(rope_parameters, dict):  # transformers 5 moves rope_theta in here
-            data.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+        if isinstance(rope_parameters, dict):  # transformers 5 moves RoPE here, and it wins over the old keys
+            data["rope_theta"] = rope_parameters.get("rope_theta", data.get("rope_theta", 10000.0))
             if rope_parameters.get("rope_type", "default") != "default":
-                data.setdefault("rope_scaling", rope_parameters)
+                data["rope_scaling"] = rope_parameters
         dtype = data.get("dtype") or data.get("torch_dtype") or "bfloat16"
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "dtype"}
         known = {k: v for k, v in data.items() if k in names}
@@ -222,9 +229,13 @@ class TrinityConfig:
         return TrinityConfig(**data)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def derive_layer_types(num_layers: int, every_n: int) -> list[str]:
     """Every `every_n`-th layer (1-based) is full attention, the rest sliding: 3 sliding : 1 full for n = 4."""
-    if not (isinstance(every_n, int) and every_n >= 1):
+    if not (_is_int(every_n) and every_n >= 1):
         _fail("global_attn_every_n_layers", every_n, "must be an integer >= 1")
     return ["full_attention" if (i + 1) % every_n == 0 else "sliding_attention" for i in range(num_layers)]
 

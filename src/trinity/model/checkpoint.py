@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -98,43 +98,53 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, list[str] | None]:
 
 @dataclass(slots=True)
 class _Target:
-    """Where one checkpoint tensor goes: a parameter, or a slice of a stacked expert parameter."""
+    """Where one checkpoint tensor goes: a parameter, or a slice of a stacked expert parameter.
+
+    `cover` indexes the parameter's coverage grid (see `_coverage_shape`): it catches a tensor given twice,
+    even as two layouts of the same weights, and names what is missing at the end.
+    """
 
     param_name: str
     index: tuple
-    piece: str  # identifies the slice, to catch a tensor given twice
+    cover: tuple
 
 
-@dataclass
+def _coverage_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
+    """Stacked gate_up: [experts, 2] (gate half, up half); stacked down: [experts]; anything else: [1]."""
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        return (param.shape[0], 2)
+    if name.endswith(".mlp.experts.down_proj"):
+        return (param.shape[0],)
+    return (1,)
+
+
 class _LoadState:
-    params: dict[str, torch.Tensor]
-    written: dict[str, int] = field(default_factory=dict)
-    pieces: dict[str, set[str]] = field(default_factory=dict)
+    def __init__(self, params: dict[str, torch.Tensor]):
+        self.params = params
+        self.coverage = {n: torch.zeros(_coverage_shape(n, p), dtype=torch.bool) for n, p in params.items()}
 
 
 def _target_for(name: str, params: dict[str, torch.Tensor]) -> _Target | None:
     if name in params:
-        return _Target(name, (), "all")
-    m = _PER_EXPERT.match(name)
-    if m:
-        prefix, e, proj = m["prefix"], int(m["e"]), m["proj"]
-        if proj == "down_proj":
-            return _Target(f"{prefix}.down_proj", (e,), f"{e}")
-        stacked = f"{prefix}.gate_up_proj"
-        if stacked not in params:
+        return _Target(name, (), (...,))
+    m = _PER_EXPERT.match(name) or _STACKED_SPLIT.match(name)
+    if not m:
+        return None
+    prefix, proj = m["prefix"], m["proj"]
+    stacked = f"{prefix}.down_proj" if proj == "down_proj" else f"{prefix}.gate_up_proj"
+    if stacked not in params:  # e.g. expert tensors for a layer that is dense in this config
+        return None
+    num_experts = params[stacked].shape[0]
+    experts = slice(None)
+    if "e" in m.groupdict():
+        experts = int(m["e"])
+        if experts >= num_experts:
             return None
-        inter = params[stacked].shape[1] // 2
-        rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-        return _Target(stacked, (e, rows), f"{proj}.{e}")
-    m = _STACKED_SPLIT.match(name)
-    if m:  # stacked but not fused: experts.gate_proj [E, I, H] / experts.up_proj
-        stacked = f"{m['prefix']}.gate_up_proj"
-        if stacked not in params:
-            return None
-        inter = params[stacked].shape[1] // 2
-        rows = slice(0, inter) if m["proj"] == "gate_proj" else slice(inter, 2 * inter)
-        return _Target(stacked, (slice(None), rows), f"{m['proj']}.all")
-    return None
+    if proj == "down_proj":
+        return _Target(stacked, (experts,), (experts,))
+    inter = params[stacked].shape[1] // 2
+    half = 0 if proj == "gate_proj" else 1
+    return _Target(stacked, (experts, slice(half * inter, (half + 1) * inter)), (experts, half))
 
 
 def _copy_in(state: _LoadState, name: str, tensor: torch.Tensor, where: str) -> None:
@@ -146,34 +156,34 @@ def _copy_in(state: _LoadState, name: str, tensor: torch.Tensor, where: str) -> 
     if tuple(tensor.shape) != tuple(dest.shape):
         raise CheckpointError(f"tensor {name!r} in {where} has shape {tuple(tensor.shape)} but the model expects "
                               f"{tuple(dest.shape)}")
-    seen = state.pieces.setdefault(target.param_name, set())
-    if target.piece in seen or "all" in seen:
-        raise CheckpointError(f"tensor {name!r} in {where} fills {target.param_name!r} a second time")
-    seen.add(target.piece)
+    covered = state.coverage[target.param_name]
+    if covered[target.cover].any():
+        raise CheckpointError(f"tensor {name!r} in {where} fills part of {target.param_name!r} that another "
+                              "tensor already filled (the checkpoint gives the same weights twice)")
+    covered[target.cover] = True
     with torch.no_grad():
         dest.copy_(tensor)
-    state.written[target.param_name] = state.written.get(target.param_name, 0) + tensor.numel()
 
 
 def _missing_report(state: _LoadState) -> str:
     missing = []
-    for name, param in state.params.items():
-        if state.written.get(name, 0) == param.numel():
+    for name, covered in state.coverage.items():
+        if covered.all():
             continue
-        pieces = state.pieces.get(name, set())
-        if name.endswith("experts.gate_up_proj") and pieces:
-            prefix = name.removesuffix(".gate_up_proj")
-            missing += [f"{prefix}.{e}.{proj}.weight" for e in range(param.shape[0]) for proj in ("gate_proj", "up_proj")
-                        if f"{proj}.{e}" not in pieces]
-        elif name.endswith("experts.down_proj") and pieces:
-            prefix = name.removesuffix(".down_proj")
-            missing += [f"{prefix}.{e}.down_proj.weight" for e in range(param.shape[0]) if f"{e}" not in pieces]
-        else:
+        param = state.params[name]
+        if not covered.any() or covered.numel() == 1:
             missing.append(f"{name} (shape {tuple(param.shape)})")
+            continue
+        prefix = name.rsplit(".", 1)[0]
+        if covered.dim() == 2:  # per-expert gate/up
+            missing += [f"{prefix}.{e}.{('gate_proj', 'up_proj')[h]}.weight" for e, h in (~covered).nonzero().tolist()]
+        else:
+            missing += [f"{prefix}.{e}.down_proj.weight" for (e,) in (~covered).nonzero().tolist()]
     return ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
 
 
-def _progress(enabled: bool | None, total: int):
+def _progress(enabled: bool | None, total: int | None):
+    """A rich progress bar over shards (on a TTY unless told otherwise)."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -190,21 +200,20 @@ def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.devi
     config = TrinityConfig.from_pretrained(path)
     files = checkpoint_files(path)
     model = cls.empty(config, resolve_dtype(dtype, config, device), device)
-    state = _LoadState(params=dict(model.named_parameters()))
-    if config.tie_word_embeddings:  # a tied checkpoint may still carry the head: same storage
-        state.params.pop("lm_head.weight", None)
-    handles = [safe_open(file, framework="pt", device="cpu") for file in files]
-    names_per_file = [names if names is not None else list(h.keys()) for h, names in zip(handles, files.values())]
-    bar = _progress(progress, sum(len(n) for n in names_per_file))
+    params = dict(model.named_parameters())  # tied head: named_parameters lists the shared weight once
+    state = _LoadState(params)
+    bar = _progress(progress, len(files))
     if bar:
         bar[0].start()
     try:
-        for file, handle, names in zip(files, handles, names_per_file):
-            where = os.path.basename(file)
-            for name in names:
-                if name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
-                    continue
-                _copy_in(state, name, handle.get_tensor(name), where)
+        for file, names in files.items():
+            # One shard open at a time: its mapped pages are released before the next is read.
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                where = os.path.basename(file)
+                for name in names if names is not None else list(handle.keys()):
+                    if name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+                        continue
+                    _copy_in(state, name, handle.get_tensor(name), where)
                 if bar:
                     bar[0].advance(bar[1])
     finally:

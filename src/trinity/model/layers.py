@@ -10,6 +10,22 @@ from ..config import TrinityConfig
 from .attention import AttentionMetadata
 
 
+class Linear(nn.Linear):
+    """nn.Linear without PyTorch's default init: weights come from a checkpoint or from `init_random_`.
+    Skipping it saves a full pass over every weight at load time (and, on the meta device, the import of
+    torch's Python decompositions that init would trigger)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without the default init, for the same reason as `Linear`."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32; the weight is kept in fp32 even in a bf16 model (as HF keeps it)."""
 
@@ -60,9 +76,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -81,11 +97,11 @@ class GatedAttention(nn.Module):
         self.is_sliding = config.is_sliding_layer(layer_idx)
         self.window = config.sliding_window if self.is_sliding else None
         h, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(h, q_dim, bias=False)
-        self.k_proj = nn.Linear(h, kv_dim, bias=False)
-        self.v_proj = nn.Linear(h, kv_dim, bias=False)
-        self.o_proj = nn.Linear(q_dim, h, bias=False)
-        self.gate_proj = nn.Linear(h, q_dim, bias=False)
+        self.q_proj = Linear(h, q_dim, bias=False)
+        self.k_proj = Linear(h, kv_dim, bias=False)
+        self.v_proj = Linear(h, kv_dim, bias=False)
+        self.o_proj = Linear(q_dim, h, bias=False)
+        self.gate_proj = Linear(h, q_dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import TrinityConfig
 from .attention import AttentionMetadata, PackedSequences
-from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLU
+from .layers import Embedding, GatedAttention, Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MoEBlock
 
 
@@ -41,7 +41,7 @@ class TrinityModel(nn.Module):
     def __init__(self, config: TrinityConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
@@ -66,7 +66,7 @@ class TrinityForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = TrinityModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

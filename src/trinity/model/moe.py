@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrinityConfig
-from .layers import SwiGLU
+from .layers import Linear, SwiGLU
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
@@ -66,7 +66,7 @@ class RoutedExperts(nn.Module):
 class Router(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = Linear(hidden_size, num_experts, bias=False)
 
 
 class MoEBlock(nn.Module):
