@@ -1,0 +1,290 @@
+"""LLMEngine: add_request / abort / step / has_unfinished. One step = schedule -> run -> update."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+from ..model.model import TrinityForCausalLM
+from .kv_cache import KVCacheManager
+from .request import CompletionOutput, RequestOutput, Sequence
+from .runner import ModelRunner, plan_cache
+from .sampler import Sampler, position_logprobs
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+
+log = logging.getLogger("trinity.engine")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None  # bytes
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False  # no effect until the runner captures CUDA graphs
+    seed: int | None = 0
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, model: TrinityForCausalLM, tokenizer=None, config: EngineConfig | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        cfg = model.config
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        plan = plan_cache(model, config.block_size, config.max_num_seqs, self.max_model_len, config.num_kv_blocks,
+                          config.kv_cache_memory, config.gpu_memory_utilization)
+        sliding = [cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers)]
+        self.kv = KVCacheManager(config.block_size, plan.num_full_blocks, plan.num_sliding_blocks,
+                                 cfg.sliding_window, has_full_layers=not all(sliding), has_sliding_layers=any(sliding))
+        self.cache_plan = plan
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   self.max_model_len), self.kv)
+        self.runner = ModelRunner(model, self.kv, plan)
+        self.sampler = Sampler(model.device, config.seed)
+        self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))
+        self.requests: dict[str, _Request] = {}
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    # ------------------------------------------------------------------ requests
+    def prepare_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                        prompt_token_ids: list[int] | None = None, priority: int = 0) -> _Request:
+        """Validate and build a request without touching engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("give a prompt or prompt_token_ids")
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty (0 tokens)")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+        if params.max_tokens is None:
+            max_tokens = self.max_model_len - len(prompt_token_ids)
+            if max_tokens < 1:
+                raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) leaves no room to generate within "
+                                 f"max_model_len ({self.max_model_len})")
+        else:
+            max_tokens = params.max_tokens
+        self.scheduler.check_fits(len(prompt_token_ids), max_tokens)
+        params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
+        now = time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            seed = params.seed if params.n == 1 or params.seed is None else hash((params.seed, i)) % (1 << 62)
+            seqs.append(Sequence(seq_id=request_id if params.n == 1 else f"{request_id}#{i}", request_id=request_id,
+                                 index=i, prompt_token_ids=list(prompt_token_ids), params=params,
+                                 max_tokens=max_tokens, priority=priority, sampling_seed=seed, arrival_time=now))
+        return _Request(request_id, prompt, list(prompt_token_ids), seqs, now)
+
+    def enqueue(self, request: _Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        for seq in request.seqs:
+            if self.tokenizer is not None:
+                seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=seq.params.skip_special_tokens)
+            if seq.params.logprobs is not None:
+                seq.logprobs = []
+            self.scheduler.add(seq)
+        self.requests[request.request_id] = request
+
+    def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None, priority: int = 0) -> None:
+        self.enqueue(self.prepare_request(request_id, prompt, params, prompt_token_ids, priority))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.finish("abort")
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        self.num_steps += 1
+        sample_rows, sample_seqs, prompt_rows = self._logits_rows(batch)
+        rows = [r for r, _ in sample_rows] + [r for r, _, _ in prompt_rows]
+        try:
+            logits = self.runner.execute(batch, rows)
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("model step failed; failing the %d requests in it", len(batch.seqs))
+            return self._fail(batch, f"internal error while running the model: {type(e).__name__}")
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += n
+        self._record_prompt_logprobs(logits[len(sample_rows):], prompt_rows)
+        touched: dict[str, _Request] = {}
+        if sample_seqs:
+            result = self.sampler(logits[:len(sample_rows)], sample_seqs)
+            for i, seq in enumerate(sample_seqs):
+                self._append_token(seq, result.token_ids[i], result.logprobs[i], result.token_logprobs[i])
+                touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if all(s.finished for s in req.seqs):
+                del self.requests[req.request_id]
+        return outputs
+
+    def _logits_rows(self, batch: ScheduledBatch):
+        """Rows whose logits are needed: the last row of each sequence that has now computed every token it
+        knows (it samples the next one), and prompt rows for prompt_logprobs."""
+        sample_rows, sample_seqs, prompt_rows = [], [], []
+        row = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            s = seq.num_computed_tokens
+            if s + n == seq.num_tokens:
+                sample_rows.append((row + n - 1, seq))
+                sample_seqs.append(seq)
+            prompt_len = len(seq.prompt_token_ids)
+            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs or ()) < prompt_len:
+                for p in range(s, min(s + n, prompt_len - 1)):  # logits at p score prompt token p + 1
+                    prompt_rows.append((row + p - s, seq, p + 1))
+            row += n
+        return sample_rows, sample_seqs, prompt_rows
+
+    def _record_prompt_logprobs(self, logits, prompt_rows) -> None:
+        if not prompt_rows:
+            return
+        import torch
+
+        raw = torch.log_softmax(logits, dim=-1)
+        for i, (_, seq, position) in enumerate(prompt_rows):
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = [None]  # the first prompt token has no context to be scored in
+            if len(seq.prompt_logprobs) == position:  # skip positions recomputed after a preemption
+                lps = position_logprobs(raw[i], seq.prompt_token_ids[position], seq.params.prompt_logprobs)
+                self._decode_logprob_tokens(lps)
+                seq.prompt_logprobs.append(lps)
+
+    def _append_token(self, seq: Sequence, token: int, lps, token_logprob) -> None:
+        p = seq.params
+        seq.output_token_ids.append(token)
+        self.num_generated_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if lps is not None:
+            self._decode_logprob_tokens(lps)
+            seq.logprobs.append(lps)
+            seq.cumulative_logprob += token_logprob
+        if token in p.stop_ids():
+            seq.finish("stop", None if token in p.eos_token_ids and token not in p.stop_token_ids else token)
+        else:
+            if seq.detokenizer is not None:
+                seq.text += seq.detokenizer.add(token)
+                if p.stop:
+                    self._check_stop_strings(seq)
+            if not seq.finished and len(seq.output_token_ids) >= seq.max_tokens:
+                seq.finish("length")
+        if seq.finished:
+            if seq.detokenizer is not None and seq.finish_reason == "length":
+                seq.text += seq.detokenizer.flush()
+            self.scheduler.remove(seq)
+
+    def _check_stop_strings(self, seq: Sequence) -> bool:
+        """Finish when a stop string appears; the text ends before it (or after it, if asked)."""
+        p = seq.params
+        longest = max(len(s) for s in p.stop)
+        # only the tail can hold a new match: the last token added at most its own length
+        window_start = max(0, len(seq.text) - longest - 32)
+        hits = [(seq.text.find(s, window_start), s) for s in p.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        seq.text = seq.text[:i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
+        seq.finish("stop", s)
+        return True
+
+    def _decode_logprob_tokens(self, lps) -> None:
+        if self.tokenizer is not None:
+            for tid, lp in lps.items():
+                lp.decoded_token = self.tokenizer.decode([tid])
+
+    def _fail(self, batch: ScheduledBatch, message: str) -> list[RequestOutput]:
+        outputs = []
+        for req_id in dict.fromkeys(s.request_id for s in batch.seqs):
+            req = self.requests.pop(req_id)
+            for seq in req.seqs:
+                if not seq.finished:
+                    self.scheduler.remove(seq)
+                    seq.finish("error")
+                    seq.error = message
+            out = self._output(req)
+            out.error = message
+            outputs.append(out)
+        return outputs
+
+    # ------------------------------------------------------------------ outputs
+    def _visible_text(self, seq: Sequence) -> str:
+        """While running, hold back a tail that could still become a stop string."""
+        if seq.finished or not seq.params.stop:
+            return seq.text
+        hold = max(len(s) for s in seq.params.stop) - 1
+        return seq.text[:max(0, len(seq.text) - hold)] if hold else seq.text
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = [CompletionOutput(index=s.index, text=self._visible_text(s), token_ids=list(s.output_token_ids),
+                                 cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                                 finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in req.seqs]
+        first = req.seqs[0]
+        finished = all(s.finished for s in req.seqs)
+        metrics = {"arrival_time": req.arrival_time}
+        times = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        if times:
+            metrics["first_token_time"] = min(times)
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             prompt_logprobs=first.prompt_logprobs, outputs=outs, finished=finished,
+                             error=next((s.error for s in req.seqs if s.error), None), metrics=metrics)
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> dict:
+        kv = self.kv
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+            "num_generated_tokens": self.num_generated_tokens,
+            "kv_cache_usage": kv.usage(),
+            "kv_blocks": {"full": {"used": kv.full.num_used, "total": kv.full.num_blocks},
+                          "sliding": {"used": kv.sliding.num_used, "total": kv.sliding.num_blocks}},
+            "block_size": kv.block_size,
+            "sliding_ring_blocks": kv.ring_blocks,
+        }
+
+    def kv_tokens_held(self, request_id: str) -> dict[str, int]:
+        """Token slots per layer each pool holds for a running request (its first sequence)."""
+        req = self.requests[request_id]
+        return self.kv.tokens_capacity(req.seqs[0].seq_id)

@@ -1,0 +1,103 @@
+"""`trinity.LLM`: the offline API, shaped like vLLM's."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from .engine import EngineConfig, LLMEngine
+from .request import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """Batch generation over the engine.
+
+    `model`: a checkpoint folder, a preset name, or a `TrinityForCausalLM` (then pass `tokenizer`, or use
+    token ids only).
+    """
+
+    def __init__(self, model=None, tokenizer=None, dtype: str = "auto", device: str = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
+                 block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, seed: int | None = 0):
+        from ..model.model import TrinityForCausalLM
+
+        if not isinstance(model, TrinityForCausalLM):
+            from ..loading import load_model
+
+            loaded = load_model(model, dtype=dtype, device=device, seed=seed or 0)
+            model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+        config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                              num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                              gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, seed=seed)
+        self.engine = LLMEngine(model, tokenizer, config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts=None, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 prompt_token_ids: Seq[Seq[int]] | None = None, priority: Seq[int] | None = None) \
+            -> list[RequestOutput]:
+        """`prompts`: a string, a list of strings, or dicts with "prompt" or "prompt_token_ids"; or give
+        `prompt_token_ids` (a list of id lists). One `SamplingParams` for all, or one per prompt.
+        Outputs come back in the prompts' order."""
+        items = self._normalise(prompts, prompt_token_ids)
+        if isinstance(sampling_params, Seq) and not isinstance(sampling_params, SamplingParams):
+            if len(sampling_params) != len(items):
+                raise ValueError(f"{len(sampling_params)} sampling params for {len(items)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(items)
+        if priority is not None and len(priority) != len(items):
+            raise ValueError(f"{len(priority)} priorities for {len(items)} prompts")
+        # Validate every request before queuing any, so a bad one leaves nothing half-submitted.
+        prepared = [self.engine.prepare_request(f"offline-{next(self._ids)}", text, params, ids,
+                                                priority[i] if priority else 0)
+                    for i, ((text, ids), params) in enumerate(zip(items, params_list))]
+        for req in prepared:
+            self.engine.enqueue(req)
+        order = {req.request_id: i for i, req in enumerate(prepared)}
+        results: list[RequestOutput | None] = [None] * len(prepared)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    results[order[out.request_id]] = out
+        return results  # type: ignore[return-value]
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, tools: list[dict] | None = None,
+             enable_thinking: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """`messages`: one conversation (a list of message dicts) or a list of conversations."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        ids = [tokenizer.apply_chat_template(conv, tools=tools, add_generation_prompt=True, tokenize=True,
+                                             enable_thinking=enable_thinking, **(chat_template_kwargs or {}))
+               for conv in conversations]
+        return self.generate(prompt_token_ids=ids, sampling_params=sampling_params)
+
+    @staticmethod
+    def _normalise(prompts, prompt_token_ids) -> list[tuple[str | None, list[int] | None]]:
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise ValueError("give prompts or prompt_token_ids, not both")
+            return [(None, list(ids)) for ids in prompt_token_ids]
+        if prompts is None:
+            raise ValueError("give prompts or prompt_token_ids")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        items = []
+        for p in prompts:
+            if isinstance(p, str):
+                items.append((p, None))
+            elif isinstance(p, dict) and "prompt_token_ids" in p:
+                items.append((p.get("prompt"), list(p["prompt_token_ids"])))
+            elif isinstance(p, dict) and "prompt" in p:
+                items.append((p["prompt"], None))
+            else:
+                raise ValueError(f"cannot read prompt {p!r}: give a string or a dict with 'prompt' or "
+                                 "'prompt_token_ids'")
+        return items

@@ -1,0 +1,166 @@
+"""The model runner: owns the device, the KV pools' tensors, and turns a ScheduledBatch into logits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..model.model import TrinityForCausalLM
+from .kv_cache import KVCacheManager
+from .paged_attention import PagedAttention, PagedKV, PoolStep, PrefillMeta
+from .scheduler import ScheduledBatch
+
+DEFAULT_CPU_KV_MEMORY = 2 << 30  # bytes, when neither num_kv_blocks nor kv_cache_memory is given on the CPU
+
+
+@dataclass(slots=True)
+class CachePlan:
+    block_size: int
+    num_full_blocks: int
+    num_sliding_blocks: int
+    full_block_bytes: int
+    sliding_block_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_full_blocks * self.full_block_bytes + self.num_sliding_blocks * self.sliding_block_bytes
+
+
+def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, max_model_len: int,
+               num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
+               gpu_memory_utilization: float = 0.9) -> CachePlan:
+    """How many blocks each pool gets.
+
+    `num_kv_blocks`: exactly that many full-pool blocks, and as many sliding blocks (capped at what
+    `max_num_seqs` rings can ever use). Otherwise a byte budget (`kv_cache_memory`; on a GPU by default
+    `gpu_memory_utilization` of the device minus what is already allocated and an activation reserve) is
+    split: the sliding pool first (it is bounded: a ring per running sequence), the rest to the full pool,
+    never more than `max_num_seqs` sequences of `max_model_len` tokens can use.
+    """
+    cfg = model.config
+    n_sliding = sum(cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers))
+    n_full = cfg.num_hidden_layers - n_sliding
+    per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+    full_bytes, sliding_bytes = n_full * block_size * per_token_layer, n_sliding * block_size * per_token_layer
+    ring = math.ceil(cfg.sliding_window / block_size) + 1
+    sliding_cap = max_num_seqs * min(ring, math.ceil(max_model_len / block_size))
+    full_cap = max_num_seqs * math.ceil(max_model_len / block_size)
+    if num_kv_blocks is not None:
+        if num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks = {num_kv_blocks} must be >= 1")
+        return CachePlan(block_size, num_kv_blocks if n_full else 0,
+                         min(num_kv_blocks, sliding_cap) if n_sliding else 0, full_bytes, sliding_bytes)
+    if kv_cache_memory is None:
+        kv_cache_memory = _default_kv_budget(model, gpu_memory_utilization, max_num_seqs)
+    num_sliding = min(sliding_cap, kv_cache_memory // sliding_bytes) if n_sliding else 0
+    rest = kv_cache_memory - num_sliding * sliding_bytes
+    num_full = min(full_cap, rest // full_bytes) if n_full else 0
+    if (n_full and num_full < 1) or (n_sliding and num_sliding < 1):
+        raise ValueError(f"KV cache budget of {kv_cache_memory / 2**20:.1f} MiB leaves no room for a single block "
+                         f"(full block {full_bytes} B, sliding block {sliding_bytes} B)")
+    return CachePlan(block_size, num_full, num_sliding, full_bytes, sliding_bytes)
+
+
+def _default_kv_budget(model: TrinityForCausalLM, utilization: float, max_num_seqs: int) -> int:
+    device = model.device
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_MEMORY
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization = {utilization} must be in (0, 1]")
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free - torch.cuda.memory_allocated(device)
+    # activations of one step: logits for every sequence plus a generous margin for the layer temporaries
+    reserve = max_num_seqs * model.config.vocab_size * 4 * 2 + (1 << 30)
+    return max(0, int(total * utilization) - torch.cuda.memory_allocated(device) - used_by_others - reserve)
+
+
+class ModelRunner:
+    def __init__(self, model: TrinityForCausalLM, kv: KVCacheManager, plan: CachePlan):
+        self.model = model
+        self.kv = kv
+        cfg = model.config
+        self.device = model.device
+        self.window = cfg.sliding_window
+        sliding = [i for i in range(cfg.num_hidden_layers) if cfg.is_sliding_layer(i)]
+        full = [i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding_layer(i)]
+        layer_pool = [("sliding", sliding.index(i)) if i in sliding else ("full", full.index(i))
+                      for i in range(cfg.num_hidden_layers)]
+        shape = (cfg.num_key_value_heads, cfg.head_dim)
+        k, v = {}, {}
+        for pool, layers, blocks in (("full", full, plan.num_full_blocks), ("sliding", sliding, plan.num_sliding_blocks)):
+            if layers:
+                k[pool] = torch.zeros(len(layers), blocks * plan.block_size, *shape, dtype=model.dtype,
+                                      device=self.device)
+                v[pool] = torch.zeros_like(k[pool])
+        self.cache = PagedKV(k, v, layer_pool)
+
+    # ------------------------------------------------------------------ metadata
+    def _pool_step(self, pool: str, batch: ScheduledBatch, starts: list[int]) -> PoolStep:
+        kv, bs, dev = self.kv, self.kv.block_size, self.device
+        sliding = pool == "sliding"
+        ring = kv.ring_blocks
+        capacity = ring * bs
+        write_rows: list[int] = []
+        write_slots: list[int] = []
+        dec_rows, dec_tables, dec_lo, dec_len = [], [], [], []
+        prefills: list[PrefillMeta] = []
+        for seq, n, row in zip(batch.seqs, batch.num_tokens, starts):
+            s = seq.num_computed_tokens
+            table = getattr(kv.tables(seq.seq_id), pool)
+            slot = kv.sliding_slot if sliding else kv.full_slot
+            # In the ring only the last `capacity` tokens of a chunk survive; writing earlier ones is wasted
+            # and would put two tokens in one slot.
+            first_written = max(s, s + n - capacity) if sliding else s
+            write_rows += range(row + first_written - s, row + n)
+            write_slots += [slot(table, p) for p in range(first_written, s + n)]
+            lo = max(0, s - (self.window - 1)) if sliding else 0
+            if n == 1:
+                dec_rows.append(row)
+                dec_tables.append(table)
+                dec_lo.append(lo)
+                dec_len.append(s - lo)
+            else:
+                ctx = range(lo, s)
+                prefills.append(PrefillMeta(
+                    start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
+                    ctx_slots=torch.tensor([slot(table, p) for p in ctx], dtype=torch.long, device=dev),
+                    ctx_pos=torch.arange(lo, s, device=dev)))
+        dec_slots, dec_valid = self._decode_context(dec_tables, dec_lo, dec_len, sliding)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        return PoolStep(as_long(write_rows), as_long(write_slots), as_long(dec_rows), dec_slots, dec_valid, prefills)
+
+    def _decode_context(self, tables: list[list[int]], lo: list[int], lengths: list[int], sliding: bool):
+        """Padded [B, L] slots and validity of each decode's cached context, computed on tensors."""
+        dev, bs = self.device, self.kv.block_size
+        width = max(lengths, default=0)
+        if not tables:
+            return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, dtype=torch.bool, device=dev)
+        nb = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.long, device=dev)
+        offs = torch.arange(width, device=dev)[None, :]
+        pos = torch.tensor(lo, device=dev)[:, None] + offs  # [B, L]
+        valid = offs < torch.tensor(lengths, device=dev)[:, None]
+        block_idx = (pos // bs) % self.kv.ring_blocks if sliding else pos // bs
+        block_idx = block_idx.clamp(max=nb - 1)
+        slots = table.gather(1, block_idx) * bs + pos % bs
+        return slots.masked_fill(~valid, 0), valid
+
+    # ------------------------------------------------------------------ execution
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, logits_rows: list[int]) -> torch.Tensor:
+        """Run the model over the batch; return fp32 logits at the given flat-batch rows."""
+        starts, ids, positions, row = [], [], [], 0
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            s = seq.num_computed_tokens
+            starts.append(row)
+            ids += seq.all_token_ids[s:s + n]
+            positions += range(s, s + n)
+            row += n
+        steps = {pool: self._pool_step(pool, batch, starts) for pool in self.cache.k}
+        attn = PagedAttention(self.cache, steps)
+        dev = self.device
+        logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), attn,
+                            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev))
+        return logits.float()

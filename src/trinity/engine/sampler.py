@@ -1,0 +1,152 @@
+"""The sampler: logits of the rows that produce a token this step -> token ids and logprobs.
+
+Order per row: logit_bias, min_tokens (stop ids masked), repetition / frequency / presence penalties,
+then greedy argmax, or temperature, top-k, top-p, min-p and a draw. A request with a `seed` draws its
+noise from a generator seeded by (seed, output position) alone, so its tokens do not depend on what else
+is in the batch or on preemption. Logprobs are those of the raw model distribution (before penalties and
+temperature), as in vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .request import Logprob, PositionLogprobs, Sequence
+
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position) over the seed space
+
+
+def token_seed(seed: int, position: int) -> int:
+    return (seed * _MIX + position * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs | None]  # per row, when the request asked for them
+    token_logprobs: list[float | None]  # raw logprob of each chosen token, when computed
+
+
+def position_logprobs(raw: torch.Tensor, token: int, top_n: int) -> PositionLogprobs:
+    """raw: [V] log-probabilities -> the chosen token (with its rank) plus the top-N alternatives."""
+    value = raw[token]
+    out: PositionLogprobs = {token: Logprob(float(value), int((raw > value).sum()) + 1)}
+    if top_n:
+        top = torch.topk(raw, top_n)
+        for rank, (lp, tid) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
+            out.setdefault(tid, Logprob(lp, rank))
+    return out
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int | None = None):
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """logits: [N, V] fp32, one row per sequence in `seqs`."""
+        want_logprobs = [s.params.logprobs is not None for s in seqs]
+        raw = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        x = self._process(logits, seqs)
+        tokens = self._choose(x, seqs)
+        logprobs: list[PositionLogprobs | None] = []
+        chosen: list[float | None] = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if want_logprobs[i]:
+                lps = position_logprobs(raw[i], token, seq.params.logprobs)
+                logprobs.append(lps)
+                chosen.append(lps[token].logprob)
+            else:
+                logprobs.append(None)
+                chosen.append(None)
+        return SampleResult(tokens, logprobs, chosen)
+
+    # ------------------------------------------------------------------ logits processing
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        x = logits
+        vocab = logits.shape[-1]
+        cloned = False
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            bias = p.logit_bias
+            block = p.stop_ids() if len(seq.output_token_ids) < p.min_tokens else None
+            if not (bias or block):
+                continue
+            if not cloned:
+                x, cloned = x.clone(), True
+            if bias:
+                ids = [t for t in bias if 0 <= t < vocab]
+                x[i, ids] += torch.tensor([float(bias[t]) for t in ids], device=x.device)
+            if block:
+                x[i, [t for t in block if 0 <= t < vocab]] = float("-inf")
+        rows = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
+        if rows:
+            if not cloned:
+                x = x.clone()
+            x[rows] = self._penalise(x[rows], [seqs[i] for i in rows])
+        return x
+
+    def _penalise(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        n, vocab = x.shape
+        dev = x.device
+        counts = torch.zeros(n, vocab, device=dev)
+        in_prompt = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
+        for i, seq in enumerate(seqs):
+            if seq.output_token_ids:
+                ids = torch.tensor(seq.output_token_ids, device=dev).clamp(max=vocab - 1)
+                counts[i].scatter_add_(0, ids, torch.ones(len(ids), device=dev))
+            in_prompt[i, torch.tensor(seq.prompt_token_ids, device=dev).clamp(max=vocab - 1)] = True
+        rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=dev)[:, None]
+        freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=dev)[:, None]
+        pres = torch.tensor([s.params.presence_penalty for s in seqs], device=dev)[:, None]
+        seen = in_prompt | (counts > 0)
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        return x - freq * counts - pres * (counts > 0).float()
+
+    # ------------------------------------------------------------------ choosing
+    def _choose(self, x: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        tokens = x.argmax(dim=-1)
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            probs = self._filtered_probs(x[rows], [seqs[i].params for i in rows])
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(rows):
+                seq = seqs[i]
+                if seq.sampling_seed is None:
+                    noise[j].exponential_(generator=self.generator)
+                else:
+                    g = torch.Generator(device=self.device)
+                    g.manual_seed(token_seed(seq.sampling_seed, len(seq.output_token_ids)))
+                    noise[j].exponential_(generator=g)
+            # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race); zero-probability tokens lose
+            tokens[rows] = (probs / noise).argmax(dim=-1)
+        return tokens.tolist()
+
+    @staticmethod
+    def _filtered_probs(x: torch.Tensor, params: list) -> torch.Tensor:
+        dev = x.device
+        temp = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+        x = x / temp
+        if any(p.top_k or p.top_p < 1 for p in params):
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            vocab = x.shape[-1]
+            k = torch.tensor([p.top_k if p.top_k else vocab for p in params], device=dev)[:, None]
+            drop = torch.arange(vocab, device=dev)[None, :] >= k
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+            sorted_probs = torch.softmax(sorted_x, dim=-1)
+            # drop a token once the tokens ranked above it already cover top_p (the first always stays)
+            drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            x = torch.empty_like(x).scatter_(-1, order, sorted_x)
+        probs = torch.softmax(x, dim=-1)
+        if any(p.min_p for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        return probs

@@ -1,0 +1,101 @@
+"""SamplingParams: what a request asks of the sampler and the stop logic (vLLM's names and meanings)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+class SamplingError(ValueError):
+    """An out-of-range sampling value; `param` names the field (the server maps it to OpenAI's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    max_tokens: int | None = 16  # None = up to max_model_len
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N alternatives per generated token (the sampled one is always included)
+    prompt_logprobs: int | None = None
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    # Set by the engine from the tokenizer: the ids that end a sequence unless ignore_eos.
+    eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        def check(name: str, ok: bool, allowed: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                ok = False
+            if not ok:
+                raise SamplingError(name, f"{name} = {value!r} is invalid: {allowed}")
+
+        check("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1")
+        check("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)")
+        check("top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        check("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0, or -1 (off)")
+        check("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]")
+        check("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]")
+        check("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]")
+        check("repetition_penalty", 0 < self.repetition_penalty <= 2 and math.isfinite(self.repetition_penalty),
+              "must be in (0, 2]")
+        check("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0, "must be an integer >= 0")
+        check("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+              "must be an integer >= 1")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingError("min_tokens", f"min_tokens = {self.min_tokens} is invalid: must not exceed "
+                                              f"max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(name, value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
+                  f"must be an integer in [0, {MAX_LOGPROBS}]")
+        if self.logit_bias:
+            for token, bias in self.logit_bias.items():
+                if not (isinstance(bias, (int, float)) and math.isfinite(bias) and -100 <= bias <= 100):
+                    raise SamplingError("logit_bias", f"logit_bias[{token}] = {bias!r} is invalid: must be in "
+                                                      "[-100, 100]")
+        if any(not s for s in self.stop):
+            raise SamplingError("stop", "stop strings must be non-empty")
+        check("seed", self.seed is None or isinstance(self.seed, int), "must be an integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def stop_ids(self) -> set[int]:
+        """Token ids that end generation (the eos ids unless ignore_eos, plus stop_token_ids)."""
+        ids = set(self.stop_token_ids)
+        if not self.ignore_eos:
+            ids.update(self.eos_token_ids)
+        return ids

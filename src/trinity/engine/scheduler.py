@@ -1,0 +1,132 @@
+"""Continuous batching (plain Python, no torch).
+
+Each step the scheduler decides how many tokens every sequence computes: running decodes first (one token
+each), then chunks of prompts still being prefilled, then new sequences from the waiting queue, all under
+`max_num_seqs` and a token budget `max_num_batched_tokens`. A decode, a whole prompt, and a piece of one
+are the same thing to the runner: `n` tokens of a sequence, starting at `num_computed_tokens`.
+
+When blocks run out, the newest running sequence (lowest priority, latest arrival) is preempted: its
+blocks are freed and it goes back to the waiting queue to be recomputed from scratch later (prompt plus
+the tokens it already generated), which gives identical results.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .kv_cache import KVCacheManager
+from .request import Sequence, Status
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One step's contract: sequences in flat-batch order and how many tokens each computes."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def as_dict(self) -> dict[str, int]:
+        return {s.seq_id: n for s, n in zip(self.seqs, self.num_tokens)}
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue management
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """Raise ValueError (with the numbers) for a sequence that could never be scheduled."""
+        total = prompt_len + max_tokens
+        if total > self.config.max_model_len:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+                             f"max_model_len ({self.config.max_model_len})")
+        reason = self.kv.fits_ever(total)
+        if reason:
+            raise ValueError(f"request can never fit in the KV cache: {reason}")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(len(seq.prompt_token_ids), seq.max_tokens)
+        seq.status = Status.WAITING
+        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and free its blocks (finished or aborted)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+        batch.preempted.append(seq)
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[int] = set()
+
+        # 1. Running sequences: decodes (one token) before prefill chunks, each group in priority order.
+        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.sort_key())):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n):
+                victim = max((s for s in self.running if id(s) not in scheduled), key=Sequence.sort_key)
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                batch.seqs.append(seq)
+                batch.num_tokens.append(n)
+                scheduled.add(id(seq))
+                budget -= n
+
+        # 2. Waiting sequences, in priority order, while nothing had to be preempted this step.
+        while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n):
+                break
+            self.waiting.pop(0)
+            seq.status = Status.RUNNING
+            bisect.insort(self.running, seq, key=Sequence.sort_key)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            budget -= n
+        return batch
