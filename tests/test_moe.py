@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from trinity import TrinityForCausalLM, preset
-from trinity.model.moe import MoEBlock, experts_reference, route
+from trinity.kernels.moe import experts_reference
+from trinity.model.moe import MoEBlock, route
 
 
 def _gate_reading_coordinates(num_experts: int, hidden: int) -> torch.Tensor:

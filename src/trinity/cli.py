@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Sequence
 
 from .config import PRESETS
+
+_request_ids = itertools.count()
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -69,28 +72,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def _params(args, stop_token_ids):
-    from .generate import GenerationParams
+def _params(args):
+    from .engine import SamplingParams
 
-    return GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop_token_ids=stop_token_ids)
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
 
 
-def _stream_text(loaded, prompt_ids: list[int], params):
-    """Yields text deltas of the completion, stopping before a stop token."""
-    from .generate import generate_stream
+def _engine(loaded):
+    from .engine import EngineConfig, LLMEngine
 
-    detok = loaded.tokenizer.detokenizer(skip_special_tokens=True)
-    stop = set(params.stop_token_ids)
-    for (token,) in generate_stream(loaded.model, [prompt_ids], params):
-        if token in stop:
-            break
-        delta = detok.add(token)
-        if delta:
-            yield delta
-    tail = detok.flush()
-    if tail:
-        yield tail
+    # One conversation at a time: a small cache sized to the context we may need.
+    return LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(max_num_seqs=4, seed=None))
+
+
+def _stream_text(engine, prompt_ids: list[int], params):
+    """Yields text deltas of one completion (stop tokens and stop strings are handled by the engine)."""
+    request_id = f"cli-{next(_request_ids)}"
+    engine.add_request(request_id, prompt_token_ids=prompt_ids, params=params)
+    sent = 0
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                text = out.outputs[0].text
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+    finally:
+        engine.abort(request_id)  # on Ctrl-C mid-stream: free the request's blocks
 
 
 def _cmd_generate(args) -> int:
@@ -104,7 +113,7 @@ def _cmd_generate(args) -> int:
         prompt_ids = loaded.tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
-    for delta in _stream_text(loaded, prompt_ids, _params(args, loaded.stop_token_ids)):
+    for delta in _stream_text(_engine(loaded), prompt_ids, _params(args)):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -119,7 +128,8 @@ def _cmd_chat(args) -> int:
 
     console = Console(highlight=False)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    params = _params(args, loaded.stop_token_ids)
+    engine = _engine(loaded)
+    params = _params(args)
     console.print(f"[bold]trinity chat[/bold] · model [cyan]{loaded.name}[/cyan] on {loaded.model.device} · "
                   "/reset clears the history, /exit or Ctrl-D quits")
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -141,7 +151,7 @@ def _cmd_chat(args) -> int:
         splitter = ThinkSplitter(starts_in_reasoning=prompt.endswith("<think>\n"))
         reasoning, content = [], []
         try:
-            for delta in _stream_text(loaded, loaded.tokenizer.encode(prompt), params):
+            for delta in _stream_text(engine, loaded.tokenizer.encode(prompt), params):
                 r, c = splitter.feed(delta)
                 _show(console, r, c, reasoning, content)
             _show(console, *splitter.flush(), reasoning, content)

@@ -3,9 +3,10 @@
 Every layer of one kind (full or sliding) shares the step's metadata for that pool; each layer has its own
 K/V tensor in the pool, shaped [num_blocks * block_size, kv_heads, head_dim] (one row per token slot).
 
-A query attends to (a) the sequence's cached context, gathered by slot, and (b) the keys of the tokens
-computed in this very step, taken straight from the step's k/v. New keys are written to the cache only
-after reading: in the sliding ring a long chunk may overwrite slots that its own first queries still need.
+A decode (one new token) writes its K/V first, then gathers its whole context by slot. A prefill chunk
+attends to its cached context gathered by slot plus its own keys taken straight from the step's k/v, and
+is written only after reading: in the sliding ring a long chunk may overwrite slots that its own first
+queries still need.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ class PrefillMeta:
 class PoolStep:
     """One pool's addressing for one step."""
 
-    write_rows: torch.Tensor  # [Tw] rows of the flat batch whose K/V are stored
-    write_slots: torch.Tensor  # [Tw]
     dec_rows: torch.Tensor  # [Bd] rows of single-token (decode) sequences
-    dec_ctx_slots: torch.Tensor  # [Bd, L] cached context per decode, padded
+    dec_slots: torch.Tensor  # [Bd] where each decode's new K/V go
+    dec_ctx_slots: torch.Tensor  # [Bd, L] each decode's context including its new token, padded
     dec_ctx_valid: torch.Tensor  # [Bd, L] bool
+    prefill_rows: torch.Tensor  # [Tp] rows of multi-token sequences whose K/V are stored (after reading)
+    prefill_slots: torch.Tensor  # [Tp]
     prefills: list[PrefillMeta] = field(default_factory=list)
 
 
@@ -62,24 +64,25 @@ class PagedAttention:
         kc, vc, step = self.kv.k[pool][li], self.kv.v[pool][li], self.steps[pool]
         out = torch.empty_like(q)
         if step.dec_rows.numel():
-            out[step.dec_rows] = _decode_attention(q[step.dec_rows], k[step.dec_rows], v[step.dec_rows],
-                                                   kc[step.dec_ctx_slots], vc[step.dec_ctx_slots],
-                                                   step.dec_ctx_valid, scale)
+            # A decode's own slot is never one its context needs, so it is written first and read back
+            # with the context in a single gather.
+            kc[step.dec_slots] = k[step.dec_rows]
+            vc[step.dec_slots] = v[step.dec_rows]
+            out[step.dec_rows] = _decode_attention(q[step.dec_rows], kc[step.dec_ctx_slots],
+                                                   vc[step.dec_ctx_slots], step.dec_ctx_valid, scale)
         for p in step.prefills:
             rows = slice(p.start, p.start + p.num)
             keys, values = torch.cat([kc[p.ctx_slots], k[rows]]), torch.cat([vc[p.ctx_slots], v[rows]])
             mask = visibility_mask(p.q_pos, torch.cat([p.ctx_pos, p.q_pos]), window)
             out[rows] = reference_attention(q[rows], keys, values, mask, scale)
-        kc[step.write_slots] = k[step.write_rows]
-        vc[step.write_slots] = v[step.write_rows]
+        if step.prefill_rows.numel():
+            kc[step.prefill_slots] = k[step.prefill_rows]
+            vc[step.prefill_slots] = v[step.prefill_rows]
         return out
 
 
-def _decode_attention(q, k_new, v_new, k_ctx, v_ctx, ctx_valid, scale):
-    """q, k_new, v_new: [B, H, D]; k_ctx/v_ctx: [B, L, Hkv, D] (padded); ctx_valid: [B, L] -> [B, Hq, D]."""
-    keys = torch.cat([k_ctx, k_new[:, None]], dim=1).transpose(1, 2)  # [B, Hkv, L+1, D]
-    values = torch.cat([v_ctx, v_new[:, None]], dim=1).transpose(1, 2)
-    valid = torch.cat([ctx_valid, ctx_valid.new_ones(ctx_valid.shape[0], 1)], dim=1)
-    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=valid[:, None, None, :],
-                                         scale=scale, enable_gqa=True)
+def _decode_attention(q, k_ctx, v_ctx, ctx_valid, scale):
+    """q: [B, Hq, D]; k_ctx/v_ctx: [B, L, Hkv, D] padded context incl. the new token; ctx_valid: [B, L]."""
+    out = F.scaled_dot_product_attention(q[:, :, None], k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),
+                                         attn_mask=ctx_valid[:, None, None, :], scale=scale, enable_gqa=True)
     return out[:, :, 0]

@@ -102,34 +102,38 @@ class ModelRunner:
         sliding = pool == "sliding"
         ring = kv.ring_blocks
         capacity = ring * bs
-        write_rows: list[int] = []
-        write_slots: list[int] = []
-        dec_rows, dec_tables, dec_lo, dec_len = [], [], [], []
+        prefill_rows: list[int] = []
+        prefill_slots: list[int] = []
+        dec_rows, dec_slots, dec_tables, dec_lo, dec_len = [], [], [], [], []
         prefills: list[PrefillMeta] = []
+        slot = kv.sliding_slot if sliding else kv.full_slot
         for seq, n, row in zip(batch.seqs, batch.num_tokens, starts):
             s = seq.num_computed_tokens
             table = getattr(kv.tables(seq.seq_id), pool)
-            slot = kv.sliding_slot if sliding else kv.full_slot
+            if n == 1:
+                # context: the window's last `window` tokens in a sliding layer (the new one included), else all
+                lo = max(0, s + 1 - self.window) if sliding else 0
+                dec_rows.append(row)
+                dec_slots.append(slot(table, s))
+                dec_tables.append(table)
+                dec_lo.append(lo)
+                dec_len.append(s + 1 - lo)
+                continue
             # In the ring only the last `capacity` tokens of a chunk survive; writing earlier ones is wasted
             # and would put two tokens in one slot.
             first_written = max(s, s + n - capacity) if sliding else s
-            write_rows += range(row + first_written - s, row + n)
-            write_slots += [slot(table, p) for p in range(first_written, s + n)]
+            prefill_rows += range(row + first_written - s, row + n)
+            prefill_slots += [slot(table, p) for p in range(first_written, s + n)]
             lo = max(0, s - (self.window - 1)) if sliding else 0
-            if n == 1:
-                dec_rows.append(row)
-                dec_tables.append(table)
-                dec_lo.append(lo)
-                dec_len.append(s - lo)
-            else:
-                ctx = range(lo, s)
-                prefills.append(PrefillMeta(
-                    start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
-                    ctx_slots=torch.tensor([slot(table, p) for p in ctx], dtype=torch.long, device=dev),
-                    ctx_pos=torch.arange(lo, s, device=dev)))
-        dec_slots, dec_valid = self._decode_context(dec_tables, dec_lo, dec_len, sliding)
+            prefills.append(PrefillMeta(
+                start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
+                ctx_slots=torch.tensor([slot(table, p) for p in range(lo, s)], dtype=torch.long, device=dev),
+                ctx_pos=torch.arange(lo, s, device=dev)))
+        ctx_slots, ctx_valid = self._decode_context(dec_tables, dec_lo, dec_len, sliding)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-        return PoolStep(as_long(write_rows), as_long(write_slots), as_long(dec_rows), dec_slots, dec_valid, prefills)
+        return PoolStep(dec_rows=as_long(dec_rows), dec_slots=as_long(dec_slots), dec_ctx_slots=ctx_slots,
+                        dec_ctx_valid=ctx_valid, prefill_rows=as_long(prefill_rows),
+                        prefill_slots=as_long(prefill_slots), prefills=prefills)
 
     def _decode_context(self, tables: list[list[int]], lo: list[int], lengths: list[int], sliding: bool):
         """Padded [B, L] slots and validity of each decode's cached context, computed on tensors."""

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrinityConfig
+from ..kernels.moe import routed_experts
 from .layers import Linear, SwiGLU
 
 
@@ -26,31 +27,6 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor,
     return weights * route_scale, ids
 
 
-def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-                      down: torch.Tensor) -> torch.Tensor:
-    """Routed SwiGLU experts, tokens grouped by expert. x: [T, H]; weights/ids: [T, k];
-    gate_up: [E, 2I, H] (gate rows first, then up); down: [E, H, I] -> [T, H] in x's dtype."""
-    t, k = ids.shape
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token_of = order // k
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()  # one host sync per layer
-    xs = x[token_of]
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        g, u = F.linear(xs[rows], gate_up[e]).chunk(2, dim=-1)
-        ys[rows] = F.linear(F.silu(g) * u, down[e])
-        start += n
-    # Weighted combine in fp32: each token sums k expert outputs.
-    out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
-    out.index_add_(0, token_of, ys.float() * weights.reshape(-1)[order, None])
-    return out.to(x.dtype)
-
-
 class RoutedExperts(nn.Module):
     """All routed experts' weights stacked: one tensor per projection (the HF transformers 5 layout)."""
 
@@ -60,7 +36,7 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return experts_reference(x, weights, ids, self.gate_up_proj, self.down_proj)
+        return routed_experts(x, weights, ids, self.gate_up_proj, self.down_proj)
 
 
 class Router(nn.Module):

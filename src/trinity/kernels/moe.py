@@ -1,0 +1,73 @@
+"""Routed-expert compute: tokens grouped by expert, SwiGLU, weighted combine.
+
+`experts_reference` loops over the experts that received tokens; `experts_grouped` issues one
+`F.grouped_mm` per projection over all groups (torch >= 2.10 with a kernel for the device and dtype).
+Both take gate_up: [E, 2I, H] (gate rows first) and down: [E, H, I] and return [T, H] in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference_forced
+
+
+def _group_by_expert(ids: torch.Tensor, num_experts: int):
+    """ids: [T, k] -> (order of the T*k assignments sorted by expert, token of each, tokens per expert)."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order, order // ids.shape[1], torch.bincount(flat, minlength=num_experts)
+
+
+def _combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_of: torch.Tensor,
+             num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """Weighted sum of each token's k expert outputs, accumulated in fp32."""
+    out = torch.zeros(num_tokens, ys.shape[-1], dtype=torch.float32, device=ys.device)
+    out.index_add_(0, token_of, ys.float() * weights.reshape(-1)[order, None])
+    return out.to(dtype)
+
+
+def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                      down: torch.Tensor) -> torch.Tensor:
+    order, token_of, counts = _group_by_expert(ids, gate_up.shape[0])
+    xs = x[token_of]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts.tolist()):  # one host sync per layer
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        g, u = F.linear(xs[rows], gate_up[e]).chunk(2, dim=-1)
+        ys[rows] = F.linear(F.silu(g) * u, down[e])
+        start += n
+    return _combine(ys, weights, order, token_of, x.shape[0], x.dtype)
+
+
+def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+    order, token_of, counts = _group_by_expert(ids, gate_up.shape[0])
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    g, u = F.grouped_mm(x[token_of], gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    ys = F.grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
+    return _combine(ys, weights, order, token_of, x.shape[0], x.dtype)
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """F.grouped_mm exists and has a kernel here: the CPU (torch >= 2.10), or CUDA SM80+ in bf16."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
+    return False
+
+
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """The fastest available implementation; the reference when forced or when autograd needs it."""
+    if (not reference_forced() and not torch.is_grad_enabled() and x.shape[0] > 1
+            and grouped_mm_available(x.device, x.dtype)):
+        return experts_grouped(x, weights, ids, gate_up, down)
+    return experts_reference(x, weights, ids, gate_up, down)
