@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest
 
-# Until the server issue lands, `make serve` opens an interactive chat on the default model.
+# The OpenAI-compatible server on the default model, at http://127.0.0.1:8000/v1
 serve: install
-	$(VENV)/bin/trinity chat
+	$(VENV)/bin/trinity serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -45,6 +45,38 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--no-think", action="store_true", help="no thinking prefill")
     _add_sampling_args(chat, max_tokens=512)
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (vLLM's flag names)")
+    srv.add_argument("model", nargs="?", default=None,
+                     help="checkpoint folder or preset; default: the built-in model")
+    srv.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="name clients use (default: the model's)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes")
+    srv.add_argument("--dtype", default="auto")
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--max-num-seqs", type=int, default=128)
+    srv.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    srv.add_argument("--block-size", type=int, default=16)
+    srv.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV blocks per pool (overrides memory)")
+    srv.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
+    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    srv.add_argument("--enforce-eager", action="store_true")
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    srv.add_argument("--chat-template", default=None, help="a jinja file replacing the model's chat template")
+    srv.add_argument("--reasoning-parser", default="trinity", choices=["trinity", "deepseek_r1", "none"])
+    srv.add_argument("--enable-auto-tool-choice", action="store_true")
+    srv.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "qwen3_coder"])
+    srv.add_argument("--max-queued-requests", type=int, default=None,
+                     help="answer 503 when this many requests are already waiting")
+    srv.add_argument("--max-request-bytes", type=int, default=4 << 20)
+    srv.add_argument("--allowed-origins", default="", help="comma-separated CORS origins")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds to let in-flight requests finish after SIGTERM")
+    srv.add_argument("--log-level", default="info")
+
     init = sub.add_parser("init", help="write a random-weight checkpoint for a preset (for benchmarks)")
     init.add_argument("--preset", required=True, choices=list(PRESETS))
     init.add_argument("--out", required=True)
@@ -64,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "chat":
             return _cmd_chat(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"trinity {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -173,6 +207,38 @@ def _show(console, reasoning: str, content: str, reasoning_acc: list[str], conte
             console.print()
         console.print(content, end="", markup=False)
         content_acc.append(content)
+
+
+def _cmd_serve(args) -> int:
+    import logging
+    import os
+
+    from .engine import EngineConfig
+    from .serve.server import serve
+    from .serve.state import ServerSettings
+
+    if args.tensor_parallel_size != 1:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is supported so far")
+    template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as f:
+            template = f.read()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        served_model_name=args.served_model_name, api_key=args.api_key or os.environ.get("TRINITY_API_KEY"),
+        max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
+        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice, chat_template=template,
+        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+        shutdown_timeout=args.shutdown_timeout)
+    engine_config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                                 num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+                                 gpu_memory_utilization=args.gpu_memory_utilization,
+                                 enforce_eager=args.enforce_eager, seed=args.seed)
+    serve(args.model or args.model_flag, settings, engine_config, args.host, args.port, dtype=args.dtype,
+          device=args.device, log_level=args.log_level.lower())
+    return 0
 
 
 def _cmd_init(args) -> int:

@@ -12,6 +12,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self.stats: dict = engine.stats()
+        self.expert_load: dict | None = None
+        self._stats_time = 0.0
         self.errored: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -68,6 +71,14 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.engine.prepare_request(request_id, prompt, params, prompt_token_ids, priority)
+        async for out in self.submit(request):
+            yield out
+
+    async def submit(self, request) -> AsyncIterator[RequestOutput]:
+        """Stream a request built by `engine.prepare_request` (validated already)."""
+        request_id = request.request_id
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._commands.put(("add", request))
@@ -120,7 +131,7 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._drain_commands()
             if not self.engine.has_unfinished():
-                self.stats = self.engine.stats()
+                self._refresh_stats(force=True)
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -135,4 +146,12 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)
-            self.stats = self.engine.stats()
+            self._refresh_stats()
+
+    def _refresh_stats(self, force: bool = False) -> None:
+        """Snapshots for readers on other threads (metrics, admission); expert load at most twice a second."""
+        self.stats = self.engine.stats()
+        now = time.monotonic()
+        if force or now - self._stats_time > 0.5:
+            self.expert_load = self.engine.expert_load()
+            self._stats_time = now

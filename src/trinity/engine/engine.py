@@ -7,6 +7,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from ..model.model import TrinityForCausalLM
 from .kv_cache import KVCacheManager
 from .request import CompletionOutput, RequestOutput, Sequence
@@ -61,6 +63,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0  # prompt tokens computed (recomputation after preemption included)
+        # Expert load per MoE layer: cumulative token counts and a moving average of each step's share.
+        self.expert_tokens_total = None
+        self.expert_load_ema = None
 
     # ------------------------------------------------------------------ requests
     def prepare_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
@@ -106,6 +112,8 @@ class LLMEngine:
                 seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=seq.params.skip_special_tokens)
             if seq.params.logprobs is not None:
                 seq.logprobs = []
+            if seq.params.constraint_factory is not None:
+                seq.constraint = seq.params.constraint_factory()
             self.scheduler.add(seq)
         self.requests[request.request_id] = request
 
@@ -141,7 +149,11 @@ class LLMEngine:
             log.exception("model step failed; failing the %d requests in it", len(batch.seqs))
             return self._fail(batch, f"internal error while running the model: {type(e).__name__}")
         for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.num_prompt_tokens += max(0, min(n, len(seq.prompt_token_ids) - seq.num_computed_tokens))
             seq.num_computed_tokens += n
+        self._update_expert_load()
         self._record_prompt_logprobs(logits[len(sample_rows):], prompt_rows)
         touched: dict[str, _Request] = {}
         if sample_seqs:
@@ -155,6 +167,27 @@ class LLMEngine:
             if all(s.finished for s in req.seqs):
                 del self.requests[req.request_id]
         return outputs
+
+    def _update_expert_load(self) -> None:
+        counts = self.runner.take_expert_counts()
+        if counts is None:
+            return
+        if self.expert_tokens_total is None:
+            self.expert_tokens_total = counts.clone()
+            self.expert_load_ema = counts.double()
+        else:
+            self.expert_tokens_total += counts
+            self.expert_load_ema.mul_(0.9).add_(counts.double(), alpha=0.1)
+
+    def expert_load(self) -> dict | None:
+        """Per MoE layer: tokens routed to each expert so far, and max/mean of the recent load (1 = balanced)."""
+        if self.expert_tokens_total is None:
+            return None
+        ema = self.expert_load_ema
+        mean = ema.mean(dim=1)
+        imbalance = torch.where(mean > 0, ema.amax(dim=1) / mean.clamp_min(1e-12), torch.ones_like(mean))
+        return {"layers": list(self.runner.moe_layers), "tokens": self.expert_tokens_total.tolist(),
+                "imbalance": imbalance.tolist()}
 
     def _logits_rows(self, batch: ScheduledBatch):
         """Rows whose logits are needed: the last row of each sequence that has now computed every token it
@@ -176,8 +209,6 @@ class LLMEngine:
     def _record_prompt_logprobs(self, logits, prompt_rows) -> None:
         if not prompt_rows:
             return
-        import torch
-
         raw = torch.log_softmax(logits, dim=-1)
         for i, (_, seq, position) in enumerate(prompt_rows):
             if seq.prompt_logprobs is None:
@@ -197,6 +228,8 @@ class LLMEngine:
             self._decode_logprob_tokens(lps)
             seq.logprobs.append(lps)
             seq.cumulative_logprob += token_logprob
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         if token in p.stop_ids():
             seq.finish("stop", None if token in p.eos_token_ids and token not in p.stop_token_ids else token)
         else:
@@ -204,10 +237,12 @@ class LLMEngine:
                 seq.text += seq.detokenizer.add(token)
                 if p.stop:
                     self._check_stop_strings(seq)
+            if not seq.finished and seq.constraint is not None and seq.constraint.is_finished():
+                seq.finish("stop")
             if not seq.finished and len(seq.output_token_ids) >= seq.max_tokens:
                 seq.finish("length")
         if seq.finished:
-            if seq.detokenizer is not None and seq.finish_reason == "length":
+            if seq.detokenizer is not None and seq.finish_reason in ("length", "stop") and seq.stop_reason is None:
                 seq.text += seq.detokenizer.flush()
             self.scheduler.remove(seq)
 
@@ -261,9 +296,10 @@ class LLMEngine:
         first = req.seqs[0]
         finished = all(s.finished for s in req.seqs)
         metrics = {"arrival_time": req.arrival_time}
-        times = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
-        if times:
-            metrics["first_token_time"] = min(times)
+        for key in ("first_scheduled_time", "first_token_time"):
+            times = [getattr(s, key) for s in req.seqs if getattr(s, key) is not None]
+            if times:
+                metrics[key] = min(times)
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              prompt_logprobs=first.prompt_logprobs, outputs=outs, finished=finished,
                              error=next((s.error for s in req.seqs if s.error), None), metrics=metrics)
@@ -277,6 +313,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
             "num_generated_tokens": self.num_generated_tokens,
+            "num_prompt_tokens": self.num_prompt_tokens,
             "kv_cache_usage": kv.usage(),
             "kv_blocks": {"full": {"used": kv.full.num_used, "total": kv.full.num_blocks},
                           "sliding": {"used": kv.sliding.num_used, "total": kv.sliding.num_blocks}},

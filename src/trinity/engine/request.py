@@ -57,6 +57,8 @@ class Sequence:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     cumulative_logprob: float = 0.0
     detokenizer: Any = None
+    constraint: Any = None  # a TokenConstraint when the request asked for structured output
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
     @property

@@ -95,6 +95,20 @@ class ModelRunner:
                                       device=self.device)
                 v[pool] = torch.zeros_like(k[pool])
         self.cache = PagedKV(k, v, layer_pool)
+        # Expert-load telemetry: every MoE layer counts the tokens routed to each expert.
+        self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+        for i in self.moe_layers:
+            model.model.layers[i].mlp.track_expert_load()
+
+    def take_expert_counts(self) -> torch.Tensor | None:
+        """[moe_layers, experts] tokens routed since the last call (CPU), then reset."""
+        if not self.moe_layers:
+            return None
+        blocks = [self.model.model.layers[i].mlp for i in self.moe_layers]
+        counts = torch.stack([b.expert_counts for b in blocks]).cpu()
+        for b in blocks:
+            b.expert_counts.zero_()
+        return counts
 
     # ------------------------------------------------------------------ metadata
     def _pool_step(self, pool: str, batch: ScheduledBatch, starts: list[int]) -> PoolStep:

@@ -88,8 +88,14 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
         if rows:
             if not cloned:
-                x = x.clone()
+                x, cloned = x.clone(), True
             x[rows] = self._penalise(x[rows], [seqs[i] for i in rows])
+        for i, seq in enumerate(seqs):  # structured output: only tokens the grammar allows
+            if seq.constraint is not None:
+                if not cloned:
+                    x, cloned = x.clone(), True
+                allowed = seq.constraint.allowed_tokens(vocab).to(x.device)
+                x[i] = x[i].masked_fill(~allowed, float("-inf"))
         return x
 
     def _penalise(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
 
@@ -37,6 +39,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     seed: int | None = None
     skip_special_tokens: bool = True
+    # Structured output: builds a TokenConstraint (see engine/constraints.py) for each generated sequence.
+    constraint_factory: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
     # Set by the engine from the tokenizer: the ids that end a sequence unless ignore_eos.
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 

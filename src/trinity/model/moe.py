@@ -57,10 +57,18 @@ class MoEBlock(nn.Module):
         self.experts = RoutedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         shared = config.moe_intermediate_size * config.num_shared_experts
         self.shared_experts = SwiGLU(config.hidden_size, shared) if shared else None
+        # Routing telemetry / balancing input: tokens sent to each expert since the last reset, when enabled.
+        self.expert_counts: torch.Tensor | None = None
+
+    def track_expert_load(self, enabled: bool = True) -> None:
+        self.expert_counts = torch.zeros(self.router.gate.weight.shape[0], dtype=torch.long,
+                                         device=self.router.gate.weight.device) if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(x, self.router.gate.weight, self.expert_bias, self.top_k,
                              self.route_norm, self.route_scale)
+        if self.expert_counts is not None:
+            self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.shape[0])
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -1,0 +1,276 @@
+"""POST /v1/chat/completions: template, sampling, reasoning and tool-call parsing, whole or streamed."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..chat_template import ChatTemplateError
+from ..engine.request import CompletionOutput, RequestOutput
+from .errors import APIError
+from .formatting import chat_logprobs, sse_stream, usage
+from .protocol import ChatCompletionRequest
+from .reasoning import get_reasoning_parser
+from .state import ServerState
+from .tools import ToolCall, ToolCallDelta, ToolSchemaError, get_tool_parser, new_tool_call_id, parse_tool_choice, \
+    tool_calls_json_schema, validate_tools
+
+
+@dataclass
+class _Plan:
+    """How one chat request is generated and how its text is read back."""
+
+    request_id: str
+    model: str
+    tool_choice: str | tuple
+    tools: list[dict] | None
+    starts_in_reasoning: bool
+    top_logprobs: int
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def constrained_tools(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, tuple)
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, raw: Request):
+    engine = state.admit(body.model)
+    settings = state.settings
+    tools = body.tools or None
+    try:
+        if body.tools is not None:
+            validate_tools(body.tools)
+        choice = parse_tool_choice(body.tool_choice, tools)
+    except ToolSchemaError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    if choice == "auto" and tools and not (settings.enable_auto_tool_choice and settings.tool_call_parser):
+        raise APIError(400, '"auto" tool choice needs the server started with --enable-auto-tool-choice and '
+                            "--tool-call-parser", param="tool_choice")
+    constraint = _constraint(state, body, choice, tools)
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    # Constrained output is the answer itself: no thinking prefill in front of it.
+    enable_thinking = bool(template_kwargs.pop("enable_thinking", True)) and constraint is None
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    try:
+        prompt = state.tokenizer.apply_chat_template(
+            messages, tools=tools if choice != "none" else None, add_generation_prompt=body.add_generation_prompt,
+            enable_thinking=enable_thinking, **template_kwargs)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    params = state.sampling_params(body, body.max_completion_tokens or body.max_tokens,
+                                   (body.top_logprobs or 0) if body.logprobs else None, constraint)
+    plan = _Plan(state.new_id("chatcmpl"), settings.served_model_name, choice, tools,
+                 settings.reasoning_parser != "none" and prompt.endswith("<think>\n"), body.top_logprobs or 0,
+                 bool(body.stream_options and body.stream_options.include_usage))
+    prepared = state.prepare(engine, plan.request_id, state.tokenizer.encode(prompt), params, body.priority,
+                             "messages")
+    if body.stream:
+        events = _stream_events(state, plan, state.run(engine, prepared), body.n)
+        return StreamingResponse(sse_stream(events), media_type="text/event-stream")
+    out = await state.collect(engine, prepared, raw)
+    return JSONResponse(_response(state, plan, out))
+
+
+def _constraint(state: ServerState, body: ChatCompletionRequest, choice, tools):
+    from .structured import StructuredOutputError, constraint_for_response_format
+
+    try:
+        if choice == "required" or isinstance(choice, tuple):
+            return state.grammar().json_schema(tool_calls_json_schema(tools, choice), param="tools")
+        if body.response_format:
+            return constraint_for_response_format(state.grammar(), body.response_format)
+    except StructuredOutputError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    return None
+
+
+# ---------------------------------------------------------------------- reading the text back
+class _ChoiceReader:
+    """Turns one sequence's growing text into reasoning, content and tool calls (whole or as deltas)."""
+
+    def __init__(self, state: ServerState, plan: _Plan):
+        self.plan = plan
+        parser_name = state.settings.reasoning_parser
+        self.reasoning = get_reasoning_parser(parser_name)(plan.starts_in_reasoning)
+        self.tool_parser_cls = None
+        if plan.tool_choice == "auto" and plan.tools and state.settings.tool_call_parser:
+            self.tool_parser_cls = get_tool_parser(state.settings.tool_call_parser)
+        self.counter = _Counter()
+        if self.tool_parser_cls:
+            self.tools_in_reasoning = self.tool_parser_cls(plan.tools, counter=self.counter)
+            self.tools_in_content = self.tool_parser_cls(plan.tools, counter=self.counter)
+        self.sent = 0  # characters of the text consumed
+        self.tokens_sent = 0
+        self.constrained_text = ""
+        self.saw_tool_call = False
+
+    def whole(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
+        if self.plan.constrained_tools:
+            return None, None, _calls_from_json(text)
+        reasoning, content = type(self.reasoning).extract(text, self.plan.starts_in_reasoning)
+        calls: list[ToolCall] = []
+        if self.tool_parser_cls:
+            if reasoning:
+                reasoning, found = self.tool_parser_cls(self.plan.tools).extract(reasoning)
+                calls += found
+            content, found = self.tool_parser_cls(self.plan.tools).extract(content)
+            calls += found
+        return reasoning or None, content, calls
+
+    def delta(self, text: str, final: bool) -> tuple[str, str, list[ToolCallDelta]]:
+        new, self.sent = text[self.sent:], len(text)
+        if self.plan.constrained_tools:
+            self.constrained_text += new
+            if not final:
+                return "", "", []
+            return "", "", _deltas_from_calls(_calls_from_json(self.constrained_text))
+        r, c = self.reasoning.feed(new)
+        if final:
+            fr, fc = self.reasoning.flush()
+            r, c = r + fr, c + fc
+        deltas: list[ToolCallDelta] = []
+        if self.tool_parser_cls:
+            r, d1 = self._through(self.tools_in_reasoning, r, final)
+            c, d2 = self._through(self.tools_in_content, c, final)
+            deltas = d1 + d2
+        self.saw_tool_call |= bool(deltas)
+        return r, c, deltas
+
+    @staticmethod
+    def _through(parser, text: str, final: bool):
+        out, deltas = parser.feed(text) if text else ("", [])
+        if final:
+            more, more_deltas = parser.flush()
+            out, deltas = out + more, deltas + more_deltas
+        return out, deltas
+
+
+class _Counter:
+    """Shared call index for the reasoning and content tool parsers of one sequence."""
+
+    def __init__(self):
+        self.value = 0
+
+    def __next__(self) -> int:
+        self.value += 1
+        return self.value - 1
+
+    def __iter__(self):
+        return self
+
+
+def _calls_from_json(text: str) -> list[ToolCall]:
+    """Constrained tool choice: the output is a JSON array of calls (required) or one call (named)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise APIError(500, "the constrained tool call output did not parse (was it cut off by max_tokens?)",
+                       code="tool_call_parse_error") from None
+    items = data if isinstance(data, list) else [data]
+    return [ToolCall(new_tool_call_id(), item["name"],
+                     json.dumps(item.get("arguments", item.get("parameters", {})), ensure_ascii=False))
+            for item in items]
+
+
+def _deltas_from_calls(calls: list[ToolCall]) -> list[ToolCallDelta]:
+    out = []
+    for i, call in enumerate(calls):
+        out.append(ToolCallDelta(index=i, id=call.id, name=call.name, arguments=""))
+        out.append(ToolCallDelta(index=i, arguments=call.arguments))
+    return out
+
+
+def _finish_reason(c: CompletionOutput, has_calls: bool) -> str | None:
+    if has_calls and c.finish_reason == "stop":
+        return "tool_calls"
+    return c.finish_reason
+
+
+def _call_json(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _response(state: ServerState, plan: _Plan, out: RequestOutput) -> dict:
+    if out.error:
+        raise APIError(500, out.error, code="engine_error")
+    choices = []
+    for c in out.outputs:
+        if c.finish_reason == "length" and plan.constrained_tools:
+            raise APIError(400, "max_tokens ran out before the tool call was complete; raise max_tokens",
+                           param="max_tokens")
+        reasoning, content, calls = _ChoiceReader(state, plan).whole(c.text)
+        message = {"role": "assistant", "content": content if (content or not calls) else None}
+        if reasoning is not None:
+            message["reasoning_content"] = message["reasoning"] = reasoning
+        if calls:
+            message["tool_calls"] = [_call_json(call) for call in calls]
+        choices.append({"index": c.index, "message": message,
+                        "logprobs": chat_logprobs(c, 0, len(c.token_ids), plan.top_logprobs, state.tokenizer),
+                        "finish_reason": _finish_reason(c, bool(calls)), "stop_reason": c.stop_reason})
+    return {"id": plan.request_id, "object": "chat.completion", "created": plan.created, "model": plan.model,
+            "choices": choices, "usage": usage([out])}
+
+
+async def _stream_events(state: ServerState, plan: _Plan, outputs: AsyncIterator[RequestOutput], n: int):
+    def chunk(choices: list[dict], **extra) -> dict:
+        return {"id": plan.request_id, "object": "chat.completion.chunk", "created": plan.created,
+                "model": plan.model, "choices": choices, **extra}
+
+    readers = [_ChoiceReader(state, plan) for _ in range(n)]
+    done = [False] * n
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for i in range(n)])
+    last = None
+    async for out in outputs:
+        last = out
+        if out.error:
+            raise APIError(500, out.error, code="engine_error")
+        for c in out.outputs:
+            i, reader = c.index, readers[c.index]
+            if done[i]:
+                continue
+            final = c.finish_reason is not None
+            r, text, deltas = reader.delta(c.text, final)
+            delta: dict = {}
+            if r:
+                delta["reasoning_content"] = delta["reasoning"] = r
+            if text:
+                delta["content"] = text
+            if deltas:
+                delta["tool_calls"] = [_delta_json(d) for d in deltas]
+            logprobs = chat_logprobs(c, reader.tokens_sent, len(c.token_ids), plan.top_logprobs, state.tokenizer)
+            reader.tokens_sent = len(c.token_ids)
+            if delta or (logprobs and logprobs["content"]):
+                yield chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+            if final:
+                done[i] = True
+                if c.finish_reason == "length" and plan.constrained_tools:
+                    raise APIError(400, "max_tokens ran out before the tool call was complete",
+                                   param="max_tokens")
+                yield chunk([{"index": i, "delta": {}, "logprobs": None,
+                              "finish_reason": _finish_reason(c, reader.saw_tool_call),
+                              "stop_reason": c.stop_reason}])
+    if plan.include_usage and last is not None:
+        yield chunk([], usage=usage([last]))
+
+
+def _delta_json(d: ToolCallDelta) -> dict:
+    out: dict = {"index": d.index}
+    if d.id is not None:
+        out["id"] = d.id
+        out["type"] = "function"
+    function = {}
+    if d.name is not None:
+        function["name"] = d.name
+    if d.arguments is not None:
+        function["arguments"] = d.arguments
+    out["function"] = function
+    return out

@@ -1,0 +1,81 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("trinity.serve")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else [str(p) for p in loc]
+    # pydantic names union branches in the location ("str", "list[TextPart]", ...): drop them
+    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool",
+                                                                                  "function-after", "dict")]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    if kind in ("model_attributes_type", "dict_type") and tuple(first.get("loc", ())) == ("body",):
+        return APIError(400, "the request body must be a JSON object", code="invalid_body")
+    if kind == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return APIError(400, "the request needs a JSON body", code="invalid_body")
+    param = _param(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid value")
+    if kind.startswith("finite_number"):
+        message = "must be a finite number (NaN and infinity are not allowed)"
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                          str(exc.detail))
+        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, f"internal error ({type(exc).__name__})").response()

@@ -1,0 +1,73 @@
+"""Pieces of OpenAI response bodies: usage, logprobs, server-sent events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from ..engine.request import CompletionOutput, RequestOutput
+from .errors import APIError
+
+
+def usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _entry(lps, token: int, tokenizer) -> tuple[str, float]:
+    lp = lps[token]
+    text = lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([token])
+    return text, lp.logprob
+
+
+def chat_logprobs(c: CompletionOutput, start: int, end: int, top_n: int, tokenizer) -> dict | None:
+    """OpenAI chat `logprobs.content` for tokens [start, end) of a completion."""
+    if c.logprobs is None:
+        return None
+    content = []
+    for token, lps in zip(c.token_ids[start:end], c.logprobs[start:end]):
+        text, value = _entry(lps, token, tokenizer)
+        top = sorted(((tid, lp) for tid, lp in lps.items() if lp.rank is not None and lp.rank <= top_n),
+                     key=lambda kv: kv[1].rank)
+        content.append({"token": text, "logprob": value, "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": _entry(lps, tid, tokenizer)[0], "logprob": lp.logprob,
+                                          "bytes": list(_entry(lps, tid, tokenizer)[0].encode())}
+                                         for tid, lp in top[:top_n]]})
+    return {"content": content}
+
+
+def completion_logprobs(c: CompletionOutput, start: int, end: int, top_n: int, tokenizer, offset: int) -> dict | None:
+    """Legacy completions `logprobs` for tokens [start, end); `offset`: text offset of the first one."""
+    if c.logprobs is None:
+        return None
+    tokens, values, tops, offsets = [], [], [], []
+    for token, lps in zip(c.token_ids[start:end], c.logprobs[start:end]):
+        text, value = _entry(lps, token, tokenizer)
+        tokens.append(text)
+        values.append(value)
+        offsets.append(offset)
+        offset += len(text)
+        ranked = sorted(((tid, lp) for tid, lp in lps.items() if lp.rank is not None and lp.rank <= top_n),
+                        key=lambda kv: kv[1].rank)
+        tops.append({_entry(lps, tid, tokenizer)[0]: lp.logprob for tid, lp in ranked[:top_n]} if top_n else None)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def sse_stream(events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Frame chunks as SSE; an error after the stream began becomes an error event, then [DONE]."""
+    try:
+        async for event in events:
+            yield sse(event)
+    except APIError as e:
+        yield sse(e.body())
+    except Exception as e:  # noqa: BLE001 - the client gets a clean error event, the log gets the trace
+        import logging
+
+        logging.getLogger("trinity.serve").exception("error while streaming")
+        yield sse(APIError(500, f"internal error while streaming ({type(e).__name__})").body())
+    yield sse("[DONE]")

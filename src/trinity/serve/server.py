@@ -1,0 +1,74 @@
+"""`trinity serve`: load the model in the background, serve HTTP with uvicorn, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+
+from ..engine.async_engine import AsyncEngine
+from ..engine.engine import EngineConfig, LLMEngine
+from .app import build_app
+from .state import ServerSettings, ServerState
+
+log = logging.getLogger("trinity.serve")
+
+
+def load_engine(state: ServerState, model_spec: str | None, dtype: str, device: str,
+                engine_config: EngineConfig) -> None:
+    """Runs on a thread so /health can answer 503 while weights load."""
+    try:
+        from ..loading import load_model
+
+        loaded = load_model(model_spec, dtype=dtype, device=device)
+        if state.settings.chat_template:
+            loaded.tokenizer.chat_template = state.settings.chat_template
+        if state.settings.served_model_name is None:
+            state.settings.served_model_name = loaded.name
+        state.attach(AsyncEngine(LLMEngine(loaded.model, loaded.tokenizer, engine_config)))
+        log.info("model %s ready on %s", state.settings.served_model_name, loaded.model.device)
+    except Exception as e:  # noqa: BLE001 - reported by /health and every request
+        log.exception("failed to load the model")
+        state.load_error = f"the model failed to load: {type(e).__name__}: {e}"
+
+
+class _DrainingServer(uvicorn.Server):
+    """First SIGTERM/SIGINT: answer new requests with 503 while in-flight ones finish (up to the timeout),
+    then stop. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.trinity = state
+
+    def handle_exit(self, sig, frame) -> None:
+        state = self.trinity
+        if state.draining:
+            return super().handle_exit(sig, frame)
+        state.draining = True
+        log.info("draining %d in-flight requests (up to %.0f s)", state.in_flight, state.settings.shutdown_timeout)
+
+        def drain() -> None:
+            deadline = time.monotonic() + state.settings.shutdown_timeout
+            while state.in_flight > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.should_exit = True
+
+        threading.Thread(target=drain, daemon=True).start()
+
+
+def serve(model_spec: str | None, settings: ServerSettings, engine_config: EngineConfig, host: str, port: int,
+          dtype: str = "auto", device: str = "auto", log_level: str = "info") -> None:
+    state = ServerState(settings)
+    app = build_app(state)
+    # Weights load while uvicorn starts: /health says 503 until they are in.
+    threading.Thread(target=load_engine, args=(state, model_spec, dtype, device, engine_config), daemon=True,
+                     name="trinity-load").start()
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)))
+    try:
+        _DrainingServer(config, state).run()
+    finally:
+        if state.engine is not None:
+            state.engine.shutdown()

@@ -1,0 +1,182 @@
+"""What the server holds: settings, the engine once loaded, metrics; and the request plumbing both
+completion routes share (sampling parameters, admission, running a request, recording its metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ..engine.async_engine import AsyncEngine
+from ..engine.request import RequestOutput
+from ..engine.sampling_params import SamplingError, SamplingParams
+from .errors import APIError
+from .metrics import ServerMetrics
+from .protocol import SamplingFields
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str | None = None  # None: the loaded model's name
+    api_key: str | None = None
+    max_queued_requests: int | None = None
+    max_request_bytes: int = 4 << 20
+    reasoning_parser: str = "trinity"
+    tool_call_parser: str | None = "hermes"
+    enable_auto_tool_choice: bool = False
+    chat_template: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    shutdown_timeout: float = 30.0
+
+
+class ServerState:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.engine: AsyncEngine | None = None
+        self.tokenizer = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self.load_error: str | None = None
+        self.draining = False
+        self.in_flight = 0
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+        self._grammar = None
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, engine: AsyncEngine) -> None:
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        self.vocab_size = engine.engine.model.config.vocab_size
+        self.engine = engine.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def grammar(self):
+        if self._grammar is None:
+            from .structured import GrammarBackend
+
+            self._grammar = GrammarBackend(self.tokenizer, self.vocab_size)
+        return self._grammar
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+    # ------------------------------------------------------------------ admission
+    def admit(self, model: str | None) -> AsyncEngine:
+        """Checks that hold for every inference request before any work is done."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": "5"})
+        if self.engine is None:
+            raise APIError(503, self.load_error or "the model is still loading", code="loading",
+                           headers={"Retry-After": "5"})
+        if model is not None and model != self.settings.served_model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                f"{self.settings.served_model_name!r}", param="model", code="model_not_found")
+        limit = self.settings.max_queued_requests
+        if limit is not None and self.engine.stats.get("num_waiting", 0) >= limit:
+            raise APIError(503, f"the request queue is full ({limit} waiting); retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"})
+        return self.engine
+
+    def sampling_params(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                        constraint_factory=None) -> SamplingParams:
+        bias = None
+        if body.logit_bias:
+            bias = {}
+            for key, value in body.logit_bias.items():
+                try:
+                    token = int(key)
+                except ValueError:
+                    raise APIError(400, f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+                if not 0 <= token < self.vocab_size:
+                    raise APIError(400, f"logit_bias token id {token} is out of range [0, {self.vocab_size})",
+                                   param="logit_bias")
+                bias[token] = value
+        bad = [t for t in body.stop_token_ids or [] if t >= self.vocab_size]
+        if bad:
+            raise APIError(400, f"stop_token_ids: {bad[0]} is out of range [0, {self.vocab_size})",
+                           param="stop_token_ids")
+        try:
+            return SamplingParams(
+                n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+                min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias, min_tokens=body.min_tokens,
+                max_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
+                include_stop_str_in_output=body.include_stop_str_in_output, ignore_eos=body.ignore_eos,
+                logprobs=logprobs, seed=body.seed, skip_special_tokens=body.skip_special_tokens,
+                constraint_factory=constraint_factory)
+        except SamplingError as e:
+            raise APIError(400, str(e), param=e.param) from None
+
+    def prepare(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                priority: int, prompt_param: str):
+        try:
+            return engine.engine.prepare_request(request_id, None, params, prompt_ids, priority)
+        except ValueError as e:
+            message = str(e)
+            param = "max_tokens" if "max_tokens" in message and params.max_tokens is not None else prompt_param
+            raise APIError(400, message, param=param, code="context_length_exceeded"
+                           if "max_model_len" in message or "KV cache" in message else "invalid_value") from None
+
+    # ------------------------------------------------------------------ running
+    async def run(self, engine: AsyncEngine, prepared, raw_request=None) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs, recording metrics; a disconnected client aborts it."""
+        self.in_flight += 1
+        last_tokens = 0
+        last_time = None
+        final: RequestOutput | None = None
+        try:
+            async for out in engine.submit(prepared):
+                now = time.monotonic()
+                produced = sum(len(c.token_ids) for c in out.outputs)
+                if produced > last_tokens and last_time is not None:
+                    gap = (now - last_time) / (produced - last_tokens)
+                    for _ in range(produced - last_tokens):
+                        self.metrics.itl.observe(gap)
+                if produced > last_tokens:
+                    last_tokens, last_time = produced, now
+                final = out
+                yield out
+        finally:
+            self.in_flight -= 1
+            if final is not None and final.finished:
+                self._record(final)
+
+    def _record(self, out: RequestOutput) -> None:
+        m, t = out.metrics, time.monotonic()
+        arrival = m.get("arrival_time")
+        if arrival is not None:
+            self.metrics.e2e.observe(t - arrival)
+            if "first_token_time" in m:
+                self.metrics.ttft.observe(m["first_token_time"] - arrival)
+            if "first_scheduled_time" in m:
+                self.metrics.queue.observe(m["first_scheduled_time"] - arrival)
+        self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+        for c in out.outputs:
+            self.metrics.generation_tokens.inc(len(c.token_ids))
+            self.metrics.request_success.inc(finished_reason=c.finish_reason or "unknown")
+
+    async def collect(self, engine: AsyncEngine, prepared, raw_request) -> RequestOutput:
+        """Run to completion for a non-streaming response, aborting if the client goes away."""
+        async def consume() -> RequestOutput:
+            final = None
+            async for out in self.run(engine, prepared):
+                final = out
+            return final
+
+        task = asyncio.ensure_future(consume())
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and raw_request is not None and await raw_request.is_disconnected():
+                task.cancel()  # leaving the stream aborts the request and frees its blocks
+                raise APIError(499, "client disconnected")
+        return task.result()

@@ -1,0 +1,327 @@
+"""Structured output (JSON mode and JSON Schema) for the engine, on top of xgrammar.
+
+`GrammarBackend` is built once per (tokenizer, model vocab size). It turns a JSON Schema (or "any JSON object")
+into a *constraint factory*: a zero-arg callable that the engine calls once per generated sequence
+(`SamplingParams.constraint_factory`), each call giving a fresh `GrammarConstraint` (the engine's
+`TokenConstraint` protocol, see `trinity.engine.constraints`) with its own `xgrammar.GrammarMatcher`.
+
+    backend = GrammarBackend(tokenizer, model.config.vocab_size)
+    factory = constraint_for_response_format(backend, {"type": "json_schema", "json_schema": {...}})
+    params = SamplingParams(max_tokens=200, constraint_factory=factory)
+
+Choices:
+- The xgrammar `TokenizerInfo` is built from `tokenizer.token_bytes(id)` (RAW vocab), not from a Hugging Face
+  tokenizer. Added tokens (`<|im_end|>`, `<think>`, `<tool_call>`, ...) and the model's padding ids past the
+  tokenizer's vocabulary get an empty encoding, which xgrammar treats as never-allowed special tokens; the
+  tokenizer's EOS ids are the grammar's stop tokens (allowed only once the JSON value is complete).
+- Output is compact JSON (no optional whitespace, separators "," and ":") so constrained outputs stay short.
+- A sequence is finished as soon as its JSON value is complete and nothing but a stop token could follow (an
+  object, array, string, ... at the top level); the engine then ends it with finish_reason "stop" without
+  the model having to emit EOS. A value that could still go on (a top-level number) ends at EOS instead.
+- JSON Schemas are compiled in strict mode (properties / items not named by the schema are not generated)
+  and compiled once per distinct schema (an LRU cache keyed by the schema's canonical JSON text; property
+  order is kept in the key because it decides the order of the generated keys).
+- xgrammar is imported lazily: importing this module never needs it; building a `GrammarBackend` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger("trinity.structured")
+
+__all__ = [
+    "GrammarBackend",
+    "GrammarConstraint",
+    "GrammarConstraintFactory",
+    "StructuredOutputError",
+    "constraint_for_response_format",
+]
+
+SCHEMA_PARAM = "response_format.json_schema.schema"
+
+# JSON mode: any JSON object, compact (no whitespace at all; xgrammar's built-in "any value" rules put a space
+# after commas). Strings take no raw control characters, as RFC 8259 requires.
+JSON_OBJECT_EBNF = r"""
+root ::= object
+value ::= object | array | string | number | "true" | "false" | "null"
+object ::= "{" "}" | "{" member ("," member)* "}"
+member ::= string ":" value
+array ::= "[" "]" | "[" value ("," value)* "]"
+string ::= "\"" char* "\""
+char ::= [^"\\\0-\x1f] | "\\" escape
+escape ::= ["\\/bfnrt] | "u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9]
+number ::= "-"? integer fraction? exponent?
+integer ::= "0" | [1-9] [0-9]*
+fraction ::= "." [0-9]+
+exponent ::= [eE] [+\-]? [0-9]+
+"""
+_SEPARATORS = (",", ":")  # compact JSON
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f]")
+
+
+class StructuredOutputError(ValueError):
+    """A response_format / schema the backend cannot honour; `param` names the offending request field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+def _import_xgrammar():
+    try:
+        import xgrammar
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("structured output (response_format json_object / json_schema) needs the xgrammar "
+                           "package: pip install xgrammar") from e
+    return xgrammar
+
+
+# "[20:34:17] /project/cpp/json_schema_converter.cc:4944: Unsupported type "foo"" -> "Unsupported type "foo""
+_LOG_PREFIX = re.compile(r"^\s*(\[[0-9:.\s]+\]\s*)?([^\s:]+\.(cc|cpp|h|hpp|py):\d+:\s*)?")
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[\w.\-]+){2,}(?::\d+)?")
+
+
+def _clean_error(exc: BaseException) -> str:
+    """The gist of a compiler error: its first meaningful line, without log prefixes or file paths."""
+    for line in str(exc).splitlines():
+        line = _LOG_PREFIX.sub("", line).strip()
+        if not line or line.startswith(("Traceback", "Stack trace", "File ")):
+            continue
+        line = _PATH.sub("<path>", line)
+        return line[:500]
+    return type(exc).__name__
+
+
+class GrammarConstraint:
+    """One sequence's grammar state: a `TokenConstraint` over an `xgrammar.GrammarMatcher`."""
+
+    __slots__ = ("_backend", "_matcher", "_bitmask", "_mask", "_finished", "rejected_token")
+
+    def __init__(self, backend: GrammarBackend, compiled_grammar: Any):
+        xgr = backend._xgr
+        self._backend = backend
+        self._matcher = xgr.GrammarMatcher(compiled_grammar)
+        self._bitmask = xgr.allocate_token_bitmask(1, backend.vocab_size)
+        self._mask: torch.Tensor | None = None  # bool mask for the current state, computed lazily
+        self._finished = False
+        self.rejected_token: int | None = None  # set when the engine fed a token the grammar refused
+
+    def _current_mask(self) -> torch.Tensor:
+        if self._mask is None:
+            self._matcher.fill_next_token_bitmask(self._bitmask)
+            bits = (self._bitmask[0].unsqueeze(-1) >> _BIT_SHIFTS) & 1  # [W, 32], bit k of word w = id 32w + k
+            self._mask = bits.flatten()[: self._backend.vocab_size].bool()
+        return self._mask
+
+    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
+        mask = self._current_mask()
+        n = mask.shape[0]
+        if vocab_size == n:
+            return mask.clone()
+        if vocab_size < n:
+            return mask[:vocab_size].clone()
+        out = torch.zeros(vocab_size, dtype=torch.bool)  # ids the backend does not know are never allowed
+        out[:n] = mask
+        return out
+
+    def accept(self, token_id: int) -> None:
+        if self._finished:
+            return
+        self._mask = None
+        if not self._matcher.accept_token(int(token_id)):
+            # Only when something overrode the mask (e.g. min_tokens blocking the stop ids the grammar wanted).
+            log.warning("structured output: the grammar rejected token %d; ending the sequence", token_id)
+            self.rejected_token = int(token_id)
+            self._finished = True
+            return
+        if self._matcher.is_terminated():  # a stop token was accepted
+            self._finished = True
+        elif self._matcher.is_completed():
+            # The JSON value is complete; finish now unless more (e.g. another digit) could follow.
+            mask = self._current_mask()
+            stop = self._backend._stop_ids_tensor
+            others = int(mask.sum()) - int(mask[stop].sum()) if stop.numel() else int(mask.sum())
+            self._finished = others == 0
+
+    def is_finished(self) -> bool:
+        return self._finished
+
+    @property
+    def matcher(self):
+        return self._matcher
+
+
+class GrammarConstraintFactory:
+    """A zero-arg callable (for `SamplingParams.constraint_factory`): each call gives a fresh constraint."""
+
+    __slots__ = ("backend", "compiled_grammar", "description")
+
+    def __init__(self, backend: GrammarBackend, compiled_grammar: Any, description: str):
+        self.backend = backend
+        self.compiled_grammar = compiled_grammar
+        self.description = description
+
+    def __call__(self) -> GrammarConstraint:
+        return GrammarConstraint(self.backend, self.compiled_grammar)
+
+    def __repr__(self) -> str:
+        return f"GrammarConstraintFactory({self.description})"
+
+
+class GrammarBackend:
+    """Compiles JSON grammars for one tokenizer and model vocabulary, and caches them."""
+
+    def __init__(self, tokenizer, vocab_size: int, *, cache_size: int = 256, max_threads: int | None = None):
+        self._xgr = xgr = _import_xgrammar()
+        tok_vocab = int(tokenizer.vocab_size)
+        self.vocab_size = int(vocab_size)
+        if self.vocab_size < tok_vocab:
+            raise ValueError(f"vocab_size {self.vocab_size} is smaller than the tokenizer's ({tok_vocab})")
+        self.tokenizer = tokenizer
+        self.stop_token_ids = sorted(int(i) for i in tokenizer.eos_token_ids if 0 <= int(i) < self.vocab_size)
+        if not self.stop_token_ids:
+            raise ValueError("structured output needs a tokenizer with an EOS token inside the vocabulary")
+        # Every added token (control tokens such as <|im_end|>, and the think / tool tags) is kept out of JSON:
+        # an empty encoding makes it a special token that xgrammar never allows (the stop ids are the exception,
+        # and only where the grammar may end). Ids from the tokenizer's size up to vocab_size are padding.
+        blocked = set(tokenizer.special_token_ids)
+        backend_tok = getattr(tokenizer, "backend", None)
+        if backend_tok is not None and hasattr(backend_tok, "get_added_tokens_decoder"):
+            blocked.update(backend_tok.get_added_tokens_decoder().keys())
+        self.blocked_token_ids = frozenset(i for i in blocked if 0 <= i < tok_vocab)
+        # Tokens holding a raw control byte are blocked too: compact JSON has no place for one (whitespace is
+        # off, and a string must escape them), yet xgrammar's rule for length-bounded strings would let them in.
+        encoded = []
+        for i in range(tok_vocab):
+            data = b"" if i in self.blocked_token_ids else tokenizer.token_bytes(i)
+            encoded.append(b"" if _CONTROL_BYTES.search(data) else data)
+        self.tokenizer_info = xgr.TokenizerInfo(encoded, xgr.VocabType.RAW, vocab_size=self.vocab_size,
+                                                stop_token_ids=self.stop_token_ids)
+        threads = max_threads or max(1, min(8, os.cpu_count() or 1))
+        self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=threads)
+        self._stop_ids_tensor = torch.tensor(self.stop_token_ids, dtype=torch.long)
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.num_compiles = 0
+
+    # ------------------------------------------------------------------ compiling
+    def _cached(self, key: str, compile_fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        compiled = compile_fn()  # outside the lock: compiling can take a while
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:  # another thread won the race; keep one object per schema
+                return hit
+            self._cache[key] = compiled
+            self.num_compiles += 1
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def compile_json_object(self) -> Any:
+        """The compiled grammar for any JSON object (JSON mode)."""
+        return self._cached("json_object", lambda: self._compiler.compile_grammar(JSON_OBJECT_EBNF))
+
+    def compile_json_schema(self, schema: dict, param: str = SCHEMA_PARAM) -> Any:
+        """The compiled grammar for a JSON Schema (cached); raises StructuredOutputError(param) if unusable."""
+        if not isinstance(schema, dict):
+            raise StructuredOutputError(param, f"{param} must be a JSON object (a JSON Schema), "
+                                               f"got {_json_type(schema)}")
+        try:
+            text = json.dumps(schema, ensure_ascii=False, separators=_SEPARATORS, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise StructuredOutputError(param, f"{param} is not valid JSON: {_clean_error(e)}") from None
+
+        def compile_it():
+            try:
+                return self._compiler.compile_json_schema(text, any_whitespace=False, separators=_SEPARATORS,
+                                                          strict_mode=True)
+            except Exception as e:  # xgrammar raises RuntimeError with a C++ log prefix
+                raise StructuredOutputError(param, f"{param} is invalid or not supported for structured "
+                                                   f"output: {_clean_error(e)}") from None
+
+        return self._cached("schema:" + text, compile_it)
+
+    # ------------------------------------------------------------------ factories
+    def json_object(self) -> GrammarConstraintFactory:
+        return GrammarConstraintFactory(self, self.compile_json_object(), "json_object")
+
+    def json_schema(self, schema: dict, param: str = SCHEMA_PARAM) -> GrammarConstraintFactory:
+        return GrammarConstraintFactory(self, self.compile_json_schema(schema, param), "json_schema")
+
+    def cache_len(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    return type(value).__name__
+
+
+_RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def constraint_for_response_format(backend: GrammarBackend | None, response_format: dict | None) \
+        -> GrammarConstraintFactory | None:
+    """OpenAI's `response_format` -> a constraint factory, or None for plain text.
+
+    {"type": "text"} / None -> None; {"type": "json_object"} -> any JSON object;
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": bool}} -> that schema.
+    `backend` may be None only for text (otherwise a StructuredOutputError says structured output is off).
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise StructuredOutputError("response_format", "response_format must be an object with a 'type', "
+                                                       f"got {_json_type(response_format)}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind not in _RESPONSE_FORMAT_TYPES:
+        shown = json.dumps(kind) if isinstance(kind, (str, int, float, bool)) or kind is None else _json_type(kind)
+        raise StructuredOutputError("response_format.type", f"response_format.type {shown} is not supported; "
+                                                            f"allowed: {', '.join(_RESPONSE_FORMAT_TYPES)}")
+    if backend is None:
+        raise StructuredOutputError("response_format", f"response_format {kind!r} is not available: this server "
+                                                       "has structured output disabled")
+    if kind == "json_object":
+        return backend.json_object()
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        what = "is missing" if spec is None else f"must be an object, got {_json_type(spec)}"
+        raise StructuredOutputError("response_format.json_schema",
+                                    f"response_format.json_schema {what} (give {{\"name\": ..., \"schema\": {{...}}}})")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise StructuredOutputError("response_format.json_schema.name",
+                                    "response_format.json_schema.name must be a string")
+    if "schema" not in spec:
+        raise StructuredOutputError(SCHEMA_PARAM, f"{SCHEMA_PARAM} is missing")
+    return backend.json_schema(spec["schema"], SCHEMA_PARAM)
