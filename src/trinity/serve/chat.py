@@ -207,7 +207,8 @@ def _response(state: ServerState, plan: _Plan, out: RequestOutput) -> dict:
             raise APIError(400, "max_tokens ran out before the tool call was complete; raise max_tokens",
                            param="max_tokens")
         reasoning, content, calls = _ChoiceReader(state, plan).whole(c.text)
-        message = {"role": "assistant", "content": content if (content or not calls) else None}
+        # with tool calls, whitespace left between the call blocks is no content
+        message = {"role": "assistant", "content": None if calls and not (content or "").strip() else content}
         if reasoning is not None:
             message["reasoning_content"] = message["reasoning"] = reasoning
         if calls:

@@ -35,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger("trinity.structured")
@@ -66,7 +67,6 @@ fraction ::= "." [0-9]+
 exponent ::= [eE] [+\-]? [0-9]+
 """
 _SEPARATORS = (",", ":")  # compact JSON
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 _CONTROL_BYTES = re.compile(rb"[\x00-\x1f]")
 
 
@@ -121,8 +121,10 @@ class GrammarConstraint:
     def _current_mask(self) -> torch.Tensor:
         if self._mask is None:
             self._matcher.fill_next_token_bitmask(self._bitmask)
-            bits = (self._bitmask[0].unsqueeze(-1) >> _BIT_SHIFTS) & 1  # [W, 32], bit k of word w = id 32w + k
-            self._mask = bits.flatten()[: self._backend.vocab_size].bool()
+            # Bit k of int32 word w is token 32w + k: little-endian bytes, least significant bit first.
+            words = self._bitmask[0].numpy().astype("<i4", copy=False).view(np.uint8)
+            bits = np.unpackbits(words, count=self._backend.vocab_size, bitorder="little")
+            self._mask = torch.from_numpy(bits).view(torch.bool)
         return self._mask
 
     def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
@@ -246,8 +248,14 @@ class GrammarBackend:
                                                f"got {_json_type(schema)}")
         try:
             text = json.dumps(schema, ensure_ascii=False, separators=_SEPARATORS, allow_nan=False)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise StructuredOutputError(param, f"{param} is not valid JSON: {_clean_error(e)}") from None
+        with self._lock:
+            hit = self._cache.get("schema:" + text)
+        if hit is None:
+            problem = _unenforced_keyword(schema)
+            if problem is not None:
+                raise StructuredOutputError(param, f"{param} is not supported for structured output: {problem}")
 
         def compile_it():
             try:
@@ -269,6 +277,54 @@ class GrammarBackend:
     def cache_len(self) -> int:
         with self._lock:
             return len(self._cache)
+
+
+# Keywords xgrammar accepts but does not enforce: outputs could break them, so such schemas are refused.
+_UNENFORCED = {
+    "not": "negation",
+    "if": "conditional subschemas", "then": "conditional subschemas", "else": "conditional subschemas",
+    "uniqueItems": "unique array items",
+    "contains": "array 'contains'", "minContains": "array 'contains'", "maxContains": "array 'contains'",
+    "dependentRequired": "dependent properties", "dependentSchemas": "dependent schemas",
+    "dependencies": "dependent properties",
+}
+_SUBSCHEMA = ("additionalProperties", "unevaluatedProperties", "additionalItems", "unevaluatedItems", "items",
+              "propertyNames")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_MAX_SCHEMA_DEPTH = 64
+
+
+def _unenforced_keyword(schema: Any, where: str = "", depth: int = 0) -> str | None:
+    """The first place a schema relies on a keyword the grammar would silently ignore, described; else None."""
+    if not isinstance(schema, dict):
+        return None
+    at = f" (at {where})" if where else ""
+    if depth > _MAX_SCHEMA_DEPTH:
+        return f"the schema nests deeper than {_MAX_SCHEMA_DEPTH} levels{at}"
+    for key, what in _UNENFORCED.items():
+        if key in schema:
+            return f'"{key}" ({what}) cannot be enforced{at}'
+    if "multipleOf" in schema and schema.get("type") != "integer":
+        return f'"multipleOf" is only supported with "type": "integer"{at}'
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f'"allOf" with more than one subschema cannot be enforced{at}'
+    prefix = f"{where}." if where else ""
+    for key in _SUBSCHEMA:
+        if isinstance(schema.get(key), dict):
+            if found := _unenforced_keyword(schema[key], prefix + key, depth + 1):
+                return found
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for i, sub in enumerate(schema[key]):
+                if found := _unenforced_keyword(sub, f"{prefix}{key}[{i}]", depth + 1):
+                    return found
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                if found := _unenforced_keyword(sub, f"{prefix}{key}.{name}", depth + 1):
+                    return found
+    return None
 
 
 def _json_type(value: Any) -> str:
@@ -304,6 +360,9 @@ def constraint_for_response_format(backend: GrammarBackend | None, response_form
     kind = response_format.get("type")
     if kind == "text":
         return None
+    if kind is None:
+        raise StructuredOutputError("response_format.type", "response_format.type is missing; allowed: "
+                                                            + ", ".join(_RESPONSE_FORMAT_TYPES))
     if kind not in _RESPONSE_FORMAT_TYPES:
         shown = json.dumps(kind) if isinstance(kind, (str, int, float, bool)) or kind is None else _json_type(kind)
         raise StructuredOutputError("response_format.type", f"response_format.type {shown} is not supported; "

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import secrets
 import string
@@ -101,9 +102,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _loads(text: str) -> Any:
-    """Strict ``json.loads``: NaN / Infinity are rejected (they cannot be written back as JSON)."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """Strict ``json.loads``: NaN / Infinity (also by overflow) are rejected: they cannot be written back
+    as JSON."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _dumps(value: Any) -> str:
