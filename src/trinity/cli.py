@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from collections.abc import Sequence
 
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds to let in-flight requests finish after SIGTERM")
     srv.add_argument("--log-level", default="info")
 
+    train = sub.add_parser("train", help="train or fine-tune (Muon, SMEBU, RSDB); torchrun for data parallel",
+                           description="Options come from --config (TOML or JSON) and can be overridden with "
+                                       "--key value for any TrainConfig field, e.g. --steps 200 --lr 1e-3.")
+    train.add_argument("--config", default=None)
+
     init = sub.add_parser("init", help="write a random-weight checkpoint for a preset (for benchmarks)")
     init.add_argument("--preset", required=True, choices=list(PRESETS))
     init.add_argument("--out", required=True)
@@ -88,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.command != "train":
+        build_parser().parse_args(argv)  # reports the unknown flags the usual way
+    args.overrides = _overrides(extra)
     try:
         if args.command == "init":
             return _cmd_init(args)
@@ -98,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_chat(args)
         if args.command == "serve":
             return _cmd_serve(args)
+        if args.command == "train":
+            return _cmd_train(args)
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"trinity {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -207,6 +218,38 @@ def _show(console, reasoning: str, content: str, reasoning_acc: list[str], conte
             console.print()
         console.print(content, end="", markup=False)
         content_acc.append(content)
+
+
+def _overrides(extra: list[str]) -> dict[str, str]:
+    """`--key value` / `--key=value` pairs (a bare `--flag` means true) -> {key: value}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--"):
+            raise ValueError(f"unexpected argument {token!r}")
+        key, _, value = token[2:].partition("=")
+        if not value:
+            if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                value, i = extra[i + 1], i + 1
+            else:
+                value = "true"
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _cmd_train(args) -> int:
+    from .train.trainer import Trainer, load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
+    if not cfg.data:
+        raise ValueError("no training data: set `data` in the config or pass --data PATH[,PATH...]")
+    history = Trainer(cfg).run()
+    if history:
+        print(json.dumps({"steps": history[-1]["step"], "first_loss": history[0]["loss"],
+                          "final_loss": history[-1]["loss"], "out_dir": cfg.out_dir}))
+    return 0
 
 
 def _cmd_serve(args) -> int:

@@ -13,13 +13,22 @@ from .layers import Linear, SwiGLU
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
           route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, H] -> (weights [T, k] fp32, expert ids [T, k]).
+    """x: [T, H] -> (weights [T, k] fp32, expert ids [T, k])."""
+    return select_experts(router_logits(x, gate_weight), expert_bias, top_k, route_norm, route_scale)
 
-    Scores are sigmoid(logits) in fp32. The bias shifts which experts are chosen (aux-loss-free balancing)
-    but never the weights: those are the chosen experts' unbiased scores, normalised to sum 1 when
-    `route_norm`, then multiplied by `route_scale`.
-    """
-    scores = torch.sigmoid(F.linear(x.float(), gate_weight.float()))
+
+def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """[T, E] in fp32: routing decisions are sensitive, so they never see bf16 rounding (not even under autocast)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), gate_weight.float())
+
+
+def select_experts(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
+                   route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores are sigmoid(logits). The bias shifts which experts are chosen (aux-loss-free balancing) but never
+    the weights: those are the chosen experts' unbiased scores, normalised to sum 1 when `route_norm`, then
+    multiplied by `route_scale`."""
+    scores = torch.sigmoid(logits)
     _, ids = torch.topk(scores + expert_bias.float(), k=top_k, dim=-1)
     weights = scores.gather(-1, ids)
     if route_norm:
@@ -59,14 +68,19 @@ class MoEBlock(nn.Module):
         self.shared_experts = SwiGLU(config.hidden_size, shared) if shared else None
         # Routing telemetry / balancing input: tokens sent to each expert since the last reset, when enabled.
         self.expert_counts: torch.Tensor | None = None
+        # Training losses read the last forward's router logits and choices when this is on.
+        self.record_router = False
+        self.last_router: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def track_expert_load(self, enabled: bool = True) -> None:
         self.expert_counts = torch.zeros(self.router.gate.weight.shape[0], dtype=torch.long,
                                          device=self.router.gate.weight.device) if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(x, self.router.gate.weight, self.expert_bias, self.top_k,
-                             self.route_norm, self.route_scale)
+        logits = router_logits(x, self.router.gate.weight)
+        weights, ids = select_experts(logits, self.expert_bias, self.top_k, self.route_norm, self.route_scale)
+        if self.record_router:
+            self.last_router = (logits, ids)
         if self.expert_counts is not None:
             self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.shape[0])
         out = self.experts(x, weights, ids)

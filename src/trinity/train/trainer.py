@@ -1,0 +1,361 @@
+"""The trainer: report-style init, Muon + AdamW, bf16 autocast over fp32 master weights, gradient accumulation
+and clipping, warmup + cosine / WSD, expert-bias balancing, checkpoint / resume, HF export, data parallel."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import TrinityConfig, preset
+from ..model.model import TrinityForCausalLM
+from .balance import BalanceConfig, ExpertBalancer, max_violation, moe_blocks
+from .data import load_documents, make_loader
+from .losses import router_z_loss, sequence_balance_loss
+from .optim import CombinedOptimizer
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # config.json keys overriding the preset
+    init_from: str | None = None  # an HF-layout checkpoint folder to continue from
+    tokenizer: str = "byte"  # "byte" (built-in byte-level) or a folder with tokenizer.json
+    # data
+    data: list[str] = field(default_factory=list)
+    data_order: str = "rsdb"  # rsdb | sequential
+    buffer_size: int = 64
+    seq_len: int = 128
+    batch_size: int = 8  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 0  # sequences per forward on one rank; 0 = the whole rank share
+    # optimisation
+    steps: int = 100
+    lr: float = 3e-3  # AdamW (embeddings, head, norms)
+    muon_lr: float = 0.02  # Muon (hidden matrices)
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | wsd | constant
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly
+    grad_clip: float = 1.0
+    autocast: bool = True  # bf16 autocast over fp32 master weights
+    # MoE balancing and router losses
+    balance: str = "smebu"  # none | sign | smebu
+    balance_gamma: float = 1e-3
+    balance_kappa: float = 2.0
+    balance_beta: float = 0.9
+    balance_lambda: float = 2e-3
+    aux_loss_coeff: float | None = None  # None: the model config's load_balance_coeff (0 if absent)
+    z_loss_coeff: float = 1e-4
+    # run
+    seed: int = 0
+    out_dir: str = "runs/train"
+    checkpoint_every: int = 0  # 0 = only at the end
+    log_every: int = 10
+    export_dir: str | None = None  # HF-layout export at the end (default out_dir/export)
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ValueError(f"schedule {self.schedule!r}: allowed cosine, wsd, constant")
+        if self.data_order not in ("rsdb", "sequential"):
+            raise ValueError(f"data_order {self.data_order!r}: allowed rsdb, sequential")
+        for name in ("seq_len", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+
+
+def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """A TOML or JSON file, then `--key value` overrides (typed by the field's default)."""
+    data: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as f:
+            if path.endswith(".toml"):
+                import tomllib
+
+                data = tomllib.load(f)
+            else:
+                data = json.load(f)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = [k for k in list(data) + list(overrides) if k not in fields]
+    if unknown:
+        raise ValueError(f"unknown training option(s): {', '.join(sorted(set(unknown)))}")
+    for key, raw in overrides.items():
+        data[key] = _coerce(raw, getattr(TrainConfig(), key))
+    return TrainConfig(**data)
+
+
+def _coerce(raw: Any, like: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    if isinstance(like, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    if isinstance(like, int):
+        return int(raw)
+    if isinstance(like, float) or like is None and raw.replace(".", "", 1).replace("e-", "", 1).isdigit():
+        return float(raw)
+    if isinstance(like, list):
+        return [s for s in raw.split(",") if s]
+    if isinstance(like, dict):
+        return json.loads(raw)
+    return raw
+
+
+@torch.no_grad()
+def init_like_report_(model: TrinityForCausalLM, seed: int) -> None:
+    """Truncated normal (±3σ) with σ = 0.5/√d for every matrix, norms at 1 except each sublayer's output norm at
+    1/√L (depth-scaled sandwich norm), expert bias 0. muP's √d input scaling lives in the model."""
+    cfg = model.config
+    generator = torch.Generator().manual_seed(seed)
+    std = 0.5 / math.sqrt(cfg.hidden_size)
+    for name, p in model.named_parameters():
+        if name.endswith(("post_attention_layernorm.weight", "post_mlp_layernorm.weight")):
+            value = torch.full(p.shape, 1 / math.sqrt(cfg.num_hidden_layers))
+        elif name.endswith("norm.weight"):
+            value = torch.ones(p.shape)
+        elif name.endswith("expert_bias"):
+            value = torch.zeros(p.shape)
+        else:
+            value = torch.empty(p.shape)
+            nn.init.trunc_normal_(value, 0.0, std, -3 * std, 3 * std, generator=generator)
+        p.copy_(value)
+
+
+def lr_scale(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of the base learning rates at optimizer step `step` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = int(cfg.steps * (1 - cfg.decay_fraction))  # WSD
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, cfg.steps - decay_start)
+    return 1.0 - (1 - cfg.min_lr_ratio) * progress
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.world, self.rank = 1, 0
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if dist.is_initialized():
+            self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {self.world} processes")
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                                   else cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
+        self._seed_everything(cfg.seed)
+        self.tokenizer = self._tokenizer()
+        self.model = self._model().to(self.device).train()
+        self.model_config: TrinityConfig = self.model.config
+        self.optimizer = CombinedOptimizer(self.model, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+        self.balancer = ExpertBalancer(self.model, BalanceConfig(cfg.balance, cfg.balance_gamma, cfg.balance_kappa,
+                                                                 cfg.balance_beta, cfg.balance_lambda))
+        self.aux_coeff = cfg.aux_loss_coeff if cfg.aux_loss_coeff is not None \
+            else (self.model_config.load_balance_coeff or 0.0)
+        for block in moe_blocks(self.model):
+            block.record_router = bool(self.aux_coeff or cfg.z_loss_coeff)
+        eos = self.tokenizer.eos_token_id
+        self.loader = make_loader(cfg.data_order, load_documents(cfg.data, self.tokenizer, eos), cfg.seq_len,
+                                  cfg.seed, cfg.buffer_size)
+        self.step = 0
+        self.history: list[dict] = []
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        if os.path.exists(self.checkpoint_path):
+            self.load_checkpoint(self.checkpoint_path)
+        elif self.rank == 0 and os.path.exists(self.log_path):
+            os.remove(self.log_path)  # a fresh run: the old log would mix with this one
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        torch.manual_seed(seed)
+
+    def _tokenizer(self):
+        from ..tokenizer import TrinityTokenizer, build_byte_level_tokenizer
+
+        return build_byte_level_tokenizer() if self.cfg.tokenizer == "byte" \
+            else TrinityTokenizer.from_pretrained(self.cfg.tokenizer)
+
+    def _model(self) -> TrinityForCausalLM:
+        if self.cfg.init_from:
+            return TrinityForCausalLM.from_pretrained(self.cfg.init_from, dtype=torch.float32)
+        config = preset(self.cfg.preset, **self.cfg.model)
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens; the model's vocab_size is "
+                             f"{config.vocab_size}")
+        model = TrinityForCausalLM.empty(config, torch.float32, "cpu")
+        init_like_report_(model, self.cfg.seed)
+        return model
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.cfg.out_dir, "checkpoint.pt")
+
+    # ------------------------------------------------------------------ one step
+    def _micro_batches(self, ids: torch.Tensor, labels: torch.Tensor):
+        share = self.cfg.batch_size // self.world
+        ids, labels = ids[self.rank * share:(self.rank + 1) * share], labels[self.rank * share:(self.rank + 1) * share]
+        size = self.cfg.micro_batch_size or share
+        for start in range(0, share, size):
+            yield ids[start:start + size], labels[start:start + size]
+
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        start = time.perf_counter()
+        # Every rank draws the whole global batch (same seed) and keeps its share: the same data as one process.
+        ids, labels = self.loader.next_batch(cfg.batch_size)
+        valid = (labels != -100).sum().clamp_min(1).float()  # loss tokens of the global batch
+        scale = lr_scale(cfg, self.step)
+        self.optimizer.set_lr_scale(scale)
+        micro_ce: list[float] = []
+        totals = torch.zeros(3, dtype=torch.float64)  # ce, aux, z (global means, summed over micro batches)
+        blocks = moe_blocks(model)
+        for mids, mlabels in self._micro_batches(ids, labels):
+            mids, mlabels = mids.to(self.device), mlabels.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+                logits = model(mids)
+            ce_sum = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), mlabels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+            share = mids.shape[0] / cfg.batch_size  # this micro batch's weight in the global mean
+            aux, z = self._router_losses(blocks, mids.shape[0])
+            loss = ce_sum / valid + share * (self.aux_coeff * aux + cfg.z_loss_coeff * z)
+            loss.backward()
+            micro_valid = (mlabels != -100).sum().clamp_min(1)
+            micro_ce.append((ce_sum / micro_valid).item())
+            totals += torch.tensor([(ce_sum / valid).item(), share * aux.item(), share * z.item()], dtype=torch.float64)
+        self._reduce_gradients()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip \
+            else torch.tensor(0.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        counts = self.balancer.take_counts()
+        self.balancer.update(counts)
+        totals, micro_ce = self._reduce_stats(totals, micro_ce)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        maxvio = max_violation(counts) if counts is not None else None
+        record = {"step": self.step, "loss": totals[0], "aux_loss": totals[1], "z_loss": totals[2],
+                  "lr": cfg.lr * scale, "muon_lr": cfg.muon_lr * scale, "grad_norm": float(grad_norm),
+                  "tokens_per_s": cfg.batch_size * cfg.seq_len / elapsed,
+                  "batchhet": max(micro_ce) - sum(micro_ce) / len(micro_ce),
+                  "maxvio": maxvio.mean().item() if maxvio is not None else None,
+                  "maxvio_per_layer": maxvio.tolist() if maxvio is not None else None}
+        self.history.append(record)
+        if self.rank == 0:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    @staticmethod
+    def _router_losses(blocks, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over MoE layers of the sequence balance loss and the router z-loss of the last forward."""
+        recorded = [b.last_router for b in blocks if b.last_router is not None]
+        for b in blocks:
+            b.last_router = None
+        if not recorded:
+            return torch.zeros(()), torch.zeros(())
+        aux = sum(sequence_balance_loss(torch.sigmoid(lg), ids, batch, lg.shape[-1]) for lg, ids in recorded)
+        z = sum(router_z_loss(lg) for lg, _ in recorded)
+        return aux / len(recorded), z / len(recorded)
+
+    def _reduce_gradients(self) -> None:
+        """Data parallel: losses are already normalised by the global batch, so gradients are summed."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _reduce_stats(self, totals: torch.Tensor, micro_ce: list[float]):
+        if self.world == 1:
+            return totals.tolist(), micro_ce
+        dist.all_reduce(totals)
+        gathered: list[list[float]] = [None] * self.world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, micro_ce)
+        return totals.tolist(), [x for part in gathered for x in part]
+
+    # ------------------------------------------------------------------ run, checkpoints, export
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        progress = None
+        if cfg.progress and self.rank == 0:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            task = progress.add_task("train", total=cfg.steps, completed=self.step, info="")
+            progress.start()
+        try:
+            while self.step < cfg.steps:
+                record = self.train_step()
+                if progress is not None:
+                    info = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+                    if record["maxvio"] is not None:
+                        info += f" maxvio {record['maxvio']:.2f}"
+                    progress.update(task, completed=self.step, info=info)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint(self.checkpoint_path)
+        finally:
+            if progress is not None:
+                progress.stop()
+        self.save_checkpoint(self.checkpoint_path)
+        self.export(cfg.export_dir or os.path.join(cfg.out_dir, "export"))
+        return self.history
+
+    def save_checkpoint(self, path: str) -> None:
+        if self.rank != 0:
+            return
+        state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "balancer": self.balancer.state_dict(), "data": self.loader.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                 "config": dataclasses.asdict(self.cfg)}
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        # weights_only: a checkpoint cannot run code when loaded
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.loader.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        version, internal, gauss = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        self.step = state["step"]
+
+    def export(self, path: str) -> None:
+        """HF layout (config.json + safetensors) plus the tokenizer: loads in trinity and in transformers."""
+        if self.rank != 0:
+            return
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
