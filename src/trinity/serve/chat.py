@@ -84,7 +84,11 @@ def _constraint(state: ServerState, body: ChatCompletionRequest, choice, tools):
 
     try:
         if choice == "required" or isinstance(choice, tuple):
-            return state.grammar().json_schema(tool_calls_json_schema(tools, choice), param="tools")
+            schema = tool_calls_json_schema(tools, choice)
+            if choice == "required" and not body.parallel_tool_calls:
+                schema = dict(schema, maxItems=1)
+            # a tool schema keyword the grammar cannot enforce is ignored rather than refused
+            return state.grammar().json_schema(schema, param="tools", best_effort=True)
         if body.response_format:
             return constraint_for_response_format(state.grammar(), body.response_format)
     except StructuredOutputError as e:

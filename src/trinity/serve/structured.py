@@ -90,7 +90,7 @@ def _import_xgrammar():
 
 # "[20:34:17] /project/cpp/json_schema_converter.cc:4944: Unsupported type "foo"" -> "Unsupported type "foo""
 _LOG_PREFIX = re.compile(r"^\s*(\[[0-9:.\s]+\]\s*)?([^\s:]+\.(cc|cpp|h|hpp|py):\d+:\s*)?")
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[\w.\-]+){2,}(?::\d+)?")
+_PATH = re.compile(r"(?<![#\w])(?:[A-Za-z]:)?(?:[/\\][\w.\-]+)+\.(?:cc|cpp|cxx|h|hpp|py|so)(?::\d+)?")
 
 
 def _clean_error(exc: BaseException) -> str:
@@ -128,12 +128,13 @@ class GrammarConstraint:
         return self._mask
 
     def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
+        """Bool [vocab_size] (CPU). Treat it as read-only: it is this state's cached mask, not a copy."""
         mask = self._current_mask()
         n = mask.shape[0]
         if vocab_size == n:
-            return mask.clone()
+            return mask
         if vocab_size < n:
-            return mask[:vocab_size].clone()
+            return mask[:vocab_size]
         out = torch.zeros(vocab_size, dtype=torch.bool)  # ids the backend does not know are never allowed
         out[:n] = mask
         return out
@@ -152,10 +153,9 @@ class GrammarConstraint:
             self._finished = True
         elif self._matcher.is_completed():
             # The JSON value is complete; finish now unless more (e.g. another digit) could follow.
-            mask = self._current_mask()
-            stop = self._backend._stop_ids_tensor
-            others = int(mask.sum()) - int(mask[stop].sum()) if stop.numel() else int(mask.sum())
-            self._finished = others == 0
+            mask = self._current_mask().numpy()
+            stop = self._backend._stop_ids_array
+            self._finished = int(np.count_nonzero(mask)) == int(np.count_nonzero(mask[stop]))
 
     def is_finished(self) -> bool:
         return self._finished
@@ -213,7 +213,7 @@ class GrammarBackend:
                                                 stop_token_ids=self.stop_token_ids)
         threads = max_threads or max(1, min(8, os.cpu_count() or 1))
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=threads)
-        self._stop_ids_tensor = torch.tensor(self.stop_token_ids, dtype=torch.long)
+        self._stop_ids_array = np.array(self.stop_token_ids, dtype=np.int64)
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -241,8 +241,11 @@ class GrammarBackend:
         """The compiled grammar for any JSON object (JSON mode)."""
         return self._cached("json_object", lambda: self._compiler.compile_grammar(JSON_OBJECT_EBNF))
 
-    def compile_json_schema(self, schema: dict, param: str = SCHEMA_PARAM) -> Any:
-        """The compiled grammar for a JSON Schema (cached); raises StructuredOutputError(param) if unusable."""
+    def compile_json_schema(self, schema: dict, param: str = SCHEMA_PARAM, *, best_effort: bool = False) -> Any:
+        """The compiled grammar for a JSON Schema (cached); raises StructuredOutputError(param) if unusable.
+
+        A schema using a keyword the grammar cannot enforce (e.g. "uniqueItems", "not") is refused, unless
+        `best_effort`: then the keyword is ignored (outputs follow the rest of the schema but may break it)."""
         if not isinstance(schema, dict):
             raise StructuredOutputError(param, f"{param} must be a JSON object (a JSON Schema), "
                                                f"got {_json_type(schema)}")
@@ -250,12 +253,11 @@ class GrammarBackend:
             text = json.dumps(schema, ensure_ascii=False, separators=_SEPARATORS, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as e:
             raise StructuredOutputError(param, f"{param} is not valid JSON: {_clean_error(e)}") from None
-        with self._lock:
-            hit = self._cache.get("schema:" + text)
-        if hit is None:
-            problem = _unenforced_keyword(schema)
-            if problem is not None:
+        problem = _unenforced_keyword(schema)
+        if problem is not None:
+            if not best_effort:
                 raise StructuredOutputError(param, f"{param} is not supported for structured output: {problem}")
+            log.info("structured output: %s; %s is followed on a best-effort basis", problem, param)
 
         def compile_it():
             try:
@@ -271,8 +273,10 @@ class GrammarBackend:
     def json_object(self) -> GrammarConstraintFactory:
         return GrammarConstraintFactory(self, self.compile_json_object(), "json_object")
 
-    def json_schema(self, schema: dict, param: str = SCHEMA_PARAM) -> GrammarConstraintFactory:
-        return GrammarConstraintFactory(self, self.compile_json_schema(schema, param), "json_schema")
+    def json_schema(self, schema: dict, param: str = SCHEMA_PARAM, *, best_effort: bool = False) \
+            -> GrammarConstraintFactory:
+        return GrammarConstraintFactory(self, self.compile_json_schema(schema, param, best_effort=best_effort),
+                                        "json_schema")
 
     def cache_len(self) -> int:
         with self._lock:
