@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
+# The whole suite, then the Triton kernels against their references in Triton's CPU interpreter.
 test: install
 	$(PY) -m pytest
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py
 
 # The OpenAI-compatible server on the default model, at http://127.0.0.1:8000/v1
 serve: install

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..kernels import attention as kernels_attention
 from ..model.attention import reference_attention, visibility_mask
 
 
@@ -41,6 +42,7 @@ class PoolStep:
     prefill_rows: torch.Tensor  # [Tp] rows of multi-token sequences whose K/V are stored (after reading)
     prefill_slots: torch.Tensor  # [Tp]
     prefills: list[PrefillMeta] = field(default_factory=list)
+    packed: object = None  # the prefills packed for the fast kernels, made on first use
 
 
 @dataclass(slots=True)
@@ -62,6 +64,8 @@ class PagedAttention:
     def attend(self, layer_idx, q, k, v, window, scale):
         pool, li = self.kv.layer_pool[layer_idx]
         kc, vc, step = self.kv.k[pool][li], self.kv.v[pool][li], self.steps[pool]
+        if kernels_attention.use_fast_path(q):
+            return self._attend_fast(kc, vc, step, q, k, v, window, scale)
         out = torch.empty_like(q)
         if step.dec_rows.numel():
             # A decode's own slot is never one its context needs, so it is written first and read back
@@ -78,6 +82,22 @@ class PagedAttention:
         if step.prefill_rows.numel():
             kc[step.prefill_slots] = k[step.prefill_rows]
             vc[step.prefill_slots] = v[step.prefill_rows]
+        return out
+
+    @staticmethod
+    def _attend_fast(kc, vc, step: PoolStep, q, k, v, window, scale):
+        """The same steps through the Triton kernels (kernels/attention.py), chosen on CUDA."""
+        ka = kernels_attention
+        out = torch.empty_like(q)
+        if step.dec_rows.numel():
+            ka.write_kv(kc, vc, step.dec_slots, k[step.dec_rows], v[step.dec_rows])
+            out[step.dec_rows] = ka.decode_attention(q[step.dec_rows], kc, vc, step.dec_ctx_slots,
+                                                     step.dec_ctx_valid, scale)
+        if step.prefills:
+            if step.packed is None:  # built once per step, shared by the pool's layers
+                step.packed = ka.pack_prefills(step.prefills)
+            out[step.packed.rows] = ka.paged_prefill_attention(q, k, v, kc, vc, step.packed, window, scale)
+            ka.write_kv(kc, vc, step.prefill_slots, k[step.prefill_rows], v[step.prefill_rows])
         return out
 
 

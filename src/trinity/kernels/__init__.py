@@ -6,7 +6,10 @@ and for debugging a fast path.
 
 from __future__ import annotations
 
+import functools
 import os
+
+import torch
 
 _force_reference: bool | None = None
 
@@ -21,3 +24,43 @@ def reference_forced() -> bool:
     if _force_reference is not None:
         return _force_reference
     return os.environ.get("TRINITY_KERNELS", "auto") == "reference"
+
+
+def kernels_mode() -> str:
+    """TRINITY_KERNELS: auto (Triton on CUDA), triton (also on CPU under TRITON_INTERPRET=1), reference."""
+    return os.environ.get("TRINITY_KERNELS", "auto").strip().lower()
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET as Triton reads it (1/true/on/yes)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Triton imports and can run here: a CUDA device, or the interpreter with the kernels forced on."""
+    device = torch.device(device)
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreting() and kernels_mode() == "triton"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels should run on these inputs: not when the references are forced or autograd
+    needs them (the kernels have no backward); otherwise where `triton_available` says so."""
+    if not tensors or reference_forced() or kernels_mode() == "reference":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return triton_available(tensors[0].device)

@@ -64,10 +64,62 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
+# On CUDA the fused Triton kernel serves batches up to this many tokens (decode); larger ones go to
+# F.grouped_mm where it has a kernel. A first guess: to be measured on a GPU.
+FUSED_MOE_MAX_TOKENS = 64
+
+
+def fused_moe_wanted(x: torch.Tensor) -> bool:
+    """The Triton fused MoE: always under TRINITY_KERNELS=triton; on CUDA for decode-sized batches, under
+    CUDA graph capture (F.grouped_mm cannot be captured) and where grouped_mm has no kernel."""
+    from . import kernels_mode, use_triton
+
+    if not use_triton(x):
+        return False
+    if kernels_mode() == "triton":
+        return True
+    return (x.shape[0] <= FUSED_MOE_MAX_TOKENS or torch.cuda.is_current_stream_capturing()
+            or not grouped_mm_available(x.device, x.dtype))
+
+
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor) -> torch.Tensor:
     """The fastest available implementation; the reference when forced or when autograd needs it."""
-    if (not reference_forced() and not torch.is_grad_enabled() and x.shape[0] > 1
-            and grouped_mm_available(x.device, x.dtype)):
+    if reference_forced() or torch.is_grad_enabled():
+        return experts_reference(x, weights, ids, gate_up, down)
+    if fused_moe_wanted(x):
+        from .moe_triton import fused_moe
+        return fused_moe(x, weights, ids, gate_up, down)
+    if x.shape[0] > 1 and grouped_mm_available(x.device, x.dtype):
         return experts_grouped(x, weights, ids, gate_up, down)
     return experts_reference(x, weights, ids, gate_up, down)
+
+
+def route_reference(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+                    route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly `model.moe.route`: fp32 sigmoid scores, top-k of scores + bias, the unbiased scores of the
+    chosen experts (normalised when route_norm) times route_scale."""
+    scores = torch.sigmoid(F.linear(x.float(), gate_weight.float()))
+    _, ids = torch.topk(scores + expert_bias.float(), k=top_k, dim=-1)
+    weights = scores.gather(-1, ids)
+    if route_norm:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * route_scale, ids
+
+
+# On CUDA the one-launch Triton router serves batches up to this many tokens (it reads the router weight
+# once per token); larger batches use the torch route (one fp32 GEMM). A first guess, to be measured.
+FUSED_ROUTE_MAX_TOKENS = 256
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+          route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router dispatch: the fused Triton router (`moe_triton.fused_route`) under TRINITY_KERNELS=triton or on
+    CUDA for decode-sized batches, else `route_reference`. -> (weights [T, k] fp32, ids [T, k] int64)."""
+    from . import kernels_mode, use_triton
+
+    if not reference_forced() and not torch.is_grad_enabled() and use_triton(x, gate_weight) and (
+            kernels_mode() == "triton" or x.shape[0] <= FUSED_ROUTE_MAX_TOKENS):
+        from .moe_triton import fused_route
+        return fused_route(x, gate_weight, expert_bias, top_k, route_norm, route_scale)
+    return route_reference(x, gate_weight, expert_bias, top_k, route_norm, route_scale)

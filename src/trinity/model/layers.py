@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrinityConfig
+from ..kernels import norm as kernel_norm
 from .attention import AttentionMetadata
 
 
@@ -35,9 +36,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(x.dtype)
+        return kernel_norm.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding:
@@ -59,16 +58,6 @@ class RotaryEmbedding:
         freqs = positions.float()[:, None] * self.inv_freq(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, D]."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
 class SwiGLU(nn.Module):
@@ -107,12 +96,12 @@ class GatedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]  # x: [T, hidden]
-        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.is_sliding:
-            cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # per-head q/k RMSNorm, then RoPE on sliding layers only (full layers are NoPE): one fused op on GPU
+        q, k = kernel_norm.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope,
+                                        self.is_sliding)
         o = attn.attend(self.layer_idx, q, k, v, self.window, self.scale)
-        o = o.reshape(t, self.num_heads * self.head_dim) * torch.sigmoid(self.gate_proj(x))
+        o = kernel_norm.sigmoid_gate(o.reshape(t, self.num_heads * self.head_dim), self.gate_proj(x))
         return self.o_proj(o)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrinityConfig
+from ..kernels.moe import route as kernel_route
 from ..kernels.moe import routed_experts
 from .layers import Linear, SwiGLU
 
@@ -77,10 +78,13 @@ class MoEBlock(nn.Module):
                                          device=self.router.gate.weight.device) if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = router_logits(x, self.router.gate.weight)
-        weights, ids = select_experts(logits, self.expert_bias, self.top_k, self.route_norm, self.route_scale)
-        if self.record_router:
+        if self.record_router:  # training: the losses need the logits
+            logits = router_logits(x, self.router.gate.weight)
+            weights, ids = select_experts(logits, self.expert_bias, self.top_k, self.route_norm, self.route_scale)
             self.last_router = (logits, ids)
+        else:  # the fused router on GPU, `route_reference` (the same math as above) elsewhere
+            weights, ids = kernel_route(x, self.router.gate.weight, self.expert_bias, self.top_k, self.route_norm,
+                                        self.route_scale)
         if self.expert_counts is not None:
             self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.shape[0])
         out = self.experts(x, weights, ids)

@@ -1,0 +1,147 @@
+"""GPU decode benchmark: Nano- and Mini-shaped random bf16 models against the bandwidth roofline.
+
+    PYTHONPATH=src python3 benchmarks/decode_gpu.py [--models nano,mini] [--skip-hf]
+    PYTHONPATH=src python3 benchmarks/decode_gpu.py --smoke      # tiny preset on CPU: checks the script runs
+
+For each model (random weights built on the GPU, no checkpoint): copy bandwidth measured in the same run;
+batch-1 decode tok/s at 1K and 8K context with the fraction of the roofline (bytes read per token / copy
+bandwidth); aggregate decode tok/s at batch 8, 32, 64; time to first token for 2K and 8K prompts; and HF
+transformers `generate` at batch 1 and 16 on the same weights. Prints a table, then one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from trinity import TrinityForCausalLM, preset  # noqa: E402
+from trinity.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync(device)
+    return 2 * nbytes * 10 / (time.perf_counter() - start)
+
+
+def bytes_per_token(cfg, dtype_bytes: int, context: int) -> int:
+    """Weights one decode step reads at batch 1 (active experts only) plus the KV cache it attends over."""
+    weights = cfg.num_parameters(active_only=True) - cfg.vocab_size * cfg.hidden_size  # embedding: one row
+    kv_layers = sum(min(context, cfg.sliding_window) if cfg.is_sliding_layer(i) else context
+                    for i in range(cfg.num_hidden_layers))
+    return weights * dtype_bytes + kv_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+
+def decode_rate(engine: LLMEngine, batch: int, context: int, new_tokens: int, vocab: int) -> tuple[float, float]:
+    """(aggregate decode tok/s over the decode phase, time to first token of the batch)."""
+    g = torch.Generator().manual_seed(batch * 7919 + context)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        ids = torch.randint(0, vocab, (context,), generator=g).tolist()
+        engine.add_request(f"b{batch}-c{context}-{i}", prompt_token_ids=ids, params=params)
+    device = engine.model.device
+    start = time.perf_counter()
+    first = None
+    while engine.has_unfinished():
+        outs = engine.step()
+        sync(device)
+        if first is None and any(o.outputs[0].token_ids for o in outs):
+            first = time.perf_counter()
+    end = time.perf_counter()
+    decode_tokens = batch * (new_tokens - 1)
+    return decode_tokens / max(end - first, 1e-9), first - start
+
+
+def hf_rate(model: TrinityForCausalLM, batch: int, context: int, new_tokens: int, device) -> float:
+    import transformers
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        hf = transformers.AfmoeForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(device).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        sync(device)
+        start = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=False, eos_token_id=None, pad_token_id=0)
+        sync(device)
+    del hf
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def bench_model(name: str, cfg, device, args) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = TrinityForCausalLM.random(cfg, dtype=dtype, device=device, seed=0)
+    sync(device)
+    bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 26))
+    contexts = (1024, 8192) if not args.smoke else (64, 256)
+    batches = (8, 32, 64) if not args.smoke else (2, 4)
+    ttft_prompts = (2048, 8192) if not args.smoke else (64, 256)
+    longest = max(contexts + ttft_prompts) + args.new_tokens + 16
+    engine = LLMEngine(model, None, EngineConfig(max_model_len=longest, max_num_seqs=max(batches),
+                                                 max_num_batched_tokens=max(8192, longest), seed=0))
+    out = {"model": name, "params_b": round(cfg.num_parameters() / 1e9, 3),
+           "copy_bandwidth_gb_s": round(bw / 1e9, 1), "batch1": {}, "batched": {}, "ttft_ms": {}}
+    for ctx in contexts:
+        rate, _ = decode_rate(engine, 1, ctx, args.new_tokens, cfg.vocab_size)
+        roofline = bw / bytes_per_token(cfg, model.dtype.itemsize, ctx)
+        out["batch1"][str(ctx)] = {"tok_s": round(rate, 1), "roofline_tok_s": round(roofline, 1),
+                                   "fraction": round(rate / roofline, 3)}
+    for batch in batches:
+        rate, _ = decode_rate(engine, batch, 1024 if not args.smoke else 64, args.new_tokens, cfg.vocab_size)
+        out["batched"][str(batch)] = round(rate, 1)
+    for prompt in ttft_prompts:
+        _, ttft = decode_rate(engine, 1, prompt, 2, cfg.vocab_size)
+        out["ttft_ms"][str(prompt)] = round(ttft * 1e3, 1)
+    if not args.skip_hf:
+        out["hf_tok_s"] = {str(b): round(hf_rate(model, b, 1024 if not args.smoke else 64, args.hf_new_tokens,
+                                                 device), 2) for b in (1, 16)}
+    del engine, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="nano,mini")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--hf-new-tokens", type=int, default=16)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny preset on CPU: checks that the script runs")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    names = ["tiny"] if args.smoke else args.models.split(",")
+    results = [bench_model(n, preset(n), device, args) for n in names]
+    for r in results:
+        print(f"{r['model']}: copy {r['copy_bandwidth_gb_s']} GB/s")
+        for ctx, b1 in r["batch1"].items():
+            print(f"  batch 1 @ {ctx}: {b1['tok_s']} tok/s = {b1['fraction']:.0%} of {b1['roofline_tok_s']} roofline")
+        print(f"  batched: {r['batched']} tok/s; TTFT {r['ttft_ms']} ms; HF {r.get('hf_tok_s')}")
+    print(json.dumps({"benchmark": "decode_gpu", "device": torch.cuda.get_device_name(device)
+                      if device.type == "cuda" else "cpu", "torch": torch.__version__, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Paged-attention entry points: Triton kernels beside pure-torch references, chosen at run time.
+
+Interfaces (shared by the references `*_reference` and the Triton kernels in `attention_triton`):
+
+- `decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale)`: q [B, Hq, D];
+  k_cache/v_cache [S, Hkv, D] (one layer's slot rows); ctx_slots [B, L] int; ctx_valid_or_lens either the
+  engine's [B, L] bool validity (a prefix of each row, as `ModelRunner._decode_context` builds it) or
+  [B] int valid lengths. -> [B, Hq, D].
+- `prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale)`: sequences packed back to back;
+  q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_q/cu_k [B+1] prefix sums, q_pos [Tq] / k_pos [Tk] absolute
+  positions; query i sees key j of its sequence iff k_pos[j] <= q_pos[i] and (no window or
+  k_pos[j] > q_pos[i] - window). -> [Tq, Hq, D].
+- `write_kv(k_cache, v_cache, slots, k, v)`: k_cache[slots] = k, v_cache[slots] = v, skipping slots < 0.
+- `pack_prefills(step.prefills)` (once per step and pool) and `paged_prefill_attention(q, k, v, k_cache,
+  v_cache, packed, window, scale)`: the engine's whole prefill branch in one `prefill_attention` call.
+
+Selection, per call:
+- `TRINITY_KERNELS=reference` or `kernels.use_reference(True)`: the references.
+- `TRINITY_KERNELS=triton`: the Triton kernels wherever triton can run them: CUDA tensors, or CPU
+  tensors when `TRITON_INTERPRET=1` (Triton's interpreter, for tests). Set both variables before the
+  first call: the interpreter is fixed when the kernels module is imported.
+- `auto` (default): Triton on CUDA, the references elsewhere.
+Autograd always takes the references (the kernels have no backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.attention import reference_attention, visibility_mask
+from . import kernels_mode, reference_forced, triton_available, use_triton  # noqa: F401
+
+
+def _kernels():
+    from . import attention_triton
+    return attention_triton
+
+
+# ------------------------------------------------------------------------------------------ references
+def decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale):
+    """The engine's decode math (`engine.paged_attention._decode_attention`): gather the context by slot,
+    masked SDPA with GQA."""
+    if ctx_valid_or_lens.dtype == torch.bool:
+        valid = ctx_valid_or_lens
+    else:
+        valid = torch.arange(ctx_slots.shape[1], device=ctx_slots.device)[None, :] < ctx_valid_or_lens[:, None]
+    # padded entries may hold anything: point them at slot 0 so the gather stays in bounds
+    slots = ctx_slots.masked_fill(~valid, 0)
+    k_ctx, v_ctx = k_cache[slots], v_cache[slots]  # [B, L, Hkv, D]
+    out = F.scaled_dot_product_attention(q[:, :, None], k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),
+                                         attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)
+    return out[:, :, 0]
+
+
+def prefill_attention_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale):
+    """The engine's prefill math, one sequence at a time (visibility_mask + reference_attention)."""
+    out = torch.empty_like(q)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if cq[b + 1] == cq[b]:
+            continue
+        mask = visibility_mask(q_pos[qs], k_pos[ks], window)
+        out[qs] = reference_attention(q[qs], k[ks], v[ks], mask, scale)
+    return out
+
+
+def write_kv_reference(k_cache, v_cache, slots, k, v):
+    keep = slots >= 0
+    if bool(keep.all()):
+        k_cache[slots] = k.to(k_cache.dtype)
+        v_cache[slots] = v.to(v_cache.dtype)
+    else:
+        k_cache[slots[keep]] = k[keep].to(k_cache.dtype)
+        v_cache[slots[keep]] = v[keep].to(v_cache.dtype)
+
+
+# ------------------------------------------------------------------------- packing the engine's prefills
+@dataclass(slots=True)
+class PackedPrefills:
+    """One step's prefill chunks packed for `prefill_attention`; built once per step and pool, used by every
+    layer of the pool. Sequence b's keys are its cached context (gathered by slot) then its chunk's keys."""
+
+    rows: torch.Tensor  # [Tq] flat-batch rows of the chunks' tokens, sequence by sequence
+    ctx_slots: torch.Tensor  # [C] cached-context slots of all chunks
+    kv_order: torch.Tensor  # [Tk] index into cat([cache[ctx_slots], new[rows]]) giving the packed keys
+    cu_q: torch.Tensor  # [B+1] int32
+    cu_k: torch.Tensor  # [B+1] int32
+    q_pos: torch.Tensor  # [Tq]
+    k_pos: torch.Tensor  # [Tk]
+    max_q_len: int
+
+
+def pack_prefills(prefills) -> PackedPrefills:
+    """prefills: `engine.paged_attention.PrefillMeta`-like objects (start, num, q_pos, ctx_slots, ctx_pos)."""
+    dev = prefills[0].q_pos.device
+    nq = [p.num for p in prefills]
+    nc = [p.ctx_slots.numel() for p in prefills]
+    c_total, order, c_off, q_off = sum(nc), [], 0, 0
+    for n, c in zip(nq, nc):
+        order += [torch.arange(c_off, c_off + c), torch.arange(c_total + q_off, c_total + q_off + n)]
+        c_off, q_off = c_off + c, q_off + n
+    k_pos = torch.cat([x for p in prefills for x in (p.ctx_pos, p.q_pos)])
+    cum = lambda xs: torch.tensor([0] + xs, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)  # noqa: E731
+    return PackedPrefills(
+        rows=torch.cat([torch.arange(p.start, p.start + p.num) for p in prefills]).to(dev),
+        ctx_slots=torch.cat([p.ctx_slots for p in prefills]), kv_order=torch.cat(order).to(dev),
+        cu_q=cum(nq), cu_k=cum([n + c for n, c in zip(nq, nc)]), q_pos=torch.cat([p.q_pos for p in prefills]),
+        k_pos=k_pos, max_q_len=max(nq))
+
+
+def paged_prefill_attention(q, k, v, k_cache, v_cache, packed: PackedPrefills, window, scale):
+    """The engine's prefill branch for all chunks at once: q/k/v are the step's flat [T, H, D] projections;
+    returns the attention output of packed.rows ([Tq, Hq, D]). Reads the cache only (write afterwards)."""
+    keys = torch.cat([k_cache[packed.ctx_slots], k[packed.rows]])[packed.kv_order]
+    values = torch.cat([v_cache[packed.ctx_slots], v[packed.rows]])[packed.kv_order]
+    return prefill_attention(q[packed.rows], keys, values, packed.cu_q, packed.cu_k, packed.q_pos, packed.k_pos,
+                             window, scale, max_q_len=packed.max_q_len)
+
+
+# ---------------------------------------------------------------------------------------- dispatchers
+def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale):
+    if not use_triton(q, k_cache, v_cache):
+        return decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale)
+    lens = ctx_valid_or_lens
+    if lens.dtype == torch.bool:  # validity is a prefix of each row: its count is the length
+        lens = lens.sum(dim=1, dtype=torch.int32)
+    return _kernels().decode_attention(q, k_cache, v_cache, ctx_slots, lens, scale)
+
+
+def prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, *, max_q_len: int | None = None):
+    """`max_q_len` (the longest sequence's query count, if the caller knows it on the host) trims the grid."""
+    if not use_triton(q, k, v):
+        return prefill_attention_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale)
+    return _kernels().prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, max_q_len=max_q_len)
+
+
+def write_kv(k_cache, v_cache, slots, k, v):
+    if not use_triton(k_cache, k, v):
+        return write_kv_reference(k_cache, v_cache, slots, k, v)
+    return _kernels().write_kv(k_cache, v_cache, slots, k, v)
+
+
+__all__ = ["decode_attention", "prefill_attention", "write_kv", "triton_available", "PackedPrefills",
+           "pack_prefills", "paged_prefill_attention",
+           "decode_attention_reference", "prefill_attention_reference", "write_kv_reference"]
+
+
+def use_fast_path(q: torch.Tensor) -> bool:
+    """Whether the engine should route this step's attention through the Triton kernels."""
+    return use_triton(q)

@@ -1,0 +1,375 @@
+"""Triton attention kernels for the paged engine: decode over slot-addressed context, varlen prefill, K/V scatter.
+
+Decode and write_kv address the layer's cache rows ([S, Hkv, D], one row per token slot) directly, so the
+decode context is never gathered into a copy; prefill takes each sequence's keys already packed.
+
+- `decode_attention`: one query token per sequence. A program owns one (sequence, kv head, key split) and
+  all the query heads that share that kv head (GQA), so each K/V row is loaded once per kv head. Long
+  contexts are cut into splits (flash-decoding); a second kernel merges the splits by their log-sum-exp.
+- `prefill_attention`: sequences packed back to back (cu_q / cu_k prefix sums), causal and optional sliding
+  window by absolute positions. A program owns BLOCK_M query tokens x all query heads of one kv head (the
+  rows of its score tile are token-major, head-minor), walks the sequence's key tiles, and skips a tile
+  whose positions are all after its last query or all before its first query's window.
+- `write_kv`: scatter new K/V rows to their slots; a slot of -1 is skipped.
+
+Softmax runs online in fp32 with base-2 exponentials (the scale is pre-multiplied by log2(e)); fp32 inputs
+use IEEE fp32 dot products (no TF32) so they match the torch reference to ~1e-5.
+
+Importing this module needs triton; `TRITON_INTERPRET=1` must be set before the import to run the kernels
+on the CPU through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast_dot(t: torch.Tensor) -> bool:
+    """Triton's interpreter multiplies bf16 as raw uint16 bits: there, dot products run on fp32 copies."""
+    return t.device.type != "cuda" and t.dtype == torch.bfloat16
+
+
+@triton.jit
+def _mm(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _program_target(device: torch.device) -> int:
+    """How many programs keep the device busy: two per SM on a GPU, a small number in the interpreter."""
+    if device.type == "cuda":
+        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+# ---------------------------------------------------------------------------------------------- decode
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr,
+                   qk_scale, keys_per_split,
+                   stride_qb, stride_qh, stride_qd,
+                   stride_ks, stride_kh, stride_kd,
+                   stride_vs, stride_vh, stride_vd,
+                   stride_sb, stride_sl,
+                   stride_ob, stride_oh, stride_od,
+                   stride_pb, stride_ph, stride_ps,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    n_ctx = tl.load(lens_ptr + b).to(tl.int32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_ctx)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_h
+
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+
+    slot_row = slots_ptr + b.to(tl.int64) * stride_sb
+    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        slot = tl.load(slot_row + offs_n * stride_sl, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_head + slot[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        s = _mm(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # every tile holds at least one valid key, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_head + slot[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, DOT_PRECISION)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / safe_l[:, None]
+    if SPLIT:
+        # normalised partial output plus its log2-sum-exp; an empty split stores lse = -inf (weight 0)
+        part = part_ptr + b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps
+        tl.store(part[:, None] + offs_d[None, :], o, mask=h_mask[:, None] & d_mask[None, :])
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(lse_ptr + (b * tl.num_programs(1) * GROUP + heads) * tl.num_programs(2) + split, lse,
+                 mask=h_mask)
+    else:
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, num_splits,
+                         stride_pb, stride_ph, stride_ps,
+                         stride_ob, stride_oh, stride_od,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(lse_ptr + (b * tl.num_programs(1) + h) * num_splits + offs_s, mask=s_mask,
+                  other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    part = tl.load(part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
+                   + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    total = tl.sum(w, axis=0)
+    o = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _decode_splits(batch: int, kv_heads: int, width: int, block_n: int, device: torch.device,
+                   num_splits: int | None) -> tuple[int, int]:
+    """(number of key splits, keys per split; a multiple of block_n) for a padded context width."""
+    tiles = triton.cdiv(max(width, 1), block_n)
+    if num_splits is None:
+        # split only while the (sequence, kv head) grid leaves the device idle, and keep >= 4 tiles per split
+        want = triton.cdiv(_program_target(device), max(batch * kv_heads, 1))
+        num_splits = max(1, min(want, tiles // 4))
+    num_splits = max(1, min(int(num_splits), tiles))
+    per_split = triton.cdiv(tiles, num_splits) * block_n
+    return triton.cdiv(max(width, 1), per_split), per_split
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor,
+                     ctx_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
+    """One query token per sequence against its slot-addressed context.
+
+    q: [B, Hq, D]; k_cache/v_cache: [S, Hkv, D]; ctx_slots: [B, L] int slots of each context token (the
+    sequence's new token included, already written), padded; ctx_lens: [B] int, row b uses
+    ctx_slots[b, :ctx_lens[b]] and never reads past it. Returns [B, Hq, D] in q's dtype; a row with no
+    context gives zeros. `num_splits` / `block_n` override the launch heuristics (tests, tuning).
+    """
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    group = Hq // Hkv
+    width = ctx_slots.shape[1]
+    # launch settings picked from sm_90 register/spill reports (ptxas -v), not from timings
+    block_n = block_n or (64 if q.element_size() == 2 else 32)
+    block_h, block_d = _pow2(group), _pow2(D)
+    splits, per_split = _decode_splits(B, Hkv, width, block_n, q.device, num_splits)
+    if splits > 1:
+        part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    else:
+        part = lse = out  # unused
+    _decode_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, ctx_slots, ctx_lens, out, part, lse,
+        scale * _LOG2E, per_split,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *ctx_slots.stride(), *out.stride(),
+        *(part.stride()[:3] if splits > 1 else (0, 0, 0)),
+        GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
+        SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q),
+        num_warps=8 if block_d >= 128 else 4)
+    if splits > 1:
+        _decode_merge_kernel[(B, Hq)](part, lse, out, splits, *part.stride()[:3], *out.stride(),
+                                      HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- prefill
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr, k_pos_ptr,
+                    qk_scale, window,
+                    stride_qt, stride_qh, stride_qd,
+                    stride_kt, stride_kh, stride_kd,
+                    stride_vt, stride_vh, stride_vd,
+                    stride_ot, stride_oh, stride_od,
+                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    BLOCK_R: tl.constexpr = BLOCK_M * GROUP_P2
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    kvh = tl.program_id(2)
+
+    q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
+    q_end = tl.load(cu_q_ptr + seq + 1).to(tl.int32)
+    first = q_start + tile * BLOCK_M
+    if first >= q_end:
+        return
+    k_start = tl.load(cu_k_ptr + seq).to(tl.int32)
+    k_end = tl.load(cu_k_ptr + seq + 1).to(tl.int32)
+
+    # row r of the tile: token first + r // GROUP_P2, query head kvh * GROUP + r % GROUP_P2
+    offs_r = tl.arange(0, BLOCK_R)
+    tok = first + offs_r // GROUP_P2
+    head = kvh * GROUP + offs_r % GROUP_P2
+    r_mask = (tok < q_end) & (offs_r % GROUP_P2 < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+
+    q = tl.load(q_ptr + tok[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    qp = tl.load(q_pos_ptr + tok, mask=r_mask, other=0).to(tl.int64)
+    q_lo = tl.min(tl.where(r_mask, qp, 2**62), axis=0)
+    q_hi = tl.max(tl.where(r_mask, qp, -2**62), axis=0)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+
+    k_head = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_head = v_ptr + kvh.to(tl.int64) * stride_vh
+    for start in range(k_start, k_end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < k_end
+        kp = tl.load(k_pos_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+        # skip tiles that no query of this block can see (works for any key order)
+        visible = tl.min(tl.where(n_mask, kp, 2**62), axis=0) <= q_hi
+        if HAS_WINDOW:
+            visible = visible & (tl.max(tl.where(n_mask, kp, -2**62), axis=0) > q_lo - window)
+        if visible:
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_head + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+                        mask=kv_mask, other=0.0)
+            s = _mm(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
+            see = n_mask[None, :] & (kp[None, :] <= qp[:, None])
+            if HAS_WINDOW:
+                see = see & (kp[None, :] > qp[:, None] - window)
+            s = tl.where(see, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not nan
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_head + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd,
+                        mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, DOT_PRECISION)
+            m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + tok[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
+             + offs_d[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
+             mask=r_mask[:, None] & d_mask[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                      q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, scale: float, *,
+                      max_q_len: int | None = None, block_m: int | None = None,
+                      block_n: int | None = None) -> torch.Tensor:
+    """Varlen causal attention over sequences packed back to back.
+
+    q: [Tq, Hq, D]; k/v: [Tk, Hkv, D]; cu_q/cu_k: [B+1] int prefix sums (sequence b owns q rows
+    cu_q[b]:cu_q[b+1] and k rows cu_k[b]:cu_k[b+1]); q_pos: [Tq], k_pos: [Tk] absolute positions. Query i
+    sees key j of its own sequence iff k_pos[j] <= q_pos[i] and (window is None or k_pos[j] > q_pos[i] - window).
+    Returns [Tq, Hq, D] in q's dtype; a query that sees no key gives zeros. `max_q_len` (the longest
+    sequence's query count, known to the caller on the host) sizes the grid; without it the grid assumes
+    Tq and the surplus programs exit at once.
+    """
+    Tq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
+    out = torch.empty_like(q)
+    B = cu_q.shape[0] - 1
+    if Tq == 0 or B <= 0:
+        return out
+    group = Hq // Hkv
+    group_p2 = triton.next_power_of_2(group)
+    block_d = _pow2(D)
+    if block_m is None:
+        # score rows (tokens x heads of the group) per program: settings that compile without register
+        # spills on sm_90 for head_dim 128 (ptxas -v), scaled down for larger heads; not tuned by timings
+        rows = (128 if q.element_size() == 2 else 32) if q.is_cuda else 64
+        rows = max(16, rows * 128 // max(block_d, 128))
+        block_m = max(1, rows // group_p2)
+    block_m = max(block_m, triton.cdiv(16, group_p2))  # tl.dot needs >= 16 rows
+    block_n = block_n or 32
+    grid = (B, triton.cdiv(max_q_len if max_q_len is not None else Tq, block_m), Hkv)
+    _prefill_kernel[grid](
+        q, k, v, out, cu_q, cu_k, q_pos, k_pos,
+        scale * _LOG2E, 0 if window is None else int(window),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        GROUP=group, GROUP_P2=group_p2, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_WINDOW=window is not None, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q),
+        num_warps=8 if block_m * group_p2 * block_d >= 32 * 128 else 4)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- write_kv
+@triton.jit
+def _write_kv_kernel(k_cache_ptr, v_cache_ptr, slots_ptr, k_ptr, v_ptr,
+                     stride_kcs, stride_kch, stride_kcd,
+                     stride_vcs, stride_vch, stride_vcd,
+                     stride_kt, stride_kh, stride_kd,
+                     stride_vt, stride_vh, stride_vd,
+                     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < HEADS) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
+    tl.store(k_cache_ptr + slot * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd,
+             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + slot * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd,
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """k_cache[slots[t]] = k[t] (and v) for every t with slots[t] >= 0; slots must not repeat.
+
+    k_cache/v_cache: [S, Hkv, D]; slots: [T] int; k/v: [T, Hkv, D] (any strides, cast to the cache dtype).
+    """
+    T = slots.shape[0]
+    if T == 0:
+        return
+    _, Hkv, D = k.shape
+    _write_kv_kernel[(T,)](
+        k_cache, v_cache, slots, k, v,
+        *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
+        HEADS=Hkv, HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D),
+        num_warps=4 if Hkv * D >= 512 else 1)
+
+
+__all__ = ["decode_attention", "prefill_attention", "write_kv"]

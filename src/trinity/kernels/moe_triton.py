@@ -1,0 +1,484 @@
+"""Fused routed-expert compute in Triton, built for decode (few tokens, top-8 of 128 experts).
+
+Pipeline (same contract as `kernels.moe.experts_reference`):
+
+1. alignment (no host sync, CUDA-graph friendly): the T*k token-slots (slot = t*k + j) are grouped by
+   expert and each expert's run is padded to a multiple of BLOCK_M; every BLOCK_M-row block belongs to
+   one expert (`block_expert`), or to none (== E) past the end. The buffers are sized by a bound that
+   depends on T*k and E only, so the launch grids are static for a given batch size. Decode-sized
+   batches (T*k <= 4096) use `_align_kernel` (one single-program launch: histogram, prefix sum, integer
+   atomics for the slot positions); larger ones the torch `moe_align` (argsort, cumsum, searchsorted).
+2. `_gate_up_swiglu_kernel`: grouped GEMM over those blocks. Each program reads its expert's gate and
+   up weight tiles in place (`gate_up[e]`, no gather copy), accumulates both in fp32, and writes
+   act = silu(gate) * up for its token-slots to an intermediate [T*k, I] in x's dtype.
+3. `_down_kernel`: grouped GEMM act @ down[e]^T, multiplied by the slot's routing weight, written in
+   fp32 to y [T*k, H] (one row per slot, each written exactly once: no atomics).
+4. `_combine_kernel`: out[t] = sum_j y[t*k + j] in fp32, cast to x's dtype. No floating-point atomics
+   anywhere: the sum order is fixed (j = 0..k-1) and each row of a GEMM tile is computed independently of
+   its position in the tile, so results are run-to-run deterministic (the integer atomics of the align
+   kernel only choose where inside an expert's run a slot lands).
+
+`fused_route` is `model.moe.route` (fp32 sigmoid router, bias-selected top-k, normalise, scale) as one
+launch per batch, one program per token.
+
+Block sizes come from a small table for the Nano (H 1024, I 256) and Mini (H 2048, I 1024) shapes with
+E 128, k 8, keyed by T bucket (1, 8, 32, 64+); other shapes get untuned defaults. The table entries are
+first guesses for an H100 and still need measuring on a GPU.
+
+Interpreter notes: under TRITON_INTERPRET=1 a bf16 `tl.dot` returns garbage (numpy has no bf16), so bf16
+operands are upcast to fp32 before the dot there (`UPCAST`), and fp32 -> bf16 casts truncate, so they are
+rounded by hand there (`round_to`); on a GPU the dot runs in bf16 natively and casts round to nearest even.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from .norm_triton import fix_bf16, round_to
+
+
+# --------------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class MoEConfig:
+    block_m: int = 16
+    up_n: int = 64       # gate_up kernel: tile over I (for each of gate and up)
+    up_k: int = 64       # gate_up kernel: tile over H
+    down_n: int = 64     # down kernel: tile over H
+    down_k: int = 64     # down kernel: tile over I
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# (hidden, moe_intermediate, num_experts, top_k) -> {T bucket: config}. First guesses for H100 (untuned).
+_NANO = (1024, 256, 128, 8)
+_MINI = (2048, 1024, 128, 8)
+CONFIGS: dict[tuple[int, int, int, int], dict[int, MoEConfig]] = {
+    _NANO: {
+        # T=1: 8 blocks x 16 column tiles of I=256 -> 128 programs for gate_up, 8 x 16 for down
+        1: MoEConfig(block_m=16, up_n=16, up_k=128, down_n=64, down_k=128, num_warps=4, num_stages=3),
+        8: MoEConfig(block_m=16, up_n=32, up_k=128, down_n=64, down_k=128, num_warps=4, num_stages=3),
+        32: MoEConfig(block_m=16, up_n=64, up_k=128, down_n=64, down_k=128, num_warps=4, num_stages=3),
+        64: MoEConfig(block_m=16, up_n=64, up_k=64, down_n=128, down_k=64, num_warps=4, num_stages=3),
+    },
+    _MINI: {
+        1: MoEConfig(block_m=16, up_n=64, up_k=128, down_n=64, down_k=128, num_warps=4, num_stages=4),
+        8: MoEConfig(block_m=16, up_n=64, up_k=128, down_n=64, down_k=128, num_warps=4, num_stages=4),
+        32: MoEConfig(block_m=16, up_n=64, up_k=128, down_n=128, down_k=64, num_warps=4, num_stages=3),
+        64: MoEConfig(block_m=16, up_n=64, up_k=64, down_n=128, down_k=64, num_warps=4, num_stages=3),
+    },
+}
+T_BUCKETS = (1, 8, 32, 64)
+
+
+def _bucket(num_tokens: int) -> int:
+    """The largest bucket <= T (T >= 1): 1, 8, 32 or 64 (64 stands for 64 and above)."""
+    chosen = T_BUCKETS[0]
+    for b in T_BUCKETS:
+        if num_tokens >= b:
+            chosen = b
+    return chosen
+
+
+def _block_m_for_load(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Rows per block from the mean tokens per expert: 16 for decode, up to 64 for prefill-sized batches."""
+    per_expert = num_tokens * top_k / max(num_experts, 1)
+    if per_expert <= 16:
+        return 16
+    if per_expert <= 48:
+        return 32
+    return 64
+
+
+def get_config(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int) -> MoEConfig:
+    table = CONFIGS.get((hidden, inter, num_experts, top_k))
+    if table is not None:
+        cfg = table[_bucket(num_tokens)]
+    else:
+        cfg = MoEConfig()
+    block_m = max(cfg.block_m, _block_m_for_load(num_tokens, top_k, num_experts))
+    if block_m != cfg.block_m:  # a prefill-sized batch in the 64+ bucket: larger, compute-bound tiles
+        cfg = MoEConfig(block_m=block_m, up_n=max(cfg.up_n, 64), up_k=64, down_n=max(cfg.down_n, 64), down_k=64,
+                        num_warps=8 if block_m >= 64 else 4, num_stages=3)
+    return cfg
+
+
+def fit_shared_memory(cfg: MoEConfig, elem_bytes: int, limit: int) -> MoEConfig:
+    """Fewer pipeline stages, then shorter K tiles, until both GEMMs' staged tiles fit in `limit` bytes of
+    shared memory per block (fp32 inputs or a smaller GPU than the H100 the table was written for)."""
+    def need(c: MoEConfig) -> int:
+        up = (c.block_m * c.up_k + 2 * c.up_n * c.up_k) * elem_bytes
+        down = (c.block_m * c.down_k + c.down_n * c.down_k) * elem_bytes
+        return (c.num_stages - 1) * max(up, down) + 4096  # Triton buffers stages - 1 tiles (+ epilogue slack)
+    while need(cfg) > limit:
+        if cfg.num_stages > 2:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+        elif max(cfg.up_k, cfg.down_k) > 16:
+            cfg = replace(cfg, up_k=max(16, cfg.up_k // 2), down_k=max(16, cfg.down_k // 2))
+        else:
+            break
+    return cfg
+
+
+@functools.cache
+def _shared_memory_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+def _fit(block: int, size: int) -> int:
+    """Shrink a tile to the problem (power of two, >= 16 for tl.dot)."""
+    return max(16, min(block, triton.next_power_of_2(size)))
+
+
+def _dot_options(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast operands to fp32 before tl.dot, dot input precision)."""
+    upcast = interpreting() and dtype == torch.bfloat16
+    return upcast, ("ieee" if dtype == torch.float32 else "tf32")
+
+
+# --------------------------------------------------------------------------------------------- align
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (sorted_slots [num_blocks * block_m] int32, block_expert [num_blocks] int32).
+
+    sorted_slots lists the slots (t*k + j) grouped by expert, each expert's run padded with T*k (an
+    invalid slot) to a multiple of block_m; block_expert[b] is the expert of block b, or num_experts for
+    blocks past the last expert's run. num_blocks is an upper bound that depends only on T*k and E, and
+    nothing here reads device values on the host (safe under CUDA graph capture).
+    """
+    n = ids.numel()
+    device = ids.device
+    flat = ids.reshape(-1).to(torch.int64)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    cnt_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)          # slots sorted by expert
+    expert_sorted = flat[order]
+    rank = torch.arange(n, device=device) - cnt_start[expert_sorted]
+    dest = pad_start[expert_sorted] + rank
+    num_blocks = num_align_blocks(n, num_experts, block_m)
+    sorted_slots = torch.full((num_blocks * block_m,), n, dtype=torch.int32, device=device)
+    sorted_slots.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(num_blocks, device=device, dtype=torch.int64) * block_m
+    block_expert = torch.searchsorted(pad_end, block_start, right=True).to(torch.int32)
+    return sorted_slots, block_expert
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_experts, num_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """`moe_align` in one single-program launch (decode-sized T*k <= BLOCK_S; BLOCK_E > num_experts).
+
+    Within an expert's run the slots land in atomic order (not sorted); each slot still appears exactly
+    once, and every output row is computed independently, so results do not depend on that order.
+    """
+    total = num_blocks * BLOCK_M
+    for p0 in range(0, total, BLOCK_P):  # every entry starts as padding
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        tl.store(slots_ptr + offs_p, tl.full((BLOCK_P,), 0, tl.int32) + num_slots, mask=offs_p < total)
+    offs_s = tl.arange(0, BLOCK_S)
+    ok = offs_s < num_slots
+    ids = tl.load(ids_ptr + offs_s, mask=ok, other=num_experts).to(tl.int32)  # masked lanes: bin E
+    offs_e = tl.arange(0, BLOCK_E)
+    real_e = offs_e < num_experts
+    counts = tl.where(real_e, tl.histogram(ids, BLOCK_E), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, 0)
+    tl.store(cursor_ptr + offs_e, pad_end - padded)
+    for b0 in range(0, num_blocks, BLOCK_B):  # expert of a block: how many runs end at or before its start
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        before = (pad_end[None, :] <= (offs_b * BLOCK_M)[:, None]) & real_e[None, :]
+        tl.store(block_expert_ptr + offs_b, tl.sum(before.to(tl.int32), axis=1), mask=offs_b < num_blocks)
+    tl.debug_barrier()  # padding and cursors written before the scatter below
+    dest = tl.atomic_add(cursor_ptr + ids, 1, mask=ok)
+    tl.store(slots_ptr + dest, offs_s, mask=ok)
+
+
+# T*k up to this many slots are aligned by `_align_kernel` (one launch); more go to the torch `moe_align`.
+ALIGN_KERNEL_MAX_SLOTS = 4096
+
+
+def num_align_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    """An upper bound on the row blocks: each used expert wastes at most block_m - 1 padding rows."""
+    return triton.cdiv(num_slots + min(num_slots, num_experts) * (block_m - 1), block_m)
+
+
+def moe_align_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `moe_align` (except the order of slots inside an expert's run), in one launch."""
+    n = ids.numel()
+    num_blocks = num_align_blocks(n, num_experts, block_m)
+    flat = ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    slots = torch.empty(num_blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
+    block_e = triton.next_power_of_2(num_experts + 1)
+    cursor = torch.empty(block_e, dtype=torch.int32, device=ids.device)
+    _align_kernel[(1,)](
+        flat, slots, block_expert, cursor, n, num_experts, num_blocks,
+        BLOCK_M=block_m, BLOCK_S=max(16, triton.next_power_of_2(n)), BLOCK_E=block_e,
+        BLOCK_B=max(1, min(64, 8192 // block_e)), BLOCK_P=1024, num_warps=4,
+    )
+    return slots, block_expert
+
+
+# --------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _gate_up_swiglu_kernel(
+    x_ptr, w_ptr, act_ptr, slots_ptr, block_expert_ptr,
+    num_slots, top_k, N, K, num_experts,
+    stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_as, stride_an,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FIX_BF16: tl.constexpr,
+):
+    """act[slot, n] = silu(x[t] . gate_up[e, n]) * (x[t] . gate_up[e, N + n]) for the block's slots."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert >= num_experts:  # past the last expert's run
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(slots_ptr + offs_m)
+    row_ok = slots < num_slots
+    tokens = tl.where(row_ok, slots // top_k, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xk          # [BM, BK]
+    w_base = w_ptr + expert.to(tl.int64) * stride_we                                     # in place
+    g_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk          # [BK, BN]
+    u_ptrs = g_ptrs + N * stride_wn
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        bg = tl.load(g_ptrs, mask=w_mask, other=0.0)
+        bu = tl.load(u_ptrs, mask=w_mask, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K * stride_xk
+        g_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
+
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    out_ptrs = act_ptr + slots[:, None] * stride_as + offs_n[None, :] * stride_an
+    tl.store(out_ptrs, round_to(act, act_ptr.dtype.element_ty, FIX_BF16), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    act_ptr, w_ptr, rw_ptr, y_ptr, slots_ptr, block_expert_ptr,
+    num_slots, N, K, num_experts,
+    stride_as, stride_ak, stride_we, stride_wn, stride_wk, stride_ys, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """y[slot, n] = routing_weight[slot] * (act[slot] . down[e, n]), in fp32."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert >= num_experts:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(slots_ptr + offs_m)
+    row_ok = slots < num_slots
+    safe_slots = tl.where(row_ok, slots, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = act_ptr + safe_slots[:, None] * stride_as + offs_k[None, :] * stride_ak    # [BM, BK]
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+              + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk)              # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    rw = tl.load(rw_ptr + safe_slots, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * rw[:, None]
+    y_ptrs = y_ptr + slots[:, None] * stride_ys + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(y_ptr, out_ptr, N, top_k, stride_ys, stride_ot, BLOCK_N: tl.constexpr,
+                    FIX_BF16: tl.constexpr):
+    """out[t] = sum_j y[t*k + j] (fp32, fixed order), cast to out's dtype."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row = y_ptr + (t * top_k).to(tl.int64) * stride_ys
+    for _ in range(0, top_k):
+        acc += tl.load(row + offs, mask=ok, other=0.0)
+        row += stride_ys
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs, round_to(acc, out_ptr.dtype.element_ty, FIX_BF16),
+             mask=ok)
+
+
+# --------------------------------------------------------------------------------------------- entry
+def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+              down: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    """x [T, H]; weights/ids [T, k]; gate_up [E, 2I, H] (gate rows first); down [E, H, I] -> [T, H] in x's dtype.
+
+    Expert weights are read in place; the combine over k is accumulated in fp32 without atomics.
+    """
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, hidden_w = gate_up.shape
+    inter = two_inter // 2
+    top_k = ids.shape[1]
+    if hidden_w != hidden or down.shape != (num_experts, hidden, inter):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
+                         f"down {tuple(down.shape)}")
+    if gate_up.dtype != x.dtype or down.dtype != x.dtype:
+        raise ValueError(f"dtype mismatch: x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    cfg = config or get_config(num_tokens, hidden, inter, num_experts, top_k)
+    cfg = replace(cfg, up_n=_fit(cfg.up_n, inter), up_k=_fit(cfg.up_k, hidden),
+                  down_n=_fit(cfg.down_n, hidden), down_k=_fit(cfg.down_k, inter))
+    if x.is_cuda:
+        cfg = fit_shared_memory(cfg, x.element_size(), _shared_memory_limit(
+            x.device.index if x.device.index is not None else torch.cuda.current_device()))
+    bm = cfg.block_m
+    num_slots = num_tokens * top_k
+    if num_slots <= ALIGN_KERNEL_MAX_SLOTS:
+        sorted_slots, block_expert = moe_align_triton(ids, num_experts, bm)
+    else:
+        sorted_slots, block_expert = moe_align(ids, num_experts, bm)
+    num_blocks = block_expert.numel()
+    upcast, prec = _dot_options(x.dtype)
+    rw = weights.reshape(-1).to(torch.float32).contiguous()
+
+    act = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)
+    up_n, up_k = cfg.up_n, cfg.up_k
+    _gate_up_swiglu_kernel[(num_blocks, triton.cdiv(inter, up_n))](
+        x, gate_up, act, sorted_slots, block_expert,
+        num_slots, top_k, inter, hidden, num_experts,
+        x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
+        act.stride(0), act.stride(1),
+        BLOCK_M=bm, BLOCK_N=up_n, BLOCK_K=up_k, UPCAST=upcast, DOT_PREC=prec, FIX_BF16=fix_bf16(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    y = torch.empty(num_slots, hidden, dtype=torch.float32, device=x.device)
+    down_n, down_k = cfg.down_n, cfg.down_k
+    _down_kernel[(num_blocks, triton.cdiv(hidden, down_n))](
+        act, down, rw, y, sorted_slots, block_expert,
+        num_slots, hidden, inter, num_experts,
+        act.stride(0), act.stride(1), down.stride(0), down.stride(1), down.stride(2),
+        y.stride(0), y.stride(1),
+        BLOCK_M=bm, BLOCK_N=down_n, BLOCK_K=down_k, UPCAST=upcast, DOT_PREC=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    comb_n = min(1024, triton.next_power_of_2(hidden))
+    _combine_kernel[(num_tokens, triton.cdiv(hidden, comb_n))](
+        y, out, hidden, top_k, y.stride(0), out.stride(0), BLOCK_N=comb_n, FIX_BF16=fix_bf16(x.dtype), num_warps=4,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------- routing
+@triton.jit
+def _route_kernel(
+    x_ptr, w_ptr, bias_ptr, out_w_ptr, out_ids_ptr,
+    H, num_experts, top_k, route_scale,
+    stride_xt, stride_xh, stride_we, stride_wh,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GATE: tl.constexpr, NORM: tl.constexpr,
+):
+    """One token: logits = x . W^T in fp32 (or given), scores = sigmoid, top-k of scores + bias (the bias
+    only selects), weights = the chosen unbiased scores (normalised when NORM) * route_scale."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < num_experts
+    if HAS_GATE:
+        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        offs_h = tl.arange(0, BLOCK_H)
+        for h0 in range(0, H, BLOCK_H):
+            h_ok = offs_h < H - h0
+            xv = tl.load(x_ptr + t * stride_xt + (h0 + offs_h) * stride_xh, mask=h_ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + offs_e[:, None] * stride_we + (h0 + offs_h)[None, :] * stride_wh,
+                         mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(wv * xv[None, :], axis=1)
+    else:  # x holds the router logits [T, E]
+        acc = tl.load(x_ptr + t * stride_xt + offs_e * stride_xh, mask=e_ok, other=0.0).to(tl.float32)
+    scores = tl.sigmoid(acc)
+    bias = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+    sel = tl.where(e_ok, scores + bias, float("-inf"))
+    offs_k = tl.arange(0, BLOCK_K)
+    chosen_w = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    chosen_id = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for j in range(0, top_k):
+        best = tl.max(sel, axis=0)
+        idx = tl.min(tl.where(sel == best, offs_e, BLOCK_E), axis=0)  # ties: the lowest expert id
+        hit = offs_e == idx
+        chosen_w = tl.where(offs_k == j, tl.sum(tl.where(hit, scores, 0.0), axis=0), chosen_w)
+        chosen_id = tl.where(offs_k == j, idx, chosen_id)
+        sel = tl.where(hit, float("-inf"), sel)
+    if NORM:
+        chosen_w = chosen_w / (tl.sum(chosen_w, axis=0) + 1e-20)
+    k_ok = offs_k < top_k
+    tl.store(out_w_ptr + t * top_k + offs_k, chosen_w * route_scale, mask=k_ok)
+    tl.store(out_ids_ptr + t * top_k + offs_k, chosen_id.to(tl.int64), mask=k_ok)
+
+
+def fused_route(x: torch.Tensor, gate_weight: torch.Tensor | None, expert_bias: torch.Tensor, top_k: int,
+                route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.moe.route` in one launch: x [T, H] and gate_weight [E, H] (or x = router logits [T, E] and
+    gate_weight None) -> (weights [T, k] fp32, ids [T, k] int64), ids in descending order of biased score.
+
+    The router GEMV runs in fp32 on fp32-converted operands, one program per token (decode-sized T).
+    Ties in the biased score go to the lower expert id (torch.topk leaves tie order unspecified).
+    """
+    num_tokens = x.shape[0]
+    num_experts = gate_weight.shape[0] if gate_weight is not None else x.shape[1]
+    if gate_weight is not None and gate_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and gate_weight {tuple(gate_weight.shape)} do not match")
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k {top_k} out of range for {num_experts} experts")
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
+    if num_tokens == 0:
+        return weights, ids
+    block_e = triton.next_power_of_2(num_experts)
+    w = gate_weight if gate_weight is not None else x
+    hidden = x.shape[1]
+    _route_kernel[(num_tokens,)](
+        x, w, expert_bias.contiguous(), weights, ids,
+        hidden, num_experts, top_k, float(route_scale),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        BLOCK_E=block_e, BLOCK_H=max(16, min(triton.next_power_of_2(hidden), 8192 // block_e)),
+        BLOCK_K=triton.next_power_of_2(top_k), HAS_GATE=gate_weight is not None, NORM=bool(route_norm),
+        num_warps=4 if block_e <= 128 else 8,
+    )
+    return weights, ids

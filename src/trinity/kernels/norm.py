@@ -1,0 +1,105 @@
+"""RMSNorm-family ops, each beside its pure-torch reference, dispatched at run time.
+
+The references reproduce the model's module code operation for operation (fp32 norm with an fp32 weight,
+output in x's dtype; residual adds and RoPE in the activation dtype), so they equal it exactly.
+
+Dispatch (`use_triton`, the same rule as `kernels.attention`): the Triton kernels (`kernels.norm_triton`)
+run on CUDA tensors, and on CPU tensors under `TRINITY_KERNELS=triton` with `TRITON_INTERPRET=1` (Triton's
+interpreter, for tests; set both before triton is imported); the references run when
+`TRINITY_KERNELS=reference` / `use_reference(True)`, when autograd must see the op, when Triton is missing,
+and on the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from . import interpreting, kernels_mode, reference_forced, triton_importable, use_triton  # noqa: F401
+
+
+# --------------------------------------------------------------------------------------------- references
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Exactly `model.layers.RMSNorm.forward`."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h).to(x.dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """new_residual = x + residual (in the dtype, like the decoder layer's add); normed = RMSNorm(new_residual)."""
+    new_residual = residual + x
+    return rms_norm_reference(new_residual, weight, eps), new_residual
+
+
+def norm_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
+                                next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sandwich-norm step: new_residual = residual + RMSNorm_post(x); normed = RMSNorm_next(new_residual)."""
+    return add_rms_norm_reference(rms_norm_reference(x, post_weight, eps), residual, next_weight, eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                           eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                           apply_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `GatedAttention.forward`: per-head RMSNorm (fp32, cast to the dtype), then neox RoPE in the dtype
+    with cos/sin [T, D] already in the dtype. q: [T, Hq, D], k: [T, Hkv, D]."""
+    q = rms_norm_reference(q, q_weight, eps)
+    k = rms_norm_reference(k, k_weight, eps)
+    if apply_rope:
+        c, s = cos[:, None, :], sin[:, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+    return q, k
+
+
+def sigmoid_gate_reference(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return o * torch.sigmoid(gate)
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x, weight):
+        from . import norm_triton
+        return norm_triton.rms_norm(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (RMSNorm(x + residual), x + residual)."""
+    if use_triton(x, residual, weight):
+        from . import norm_triton
+        return norm_triton.add_rms_norm(x, residual, weight, eps)
+    return add_rms_norm_reference(x, residual, weight, eps)
+
+
+def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
+                      next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (RMSNorm_next(r), r) with r = residual + RMSNorm_post(x): a sublayer's post-norm, the residual add
+    and the next sublayer's pre-norm in one pass."""
+    if use_triton(x, residual, post_weight, next_weight):
+        from . import norm_triton
+        return norm_triton.norm_add_rms_norm(x, residual, post_weight, next_weight, eps)
+    return norm_add_rms_norm_reference(x, residual, post_weight, next_weight, eps)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 cos: torch.Tensor | None, sin: torch.Tensor | None,
+                 apply_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q, k, q_weight, k_weight):
+        from . import norm_triton
+        return norm_triton.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, apply_rope)
+    return qk_norm_rope_reference(q, k, q_weight, k_weight, eps, cos, sin, apply_rope)
+
+
+def sigmoid_gate(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    if use_triton(o, gate):
+        from . import norm_triton
+        return norm_triton.sigmoid_gate(o, gate)
+    return sigmoid_gate_reference(o, gate)

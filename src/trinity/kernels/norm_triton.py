@@ -1,0 +1,242 @@
+"""Triton kernels for the small per-token ops of a Trinity layer (references in `kernels.norm`).
+
+- `rms_norm`: RMSNorm in fp32 with an fp32 weight, output in x's dtype; one program per row.
+- `add_rms_norm`: new_residual = x + residual (rounded to the dtype, as torch's add is), then RMSNorm of it.
+- `norm_add_rms_norm`: the sandwich-norm step in one pass: h = RMSNorm_post(x), new_residual = residual + h,
+  normed = RMSNorm_next(new_residual) (each intermediate rounded to the dtype, as the module code does).
+- `qk_norm_rope`: per-head RMSNorm of q and k, then neox RoPE (optional), one launch for both tensors.
+- `sigmoid_gate`: o * sigmoid(gate).
+
+Interpreter note: under TRITON_INTERPRET=1 an fp32 -> bf16 cast truncates (the GPU rounds to nearest even),
+so bf16 results are rounded by hand there (`round_to` with FIX_BF16); on a GPU the plain cast is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+
+def fix_bf16(dtype: torch.dtype) -> bool:
+    """Round fp32 -> bf16 by hand (only the interpreter needs it)."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, FIX_BF16: tl.constexpr):
+    """fp32 x -> dtype, rounding to nearest even (by hand when FIX_BF16, for the interpreter)."""
+    if FIX_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def _row_warps(block: int) -> int:
+    return 1 if block <= 256 else 2 if block <= 512 else 4 if block <= 2048 else 8
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View as [rows, last] with a unit stride on the last dim (copying only when it must)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+# --------------------------------------------------------------------------------------------- RMSNorm
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, pre_w_ptr, w_ptr, out_ptr, res_out_ptr,
+    N, stride_x, stride_r, stride_o, stride_ro, eps,
+    BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PRE_NORM: tl.constexpr, FIX_BF16: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    dtype = out_ptr.dtype.element_ty
+    h = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    if PRE_NORM:  # h = RMSNorm_pre(x), rounded to the dtype
+        r0 = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+        w0 = tl.load(pre_w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        h = round_to(w0 * (h * r0), dtype, FIX_BF16).to(tl.float32)
+    if HAS_RES:  # new residual = h + residual, rounded to the dtype
+        res = tl.load(res_ptr + row * stride_r + offs, mask=ok, other=0.0).to(tl.float32)
+        s = round_to(h + res, dtype, FIX_BF16)
+        tl.store(res_out_ptr + row * stride_ro + offs, s, mask=ok)
+        h = s.to(tl.float32)
+    r = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, round_to(w * (h * r), dtype, FIX_BF16), mask=ok)
+
+
+def _launch_rms(x, residual, pre_weight, weight, eps):
+    shape = x.shape
+    n = shape[-1]
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        if residual.shape != shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match x "
+                             f"{tuple(shape)} {x.dtype}")
+        r2 = _rows(residual)
+        res_out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    else:
+        r2 = res_out = x2  # unused
+    w = weight.contiguous()
+    pw = pre_weight.contiguous() if pre_weight is not None else w
+    if rows:
+        block = triton.next_power_of_2(n)
+        _rms_norm_kernel[(rows,)](
+            x2, r2, pw, w, out, res_out,
+            n, x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0), float(eps),
+            BLOCK=block, HAS_RES=residual is not None, PRE_NORM=pre_weight is not None,
+            FIX_BF16=fix_bf16(x.dtype), num_warps=_row_warps(block),
+        )
+    out = out.view(shape)
+    if residual is None:
+        return out
+    return out, res_out.view(shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _launch_rms(x, None, None, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_rms(x, residual, None, weight, eps)
+
+
+def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
+                      next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_rms(x, residual, post_weight, next_weight, eps)
+
+
+# --------------------------------------------------------------------------------------------- q/k norm + RoPE
+@triton.jit
+def _norm_rope_heads(
+    in_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, t, h0, num_heads, D_HALF,
+    stride_it, stride_ih, stride_ot, stride_oh, stride_ct, stride_st, eps,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, FIX_BF16: tl.constexpr,
+):
+    """Heads h0..h0+BLOCK_H of token t: RMSNorm over the head dim (in two halves), then neox RoPE."""
+    dtype = out_ptr.dtype.element_ty
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D_HALF
+    mask = (offs_h < num_heads)[:, None] & d_ok[None, :]
+    src = in_ptr + t * stride_it + offs_h[:, None] * stride_ih + offs_d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + D_HALF, mask=mask, other=0.0).to(tl.float32)
+    ms = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * D_HALF)
+    r = tl.rsqrt(ms + eps)[:, None]
+    w1 = tl.load(w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w_ptr + D_HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    n1 = round_to(w1 * (x1 * r), dtype, FIX_BF16)
+    n2 = round_to(w2 * (x2 * r), dtype, FIX_BF16)
+    if ROPE:  # x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype
+        c1 = tl.load(cos_ptr + t * stride_ct + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + t * stride_ct + D_HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + t * stride_st + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + t * stride_st + D_HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        a1 = n1.to(tl.float32)
+        a2 = n2.to(tl.float32)
+        p1 = round_to(a1 * c1, dtype, FIX_BF16).to(tl.float32)
+        q1 = round_to(a2 * s1, dtype, FIX_BF16).to(tl.float32)
+        p2 = round_to(a2 * c2, dtype, FIX_BF16).to(tl.float32)
+        q2 = round_to(a1 * s2, dtype, FIX_BF16).to(tl.float32)
+        n1 = round_to(p1 - q1, dtype, FIX_BF16)
+        n2 = round_to(p2 + q2, dtype, FIX_BF16)
+    dst = out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+    tl.store(dst, n1, mask=mask)
+    tl.store(dst + D_HALF, n2, mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+    HQ, HK, D_HALF, q_blocks,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
+    stride_ct, stride_st, eps,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, FIX_BF16: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    if hb < q_blocks:
+        _norm_rope_heads(q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, t, hb * BLOCK_H, HQ, D_HALF,
+                         stride_qt, stride_qh, stride_qot, stride_qoh, stride_ct, stride_st, eps,
+                         BLOCK_H, BLOCK_D, ROPE, FIX_BF16)
+    else:
+        _norm_rope_heads(k_ptr, ko_ptr, kw_ptr, cos_ptr, sin_ptr, t, (hb - q_blocks) * BLOCK_H, HK, D_HALF,
+                         stride_kt, stride_kh, stride_kot, stride_koh, stride_ct, stride_st, eps,
+                         BLOCK_H, BLOCK_D, ROPE, FIX_BF16)
+
+
+def _heads_view(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 cos: torch.Tensor | None, sin: torch.Tensor | None,
+                 apply_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    if k.shape[0] != t or k.shape[2] != d or d % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need the same T and an even head dim")
+    if k.dtype != q.dtype:
+        raise ValueError(f"q and k dtypes differ: {q.dtype} vs {k.dtype}")
+    q, k = _heads_view(q), _heads_view(k)
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if apply_rope:
+        if cos is None or sin is None or cos.shape != (t, d) or sin.shape != (t, d):
+            raise ValueError(f"RoPE needs cos/sin of shape {(t, d)}")
+        cos, sin = _rows(cos), _rows(sin)
+    else:
+        cos = sin = q  # unused
+    if t == 0:
+        return qo, ko
+    d_half = d // 2
+    block_d = triton.next_power_of_2(d_half)
+    block_h = max(1, min(triton.next_power_of_2(max(hq, hk)), max(1, 2048 // (2 * block_d))))
+    q_blocks = triton.cdiv(hq, block_h)
+    grid = (t, q_blocks + triton.cdiv(hk, block_h))
+    _qk_norm_rope_kernel[grid](
+        q, k, qo, ko, q_weight.contiguous(), k_weight.contiguous(), cos, sin,
+        hq, hk, d_half, q_blocks,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
+        cos.stride(0), sin.stride(0), float(eps),
+        BLOCK_H=block_h, BLOCK_D=block_d, ROPE=bool(apply_rope), FIX_BF16=fix_bf16(q.dtype),
+        num_warps=4,
+    )
+    return qo, ko
+
+
+# --------------------------------------------------------------------------------------------- sigmoid gate
+@triton.jit
+def _sigmoid_gate_kernel(o_ptr, g_ptr, out_ptr, numel, BLOCK: tl.constexpr, FIX_BF16: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    dtype = out_ptr.dtype.element_ty
+    o = tl.load(o_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s = round_to(tl.sigmoid(g), dtype, FIX_BF16).to(tl.float32)  # torch rounds sigmoid(gate) to the dtype
+    tl.store(out_ptr + offs, round_to(o * s, dtype, FIX_BF16), mask=ok)
+
+
+def sigmoid_gate(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    if o.shape != gate.shape or o.dtype != gate.dtype:
+        raise ValueError(f"o {tuple(o.shape)} {o.dtype} and gate {tuple(gate.shape)} {gate.dtype} must match")
+    o_c, g_c = o.contiguous(), gate.contiguous()
+    out = torch.empty(o.shape, dtype=o.dtype, device=o.device)
+    numel = o.numel()
+    if numel:
+        block = 1024
+        _sigmoid_gate_kernel[(triton.cdiv(numel, block),)](o_c, g_c, out, numel, BLOCK=block,
+                                                            FIX_BF16=fix_bf16(o.dtype), num_warps=4)
+    return out

@@ -1,0 +1,416 @@
+"""Paged-attention kernels: the Triton kernels against the pure-torch references, and the dispatcher.
+
+How to run the Triton comparisons without a GPU (CI step): Triton's interpreter executes the kernels on
+CPU tensors when TRITON_INTERPRET=1 is set before triton is imported:
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_kernels_attention.py -q
+
+A plain `pytest` run on a CPU-only machine skips them (reason printed with -rs); on a CUDA machine they run
+on the GPU, together with the `gpu`-only cases at realistic shapes (head_dim 128, 32/4 heads, 2048 context).
+
+In the interpreter bf16 dot products run on fp32 copies of the bf16 operands (its tl.dot multiplies bf16 as
+raw bits), so there bf16 checks the kernels' logic and roundings but not the bf16 tensor-core path; fp16
+and fp32 go through tl.dot unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from trinity import kernels
+from trinity.engine.paged_attention import PagedAttention, _decode_attention
+from trinity.kernels import attention as A
+from trinity.model.attention import reference_attention, visibility_mask
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+
+needs_triton = pytest.mark.skipif(
+    not (HAS_TRITON and (INTERPRET or HAS_CUDA)),
+    reason="Triton kernels need CUDA or the interpreter: TRITON_INTERPRET=1 pytest tests/test_kernels_attention.py")
+gpu_only = pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA and not INTERPRET),
+                              reason="realistic shapes: CUDA only (too slow for the interpreter)")
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def tk():
+    from trinity.kernels import attention_triton
+    return attention_triton
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+
+
+# ------------------------------------------------------------------------------------------ builders
+def decode_case(lens, hq, hkv, d, dtype, *, slots_total=None, seed=0, pad="poison"):
+    """Random cache and slot-addressed contexts. Padded entries point at a NaN-filled slot (or -1), so any
+    read of a padded entry shows up as a non-finite output."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lens)
+    total = slots_total or (sum(lens) + 8)
+    q = torch.randn(len(lens), hq, d, generator=g)
+    kc = torch.randn(total, hkv, d, generator=g)
+    vc = torch.randn(total, hkv, d, generator=g)
+    poison = total - 1
+    kc[poison] = float("nan")
+    vc[poison] = float("nan")
+    perm = torch.randperm(total - 1, generator=g) + 0  # slots 0..total-2; poison never in a context
+    slots = torch.full((len(lens), width), poison if pad == "poison" else -1, dtype=torch.long)
+    start = 0
+    for b, n in enumerate(lens):
+        slots[b, :n] = perm[start:start + n]
+        start += n
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return to(q.to(dtype)), to(kc.to(dtype)), to(vc.to(dtype)), to(slots), to(lens_t)
+
+
+def prefill_case(seqs, hq, hkv, d, dtype, *, seed=0, shuffle_keys=False, tail=3):
+    """seqs: [(cached context length, new tokens)]: per sequence its context (positions start..s-1, with start
+    = s - ctx) followed by its chunk (s..s+n-1), packed back to back. `tail` NaN key rows follow the last
+    sequence: reading past cu_k[-1] poisons the output."""
+    g = torch.Generator().manual_seed(seed)
+    qs, qp, kp, cu_q, cu_k = [], [], [], [0], [0]
+    for b, (ctx, n) in enumerate(seqs):
+        s = ctx + 5 * b  # sequences start at different absolute positions
+        qp.append(torch.arange(s, s + n))
+        pos = torch.arange(s - ctx, s + n)
+        if shuffle_keys:
+            pos = pos[torch.randperm(len(pos), generator=g)]
+        kp.append(pos)
+        cu_q.append(cu_q[-1] + n)
+        cu_k.append(cu_k[-1] + ctx + n)
+    tq, tk_ = cu_q[-1], cu_k[-1]
+    q = torch.randn(tq, hq, d, generator=g)
+    k = torch.randn(tk_ + tail, hkv, d, generator=g)
+    v = torch.randn(tk_ + tail, hkv, d, generator=g)
+    k[tk_:] = float("nan")
+    v[tk_:] = float("nan")
+    kp.append(torch.zeros(tail, dtype=torch.long))
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return (to(q.to(dtype)), to(k.to(dtype)), to(v.to(dtype)), to(torch.tensor(cu_q, dtype=torch.int32)),
+            to(torch.tensor(cu_k, dtype=torch.int32)), to(torch.cat(qp)), to(torch.cat(kp)))
+
+
+def f32(*ts):
+    return [t.float() if t.is_floating_point() else t for t in ts]
+
+
+# ------------------------------------------------------------------------------ references (always run)
+def test_decode_reference_is_engine_math():
+    q, kc, vc, slots, lens = decode_case([5, 1, 9], 4, 2, 16, torch.float32, pad="poison")
+    valid = torch.arange(slots.shape[1], device=DEVICE)[None] < lens[:, None].long()
+    engine_slots = slots.masked_fill(~valid, 0)  # what ModelRunner._decode_context builds
+    want = _decode_attention(q, kc[engine_slots], vc[engine_slots], valid, 0.3)
+    for arg in (valid, lens, lens.long()):
+        torch.testing.assert_close(A.decode_attention_reference(q, kc, vc, slots, arg, 0.3), want)
+
+
+def test_prefill_reference_is_engine_math():
+    q, k, v, cu_q, cu_k, qp, kp = prefill_case([(4, 3), (0, 5)], 4, 2, 16, torch.float32)
+    out = A.prefill_attention_reference(q, k, v, cu_q, cu_k, qp, kp, 3, 0.3)
+    for b in range(2):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        want = reference_attention(q[qs], k[ks], v[ks], visibility_mask(qp[qs], kp[ks], 3), 0.3)
+        torch.testing.assert_close(out[qs], want)
+
+
+def test_write_kv_reference_skips_negative_slots():
+    kc, vc = torch.zeros(6, 2, 4), torch.zeros(6, 2, 4)
+    k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    A.write_kv_reference(kc, vc, torch.tensor([4, -1, 0]), k, v)
+    torch.testing.assert_close(kc[4], k[0])
+    torch.testing.assert_close(vc[0], v[2])
+    assert kc[[1, 2, 3, 5]].abs().sum() == 0
+
+
+def test_selection(monkeypatch):
+    monkeypatch.setenv("TRINITY_KERNELS", "reference")
+    assert not A.use_triton(torch.zeros(1))
+    monkeypatch.setenv("TRINITY_KERNELS", "auto")
+    assert not A.triton_available("cpu")  # the interpreter only runs when forced
+    assert not A.use_triton(torch.zeros(1))
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not A.triton_available("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert A.triton_available("cpu") == HAS_TRITON
+    kernels.use_reference(True)
+    try:
+        assert not A.use_triton(torch.zeros(1))
+    finally:
+        kernels.use_reference(None)
+    assert not A.use_triton(torch.zeros(1, requires_grad=True))  # autograd keeps the reference
+
+
+# ------------------------------------------------------------------------------------- Triton: decode
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 2), (6, 2)])
+def test_decode_matches_reference(tk, dtype, hq, hkv):
+    lens = [1, 23, 7, 40]
+    q, kc, vc, slots, ctx_lens = decode_case(lens, hq, hkv, 16, dtype, seed=hq * 7 + hkv)
+    ref = A.decode_attention_reference(*f32(q, kc, vc), slots, ctx_lens, 0.25)
+    for splits in (1, 3):
+        out = tk.decode_attention(q, kc, vc, slots, ctx_lens, 0.25, num_splits=splits, block_n=16)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert rel_err(out, ref) < TOL[dtype], splits
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_head_dim_64_auto_splits(tk, dtype):
+    q, kc, vc, slots, ctx_lens = decode_case([70, 1, 33], 8, 2, 64, dtype, seed=3)
+    ref = A.decode_attention_reference(*f32(q, kc, vc), slots, ctx_lens, 64 ** -0.5)
+    out = tk.decode_attention(q, kc, vc, slots, ctx_lens, 64 ** -0.5, block_n=16)  # heuristic splits
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@needs_triton
+def test_decode_never_reads_padding(tk):
+    for pad in ("poison", "negative"):  # a NaN slot, or -1 (out of bounds if read)
+        q, kc, vc, slots, ctx_lens = decode_case([3, 1, 17], 4, 2, 16, torch.float32, pad=pad)
+        ref = A.decode_attention_reference(q, kc, vc, slots, ctx_lens, 0.5)
+        for splits in (1, 4):
+            out = tk.decode_attention(q, kc, vc, slots, ctx_lens, 0.5, num_splits=splits, block_n=16)
+            assert rel_err(out, ref) < 1e-4
+
+
+@needs_triton
+def test_decode_noncontiguous_inputs(tk):
+    """q sliced from a fused projection, cache as one layer of a [layers, S, H, D] pool."""
+    q, kc, vc, slots, ctx_lens = decode_case([9, 30], 4, 2, 16, torch.float32)
+    qkv = torch.cat([q, torch.randn_like(q)], dim=1)
+    q_view = qkv[:, :4]
+    pool_k = torch.stack([torch.randn_like(kc), kc])
+    pool_v = torch.stack([torch.randn_like(vc), vc])
+    ref = A.decode_attention_reference(q, kc, vc, slots, ctx_lens, 0.5)
+    out = tk.decode_attention(q_view, pool_k[1], pool_v[1], slots, ctx_lens, 0.5, block_n=16)
+    assert rel_err(out, ref) < 1e-4
+
+
+@needs_triton
+def test_decode_dispatcher_with_engine_mask(monkeypatch):
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    q, kc, vc, slots, lens = decode_case([12, 1, 5], 4, 2, 16, torch.float32)
+    valid = torch.arange(slots.shape[1], device=DEVICE)[None] < lens[:, None].long()
+    engine_slots = slots.masked_fill(~valid, 0)
+    out = A.decode_attention(q, kc, vc, engine_slots, valid, 0.3)
+    want = _decode_attention(q, kc[engine_slots], vc[engine_slots], valid, 0.3)
+    assert rel_err(out, want) < 1e-4
+
+
+# ------------------------------------------------------------------------------------ Triton: prefill
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (8, 2), (6, 2)])
+@pytest.mark.parametrize("window", [None, 6])
+def test_prefill_matches_reference(tk, dtype, hq, hkv, window):
+    # a fresh prompt, a chunk with cached context, a one-token chunk, a longer chunk past the window
+    seqs = [(0, 13), (21, 9), (4, 1), (11, 26)]
+    q, k, v, cu_q, cu_k, qp, kp = prefill_case(seqs, hq, hkv, 16, dtype, seed=hq + hkv)
+    ref = A.prefill_attention_reference(*f32(q, k, v), cu_q, cu_k, qp, kp, window, 0.25)
+    out = tk.prefill_attention(q, k, v, cu_q, cu_k, qp, kp, window, 0.25, block_m=4, block_n=16)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 20])
+def test_prefill_head_dim_64_long_context(tk, dtype, window):
+    """Context far longer than the window: whole key tiles before the window are skipped."""
+    seqs = [(90, 24), (0, 17)]
+    q, k, v, cu_q, cu_k, qp, kp = prefill_case(seqs, 8, 2, 64, dtype, seed=11)
+    ref = A.prefill_attention_reference(*f32(q, k, v), cu_q, cu_k, qp, kp, window, 0.125)
+    out = tk.prefill_attention(q, k, v, cu_q, cu_k, qp, kp, window, 0.125, max_q_len=24, block_n=16)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_any_key_order(tk, window):
+    """Visibility is by position, not by index: keys shuffled within each sequence give the same result."""
+    q, k, v, cu_q, cu_k, qp, kp = prefill_case([(14, 10), (3, 7)], 4, 2, 16, torch.float32, shuffle_keys=True)
+    ref = A.prefill_attention_reference(q, k, v, cu_q, cu_k, qp, kp, window, 0.25)
+    out = tk.prefill_attention(q, k, v, cu_q, cu_k, qp, kp, window, 0.25, block_m=4, block_n=16)
+    assert rel_err(out, ref) < 1e-4
+
+
+@needs_triton
+def test_prefill_default_blocks_and_dispatcher(monkeypatch):
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    q, k, v, cu_q, cu_k, qp, kp = prefill_case([(5, 40), (0, 3)], 4, 1, 16, torch.float32)
+    ref = A.prefill_attention_reference(q, k, v, cu_q, cu_k, qp, kp, None, 0.25)
+    assert rel_err(A.prefill_attention(q, k, v, cu_q, cu_k, qp, kp, None, 0.25), ref) < 1e-4
+
+
+# ----------------------------------------------------------------------------------- Triton: write_kv
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv(tk, dtype):
+    g = torch.Generator().manual_seed(5)
+    kc = torch.randn(20, 3, 16, generator=g).to(dtype).to(DEVICE)
+    vc = torch.randn(20, 3, 16, generator=g).to(dtype).to(DEVICE)
+    fused = torch.randn(5, 6, 16, generator=g).to(dtype).to(DEVICE)  # strided k/v views of one tensor
+    k, v = fused[:, :3], fused[:, 3:]
+    slots = torch.tensor([7, -1, 0, 19, -1], device=DEVICE)
+    want_k, want_v = kc.clone(), vc.clone()
+    A.write_kv_reference(want_k, want_v, slots, k, v)
+    tk.write_kv(kc, vc, slots, k, v)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+@needs_triton
+def test_write_kv_dispatcher(monkeypatch):
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    kc, vc = torch.zeros(8, 2, 16, device=DEVICE), torch.zeros(8, 2, 16, device=DEVICE)
+    k, v = torch.randn(3, 2, 16, device=DEVICE), torch.randn(3, 2, 16, device=DEVICE)
+    A.write_kv(kc, vc, torch.tensor([2, -1, 5], device=DEVICE), k, v)
+    assert torch.equal(kc[2], k[0]) and torch.equal(vc[5], v[2]) and kc[[0, 1, 3, 4, 6, 7]].abs().sum() == 0
+
+
+# -------------------------------------------------------------------------- GPU: realistic shapes
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_decode_realistic(tk, dtype):
+    lens = [2048, 1, 1500, 777, 2048, 64, 300, 1024]
+    q, kc, vc, slots, ctx_lens = decode_case(lens, 32, 4, 128, dtype, slots_total=16384, seed=1)
+    ref = A.decode_attention_reference(*f32(q, kc, vc), slots, ctx_lens, 128 ** -0.5)
+    for splits in (None, 1):
+        out = tk.decode_attention(q, kc, vc, slots, ctx_lens, 128 ** -0.5, num_splits=splits)
+        assert rel_err(out, ref) < TOL[dtype]
+    # batch 1 at full context: the split-K path
+    out = tk.decode_attention(q[:1], kc, vc, slots[:1], ctx_lens[:1], 128 ** -0.5)
+    assert rel_err(out, ref[:1]) < TOL[dtype]
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [None, 512])
+def test_gpu_prefill_realistic(tk, dtype, window):
+    seqs = [(1536, 512), (0, 2048), (100, 333)]
+    q, k, v, cu_q, cu_k, qp, kp = prefill_case(seqs, 32, 4, 128, dtype, seed=2)
+    ref = A.prefill_attention_reference(*f32(q, k, v), cu_q, cu_k, qp, kp, window, 128 ** -0.5)
+    out = tk.prefill_attention(q, k, v, cu_q, cu_k, qp, kp, window, 128 ** -0.5, max_q_len=2048)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@gpu_only
+def test_gpu_write_kv_realistic(tk):
+    kc = torch.zeros(65536, 4, 128, dtype=torch.bfloat16, device="cuda")
+    vc = torch.zeros_like(kc)
+    k = torch.randn(4096, 4, 128, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    slots = torch.randperm(65536, device="cuda")[:4096]
+    slots[::7] = -1
+    want_k, want_v = kc.clone(), vc.clone()
+    A.write_kv_reference(want_k, want_v, slots, k, v)
+    tk.write_kv(kc, vc, slots, k, v)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+# ------------------------------------------------------------- the engine's attend, through the dispatcher
+def engine_step(window, seed=0, hq=4, hkv=2, d=16):
+    """A PagedAttention over one layer: decodes and prefill chunks interleaved in the flat batch."""
+    from trinity.engine.paged_attention import PagedAttention, PagedKV, PoolStep, PrefillMeta
+    g = torch.Generator().manual_seed(seed)
+    S = 96
+    kc, vc = torch.randn(S, hkv, d, generator=g), torch.randn(S, hkv, d, generator=g)
+    perm = iter(torch.randperm(S, generator=g).tolist())
+    take = lambda n: torch.tensor([next(perm) for _ in range(n)], dtype=torch.long)  # noqa: E731
+    # flat rows: chunk C (7 cached + 6 new) 0-5, decode A (10 cached) 6, prompt D (5) 7-11, decode B (3) 12
+    ctx_a, ctx_b, ctx_c = take(11), take(4), take(7)
+    new_c, new_d = take(6), take(5)
+    width = 11
+    dec_ctx = torch.zeros(2, width, dtype=torch.long)
+    dec_ctx[0], dec_ctx[1, :4] = ctx_a, ctx_b
+    valid = torch.arange(width)[None] < torch.tensor([11, 4])[:, None]
+    step = PoolStep(
+        dec_rows=torch.tensor([6, 12]), dec_slots=torch.stack([ctx_a[-1], ctx_b[-1]]), dec_ctx_slots=dec_ctx,
+        dec_ctx_valid=valid, prefill_rows=torch.tensor([0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11]),
+        prefill_slots=torch.cat([new_c, new_d]),
+        prefills=[PrefillMeta(start=0, num=6, q_pos=torch.arange(7, 13), ctx_slots=ctx_c, ctx_pos=torch.arange(7)),
+                  PrefillMeta(start=7, num=5, q_pos=torch.arange(5), ctx_slots=torch.zeros(0, dtype=torch.long),
+                              ctx_pos=torch.zeros(0, dtype=torch.long))])
+    q = torch.randn(13, hq, d, generator=g)
+    k, v = torch.randn(13, hkv, d, generator=g), torch.randn(13, hkv, d, generator=g)
+    attn = PagedAttention(PagedKV(k={"full": kc[None].clone()}, v={"full": vc[None].clone()},
+                                  layer_pool=[("full", 0)]), {"full": step})
+    return attn, step, kc, vc, q, k, v
+
+
+def check_engine_step(window):
+    attn, step, kc, vc, q, k, v = engine_step(window)
+    want = attn.attend(0, q, k, v, window, 0.25)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    step_d = type(step)(**{f: getattr(step, f) if f in ("prefills", "packed") else dev(getattr(step, f))
+                           for f in step.__slots__})
+    step_d.prefills = [type(p)(**{f: getattr(p, f) if f in ("start", "num") else dev(getattr(p, f))
+                                  for f in p.__slots__}) for p in step.prefills]
+    kc_d, vc_d = dev(kc.clone()), dev(vc.clone())
+    # the engine's own fast-path wiring, on whatever the dispatcher picks here
+    out = PagedAttention._attend_fast(kc_d, vc_d, step_d, dev(q), dev(k), dev(v), window, 0.25)
+    assert rel_err(out.cpu(), want) < 1e-4
+    assert torch.equal(kc_d.cpu(), attn.kv.k["full"][0]) and torch.equal(vc_d.cpu(), attn.kv.v["full"][0])
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_engine_step_reference_dispatch(window):
+    check_engine_step(window)
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [None, 4])
+def test_engine_step_triton_dispatch(monkeypatch, window):
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    assert A.use_triton(torch.zeros(1, device=DEVICE))
+    check_engine_step(window)
+
+
+# ------------------------------------------------------------------ ahead-of-time compile (no GPU needed)
+@pytest.mark.skipif(not (HAS_TRITON and os.environ.get("TRINITY_KERNEL_AOT") == "1" and not INTERPRET),
+                    reason="set TRINITY_KERNEL_AOT=1 (without TRITON_INTERPRET) to compile the kernels for sm_90")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_sm90(tk, dtype):
+    """Runs Triton's whole CUDA pipeline down to a cubin (bundled ptxas) without a device: catches what the
+    interpreter accepts but the compiler does not, at the CUDA launch settings for head_dim 128, 32/4 heads."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:  # the AOT API moved
+        pytest.skip(f"triton AOT API unavailable: {e}")
+    target = GPUTarget("cuda", 90, 32)
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    rows = 128 if dtype == "bf16" else 32
+
+    def build(kernel, types, consts, num_warps):
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
+        triton.compile(ASTSource(kernel, sig, constexprs=consts), target=target, options={"num_warps": num_warps})
+
+    act = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")}
+    for split in (False, True):
+        build(tk._decode_kernel, {**act, "part_ptr": "*fp32", "lse_ptr": "*fp32", "slots_ptr": "*i64",
+                                  "lens_ptr": "*i32", "qk_scale": "fp32"},
+              dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
+                   SPLIT=split, DOT_PRECISION=prec, UPCAST=False), 8)
+    build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"},
+          dict(HEAD_DIM=128, BLOCK_S=16, BLOCK_D=128), 4)
+    for window in (False, True):
+        build(tk._prefill_kernel, {**act, "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "q_pos_ptr": "*i64",
+                                   "k_pos_ptr": "*i64", "qk_scale": "fp32"},
+              dict(GROUP=8, GROUP_P2=8, HEAD_DIM=128, BLOCK_M=rows // 8, BLOCK_N=32, BLOCK_D=128,
+                   HAS_WINDOW=window, DOT_PRECISION=prec, UPCAST=False), 8)
+    build(tk._write_kv_kernel, {**act, "slots_ptr": "*i64"}, dict(HEADS=4, HEAD_DIM=128, BLOCK_H=4, BLOCK_D=128), 4)
