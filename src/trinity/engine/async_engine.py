@@ -56,6 +56,8 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        for request_id in list(self._streams):  # nobody will step these any more: end their streams
+            self._deliver(request_id, RuntimeError("the engine was shut down"))
 
     @property
     def num_in_flight(self) -> int:

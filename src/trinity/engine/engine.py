@@ -80,6 +80,8 @@ class LLMEngine:
                 raise ValueError("this engine has no tokenizer: pass prompt_token_ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
         prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty (0 tokens)")
         vocab = self.model.config.vocab_size
@@ -112,6 +114,8 @@ class LLMEngine:
                 seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=seq.params.skip_special_tokens)
             if seq.params.logprobs is not None:
                 seq.logprobs = []
+            if seq.params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]  # the first prompt token has no context to be scored in
             if seq.params.constraint_factory is not None:
                 seq.constraint = seq.params.constraint_factory()
             self.scheduler.add(seq)
@@ -141,13 +145,16 @@ class LLMEngine:
         if not batch.seqs:
             return []
         self.num_steps += 1
+        try:
+            return self._run_batch(batch)
+        except Exception as e:  # a failed step fails its requests, never the engine or other requests
+            log.exception("step failed; failing the %d requests in it", len(batch.seqs))
+            return self._fail(batch, f"internal error while running the model: {type(e).__name__}")
+
+    def _run_batch(self, batch: ScheduledBatch) -> list[RequestOutput]:
         sample_rows, sample_seqs, prompt_rows = self._logits_rows(batch)
         rows = [r for r, _ in sample_rows] + [r for r, _, _ in prompt_rows]
-        try:
-            logits = self.runner.execute(batch, rows)
-        except Exception as e:  # a failed step fails its requests, never the engine
-            log.exception("model step failed; failing the %d requests in it", len(batch.seqs))
-            return self._fail(batch, f"internal error while running the model: {type(e).__name__}")
+        logits = self.runner.execute(batch, rows)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
@@ -211,8 +218,6 @@ class LLMEngine:
             return
         raw = torch.log_softmax(logits, dim=-1)
         for i, (_, seq, position) in enumerate(prompt_rows):
-            if seq.prompt_logprobs is None:
-                seq.prompt_logprobs = [None]  # the first prompt token has no context to be scored in
             if len(seq.prompt_logprobs) == position:  # skip positions recomputed after a preemption
                 lps = position_logprobs(raw[i], seq.prompt_token_ids[position], seq.params.prompt_logprobs)
                 self._decode_logprob_tokens(lps)
@@ -234,9 +239,10 @@ class LLMEngine:
             seq.finish("stop", None if token in p.eos_token_ids and token not in p.stop_token_ids else token)
         else:
             if seq.detokenizer is not None:
+                before = len(seq.text)
                 seq.text += seq.detokenizer.add(token)
-                if p.stop:
-                    self._check_stop_strings(seq)
+                if p.stop and len(seq.output_token_ids) >= p.min_tokens:  # min_tokens holds stop strings back too
+                    self._check_stop_strings(seq, before)
             if not seq.finished and seq.constraint is not None and seq.constraint.is_finished():
                 seq.finish("stop")
             if not seq.finished and len(seq.output_token_ids) >= seq.max_tokens:
@@ -246,12 +252,12 @@ class LLMEngine:
                 seq.text += seq.detokenizer.flush()
             self.scheduler.remove(seq)
 
-    def _check_stop_strings(self, seq: Sequence) -> bool:
-        """Finish when a stop string appears; the text ends before it (or after it, if asked)."""
+    def _check_stop_strings(self, seq: Sequence, new_from: int) -> bool:
+        """Finish when a stop string appears; the text ends before it (or after it, if asked).
+        A new match must end in the text added since `new_from`, so the search starts just before it."""
         p = seq.params
         longest = max(len(s) for s in p.stop)
-        # only the tail can hold a new match: the last token added at most its own length
-        window_start = max(0, len(seq.text) - longest - 32)
+        window_start = max(0, new_from - longest + 1)
         hits = [(seq.text.find(s, window_start), s) for s in p.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
@@ -269,7 +275,9 @@ class LLMEngine:
     def _fail(self, batch: ScheduledBatch, message: str) -> list[RequestOutput]:
         outputs = []
         for req_id in dict.fromkeys(s.request_id for s in batch.seqs):
-            req = self.requests.pop(req_id)
+            req = self.requests.pop(req_id, None)
+            if req is None:
+                continue
             for seq in req.seqs:
                 if not seq.finished:
                     self.scheduler.remove(seq)

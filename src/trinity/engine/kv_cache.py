@@ -4,7 +4,9 @@ Trinity has two kinds of attention layer, so two pools:
 - the *full* pool serves full-attention layers: a sequence holds ceil(len / block_size) blocks;
 - the *sliding* pool serves sliding-window layers: a sequence holds a ring of at most
   ceil(window / block_size) + 1 blocks, reused as the sequence grows (position p lives in ring entry
-  (p // block_size) % ring_blocks), so a sliding layer never stores more than window + block_size tokens.
+  (p // block_size) % ring_blocks), so a sliding layer never holds more than
+  (ceil(window / block_size) + 1) * block_size token slots: window + block_size when the block size divides
+  the window, under window + 2 * block_size otherwise.
 All layers of one kind share a sequence's block table; each layer has its own tensor in that pool.
 """
 

@@ -142,7 +142,7 @@ class Sampler:
         if any(p.top_k or p.top_p < 1 for p in params):
             sorted_x, order = x.sort(dim=-1, descending=True)
             vocab = x.shape[-1]
-            k = torch.tensor([p.top_k if p.top_k else vocab for p in params], device=dev)[:, None]
+            k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=dev)[:, None]
             drop = torch.arange(vocab, device=dev)[None, :] >= k
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]

@@ -16,7 +16,8 @@ from .state import ServerState
 
 
 class _BodyLimit:
-    """413 for bodies over the limit, checked on the declared length and on the bytes as they arrive."""
+    """413 for bodies over the limit: checked on the declared length, and on the bytes actually sent (a chunked
+    body is read here, up to the limit, then replayed to the app)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -27,21 +28,31 @@ class _BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
+            if message["type"] != "http.request":  # the client left: let the app see it
+                chunks = None
+                pending = message
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._reject(send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            return await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            return await self._reject(send)
+        async def replay():
+            nonlocal replayed
+            if chunks is None:
+                return pending
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnect notices
+
+        return await self.app(scope, replay, send)
 
     async def _reject(self, send):
         response = APIError(413, f"request body is larger than the server's limit of {self.max_bytes} bytes",
@@ -50,10 +61,6 @@ class _BodyLimit:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(response.body)).encode())]})
         await send({"type": "http.response.body", "body": response.body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -81,6 +88,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if state.draining:
+            raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": "5"})
         if not state.ready:
             raise APIError(503, state.load_error or "the model is still loading", code="loading",
                            headers={"Retry-After": "5"})

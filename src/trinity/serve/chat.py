@@ -54,6 +54,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                             "--tool-call-parser", param="tool_choice")
     constraint = _constraint(state, body, choice, tools)
     template_kwargs = dict(body.chat_template_kwargs or {})
+    reserved = sorted(set(template_kwargs) & {"messages", "tools", "add_generation_prompt", "tokenize"})
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: they are request fields",
+                       param="chat_template_kwargs")
     # Constrained output is the answer itself: no thinking prefill in front of it.
     enable_thinking = bool(template_kwargs.pop("enable_thinking", True)) and constraint is None
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -135,7 +139,9 @@ class _ChoiceReader:
             self.constrained_text += new
             if not final:
                 return "", "", []
-            return "", "", _deltas_from_calls(_calls_from_json(self.constrained_text))
+            deltas = _deltas_from_calls(_calls_from_json(self.constrained_text))
+            self.saw_tool_call |= bool(deltas)
+            return "", "", deltas
         r, c = self.reasoning.feed(new)
         if final:
             fr, fc = self.reasoning.flush()
@@ -243,6 +249,9 @@ async def _stream_events(state: ServerState, plan: _Plan, outputs: AsyncIterator
             if done[i]:
                 continue
             final = c.finish_reason is not None
+            if final and c.finish_reason == "length" and plan.constrained_tools:
+                raise APIError(400, "max_tokens ran out before the tool call was complete; raise max_tokens",
+                               param="max_tokens")
             r, text, deltas = reader.delta(c.text, final)
             delta: dict = {}
             if r:
@@ -257,9 +266,6 @@ async def _stream_events(state: ServerState, plan: _Plan, outputs: AsyncIterator
                 yield chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
             if final:
                 done[i] = True
-                if c.finish_reason == "length" and plan.constrained_tools:
-                    raise APIError(400, "max_tokens ran out before the tool call was complete",
-                                   param="max_tokens")
                 yield chunk([{"index": i, "delta": {}, "logprobs": None,
                               "finish_reason": _finish_reason(c, reader.saw_tool_call),
                               "stop_reason": c.stop_reason}])
