@@ -20,7 +20,7 @@ from trinity.serve.structured import (  # noqa: E402
 )
 from trinity.tokenizer import build_byte_level_tokenizer, train_bpe_tokenizer  # noqa: E402
 
-SEEDS = range(20)
+SEEDS = range(8)
 
 WORDS = ["name", "age", "ok", "items", "color", "red", "green", "blue", "true", "false", "null", "id", "value",
          "tags", "pt", "x", "y", "<|im_end|>", "<think>"]
@@ -85,7 +85,7 @@ def _prompts(k: int, seed: int = 0) -> list[list[int]]:
 
 
 def _run(llm, factory, greedy: bool, max_tokens: int = 200, k: int = len(SEEDS), **extra):
-    """k (20) sequences: greedy over k prompts, or sampling over k seeds (and k prompts)."""
+    """k (8) sequences: greedy over k prompts, or sampling over k seeds (and k prompts)."""
     prompts = _prompts(k)
     params = [SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 1.0, seed=s,
                              constraint_factory=factory, **extra) for s in SEEDS[:k]]
