@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # The whole suite, then the Triton kernels against their references in Triton's CPU interpreter.
 test: install
 	$(PY) -m pytest
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py
 
 # The OpenAI-compatible server on the default model, at http://127.0.0.1:8000/v1
 serve: install
