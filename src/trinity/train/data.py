@@ -136,31 +136,42 @@ class _Loader:
 
 
 class SequentialLoader(_Loader):
-    """Documents back to back in corpus order, cycling."""
+    """Documents back to back in corpus order, cycling.
 
-    def __init__(self, documents: list[Document], seq_len: int, seed: int = 0):
+    `streams`: independent readers starting at evenly spaced documents, as data-parallel workers each reading
+    their own shard; a batch's rows are split into `streams` equal runs, one per reader (the trainer uses one
+    stream per micro batch). With one stream, a long document fills every micro batch of a step."""
+
+    def __init__(self, documents: list[Document], seq_len: int, seed: int = 0, streams: int = 1):
         super().__init__(documents, seq_len, seed)
-        self.doc = 0
-        self.offset = 0
+        self.cursors = [[(i * len(documents)) // streams, 0] for i in range(max(1, streams))]
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch_size % len(self.cursors):
+            raise ValueError(f"batch of {batch_size} does not split over {len(self.cursors)} streams")
+        self._order = [i * len(self.cursors) // batch_size for i in range(batch_size)]
+        return super().next_batch(batch_size)
 
     def next_sequence(self) -> tuple[np.ndarray, np.ndarray]:
+        order = getattr(self, "_order", None)
+        cursor = self.cursors[order.pop(0) if order else 0]
         need = self.seq_len + 1
         ids, masks = [], []
         while need:
-            part, mask = self._read(self.doc, self.offset, need)
+            part, mask = self._read(cursor[0], cursor[1], need)
             ids.append(part)
             masks.append(mask)
             need -= len(part)
-            self.offset += len(part)
-            if self.offset >= len(self.docs[self.doc].ids):
-                self.doc, self.offset = (self.doc + 1) % len(self.docs), 0
+            cursor[1] += len(part)
+            if cursor[1] >= len(self.docs[cursor[0]].ids):
+                cursor[0], cursor[1] = (cursor[0] + 1) % len(self.docs), 0
         return np.concatenate(ids), np.concatenate(masks)
 
     def state_dict(self) -> dict:
-        return {"doc": self.doc, "offset": self.offset, "rng": self.rng.getstate()}
+        return {"cursors": [list(c) for c in self.cursors], "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.doc, self.offset = state["doc"], state["offset"]
+        self.cursors = [list(c) for c in state["cursors"]]
         self.rng.setstate(_as_rng_state(state["rng"]))
 
 
@@ -215,9 +226,10 @@ def _as_rng_state(state) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def make_loader(order: str, documents: list[Document], seq_len: int, seed: int, buffer_size: int = 64) -> _Loader:
+def make_loader(order: str, documents: list[Document], seq_len: int, seed: int, buffer_size: int = 64,
+                streams: int = 1) -> _Loader:
     if order == "rsdb":
         return RSDBLoader(documents, seq_len, seed, buffer_size)
     if order == "sequential":
-        return SequentialLoader(documents, seq_len, seed)
+        return SequentialLoader(documents, seq_len, seed, streams)
     raise ValueError(f"data order {order!r}: allowed rsdb, sequential")

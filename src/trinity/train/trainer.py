@@ -36,6 +36,10 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     data_order: str = "rsdb"  # rsdb | sequential
     buffer_size: int = 64
+    # sequential order: readers starting at evenly spaced documents (like data workers on separate shards);
+    # a step's batch is split into this many equal runs, one per reader. Independent of ranks and micro batches,
+    # so neither changes the data.
+    data_streams: int = 1
     seq_len: int = 128
     batch_size: int = 8  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 0  # sequences per forward on one rank; 0 = the whole rank share
@@ -177,7 +181,7 @@ class Trainer:
             block.record_router = bool(self.aux_coeff or cfg.z_loss_coeff)
         eos = self.tokenizer.eos_token_id
         self.loader = make_loader(cfg.data_order, load_documents(cfg.data, self.tokenizer, eos), cfg.seq_len,
-                                  cfg.seed, cfg.buffer_size)
+                                  cfg.seed, cfg.buffer_size, streams=cfg.data_streams)
         self.step = 0
         self.history: list[dict] = []
         os.makedirs(cfg.out_dir, exist_ok=True)
