@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/cpu_throughput.py [--requests 32] [--prompt-tokens 64] [--new-tokens 128]
 
-The same random ~120M-parameter Trinity-shaped model (hidden 512, 8 layers, 32 experts top-4), fp32, greedy,
-in one process. HF gets the whole batch at once (equal-length prompts, so no padding is wasted).
+The same random ~120M-parameter Trinity-shaped model (hidden 512, 8 layers, 32 experts top-4), greedy, in one
+process, fp32 by default (`--dtype bfloat16` for both sides in bf16). HF gets the whole batch at once (equal-length prompts, so no padding is wasted).
 Prints a table, then one JSON object as the last line.
 """
 
@@ -30,13 +30,15 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
 
     cfg = bench_config()
-    model = TrinityForCausalLM.random(cfg, seed=0)
+    dtype = getattr(torch, args.dtype)
+    model = TrinityForCausalLM.random(cfg, seed=0, dtype=dtype)
     prompts = torch.randint(0, cfg.vocab_size, (args.requests, args.prompt_tokens),
                             generator=torch.Generator().manual_seed(0))
     n = args.new_tokens
@@ -53,13 +55,13 @@ def main() -> None:
 
     result = {"benchmark": "cpu_throughput", "params_millions": round(cfg.num_parameters() / 1e6, 1),
               "requests": args.requests, "prompt_tokens": args.prompt_tokens, "new_tokens": n,
-              "threads": args.threads, "dtype": "float32", "torch": torch.__version__,
+              "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__,
               "trinity_tok_s": round(total / t_ours, 1)}
     print(f"trinity LLM.generate  {result['trinity_tok_s']:>8} tok/s  ({t_ours:.1f} s)")
     if not args.skip_hf:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
-            hf = transformers.AfmoeForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            hf = transformers.AfmoeForCausalLM.from_pretrained(d, dtype=dtype).eval()
         with torch.inference_mode():
             hf.generate(prompts[:2, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
             start = time.perf_counter()
