@@ -42,6 +42,8 @@ emitted. ``extract`` neither uses nor advances the counter.
 
 from __future__ import annotations
 
+import abc
+
 import itertools
 import json
 import math
@@ -254,7 +256,7 @@ def _coerce_json_args(args: dict, properties: dict) -> dict:
 # parsers
 
 
-class ToolParser:
+class ToolParser(abc.ABC):
     """Base class: splits text into content and ``<tool_call>`` blocks; subclasses parse the blocks.
 
     ``tools``: OpenAI-style tool definitions (``{"type": "function", "function": {...}}``; bare function
@@ -294,9 +296,9 @@ class ToolParser:
 
     # -- block hooks (override) -----------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _parse_block(self, inner: str) -> tuple[str, str] | None:
         """A finished block's text (between the tags) -> (name, arguments JSON), or None if not a call."""
-        raise NotImplementedError
 
     def _block_start(self) -> None:
         """Streaming: a block has just opened."""
