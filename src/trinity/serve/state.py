@@ -128,8 +128,8 @@ class ServerState:
                            if "max_model_len" in message or "KV cache" in message else "invalid_value") from None
 
     # ------------------------------------------------------------------ running
-    async def run(self, engine: AsyncEngine, prepared, raw_request=None) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs, recording metrics; a disconnected client aborts it."""
+    async def run(self, engine: AsyncEngine, prepared) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs, recording metrics; leaving the stream early aborts the request."""
         self.in_flight += 1
         last_tokens = 0
         last_time = None
