@@ -6,7 +6,10 @@ A small MoE (hidden 128, 4 layers of which 3 MoE, 32 experts top-4, no shared ex
 trainer (Muon + AdamW, the default balancing hyper-parameters) on text whose words follow a Zipf law
 (byte-level tokens), so that routing skews. Same seed, same data, same steps for each rule. For each rule it
 reports MaxVio (mean over MoE layers) averaged over the last 20% of steps, and how much it moves from step to step
-there: the standard deviation over that window and the standard deviation of the step-to-step differences.
+there: the standard deviation of the step-to-step differences MaxVio[t] - MaxVio[t-1] (`step_diff_std`, the
+steadiness measure) and, for reference, the plain standard deviation over the window (`std_last`, which also
+picks up a rule that is still converging). `--gamma/--kappa/--beta/--lam` override the balancing
+hyper-parameters (default: the trainer's defaults) to try other settings without touching the source.
 
 Writes `<out>/train_balance.json` (with the curves) and `<out>/train_balance.png` beside it; prints a table and
 then one JSON object (the summary) as its last line. bf16 autocast is off by default: on CPU it is ~4x slower and
@@ -53,6 +56,8 @@ def zipf_corpus(path: str, docs: int, words: int, exponent: float, seed: int) ->
 def train(rule: str, corpus: str, args, work: str) -> dict:
     cfg = TrainConfig(preset="tiny", model=dict(MODEL), data=[corpus], seq_len=args.seq_len,
                       batch_size=args.batch_size, steps=args.steps, warmup_steps=10, balance=rule, seed=args.seed,
+                      **{f"balance_{k}": getattr(args, k) for k in ("gamma", "kappa", "beta", "lambda")
+                         if getattr(args, k) is not None},
                       out_dir=os.path.join(work, rule), progress=False, autocast=args.autocast, device=args.device,
                       data_order="rsdb")
     trainer = Trainer(cfg)
@@ -106,7 +111,7 @@ def plot(runs: dict, path: str, tail: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rules", default="none,sign,smebu")
     ap.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the word distribution")
@@ -114,9 +119,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast (the trainer's default; slow on CPU)")
+    ap.add_argument("--gamma", type=float, default=None, help="sign step (trainer default 1e-3)")
+    ap.add_argument("--kappa", type=float, default=None, help="SMEBU soft-clamp sharpness (default 2)")
+    ap.add_argument("--beta", type=float, default=None, help="SMEBU momentum (default 0.9)")
+    ap.add_argument("--lam", dest="lambda", type=float, default=None, help="SMEBU rate (default 2e-3)")
     ap.add_argument("--out", default="out/bench/train_balance")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # Run-to-run reproducible: with 2+ threads the MoE's index backward (index_put_ with accumulate) otherwise
+    # sums in a varying order on CPU, and the curves differ from run to run.
+    torch.use_deterministic_algorithms(True)
     os.makedirs(args.out, exist_ok=True)
     rules = [r for r in args.rules.split(",") if r]
     tail = max(2, math.ceil(0.2 * args.steps))
@@ -137,6 +149,8 @@ def main() -> None:
 
     result = {"benchmark": "train_balance", "steps": args.steps, "tokens_per_step": args.seq_len * args.batch_size,
               "model": MODEL, "zipf": args.zipf, "autocast": args.autocast, "device": args.device,
+              "balance": {k: getattr(args, k) for k in ("gamma", "kappa", "beta", "lambda")
+                          if getattr(args, k) is not None} or "defaults",
               "window_steps": tail, "rules": summary}
     if "none" in summary:
         for rule in ("sign", "smebu"):

@@ -135,6 +135,30 @@ def test_micro_batches_accumulate_to_the_full_batch(tmp_path):
     assert all(r["batchhet"] > 0 for r in micro)
 
 
+def test_routed_experts_backward_is_bit_reproducible_with_two_threads():
+    from trinity.kernels.moe import experts_reference
+
+    g = torch.Generator().manual_seed(0)
+    t, e, k, h, i = 256, 32, 4, 128, 32
+    x0 = torch.randn(t, h, generator=g)
+    gate_up, down = torch.randn(e, 2 * i, h, generator=g) * 0.1, torch.randn(e, h, i, generator=g) * 0.1
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=g)
+
+    def input_grad():
+        x = x0.clone().requires_grad_()
+        experts_reference(x, weights, ids, gate_up, down).square().sum().backward()
+        return x.grad
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = input_grad()
+        assert all(torch.equal(first, input_grad()) for _ in range(5))
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------- export
 
 def test_export_loads_in_transformers_with_the_same_logits(full_run):
@@ -180,20 +204,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process(corpus, tmp_path):
-    config = tmp_path / "train.json"
+# `trinity train` exactly as `python -m trinity train` runs it, then a record of whether the command left its gloo
+# process group up (the test below checks that the command tore it down itself), and a fallback teardown.
+DP_WRAPPER = """
+import json, os, sys
+import torch.distributed as dist
+from trinity.cli import main
+code = main(sys.argv[2:])
+with open(sys.argv[1] + "." + os.environ.get("RANK", "x"), "w") as f:
+    json.dump({"initialized_after_main": dist.is_initialized()}, f)
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def dp_runs(corpus, tmp_path_factory):
+    """Two gloo processes (torchrun) and one process, same config and global batch, 10 steps each."""
+    tmp = tmp_path_factory.mktemp("dp")
+    config = tmp / "train.json"
     config.write_text(json.dumps(dict(preset="tiny", data=[str(corpus)], seq_len=32, batch_size=4,
                                       micro_batch_size=2, steps=10, warmup_steps=3, seed=0, device="cpu",
                                       progress=False, data_order="rsdb", buffer_size=4)), encoding="utf-8")
+    wrapper = tmp / "run_train.py"
+    wrapper.write_text(DP_WRAPPER, encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    dp_out, single_out = tmp_path / "dp", tmp_path / "single"
+    dp_out, single_out = tmp / "dp", tmp / "single"
     dp = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                         "--master_port", str(free_port()), "-m", "trinity", "train", "--config", str(config),
-                         "--out_dir", str(dp_out)], env=env, capture_output=True, text=True, timeout=400)
+                         "--master_port", str(free_port()), str(wrapper), str(tmp / "state"), "train",
+                         "--config", str(config), "--out_dir", str(dp_out)],
+                        env=env, capture_output=True, text=True, timeout=400)
     assert dp.returncode == 0, dp.stderr[-3000:]
     single = subprocess.run([sys.executable, "-m", "trinity", "train", "--config", str(config),
                              "--out_dir", str(single_out)], env=env, capture_output=True, text=True, timeout=400)
     assert single.returncode == 0, single.stderr[-3000:]
+    states = [json.loads((tmp / f"state.{rank}").read_text()) for rank in (0, 1)]
+    return dp_out, single_out, states
+
+
+def test_two_gloo_processes_match_one_process(dp_runs):
+    dp_out, single_out, _ = dp_runs
     a, b = read_log(dp_out), read_log(single_out)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
     diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
@@ -203,6 +255,11 @@ def test_two_gloo_processes_match_one_process(corpus, tmp_path):
         assert x["batchhet"] == pytest.approx(y["batchhet"], abs=1e-5)  # micro losses gathered from both ranks
     # rank 0 alone writes the log, the checkpoint and the export
     assert (dp_out / "checkpoint.pt").exists() and (dp_out / "export" / "config.json").exists()
+
+
+def test_train_command_tears_down_its_process_group(dp_runs):
+    _, _, states = dp_runs
+    assert not any(state["initialized_after_main"] for state in states)
 
 
 # ---------------------------------------------------------------------------------------------- pieces

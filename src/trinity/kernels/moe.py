@@ -31,7 +31,9 @@ def _combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                       down: torch.Tensor) -> torch.Tensor:
     order, token_of, counts = _group_by_expert(ids, gate_up.shape[0])
-    xs = x[token_of]
+    # index_select, not x[token_of]: its backward is index_add_, which sums a token's k gradients in a fixed
+    # order; advanced indexing backpropagates through a multi-threaded index_put_ that does not.
+    xs = x.index_select(0, token_of)
     ys = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts.tolist()):  # one host sync per layer
@@ -48,7 +50,7 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
                     down: torch.Tensor) -> torch.Tensor:
     order, token_of, counts = _group_by_expert(ids, gate_up.shape[0])
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    g, u = F.grouped_mm(x[token_of], gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    g, u = F.grouped_mm(x.index_select(0, token_of), gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
     ys = F.grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
     return _combine(ys, weights, order, token_of, x.shape[0], x.dtype)
 

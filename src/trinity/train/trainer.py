@@ -158,8 +158,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.world, self.rank = 1, 0
+        self._owns_process_group = False
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self._owns_process_group = True
         if dist.is_initialized():
             self.world, self.rank = dist.get_world_size(), dist.get_rank()
         if cfg.batch_size % self.world:
@@ -332,7 +334,17 @@ class Trainer:
                 progress.stop()
         self.save_checkpoint(self.checkpoint_path)
         self.export(cfg.export_dir or os.path.join(cfg.out_dir, "export"))
+        self.close()
         return self.history
+
+    def close(self) -> None:
+        """Tear down the process group this trainer created. The barrier keeps the other ranks alive until rank 0
+        has written the checkpoint and export; without an explicit destroy, gloo aborts at interpreter exit now
+        and then, and torchrun reports a finished run as failed."""
+        if self._owns_process_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            self._owns_process_group = False
 
     def save_checkpoint(self, path: str) -> None:
         if self.rank != 0:
