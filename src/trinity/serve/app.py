@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from .chat import create_chat_completion
 from .completions import create_completion
+from .dashboard.routes import dashboard_router
 from .errors import APIError, install_error_handlers
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .state import ServerState
@@ -141,4 +142,5 @@ def build_app(state: ServerState) -> FastAPI:
             state.metrics.update_from_engine(state.engine.stats, state.engine.expert_load)
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.include_router(dashboard_router(state))  # /dashboard and its event stream; own key check
     return app

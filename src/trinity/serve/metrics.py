@@ -8,6 +8,8 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
+from collections import deque
 from collections.abc import Iterable
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -73,11 +75,15 @@ class Histogram:
         self._counts = [0] * (len(self.buckets) + 1)
         self._sum = 0.0
         self._lock = threading.Lock()
+        # The latest raw observations with their monotonic time: the dashboard's recent mean and percentiles,
+        # which the buckets are too coarse for. Bounded, so a busy server keeps only its last moments.
+        self.recent: deque[tuple[float, float]] = deque(maxlen=4096)
 
     def observe(self, value: float) -> None:
         with self._lock:
             self._counts[bisect.bisect_left(self.buckets, value)] += 1
             self._sum += value
+            self.recent.append((time.monotonic(), value))
 
     @property
     def count(self) -> int:
