@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--key value for any TrainConfig field, e.g. --steps 200 --lr 1e-3.")
     train.add_argument("--config", default=None)
 
+    plan = sub.add_parser("plan", help="memory, tensor-parallel fit, decode bounds and cost on given GPUs")
+    _add_plan_args(plan)
+
     init = sub.add_parser("init", help="write a random-weight checkpoint for a preset (for benchmarks)")
     init.add_argument("--preset", required=True, choices=list(PRESETS))
     init.add_argument("--out", required=True)
@@ -101,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "init":
             return _cmd_init(args)
+        if args.command == "plan":
+            return _cmd_plan(args)
         if args.command == "generate":
             return _cmd_generate(args)
         if args.command == "chat":
@@ -282,6 +287,18 @@ def _cmd_serve(args) -> int:
     serve(args.model or args.model_flag, settings, engine_config, args.host, args.port, dtype=args.dtype,
           device=args.device, log_level=args.log_level.lower())
     return 0
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    from .ops.plan import add_arguments  # imported on use, like every sub-command
+
+    add_arguments(p)
+
+
+def _cmd_plan(args) -> int:
+    from .ops.plan import run
+
+    return run(args)
 
 
 def _cmd_init(args) -> int:
