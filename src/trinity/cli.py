@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="memory, tensor-parallel fit, decode bounds and cost on given GPUs")
     _add_plan_args(plan)
 
+    bench = sub.add_parser("bench", help="load driver for any OpenAI-compatible endpoint (TTFT, tok/s, KV usage)")
+    _add_bench_args(bench)
+
     init = sub.add_parser("init", help="write a random-weight checkpoint for a preset (for benchmarks)")
     init.add_argument("--preset", required=True, choices=list(PRESETS))
     init.add_argument("--out", required=True)
@@ -104,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "init":
             return _cmd_init(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
         if args.command == "plan":
             return _cmd_plan(args)
         if args.command == "generate":
@@ -299,6 +304,18 @@ def _cmd_plan(args) -> int:
     from .ops.plan import run
 
     return run(args)
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    from .ops.bench import add_arguments  # standard library only at import: keeps `trinity --help` fast
+
+    add_arguments(p)
+
+
+def _cmd_bench(args) -> int:
+    from .ops.bench import main as bench_main
+
+    return bench_main(args)
 
 
 def _cmd_init(args) -> int:
