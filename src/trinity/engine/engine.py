@@ -29,7 +29,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None  # bytes
     gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False  # no effect until the runner captures CUDA graphs
+    enforce_eager: bool = False  # True: no CUDA graphs for decode (they are captured only on CUDA with Triton)
     seed: int | None = 0
 
 
@@ -57,7 +57,8 @@ class LLMEngine:
         self.cache_plan = plan
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv)
-        self.runner = ModelRunner(model, self.kv, plan)
+        self.runner = ModelRunner(model, self.kv, plan, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len, enforce_eager=config.enforce_eager)
         self.sampler = Sampler(model.device, config.seed)
         self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))
         self.requests: dict[str, _Request] = {}

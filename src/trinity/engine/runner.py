@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import attention as kernels_attention
 from ..model.model import TrinityForCausalLM
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCacheManager
 from .paged_attention import PagedAttention, PagedKV, PoolStep, PrefillMeta
 from .scheduler import ScheduledBatch
@@ -77,7 +79,8 @@ def _default_kv_budget(model: TrinityForCausalLM, utilization: float, max_num_se
 
 
 class ModelRunner:
-    def __init__(self, model: TrinityForCausalLM, kv: KVCacheManager, plan: CachePlan):
+    def __init__(self, model: TrinityForCausalLM, kv: KVCacheManager, plan: CachePlan, *, max_num_seqs: int = 1,
+                 max_model_len: int | None = None, enforce_eager: bool = True):
         self.model = model
         self.kv = kv
         cfg = model.config
@@ -88,17 +91,24 @@ class ModelRunner:
         layer_pool = [("sliding", sliding.index(i)) if i in sliding else ("full", full.index(i))
                       for i in range(cfg.num_hidden_layers)]
         shape = (cfg.num_key_value_heads, cfg.head_dim)
-        k, v = {}, {}
+        use_graphs = self.device.type == "cuda" and not enforce_eager and kernels_attention.use_fast_path(
+            torch.empty(0, device=self.device, dtype=model.dtype))
+        k, v, scratch = {}, {}, {}
         for pool, layers, blocks in (("full", full, plan.num_full_blocks), ("sliding", sliding, plan.num_sliding_blocks)):
             if layers:
-                k[pool] = torch.zeros(len(layers), blocks * plan.block_size, *shape, dtype=model.dtype,
-                                      device=self.device)
+                # with CUDA graphs, one block more than the KV manager hands out: the padding rows' scratch slot
+                slots = (blocks + use_graphs) * plan.block_size
+                k[pool] = torch.zeros(len(layers), slots, *shape, dtype=model.dtype, device=self.device)
                 v[pool] = torch.zeros_like(k[pool])
+                scratch[pool] = blocks * plan.block_size
         self.cache = PagedKV(k, v, layer_pool)
         # Expert-load telemetry: every MoE layer counts the tokens routed to each expert.
         self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
         for i in self.moe_layers:
             model.model.layers[i].mlp.track_expert_load()
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len or cfg.max_position_embeddings, scratch)
 
     def take_expert_counts(self) -> torch.Tensor | None:
         """[moe_layers, experts] tokens routed since the last call (CPU), then reset."""
@@ -177,6 +187,8 @@ class ModelRunner:
             positions += range(s, s + n)
             row += n
         steps = {pool: self._pool_step(pool, batch, starts) for pool in self.cache.k}
+        if self.graphs is not None and self.graphs.fits(batch, logits_rows):
+            return self.graphs.run(batch, steps, ids, positions).float()
         attn = PagedAttention(self.cache, steps)
         dev = self.device
         logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), attn,

@@ -6,12 +6,31 @@ and for debugging a fast path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 
 _force_reference: bool | None = None
+_graph_mode = False
+
+
+@contextlib.contextmanager
+def graph_mode():
+    """Inside: pick kernels as for a CUDA-graph capture. The runner wraps both the warm-up runs and the capture
+    in it, so that the warm-up compiles exactly the kernels the capture records (a dispatcher that checks only
+    `torch.cuda.is_current_stream_capturing()` would pick another kernel while warming up)."""
+    global _graph_mode
+    previous, _graph_mode = _graph_mode, True
+    try:
+        yield
+    finally:
+        _graph_mode = previous
+
+
+def in_graph_mode() -> bool:
+    return _graph_mode or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def use_reference(force: bool | None) -> None:

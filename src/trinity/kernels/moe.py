@@ -74,13 +74,13 @@ FUSED_MOE_MAX_TOKENS = 64
 def fused_moe_wanted(x: torch.Tensor) -> bool:
     """The Triton fused MoE: always under TRINITY_KERNELS=triton; on CUDA for decode-sized batches, under
     CUDA graph capture (F.grouped_mm cannot be captured) and where grouped_mm has no kernel."""
-    from . import kernels_mode, use_triton
+    from . import in_graph_mode, kernels_mode, use_triton
 
     if not use_triton(x):
         return False
     if kernels_mode() == "triton":
         return True
-    return (x.shape[0] <= FUSED_MOE_MAX_TOKENS or torch.cuda.is_current_stream_capturing()
+    return (x.shape[0] <= FUSED_MOE_MAX_TOKENS or in_graph_mode()
             or not grouped_mm_available(x.device, x.dtype))
 
 

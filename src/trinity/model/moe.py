@@ -69,6 +69,8 @@ class MoEBlock(nn.Module):
         self.shared_experts = SwiGLU(config.hidden_size, shared) if shared else None
         # Routing telemetry / balancing input: tokens sent to each expert since the last reset, when enabled.
         self.expert_counts: torch.Tensor | None = None
+        # Optional [T] 0/1 weight per token for those counts: a CUDA-graph decode batch masks its padding rows.
+        self.count_mask: torch.Tensor | None = None
         # Training losses read the last forward's router logits and choices when this is on.
         self.record_router = False
         self.last_router: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -86,7 +88,11 @@ class MoEBlock(nn.Module):
             weights, ids = kernel_route(x, self.router.gate.weight, self.expert_bias, self.top_k, self.route_norm,
                                         self.route_scale)
         if self.expert_counts is not None:
-            self.expert_counts += torch.bincount(ids.reshape(-1), minlength=self.expert_counts.shape[0])
+            # scatter_add_, not bincount: bincount's output size depends on the data, which a CUDA graph
+            # cannot capture (and it syncs with the host)
+            per_choice = (self.count_mask[:, None].expand_as(ids) if self.count_mask is not None
+                          else torch.ones_like(ids))
+            self.expert_counts.scatter_add_(0, ids.reshape(-1), per_choice.reshape(-1))
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
