@@ -1,5 +1,5 @@
-"""The trainer end to end on a tiny model: loss falls, exact resume, data parallel over gloo, HF export,
-the schedule, the report-style init and the `trinity train` command line."""
+"""The trainer end to end on a tiny model: loss falls, exact resume, data parallel over gloo (FSDP2, DDP, manual
+all-reduce), HF export, the schedule, the report-style init and the `trinity train` command line."""
 
 import json
 import math
@@ -14,6 +14,7 @@ import torch
 
 from trinity import LLM, SamplingParams, TrinityForCausalLM, preset
 from trinity.cli import main as cli_main
+from trinity.train.parallel import clip_grad_norm_, fsdp_available, resolve_mode
 from trinity.train.trainer import TrainConfig, Trainer, init_like_report_, load_train_config, lr_scale
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,49 +221,181 @@ sys.exit(code)
 """
 
 
+DP_MODES = ("fsdp", "ddp")  # `manual` (the first implementation) is checked piecewise below: each launch costs ~9 s
+FSDP_FIRST_STEPS = 3  # = warmup_steps of the DP config: a run this long has the same schedule as a 10-step one
+
+
 @pytest.fixture(scope="module")
 def dp_runs(corpus, tmp_path_factory):
-    """Two gloo processes (torchrun) and one process, same config and global batch, 10 steps each."""
+    """One process, then two gloo processes (torchrun) in each data-parallel mode; same config and global batch,
+    10 steps each. The fsdp run is two launches: FSDP_FIRST_STEPS steps, then a resume from that checkpoint."""
     tmp = tmp_path_factory.mktemp("dp")
     config = tmp / "train.json"
     config.write_text(json.dumps(dict(preset="tiny", data=[str(corpus)], seq_len=32, batch_size=4,
-                                      micro_batch_size=2, steps=10, warmup_steps=3, seed=0, device="cpu",
-                                      progress=False, data_order="rsdb", buffer_size=4)), encoding="utf-8")
+                                      micro_batch_size=2, steps=10, warmup_steps=FSDP_FIRST_STEPS, seed=0,
+                                      device="cpu", progress=False, data_order="rsdb", buffer_size=4)),
+                      encoding="utf-8")
     wrapper = tmp / "run_train.py"
     wrapper.write_text(DP_WRAPPER, encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    dp_out, single_out = tmp / "dp", tmp / "single"
-    dp = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                         "--master_port", str(free_port()), str(wrapper), str(tmp / "state"), "train",
-                         "--config", str(config), "--out_dir", str(dp_out)],
-                        env=env, capture_output=True, text=True, timeout=400)
-    assert dp.returncode == 0, dp.stderr[-3000:]
+    states: list[dict] = []
+
+    def launch(tag: str, *args: str) -> str:
+        proc = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                               "--master_port", str(free_port()), str(wrapper), str(tmp / f"state-{tag}"), "train",
+                               "--config", str(config), *args], env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, f"{tag}: {proc.stderr[-3000:]}"
+        states.extend(json.loads((tmp / f"state-{tag}.{rank}").read_text()) for rank in (0, 1))
+        return proc.stdout
+
     single = subprocess.run([sys.executable, "-m", "trinity", "train", "--config", str(config),
-                             "--out_dir", str(single_out)], env=env, capture_output=True, text=True, timeout=400)
+                             "--out_dir", str(tmp / "single")], env=env, capture_output=True, text=True, timeout=400)
     assert single.returncode == 0, single.stderr[-3000:]
-    states = [json.loads((tmp / f"state.{rank}").read_text()) for rank in (0, 1)]
-    return dp_out, single_out, states
+    launch("fsdp-first", "--out_dir", str(tmp / "fsdp"), "--data_parallel", "fsdp", "--steps", str(FSDP_FIRST_STEPS))
+    first_log = read_log(tmp / "fsdp")
+    resumed = launch("fsdp-resumed", "--out_dir", str(tmp / "fsdp"), "--data_parallel", "fsdp")
+    launch("ddp", "--out_dir", str(tmp / "ddp"), "--data_parallel", "ddp")
+    return dict(tmp=tmp, states=states, first_log=first_log, resumed_summary=json.loads(resumed.splitlines()[0]))
 
 
-def test_two_gloo_processes_match_one_process(dp_runs):
-    dp_out, single_out, _ = dp_runs
+@pytest.mark.parametrize("mode", DP_MODES)
+def test_two_gloo_processes_match_one_process(dp_runs, mode):
+    dp_out, single_out = dp_runs["tmp"] / mode, dp_runs["tmp"] / "single"
     a, b = read_log(dp_out), read_log(single_out)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
     diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
-    assert diff <= 1e-5, f"max |loss difference| over 10 steps: {diff:.3g}"
+    assert diff <= 1e-5, f"{mode}: max |loss difference| over 10 steps: {diff:.3g}"
     for x, y in zip(a, b):
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)  # the norm of the summed gradients
         assert x["maxvio"] == pytest.approx(y["maxvio"], abs=1e-6)  # expert counts summed over ranks
         assert x["batchhet"] == pytest.approx(y["batchhet"], abs=1e-5)  # micro losses gathered from both ranks
     # rank 0 alone writes the log, the checkpoint and the export
     assert (dp_out / "checkpoint.pt").exists() and (dp_out / "export" / "config.json").exists()
 
 
+def assert_same_tree(a, b, where: str = "") -> None:
+    """Same structure and non-tensor values; tensors of the same shape within 1e-5."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype, where
+        if a.numel():
+            assert (a.float() - b.float()).abs().max().item() <= 1e-5, where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def test_fsdp_resumes_and_writes_full_checkpoints_and_exports(dp_runs):
+    tmp = dp_runs["tmp"]
+    single_log = read_log(tmp / "single")
+    # the first launch stopped after FSDP_FIRST_STEPS; the second started from its checkpoint, not from scratch
+    assert [r["step"] for r in dp_runs["first_log"]] == list(range(1, FSDP_FIRST_STEPS + 1))
+    assert dp_runs["resumed_summary"]["first_loss"] == pytest.approx(single_log[FSDP_FIRST_STEPS]["loss"], abs=1e-5)
+    # checkpoint: full (unsharded) tensors, the same as one process's, for the model and both optimizers
+    sharded = torch.load(tmp / "fsdp" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    whole = torch.load(tmp / "single" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert sharded["step"] == whole["step"] == 10
+    for key in ("model", "optimizer", "balancer", "data"):
+        assert_same_tree(sharded[key], whole[key], key)
+    exported = TrinityForCausalLM.from_pretrained(tmp / "fsdp" / "export", dtype=torch.float32).state_dict()
+    reference = TrinityForCausalLM.from_pretrained(tmp / "single" / "export", dtype=torch.float32).state_dict()
+    assert_same_tree(exported, reference, "export")
+
+
 def test_train_command_tears_down_its_process_group(dp_runs):
-    _, _, states = dp_runs
+    states = dp_runs["states"]
+    assert len(states) == 2 * (len(DP_MODES) + 1)
     assert not any(state["initialized_after_main"] for state in states)
 
 
+# Pieces on two gloo ranks. Muon on FSDP2 shards against Muon on whole tensors: 2-D matrices with even and
+# uneven row splits (gathered), stacked experts split evenly (orthogonalised where they are) and unevenly
+# (gathered). The `manual` mode's gradient sum, with different gradients on each rank.
+PARALLEL_PIECES = """
+import json, sys
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from trinity.train.optim import muon_update
+from trinity.train.parallel import DataParallel
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+plain = nn.Linear(3, 2)
+plain.weight.grad, plain.bias.grad = torch.full((2, 3), 1.0 + rank), torch.full((2,), 10.0 * (rank + 1))
+DataParallel(plain, "manual", torch.device("cpu")).sync_gradients()
+manual = [plain.weight.grad.tolist(), plain.bias.grad.tolist()]
+torch.manual_seed(0)  # the same tensors on both ranks
+shapes = {"dense": (5, 6), "router": (8, 6), "a.experts.gate_up_proj": (3, 8, 6), "a.experts.down_proj": (4, 6, 5)}
+holder = nn.Module()
+for name, shape in shapes.items():
+    holder.register_parameter(name.replace(".", "_"), nn.Parameter(torch.randn(shape)))
+fully_shard(holder)
+result = {}
+for name in shapes:
+    p = getattr(holder, name.replace(".", "_")).detach()
+    update = muon_update(p, name)
+    result[name] = {"local_rows": update.to_local().shape[0], "param_rows": p.to_local().shape[0],
+                    "diff": (update.full_tensor() - muon_update(p.full_tensor(), name)).abs().max().item()}
+with open(sys.argv[1] + "." + str(rank), "w") as f:
+    json.dump({"muon": result, "manual": manual}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_muon_on_fsdp_shards_and_the_manual_gradient_sum(tmp_path):
+    script = tmp_path / "parallel_pieces.py"
+    script.write_text(PARALLEL_PIECES, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(free_port()), str(script), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert out["manual"] == [[[3.0] * 3] * 2, [30.0] * 2]  # summed over the ranks, not averaged
+        result = out["muon"]
+        assert set(result) == {"dense", "router", "a.experts.gate_up_proj", "a.experts.down_proj"}
+        for name, r in result.items():
+            assert r["local_rows"] == r["param_rows"], (rank, name)  # the update has the parameter's layout
+            assert r["diff"] == 0.0, (rank, name, r["diff"])  # the same numbers as unsharded Muon
+
+
 # ---------------------------------------------------------------------------------------------- pieces
+
+def test_data_parallel_mode_resolution():
+    assert resolve_mode("auto", 1) == resolve_mode("fsdp", 1) == "none"  # one process: nothing to wrap
+    assert resolve_mode("auto", 2) == ("fsdp" if fsdp_available() else "ddp")
+    assert [resolve_mode(m, 4) for m in ("ddp", "manual")] == ["ddp", "manual"]
+    with pytest.raises(ValueError, match="data_parallel 'zero'"):
+        resolve_mode("zero", 2)
+    with pytest.raises(ValueError, match="allowed auto, fsdp, ddp, manual"):
+        TrainConfig(data_parallel="zero")
+    assert load_train_config(None, {"data_parallel": "ddp"}).data_parallel == "ddp"
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_grad_norm_agrees_with_torch(max_norm):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(7, 5), (3, 4, 2), (11,)]]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    twins = [torch.nn.Parameter(torch.zeros(p.shape)) for p in params]
+    for p, t, grad in zip(params, twins, grads):
+        p.grad, t.grad = grad.clone(), grad.clone()
+    ours = clip_grad_norm_(params, max_norm)
+    theirs = torch.nn.utils.clip_grad_norm_(twins, max_norm)
+    assert ours.dtype == torch.float32 and ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    for p, t, grad in zip(params, twins, grads):
+        torch.testing.assert_close(p.grad, t.grad, rtol=1e-6, atol=0)
+        if max_norm > ours.item():  # under the limit: left exactly as they were
+            assert torch.equal(p.grad, grad)
+
+
 
 def test_lr_scale_shapes():
     cos = TrainConfig(steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+except ImportError:  # a torch build without torch.distributed: parameters are never sharded
+    DTensor = None  # type: ignore[assignment,misc]
+
 # Quintic Newton-Schulz coefficients (a, b, c): five steps push the singular values of a Frobenius-normalised
 # matrix into a band around 1 (deliberately not exactly 1: speed over precision). Measured on square, tall and
 # wide matrices whose condition number is at most 10, and on Gaussian matrices with aspect ratio >= 4, every
@@ -47,6 +52,31 @@ def _as_matrices(p: torch.Tensor, name: str) -> torch.Tensor:
     return p
 
 
+def _orthogonalised(g: torch.Tensor, name: str, steps: int) -> torch.Tensor:
+    """Newton-Schulz per matrix, scaled so each matrix's update RMS matches a typical AdamW update."""
+    update = newton_schulz(_as_matrices(g, name), steps)
+    rows, cols = update.shape[-2:]
+    return update.reshape(g.shape) * (0.2 * max(rows, cols) ** 0.5)
+
+
+def muon_update(g: torch.Tensor, name: str, steps: int = NS_STEPS) -> torch.Tensor:
+    """Muon's update for a momentum `g`, in g's layout. Under FSDP2 `g` is a DTensor sharded on dim 0, and
+    Newton-Schulz needs whole matrices: a rank's shard of stacked experts [E, out, in] holds whole experts
+    when E divides by the world size, so those are orthogonalised where they are; anything else (2-D
+    matrices, uneven expert splits) is gathered, orthogonalised whole on every rank (the same result
+    everywhere) and cut back to this rank's rows."""
+    if DTensor is None or not isinstance(g, DTensor):
+        return _orthogonalised(g, name, steps)
+    whole_experts = (g.dim() >= 3 and tuple(g.placements) == (Shard(0),)
+                     and g.shape[0] % g.device_mesh.size() == 0)
+    if whole_experts:
+        local = _orthogonalised(g.to_local(), name, steps)
+        return DTensor.from_local(local, g.device_mesh, g.placements, shape=g.shape, stride=g.stride())
+    full = _orthogonalised(g.full_tensor(), name, steps)
+    # src_data_rank=None: every rank holds the same full update and keeps its own rows, no scatter
+    return distribute_tensor(full, g.device_mesh, g.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Optimizer):
     """SGD-momentum (Nesterov by default) whose update is orthogonalised by Newton-Schulz.
 
@@ -74,10 +104,7 @@ class Muon(torch.optim.Optimizer):
                 grad = p.grad.float()
                 buf.mul_(group["momentum"]).add_(grad)
                 g = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                g = _as_matrices(g, name)
-                update = newton_schulz(g, group["ns_steps"])
-                rows, cols = update.shape[-2:]
-                update = update.reshape(p.shape) * (0.2 * max(rows, cols) ** 0.5)
+                update = muon_update(g, name, group["ns_steps"])
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
@@ -138,9 +165,13 @@ class CombinedOptimizer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def named_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers under their keys in `state_dict`."""
+        return {"muon": self.muon, "adamw": self.adamw}
+
     def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        return {key: opt.state_dict() for key, opt in self.named_optimizers().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
+        for key, opt in self.named_optimizers().items():
+            opt.load_state_dict(state[key])

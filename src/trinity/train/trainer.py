@@ -23,6 +23,8 @@ from .balance import BalanceConfig, ExpertBalancer, max_violation, moe_blocks
 from .data import load_documents, make_loader
 from .losses import router_z_loss, sequence_balance_loss
 from .optim import CombinedOptimizer
+from .parallel import MODES as DATA_PARALLEL_MODES
+from .parallel import DataParallel, clip_grad_norm_, resolve_mode
 
 
 @dataclass
@@ -70,12 +72,16 @@ class TrainConfig:
     export_dir: str | None = None  # HF-layout export at the end (default out_dir/export)
     device: str = "auto"
     progress: bool = True
+    # with several processes (torchrun): auto | fsdp | ddp | manual (see train/parallel.py)
+    data_parallel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"schedule {self.schedule!r}: allowed cosine, wsd, constant")
         if self.data_order not in ("rsdb", "sequential"):
             raise ValueError(f"data_order {self.data_order!r}: allowed rsdb, sequential")
+        if self.data_parallel not in DATA_PARALLEL_MODES:
+            raise ValueError(f"data_parallel {self.data_parallel!r}: allowed {', '.join(DATA_PARALLEL_MODES)}")
         for name in ("seq_len", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
@@ -174,6 +180,8 @@ class Trainer:
         self.tokenizer = self._tokenizer()
         self.model = self._model().to(self.device).train()
         self.model_config: TrinityConfig = self.model.config
+        # before the optimizer: under fsdp the parameters it holds are the sharded ones
+        self.parallel = DataParallel(self.model, resolve_mode(cfg.data_parallel, self.world), self.device)
         self.optimizer = CombinedOptimizer(self.model, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
         self.balancer = ExpertBalancer(self.model, BalanceConfig(cfg.balance, cfg.balance_gamma, cfg.balance_kappa,
                                                                  cfg.balance_beta, cfg.balance_lambda))
@@ -240,22 +248,23 @@ class Trainer:
         micro_ce: list[float] = []
         totals = torch.zeros(3, dtype=torch.float64)  # ce, aux, z (global means, summed over micro batches)
         blocks = moe_blocks(model)
-        for mids, mlabels in self._micro_batches(ids, labels):
+        micro = list(self._micro_batches(ids, labels))
+        for index, (mids, mlabels) in enumerate(micro):
             mids, mlabels = mids.to(self.device), mlabels.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-                logits = model(mids)
-            ce_sum = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), mlabels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-            share = mids.shape[0] / cfg.batch_size  # this micro batch's weight in the global mean
-            aux, z = self._router_losses(blocks, mids.shape[0])
-            loss = ce_sum / valid + share * (self.aux_coeff * aux + cfg.z_loss_coeff * z)
-            loss.backward()
+            with self.parallel.micro_batch(last=index == len(micro) - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+                    logits = self.parallel.module(mids)
+                ce_sum = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     mlabels.reshape(-1), ignore_index=-100, reduction="sum")
+                share = mids.shape[0] / cfg.batch_size  # this micro batch's weight in the global mean
+                aux, z = self._router_losses(blocks, mids.shape[0])
+                loss = ce_sum / valid + share * (self.aux_coeff * aux + cfg.z_loss_coeff * z)
+                loss.backward()
             micro_valid = (mlabels != -100).sum().clamp_min(1)
             micro_ce.append((ce_sum / micro_valid).item())
             totals += torch.tensor([(ce_sum / valid).item(), share * aux.item(), share * z.item()], dtype=torch.float64)
-        self._reduce_gradients()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip \
-            else torch.tensor(0.0)
+        self.parallel.sync_gradients()
+        grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
         counts = self.balancer.take_counts()
@@ -287,18 +296,6 @@ class Trainer:
         aux = sum(sequence_balance_loss(torch.sigmoid(lg), ids, batch, lg.shape[-1]) for lg, ids in recorded)
         z = sum(router_z_loss(lg) for lg, _ in recorded)
         return aux / len(recorded), z / len(recorded)
-
-    def _reduce_gradients(self) -> None:
-        """Data parallel: losses are already normalised by the global batch, so gradients are summed."""
-        if self.world == 1:
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def _reduce_stats(self, totals: torch.Tensor, micro_ce: list[float]):
         if self.world == 1:
@@ -347,9 +344,12 @@ class Trainer:
             self._owns_process_group = False
 
     def save_checkpoint(self, path: str) -> None:
+        # full tensors in every mode; under fsdp gathering them is a collective, so every rank comes this far
+        model_state = self.parallel.full_model_state()
+        optimizer_state = self.parallel.full_optimizer_state(self.optimizer.state_dict())
         if self.rank != 0:
             return
-        state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"step": self.step, "model": model_state, "optimizer": optimizer_state,
                  "balancer": self.balancer.state_dict(), "data": self.loader.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                  "config": dataclasses.asdict(self.cfg)}
@@ -360,8 +360,9 @@ class Trainer:
     def load_checkpoint(self, path: str) -> None:
         # weights_only: a checkpoint cannot run code when loaded
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_full_model_state(state["model"])
+        self.optimizer.load_state_dict({key: self.parallel.shard_optimizer_state(opt, state["optimizer"][key])
+                                        for key, opt in self.optimizer.named_optimizers().items()})
         self.balancer.load_state_dict(state["balancer"])
         self.loader.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -371,7 +372,8 @@ class Trainer:
 
     def export(self, path: str) -> None:
         """HF layout (config.json + safetensors) plus the tokenizer: loads in trinity and in transformers."""
+        model = self.parallel.full_model(lambda: TrinityForCausalLM.empty(self.model_config, torch.float32, "cpu"))
         if self.rank != 0:
             return
-        self.model.save_pretrained(path)
+        model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
