@@ -252,7 +252,7 @@ def test_event_stream_tracks_the_server(server):
         events = read_events(server, 3, headers=server.headers)
     assert not load.errors, load.errors
     times = [e["time"] for e in events]
-    assert all(0.5 < b - a < 2.0 for a, b in zip(times, times[1:])), times  # about once a second
+    assert all(0.5 < b - a < 2.5 for a, b in zip(times, times[1:])), times  # about once a second
     last = events[-1]
     # totals only grow, and agree with the engine's own counters at least as of before the load
     totals = [e["total_generated_tokens"] for e in events]
