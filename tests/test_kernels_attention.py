@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from trinity import kernels
-from trinity.engine.paged_attention import PagedAttention, _decode_attention
+from trinity.engine.paged_attention import PagedAttention, PagedKV, PoolStep, _decode_attention
 from trinity.kernels import attention as A
 from trinity.model.attention import reference_attention, visibility_mask
 
@@ -355,7 +355,7 @@ def check_engine_step(window):
     attn, step, kc, vc, q, k, v = engine_step(window)
     want = attn.attend(0, q, k, v, window, 0.25)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    step_d = type(step)(**{f: getattr(step, f) if f in ("prefills", "packed") else dev(getattr(step, f))
+    step_d = type(step)(**{f: getattr(step, f) if f in ("prefills", "packed", "decode_only") else dev(getattr(step, f))
                            for f in step.__slots__})
     step_d.prefills = [type(p)(**{f: getattr(p, f) if f in ("start", "num") else dev(getattr(p, f))
                                   for f in p.__slots__}) for p in step.prefills]
@@ -369,6 +369,40 @@ def check_engine_step(window):
 @pytest.mark.parametrize("window", [None, 4])
 def test_engine_step_reference_dispatch(window):
     check_engine_step(window)
+
+
+def decode_only_step():
+    """Three decodes and nothing else: the fast path's decode-only shortcut (no row gathers) against the
+    general reference path on the same step."""
+    g = torch.Generator().manual_seed(7)
+    S, hq, hkv, d, width = 64, 4, 2, 16, 9
+    kc, vc = torch.randn(S, hkv, d, generator=g), torch.randn(S, hkv, d, generator=g)
+    perm = torch.randperm(S, generator=g)
+    ctx = perm[:3 * width].view(3, width)
+    lens = torch.tensor([9, 2, 5])
+    valid = torch.arange(width)[None] < lens[:, None]
+    new_slots = ctx[torch.arange(3), lens - 1]
+    step = PoolStep(dec_rows=torch.arange(3), dec_slots=new_slots, dec_ctx_slots=ctx.masked_fill(~valid, 0),
+                    dec_ctx_valid=valid, prefill_rows=torch.zeros(0, dtype=torch.long),
+                    prefill_slots=torch.zeros(0, dtype=torch.long), prefills=[])
+    q = torch.randn(3, hq, d, generator=g)
+    k, v = torch.randn(3, hkv, d, generator=g), torch.randn(3, hkv, d, generator=g)
+    return step, kc, vc, q, k, v
+
+
+def test_decode_only_step_equals_reference():
+    step, kc, vc, q, k, v = decode_only_step()
+    attn = PagedAttention(PagedKV(k={"full": kc[None].clone()}, v={"full": vc[None].clone()},
+                                  layer_pool=[("full", 0)]), {"full": step})
+    want = attn.attend(0, q, k, v, None, 0.25)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    fast = PoolStep(dec_rows=dev(step.dec_rows), dec_slots=dev(step.dec_slots), dec_ctx_slots=dev(step.dec_ctx_slots),
+                    dec_ctx_valid=dev(step.dec_ctx_valid), prefill_rows=dev(step.prefill_rows),
+                    prefill_slots=dev(step.prefill_slots), prefills=[], decode_only=True)
+    kc_d, vc_d = dev(kc.clone()), dev(vc.clone())
+    out = PagedAttention._attend_fast(kc_d, vc_d, fast, dev(q), dev(k), dev(v), None, 0.25)
+    assert rel_err(out.cpu(), want) < 1e-4
+    assert torch.equal(kc_d.cpu(), attn.kv.k["full"][0]) and torch.equal(vc_d.cpu(), attn.kv.v["full"][0])
 
 
 @needs_triton

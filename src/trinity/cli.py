@@ -255,8 +255,9 @@ def _cmd_train(args) -> int:
     cfg = load_train_config(args.config, args.overrides)
     if not cfg.data:
         raise ValueError("no training data: set `data` in the config or pass --data PATH[,PATH...]")
-    history = Trainer(cfg).run()
-    if history:
+    trainer = Trainer(cfg)
+    history = trainer.run()
+    if history and trainer.rank == 0:  # one summary line, not one per data-parallel process
         print(json.dumps({"steps": history[-1]["step"], "first_loss": history[0]["loss"],
                           "final_loss": history[-1]["loss"], "out_dir": cfg.out_dir}))
     return 0

@@ -44,7 +44,7 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, model: TrinityForCausalLM, tokenizer=None, config: EngineConfig | None = None):
-        self.model = model.eval()
+        self.model = model.eval().fuse_projections()
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         cfg = model.config
@@ -180,12 +180,13 @@ class LLMEngine:
         counts = self.runner.take_expert_counts()
         if counts is None:
             return
+        # kept on the model's device: read (one sync) only when expert_load() is asked for
         if self.expert_tokens_total is None:
-            self.expert_tokens_total = counts.clone()
-            self.expert_load_ema = counts.double()
+            self.expert_tokens_total = counts
+            self.expert_load_ema = counts.float()
         else:
             self.expert_tokens_total += counts
-            self.expert_load_ema.mul_(0.9).add_(counts.double(), alpha=0.1)
+            self.expert_load_ema.mul_(0.9).add_(counts.float(), alpha=0.1)
 
     def expert_load(self) -> dict | None:
         """Per MoE layer: tokens routed to each expert so far, and max/mean of the recent load (1 = balanced)."""

@@ -43,6 +43,7 @@ class PoolStep:
     prefill_slots: torch.Tensor  # [Tp]
     prefills: list[PrefillMeta] = field(default_factory=list)
     packed: object = None  # the prefills packed for the fast kernels, made on first use
+    decode_only: bool = False  # every row of the batch is a decode, in order (dec_rows = 0..T-1)
 
 
 @dataclass(slots=True)
@@ -88,6 +89,9 @@ class PagedAttention:
     def _attend_fast(kc, vc, step: PoolStep, q, k, v, window, scale):
         """The same steps through the Triton kernels (kernels/attention.py), chosen on CUDA."""
         ka = kernels_attention
+        if step.decode_only:  # no row gathers or scatters: three fewer launches per layer at decode
+            ka.write_kv(kc, vc, step.dec_slots, k, v)
+            return ka.decode_attention(q, kc, vc, step.dec_ctx_slots, step.dec_ctx_valid, scale)
         out = torch.empty_like(q)
         if step.dec_rows.numel():
             ka.write_kv(kc, vc, step.dec_slots, k[step.dec_rows], v[step.dec_rows])

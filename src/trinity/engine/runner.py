@@ -104,20 +104,22 @@ class ModelRunner:
         self.cache = PagedKV(k, v, layer_pool)
         # Expert-load telemetry: every MoE layer counts the tokens routed to each expert.
         self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-        for i in self.moe_layers:
-            model.model.layers[i].mlp.track_expert_load()
+        # one [moe_layers, experts] buffer whose rows the blocks count into: taking and resetting the counts is
+        # then two launches and no host sync per step
+        self.expert_counts = torch.zeros(len(self.moe_layers), cfg.num_experts, dtype=torch.long,
+                                         device=self.device) if self.moe_layers else None
+        for j, i in enumerate(self.moe_layers):
+            model.model.layers[i].mlp.expert_counts = self.expert_counts[j]
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len or cfg.max_position_embeddings, scratch)
 
     def take_expert_counts(self) -> torch.Tensor | None:
-        """[moe_layers, experts] tokens routed since the last call (CPU), then reset."""
-        if not self.moe_layers:
+        """[moe_layers, experts] tokens routed since the last call (on the model's device), then reset."""
+        if self.expert_counts is None:
             return None
-        blocks = [self.model.model.layers[i].mlp for i in self.moe_layers]
-        counts = torch.stack([b.expert_counts for b in blocks]).cpu()
-        for b in blocks:
-            b.expert_counts.zero_()
+        counts = self.expert_counts.clone()
+        self.expert_counts.zero_()
         return counts
 
     # ------------------------------------------------------------------ metadata
@@ -157,7 +159,7 @@ class ModelRunner:
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
         return PoolStep(dec_rows=as_long(dec_rows), dec_slots=as_long(dec_slots), dec_ctx_slots=ctx_slots,
                         dec_ctx_valid=ctx_valid, prefill_rows=as_long(prefill_rows),
-                        prefill_slots=as_long(prefill_slots), prefills=prefills)
+                        prefill_slots=as_long(prefill_slots), prefills=prefills, decode_only=not prefills)
 
     def _decode_context(self, tables: list[list[int]], lo: list[int], lengths: list[int], sliding: bool):
         """Padded [B, L] slots and validity of each decode's cached context, computed on tensors."""
@@ -179,6 +181,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, logits_rows: list[int]) -> torch.Tensor:
         """Run the model over the batch; return fp32 logits at the given flat-batch rows."""
+        if self.graphs is not None and self.graphs.fits(batch, logits_rows):
+            return self.graphs.run(batch).float()
         starts, ids, positions, row = [], [], [], 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
             s = seq.num_computed_tokens
@@ -187,8 +191,6 @@ class ModelRunner:
             positions += range(s, s + n)
             row += n
         steps = {pool: self._pool_step(pool, batch, starts) for pool in self.cache.k}
-        if self.graphs is not None and self.graphs.fits(batch, logits_rows):
-            return self.graphs.run(batch, steps, ids, positions).float()
         attn = PagedAttention(self.cache, steps)
         dev = self.device
         logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), attn,

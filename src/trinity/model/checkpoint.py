@@ -264,6 +264,14 @@ def save_checkpoint(model, path: str | os.PathLike, max_shard_size: int | str = 
     model.config.replace(dtype=str(saved).removeprefix("torch.")).save_pretrained(path)
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """safetensors refuses tensors that share storage: a view (e.g. a projection fused for inference, see
+    layers.FusedLinears) is written from a copy."""
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.clone()
+    return t
+
+
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], path: str | os.PathLike, max_bytes: int) -> None:
     """Greedy size-sharding: model.safetensors when it fits in one, else model-0000i-of-0000n + index."""
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -273,7 +281,7 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], path: str | os.Pat
 
     def flush() -> None:
         tmp = os.path.join(path, f".shard-{len(tmp_names):05d}.tmp")
-        save_file({k: v.cpu() for k, v in shards[-1].items()}, tmp, metadata={"format": "pt"})
+        save_file({k: _own_storage(v.cpu()) for k, v in shards[-1].items()}, tmp, metadata={"format": "pt"})
         tmp_names.append(tmp)
 
     for name, t in tensors:

@@ -99,6 +99,14 @@ class TrinityForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def fuse_projections(self) -> "TrinityForCausalLM":
+        """For inference: each attention's q/k/v/gate and each SwiGLU's gate/up projections as one GEMM
+        (`layers.FusedLinears`: the parameters become views of the fused weight; nothing else changes)."""
+        for m in self.modules():
+            if isinstance(m, (GatedAttention, SwiGLU)) and (m.fused is None or not m.fused.valid()):
+                m.fuse_projections()
+        return self
+
     def keeps_fp32(self, name: str) -> bool:
         return name.endswith(self.FP32_PARAM_SUFFIXES)
 
