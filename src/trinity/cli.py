@@ -179,7 +179,7 @@ def _cmd_chat(args) -> int:
     from rich.console import Console
 
     from .loading import load_model
-    from .reasoning import ThinkSplitter
+    from .serve.reasoning import get_reasoning_parser  # pure Python: no server packages imported
 
     console = Console(highlight=False)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -203,7 +203,7 @@ def _cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         prompt = loaded.tokenizer.apply_chat_template(history, enable_thinking=not args.no_think)
-        splitter = ThinkSplitter(starts_in_reasoning=prompt.endswith("<think>\n"))
+        splitter = get_reasoning_parser("trinity")(starts_in_reasoning=prompt.endswith("<think>\n"))
         reasoning, content = [], []
         try:
             for delta in _stream_text(engine, loaded.tokenizer.encode(prompt), params):
