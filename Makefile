@@ -27,3 +27,26 @@ serve: install
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
+
+# The built-in tiny model from scratch (issue 7): synthetic corpus -> BPE tokenizer -> `trinity train` with
+# configs/tiny_model.toml -> the export copied into the package. Everything under out/tiny is rebuilt.
+# TINY_TRAIN_ARGS passes training overrides, e.g. TINY_TRAIN_ARGS="--steps 30" for a smoke run.
+TINY        := out/tiny
+TINY_ASSETS := src/trinity/assets/trinity-tiny
+TINY_CORPUS := --train 60000 --heldout 300 --seed 0
+.PHONY: tiny-model tiny-eval
+
+tiny-model: install
+	rm -rf $(TINY)
+	$(PY) -m trinity.synthetic --out $(TINY)/data $(TINY_CORPUS)
+	$(PY) -m trinity.synthetic tokenizer --corpus $(TINY)/data --vocab 2560 --out $(TINY)/tokenizer
+	$(VENV)/bin/trinity train --config configs/tiny_model.toml $(TINY_TRAIN_ARGS)
+	rm -rf $(TINY_ASSETS) && mkdir -p $(TINY_ASSETS)
+	cp $(TINY)/export/* $(TINY_ASSETS)/
+	cp $(TINY)/tokenizer/* $(TINY_ASSETS)/  # the same tokenizer, with the chat template in tokenizer_config.json
+	cp configs/tiny_model_card.md $(TINY_ASSETS)/README.md
+
+# The issue's evaluation of the shipped model on the 300 held-out tasks, through the real server.
+tiny-eval: install
+	@test -f $(TINY)/data/heldout.jsonl || $(PY) -m trinity.synthetic --out $(TINY)/data $(TINY_CORPUS)
+	$(PY) benchmarks/tiny_eval.py --model $(TINY_ASSETS) --heldout $(TINY)/data/heldout.jsonl

@@ -1,0 +1,95 @@
+"""benchmarks/tiny_eval.py against the real server: a random-weight model with the synthetic corpus' tokenizer is
+served for real, the evaluator sends held-out tasks with the `openai` client and scores them (all wrong, but
+measured), and the prompts the server builds for those tasks are token for token the ones the trainer uses."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from trinity import preset
+from trinity.model.init import write_random_checkpoint
+from trinity.synthetic.corpus import read_jsonl, write_corpus
+from trinity.synthetic.tokenizer_train import train_from_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import tiny_eval  # noqa: E402
+
+TASKS = 12
+FLAGS = ["--server-arg=--max-model-len=2048", "--server-arg=--num-kv-blocks=256"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny-eval")
+    write_corpus(str(root / "data"), 200, TASKS, seed=5)
+    tok = train_from_corpus(str(root / "data"), str(root / "model"), vocab_size=800)
+    config = preset("tiny", vocab_size=800, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    write_random_checkpoint(config, root / "model", dtype=torch.float32, seed=0)
+    return root / "model", root / "data" / "heldout.jsonl"
+
+
+def test_evaluator_end_to_end(setup, tmp_path):
+    model, heldout = setup
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = tiny_eval.main(["--model", str(model), "--heldout", str(heldout), "--max-tokens", "12",
+                               "--concurrency", "3", "--out", str(tmp_path / "replies.jsonl"), *FLAGS])
+    assert code == 0
+    lines = out.getvalue().strip().splitlines()
+    assert "tool_call_accuracy" in lines[0] or "metric" in lines[0]  # the table comes first
+    result = json.loads(lines[-1])
+    assert result["tasks"] == TASKS and result["errors"] == 0 and result["model"] == "model"
+    metrics = result["metrics"]
+    checks = [t["check"] for t in read_jsonl(str(heldout))]
+    assert metrics["think_closed"]["n"] == TASKS
+    assert metrics["tool_call_accuracy"]["n"] == checks.count("tool_call")
+    assert metrics["arithmetic_exact"]["n"] == checks.count("arithmetic")
+    assert metrics["json_valid"]["n"] == checks.count("json")
+    for m in metrics.values():
+        assert m["value"] is None or 0.0 <= m["value"] <= 1.0
+    # random weights: nothing is right, so the targets are not met and the run says so
+    assert result["all_targets_met"] is False
+    replies = read_jsonl(str(tmp_path / "replies.jsonl"))
+    assert len(replies) == TASKS and all(r["error"] is None for r in replies)
+    assert sum(r["family"] == f for r in replies for f in result["by_family"]) == TASKS
+
+
+def test_server_prompts_are_the_training_prompts(setup):
+    """The server renders each task (tools included) to exactly the tokens the trainer puts before the turn."""
+    from trinity.tokenizer import TrinityTokenizer
+
+    model, heldout = setup
+    tok = TrinityTokenizer.from_pretrained(model)
+    server = tiny_eval.Server(str(model), ["--max-model-len=2048", "--num-kv-blocks=256"], startup_timeout=120)
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        for task in read_jsonl(str(heldout)):
+            ids = tok.apply_chat_template(task["prompt"], tools=task.get("tools"), tokenize=True)
+            if task.get("tools"):  # /tokenize takes no tools: compare the count the completion reports
+                response = client.chat.completions.create(model="model", messages=task["prompt"],
+                                                          tools=task["tools"], max_tokens=1, temperature=0)
+                assert response.usage.prompt_tokens == len(ids), task["id"]
+            else:
+                body = json.dumps({"messages": task["prompt"]}).encode()
+                request = urllib.request.Request(f"http://127.0.0.1:{server.port}/tokenize", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    assert json.load(r)["tokens"] == ids, task["id"]
+    finally:
+        server.stop()
+
+
+def test_evaluator_reports_a_server_that_will_not_start(setup, tmp_path):
+    _, heldout = setup
+    with pytest.raises(RuntimeError, match="failed to load.*neither a local checkpoint"):
+        tiny_eval.main(["--model", str(tmp_path / "no-such-model"), "--heldout", str(heldout)])
