@@ -34,13 +34,16 @@ clean:
 TINY        := out/tiny
 TINY_ASSETS := src/trinity/assets/trinity-tiny
 TINY_CORPUS := --train 60000 --heldout 300 --seed 0
+# glibc returns large freed blocks to the OS, so every big activation buffer page-faults anew on first touch:
+# keeping them in the heap measured ~15% more training tokens/s on 2 cores.
+TINY_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 .PHONY: tiny-model tiny-eval
 
 tiny-model: install
 	rm -rf $(TINY)
 	$(PY) -m trinity.synthetic --out $(TINY)/data $(TINY_CORPUS)
 	$(PY) -m trinity.synthetic tokenizer --corpus $(TINY)/data --vocab 2560 --out $(TINY)/tokenizer
-	$(VENV)/bin/trinity train --config configs/tiny_model.toml $(TINY_TRAIN_ARGS)
+	$(TINY_MALLOC) $(VENV)/bin/trinity train --config configs/tiny_model.toml $(TINY_TRAIN_ARGS)
 	rm -rf $(TINY_ASSETS) && mkdir -p $(TINY_ASSETS)
 	cp $(TINY)/export/* $(TINY_ASSETS)/
 	cp $(TINY)/tokenizer/* $(TINY_ASSETS)/  # the same tokenizer, with the chat template in tokenizer_config.json

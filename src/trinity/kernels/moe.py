@@ -37,15 +37,15 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     # index_select, not x[token_of]: its backward is index_add_, which sums a token's k gradients in a fixed
     # order; advanced indexing backpropagates through a multi-threaded index_put_ that does not.
     xs = x.index_select(0, token_of)
-    ys = torch.empty_like(xs)
-    start = 0
-    for e, n in enumerate(counts.tolist()):  # one host sync per layer
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        g, u = F.linear(xs[rows], gate_up[e]).chunk(2, dim=-1)
-        ys[rows] = F.linear(F.silu(g) * u, down[e])
-        start += n
+    # One split into per-expert groups and one cat back, in expert order (= the sorted order). Not slices read
+    # from and written into one buffer: under autograd each slice's backward materialises a zero gradient the
+    # size of the whole buffer (measured: about half of a CPU training step of the built-in model).
+    outs = []
+    for e, group in enumerate(xs.split(counts.tolist())):  # one host sync per layer
+        if group.shape[0]:
+            g, u = F.linear(group, gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(g) * u, down[e]))
+    ys = torch.cat(outs) if outs else xs[:0]
     return _combine(ys, weights, order, token_of, x.shape[0], x.dtype)
 
 
