@@ -21,7 +21,9 @@ test: install
 	$(PY) -m pytest
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py
 
-# The OpenAI-compatible server on the default model, at http://127.0.0.1:8000/v1
+# The OpenAI-compatible server on the default (built-in) model, at http://127.0.0.1:8000/v1, with reasoning
+# split out and tool calls on (the Hermes parser), so every feature shows with no download.
+SERVE_ARGS ?= --enable-auto-tool-choice
 serve: install
 	$(VENV)/bin/trinity serve $(SERVE_ARGS)
 

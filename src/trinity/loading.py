@@ -11,8 +11,13 @@ from .config import PRESETS, preset
 from .model import TrinityForCausalLM
 from .tokenizer import TrinityTokenizer, build_byte_level_tokenizer
 
-# Until the project ships a trained built-in model, the default is the `tiny` preset with random weights.
-DEFAULT_MODEL = "tiny"
+# The built-in model: a tiny Trinity trained by this project (`make tiny-model`), shipped as package data.
+BUILTIN_MODEL = "trinity-tiny"
+DEFAULT_MODEL = BUILTIN_MODEL
+
+
+def builtin_model_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", BUILTIN_MODEL)
 
 
 @dataclass(slots=True)
@@ -34,10 +39,18 @@ def resolve_device(device: str | None) -> torch.device:
 
 def load_model(spec: str | None = None, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                seed: int = 0) -> LoadedModel:
-    """`spec`: a local checkpoint folder (config.json, safetensors, tokenizer.json) or a preset name
-    (random weights from `seed` with a byte-level tokenizer: for trying the machinery, not for real text)."""
+    """`spec`: `trinity-tiny` (the built-in model, the default), a local checkpoint folder (config.json,
+    safetensors, tokenizer.json) or a preset name (random weights from `seed` with a byte-level tokenizer: for
+    trying the machinery, not for real text)."""
     spec = spec or DEFAULT_MODEL
     dev = resolve_device(device)
+    if spec == BUILTIN_MODEL:
+        path = builtin_model_path()
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"the built-in model is missing from {path}; `make tiny-model` rebuilds it")
+        loaded = load_model(path, dtype=dtype, device=device, seed=seed)
+        loaded.name = BUILTIN_MODEL
+        return loaded
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "tokenizer.json")):
             raise FileNotFoundError(f"{spec} has no tokenizer.json; copy the model's tokenizer files beside the weights")
