@@ -1,7 +1,6 @@
 """The fused Triton MoE against `experts_reference` (run under TRITON_INTERPRET=1 on the CPU, or on a CUDA
 device), the token/expert alignment it relies on, its config table, and the `routed_experts` dispatch."""
 
-import os
 
 import pytest
 import torch
@@ -11,31 +10,11 @@ from trinity.kernels import moe as kmoe
 from trinity.kernels.moe import experts_reference, routed_experts
 from trinity.model.moe import route
 
-from test_kernels_norm import compile_sm90, needs_compile_check
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-try:
-    import triton  # noqa: F401
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
+# the interpreter/GPU switches, tolerances and comparison are the norm kernels' tests' own
+from test_kernels_norm import (DEVICE, HAS_CUDA, HAS_TRITON, INTERPRET, TOL, _assert_close,  # noqa: F401
+                               compile_sm90, needs_compile_check, needs_gpu, needs_triton)
 
 needs_triton_module = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON or not (INTERPRET or HAS_CUDA),
-    reason="Triton kernels need a CUDA device or the interpreter (run with TRITON_INTERPRET=1)")
-needs_gpu = pytest.mark.skipif(not HAS_TRITON or not HAS_CUDA or INTERPRET,
-                               reason="real-shape kernel checks need a CUDA device (and no interpreter)")
-DEVICE = "cpu" if INTERPRET or not HAS_CUDA else "cuda"
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def _assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.shape == ref.shape and got.dtype == ref.dtype
-    err = (got.float() - ref.float()).abs().max().item()
-    scale = ref.float().abs().max().item()
-    assert err <= TOL[dtype] * max(scale, 1e-6), f"max err {err} vs max |ref| {scale} ({dtype})"
 
 
 def _problem(t, e, k, h, inter, dtype, device=DEVICE, ids=None, seed=0):
