@@ -344,6 +344,11 @@ for name in shapes:
                     "diff": (update.full_tensor() - muon_update(p.full_tensor(), name)).abs().max().item()}
 with open(sys.argv[1] + "." + str(rank), "w") as f:
     json.dump({"muon": result, "manual": manual}, f)
+# Drop every DTensor (and with them the device mesh's groups) and wait for the other rank before tearing down:
+# otherwise gloo now and then aborts at interpreter exit ("terminate called without an active exception").
+del holder, p, update
+import gc; gc.collect()
+dist.barrier()
 dist.destroy_process_group()
 """
 
