@@ -240,13 +240,25 @@ def test_logprobs_without_top(client):
 
 
 def test_logprobs_completions(client):
-    r = client.completions.create(model=MODEL, prompt="abc", max_tokens=5, logprobs=3,
+    # greedy: a sampled run could draw byte tokens whose one-token strings cannot add up to the decoded text
+    r = client.completions.create(model=MODEL, prompt="abc", max_tokens=5, logprobs=3, temperature=0,
                                   extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
     assert "".join(lp.tokens) == r.choices[0].text
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     assert all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_logprob_tokens_follow_the_special_token_rule_of_the_text(server, client, skip):
+    special = server.http.post("/tokenize", json={"prompt": "<|im_start|>", "add_special_tokens": False}).json()
+    (token,) = special["tokens"]
+    r = client.completions.create(model=MODEL, prompt="abc", max_tokens=3, logprobs=1, temperature=0,
+                                  logit_bias={str(token): 100},
+                                  extra_body={"ignore_eos": True, "skip_special_tokens": skip})
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text == ("" if skip else "<|im_start|>" * 3)
 
 
 def test_max_completion_tokens(client):

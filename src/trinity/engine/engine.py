@@ -232,7 +232,8 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         if lps is not None:
-            self._decode_logprob_tokens(lps)
+            # the same special-token rule as the text, so that the tokens' strings add up to the text
+            self._decode_logprob_tokens(lps, p.skip_special_tokens)
             seq.logprobs.append(lps)
             seq.cumulative_logprob += token_logprob
         if seq.constraint is not None:
@@ -269,10 +270,10 @@ class LLMEngine:
         seq.finish("stop", s)
         return True
 
-    def _decode_logprob_tokens(self, lps) -> None:
+    def _decode_logprob_tokens(self, lps, skip_special_tokens: bool = False) -> None:
         if self.tokenizer is not None:
             for tid, lp in lps.items():
-                lp.decoded_token = self.tokenizer.decode([tid])
+                lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=skip_special_tokens)
 
     def _fail(self, batch: ScheduledBatch, message: str) -> list[RequestOutput]:
         outputs = []
