@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import torch
@@ -99,15 +98,3 @@ def chain(tok, text: str) -> dict[int, int]:
     ids = byte_ids(tok, text)
     assert len(set(ids)) == len(ids), text
     return dict(zip(ids, ids[1:]))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """The tiny models' ops are far too small to gain from intra-op threads, and on a busy 2-core machine
-    OpenMP barriers make them many times slower: run the engine tests on one thread, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -5,17 +5,11 @@ import time
 
 import pytest
 
-from engine_helpers import random_prompts, tiny_model, torch_threads
+from engine_helpers import random_prompts, tiny_model
 from trinity.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from trinity.engine.async_engine import AsyncEngine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

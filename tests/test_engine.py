@@ -8,20 +8,13 @@ import random
 import pytest
 import torch
 
-from engine_helpers import (assert_pools_free, random_prompts, reference_greedy, reference_logprobs, tiny_model,
-                            torch_threads)
+from engine_helpers import assert_pools_free, random_prompts, reference_greedy, reference_logprobs, tiny_model
 from trinity.engine import LLM, SamplingParams
 from trinity.engine.request import Status
 
 LENGTHS = [1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 23, 31, 33, 40, 47]  # around and beyond the window of 8
 MAX_TOKENS = 10
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,13 @@ import math
 import pytest
 import torch
 
-from engine_helpers import byte_ids, chain, random_prompts, scripted_model, tiny_model, torch_threads
+from engine_helpers import byte_ids, chain, random_prompts, scripted_model, tiny_model
 from trinity.engine import LLM, SamplingError, SamplingParams
 from trinity.engine.request import Sequence
 from trinity.engine.sampler import Sampler
 from trinity.tokenizer import build_byte_level_tokenizer
 
 EOS = (0, 2)  # <|endoftext|>, <|im_end|> of the byte-level tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def make_seq(params, prompt=(1, 2, 3), output=(), seed=None, name="s"):

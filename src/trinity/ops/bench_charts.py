@@ -39,6 +39,18 @@ def _mark_levels(ax, result: dict) -> None:
                     xytext=(2, -10), textcoords="offset points", fontsize=8, color="0.4")
 
 
+def _finish_two_axes(plt, fig, ax, ax2, result: dict, what: str, path: Path) -> Path:
+    """Sweep-level marks, one legend for both y axes, the title; write the PNG and free the figure."""
+    _mark_levels(ax, result)
+    lines, lines2 = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
+    ax.set_title(_title(result, what))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _throughput(plt, result: dict, path: Path) -> Path:
     tp = result["throughput"]
     out = tp["output_tokens_per_s_series"]
@@ -58,15 +70,7 @@ def _throughput(plt, result: dict, path: Path) -> Path:
     ax2.stairs(prompt, edges, color="tab:orange", alpha=0.6, label="prompt ingest tok/s")
     ax2.set_ylabel("prompt tokens / s")
     ax2.set_ylim(bottom=0)
-    _mark_levels(ax, result)
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
-    ax.set_title(_title(result, "Throughput"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish_two_axes(plt, fig, ax, ax2, result, "Throughput", path)
 
 
 def _latency(plt, result: dict, records: Sequence[RequestRecord], path: Path) -> Path:
@@ -121,14 +125,7 @@ def _kv_cache(plt, result: dict, path: Path) -> Path:
                      linestyle=style, linewidth=1, label=f"requests {key}")
     ax2.set_ylabel("requests")
     ax2.set_ylim(bottom=0)
-    _mark_levels(ax, result)
-    lines, lines2 = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
-    ax.set_title(_title(result, "KV cache utilisation"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish_two_axes(plt, fig, ax, ax2, result, "KV cache utilisation", path)
 
 
 def _sweep(plt, result: dict, path: Path) -> Path:
