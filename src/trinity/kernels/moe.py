@@ -118,7 +118,7 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor,
 
     Where Triton runs: the fp32 router logits from one library GEMM, then `moe_triton.fused_route` on the logits
     (sigmoid, bias-selected top-k, normalise, scale in one launch). Measured on an H100 (benchmarks/profile_gpu.py),
-    the kernel's own one-program-per-token GEMV took 50-96 us per layer, a third of a Mini or Nano decode step;
+    a one-program-per-token GEMV inside that kernel took 50-96 us per layer, a third of a Mini or Nano decode step;
     the GEMM on the whole [E, H] weight is a few microseconds. Elsewhere `route_reference`.
     """
     from . import use_triton
@@ -126,5 +126,5 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor,
     if not reference_forced() and not torch.is_grad_enabled() and use_triton(x, gate_weight):
         from .moe_triton import fused_route
         logits = F.linear(x.float(), gate_weight.float())
-        return fused_route(logits, None, expert_bias, top_k, route_norm, route_scale)
+        return fused_route(logits, expert_bias, top_k, route_norm, route_scale)
     return route_reference(x, gate_weight, expert_bias, top_k, route_norm, route_scale)

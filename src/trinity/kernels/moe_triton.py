@@ -18,8 +18,8 @@ Pipeline (same contract as `kernels.moe.experts_reference`):
    its position in the tile, so results are run-to-run deterministic (the integer atomics of the align
    kernel only choose where inside an expert's run a slot lands).
 
-`fused_route` is `model.moe.route` (fp32 sigmoid router, bias-selected top-k, normalise, scale) as one
-launch per batch, one program per token.
+`fused_route` is `model.moe.select_experts` (fp32 sigmoid scores, bias-selected top-k, normalise, scale) on
+router logits, one launch per batch, one program per token; the logits come from one library GEMM.
 
 Block sizes come from a small table for the Nano (H 1024, I 256) and Mini (H 2048, I 1024) shapes with
 E 128, k 8, keyed by T bucket (1, 8, 32, 64+); other shapes get untuned defaults. The table entries are
@@ -410,28 +410,16 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
 # --------------------------------------------------------------------------------------------- routing
 @triton.jit
 def _route_kernel(
-    x_ptr, w_ptr, bias_ptr, out_w_ptr, out_ids_ptr,
-    H, num_experts, top_k, route_scale,
-    stride_xt, stride_xh, stride_we, stride_wh,
-    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_GATE: tl.constexpr, NORM: tl.constexpr,
+    logits_ptr, bias_ptr, out_w_ptr, out_ids_ptr,
+    num_experts, top_k, route_scale, stride_lt, stride_le,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
 ):
-    """One token: logits = x . W^T in fp32 (or given), scores = sigmoid, top-k of scores + bias (the bias
-    only selects), weights = the chosen unbiased scores (normalised when NORM) * route_scale."""
+    """One token: scores = sigmoid(fp32 logits), top-k of scores + bias (the bias only selects), weights = the
+    chosen unbiased scores (normalised when NORM) * route_scale."""
     t = tl.program_id(0).to(tl.int64)
     offs_e = tl.arange(0, BLOCK_E)
     e_ok = offs_e < num_experts
-    if HAS_GATE:
-        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        offs_h = tl.arange(0, BLOCK_H)
-        for h0 in range(0, H, BLOCK_H):
-            h_ok = offs_h < H - h0
-            xv = tl.load(x_ptr + t * stride_xt + (h0 + offs_h) * stride_xh, mask=h_ok, other=0.0).to(tl.float32)
-            wv = tl.load(w_ptr + offs_e[:, None] * stride_we + (h0 + offs_h)[None, :] * stride_wh,
-                         mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(wv * xv[None, :], axis=1)
-    else:  # x holds the router logits [T, E]
-        acc = tl.load(x_ptr + t * stride_xt + offs_e * stride_xh, mask=e_ok, other=0.0).to(tl.float32)
+    acc = tl.load(logits_ptr + t * stride_lt + offs_e * stride_le, mask=e_ok, other=0.0).to(tl.float32)
     scores = tl.sigmoid(acc)
     bias = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
     sel = tl.where(e_ok, scores + bias, float("-inf"))
@@ -452,33 +440,24 @@ def _route_kernel(
     tl.store(out_ids_ptr + t * top_k + offs_k, chosen_id.to(tl.int64), mask=k_ok)
 
 
-def fused_route(x: torch.Tensor, gate_weight: torch.Tensor | None, expert_bias: torch.Tensor, top_k: int,
-                route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`model.moe.route` in one launch: x [T, H] and gate_weight [E, H] (or x = router logits [T, E] and
-    gate_weight None) -> (weights [T, k] fp32, ids [T, k] int64), ids in descending order of biased score.
-
-    The router GEMV runs in fp32 on fp32-converted operands, one program per token (decode-sized T).
+def fused_route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
+                route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.moe.select_experts` in one launch: router logits [T, E] (fp32, from one library GEMM: see
+    `kernels.moe.route`) -> (weights [T, k] fp32, ids [T, k] int64), ids in descending order of biased score.
     Ties in the biased score go to the lower expert id (torch.topk leaves tie order unspecified).
     """
-    num_tokens = x.shape[0]
-    num_experts = gate_weight.shape[0] if gate_weight is not None else x.shape[1]
-    if gate_weight is not None and gate_weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} and gate_weight {tuple(gate_weight.shape)} do not match")
+    num_tokens, num_experts = logits.shape
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k {top_k} out of range for {num_experts} experts")
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     if num_tokens == 0:
         return weights, ids
     block_e = triton.next_power_of_2(num_experts)
-    w = gate_weight if gate_weight is not None else x
-    hidden = x.shape[1]
     _route_kernel[(num_tokens,)](
-        x, w, expert_bias.contiguous(), weights, ids,
-        hidden, num_experts, top_k, float(route_scale),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        BLOCK_E=block_e, BLOCK_H=max(16, min(triton.next_power_of_2(hidden), 8192 // block_e)),
-        BLOCK_K=triton.next_power_of_2(top_k), HAS_GATE=gate_weight is not None, NORM=bool(route_norm),
+        logits, expert_bias.contiguous(), weights, ids,
+        num_experts, top_k, float(route_scale), logits.stride(0), logits.stride(1),
+        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), NORM=bool(route_norm),
         num_warps=4 if block_e <= 128 else 8,
     )
     return weights, ids
