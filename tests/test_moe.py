@@ -86,7 +86,8 @@ def test_shared_expert_is_added_for_every_token():
         w, ids = route(x, block.router.gate.weight, block.expert_bias, cfg.num_experts_per_tok, True,
                        cfg.route_scale)
         routed = experts_reference(x, w, ids, block.experts.gate_up_proj, block.experts.down_proj)
-        assert torch.allclose(block(x), routed + block.shared_experts(x), atol=1e-6)
+        # the block may run another expert kernel (its own rounding) than the reference it is compared with
+        torch.testing.assert_close(block(x), routed + block.shared_experts(x), rtol=1e-5, atol=1e-5)
 
 
 def test_model_without_shared_experts_and_route_norm_runs_and_round_trips(tmp_path):

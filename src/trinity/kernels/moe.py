@@ -58,6 +58,39 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
     return _combine(ys, weights, order, token_of, x.shape[0], x.dtype)
 
 
+def experts_weight_first(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                         down: torch.Tensor) -> torch.Tensor:
+    """Per expert, (W @ xs.T): the CPU orientation `kernels.linear` explains. A decode batch gives each expert a
+    few tokens, where it ran 1.4x faster than F.grouped_mm over 7 layers of 32 experts (32 tokens, top-4, fp32)."""
+    order, token_of, counts = _group_by_expert(ids, gate_up.shape[0])
+    xs = x.index_select(0, token_of)
+    inter = down.shape[2]
+    outs = []
+    for e, group in enumerate(xs.split(counts.tolist())):
+        n = group.shape[0]
+        if not n:
+            continue
+        if n == 1:  # one row takes the BLAS's GEMV path, about 2x slower here than two rows (measured)
+            group = group.expand(2, -1).contiguous()
+        h = torch.mm(gate_up[e], group.t())  # [2I, n]: gate rows, then up rows
+        # the second operand as a transposed view of contiguous rows: with a plain [I, n] matrix the same product
+        # took 83 us instead of 25 us ([512, 256] weight, 4 rows)
+        act = (F.silu(h[:inter]) * h[inter:]).t().contiguous()
+        outs.append(torch.mm(down[e], act.t()).t()[:n])
+    ys = torch.cat(outs) if outs else xs[:0]
+    return _combine(ys, weights, order, token_of, x.shape[0], x.dtype)
+
+
+# CPU fp32 batches up to this many tokens take `experts_weight_first` (measured faster than F.grouped_mm at 8-128
+# tokens of 32 experts top-4; slower from 512).
+CPU_WEIGHT_FIRST_MAX_TOKENS = 128
+
+
+def weight_first_wanted(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == gate_up.dtype == torch.float32
+            and x.shape[0] <= CPU_WEIGHT_FIRST_MAX_TOKENS)
+
+
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     """F.grouped_mm exists and has a kernel here: the CPU (torch >= 2.10), or CUDA SM80+ in bf16."""
     if not hasattr(F, "grouped_mm"):
@@ -95,6 +128,8 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
     if fused_moe_wanted(x):
         from .moe_triton import fused_moe
         return fused_moe(x, weights, ids, gate_up, down)
+    if weight_first_wanted(x, gate_up):
+        return experts_weight_first(x, weights, ids, gate_up, down)
     if x.shape[0] > 1 and grouped_mm_available(x.device, x.dtype):
         return experts_grouped(x, weights, ids, gate_up, down)
     return experts_reference(x, weights, ids, gate_up, down)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import TrinityConfig
 from ..kernels import norm as kernel_norm
+from ..kernels.linear import linear
 from .attention import AttentionMetadata
 
 
@@ -18,6 +19,11 @@ class Linear(nn.Linear):
 
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class FusedLinears:
@@ -47,7 +53,7 @@ class FusedLinears:
         return self.modules[0].weight.data_ptr() == self.weight.data_ptr()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight).split(self.sizes, dim=-1)
+        return linear(x, self.weight).split(self.sizes, dim=-1)
 
 
 def fused_projections_usable(fused: FusedLinears | None) -> bool:
