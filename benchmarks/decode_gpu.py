@@ -5,13 +5,14 @@
 
 For each model (random weights built on the GPU, no checkpoint): copy bandwidth measured in the same run;
 batch-1 decode tok/s at 1K and 8K context with the fraction of the roofline (bytes read per token / copy
-bandwidth); aggregate decode tok/s at batch 8, 32, 64; time to first token for 2K and 8K prompts; and HF
+bandwidth); aggregate decode tok/s at batch 8, 32, 64 (while the whole batch decodes); time to first token for 2K and 8K prompts; and HF
 transformers `generate` at batch 1 and 16 on the same weights. Prints a table, then one JSON object last.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -24,6 +25,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from trinity import TrinityForCausalLM, preset  # noqa: E402
 from trinity.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+
+
+def release(device: torch.device) -> None:
+    """Free what deleted engines held: an engine's runner and its CUDA graphs refer to each other, so only the
+    cycle collector frees them (without it the next model found its KV budget taken)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def progress(name: str, what: str, value) -> None:
+    """Each figure as soon as it is measured (stderr, flushed): a run cut off by a time limit keeps what it got."""
+    print(f"[{name}] {what}: {value}", file=sys.stderr, flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -53,7 +67,12 @@ def bytes_per_token(cfg, dtype_bytes: int, context: int) -> int:
 
 
 def decode_rate(engine: LLMEngine, batch: int, context: int, new_tokens: int, vocab: int) -> tuple[float, float]:
-    """(aggregate decode tok/s over the decode phase, time to first token of the batch)."""
+    """(decode tok/s while the whole batch decodes, time to first token of the batch).
+
+    The decode rate is counted from the step at which every sequence has its first token to the end: the
+    tokens generated in that window over its duration. Counting from the first sequence's first token instead
+    mixes the prefill of the rest of the batch into a decode figure (at batch 64 x 1K, 7 prefill chunks of
+    ~80 ms on Mini)."""
     g = torch.Generator().manual_seed(batch * 7919 + context)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i in range(batch):
@@ -61,15 +80,22 @@ def decode_rate(engine: LLMEngine, batch: int, context: int, new_tokens: int, vo
         engine.add_request(f"b{batch}-c{context}-{i}", prompt_token_ids=ids, params=params)
     device = engine.model.device
     start = time.perf_counter()
-    first = None
+    first = all_started = None
+    generated: dict[str, int] = {}
+    at_all_started = 0
     while engine.has_unfinished():
+        # no device sync per step: a step returns once its tokens are on the host, and with look-ahead the next
+        # step is already queued, which a sync here would drain
         outs = engine.step()
-        sync(device)
-        if first is None and any(o.outputs[0].token_ids for o in outs):
+        for o in outs:
+            generated[o.request_id] = len(o.outputs[0].token_ids)
+        if first is None and generated:
             first = time.perf_counter()
+        if all_started is None and len(generated) == batch:
+            all_started, at_all_started = time.perf_counter(), sum(generated.values())
+    sync(device)
     end = time.perf_counter()
-    decode_tokens = batch * (new_tokens - 1)
-    return decode_tokens / max(end - first, 1e-9), first - start
+    return (sum(generated.values()) - at_all_started) / max(end - all_started, 1e-9), first - start
 
 
 def hf_sharing_weights(model: TrinityForCausalLM):
@@ -132,33 +158,50 @@ def bench_model(name: str, cfg, device, args) -> dict:
         roofline = bw / bytes_per_token(cfg, model.dtype.itemsize, ctx)
         out["batch1"][str(ctx)] = {"tok_s": round(rate, 1), "roofline_tok_s": round(roofline, 1),
                                    "fraction": round(rate / roofline, 3)}
+        progress(name, f"batch 1 @ {ctx}", out["batch1"][str(ctx)])
     for batch in batches:
         rate, _ = decode_rate(engine, batch, 1024 if not args.smoke else 64, args.new_tokens, cfg.vocab_size)
         out["batched"][str(batch)] = round(rate, 1)
+        progress(name, f"batch {batch} tok/s", out["batched"][str(batch)])
     for prompt in ttft_prompts:
         _, ttft = decode_rate(engine, 1, prompt, 2, cfg.vocab_size)
         out["ttft_ms"][str(prompt)] = round(ttft * 1e3, 1)
+        progress(name, f"TTFT {prompt} ms", out["ttft_ms"][str(prompt)])
     del engine
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
+    if args.skip_baselines:
+        return finish(out, model, device, args)
+    # batch 1 and 64 with plain steps (each step's tokens read before the next is prepared): what look-ahead is worth
+    plain = LLMEngine(model, None, EngineConfig(max_model_len=2048, max_num_seqs=max(batches),
+                                                max_num_batched_tokens=8192, seed=0, async_scheduling=False))
+    ctx = 1024 if not args.smoke else 64
+    out["no_lookahead_tok_s"] = {str(b): round(decode_rate(plain, b, ctx, args.new_tokens, cfg.vocab_size)[0], 1)
+                                 for b in (1, max(batches))}
+    del plain
+    release(device)
     # the same batch-1 decode without CUDA graphs: what the graphs are worth
     eager = LLMEngine(model, None, EngineConfig(max_model_len=2048, max_num_seqs=1, max_num_batched_tokens=2048,
                                                 seed=0, enforce_eager=True))
     rate, _ = decode_rate(eager, 1, 1024 if not args.smoke else 64, args.new_tokens, cfg.vocab_size)
     out["batch1_eager_1024_tok_s"] = round(rate, 1)
     del eager
+    release(device)
+    return finish(out, model, device, args)
+
+
+def finish(out: dict, model: TrinityForCausalLM, device: torch.device, args) -> dict:
+    """HF transformers on the same weights (unless skipped), then free the model."""
     if not args.skip_hf:
         try:
             hf = hf_sharing_weights(model)
             ctx = 1024 if not args.smoke else 64
-            out["hf_tok_s"] = {str(b): round(hf_rate(hf, b, ctx, args.hf_new_tokens, cfg.vocab_size, device), 2)
+            out["hf_tok_s"] = {str(b): round(hf_rate(hf, b, ctx, args.hf_new_tokens, model.config.vocab_size, device), 2)
                                for b in (1, 16)}
             del hf
         except Exception as e:  # report, keep the rest of the results
             out["hf_error"] = f"{type(e).__name__}: {e}"[:500]
     del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return out
 
 
@@ -168,6 +211,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--hf-new-tokens", type=int, default=16)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-baselines", action="store_true",
+                    help="skip the runs without CUDA graphs and without look-ahead (they show what each is worth)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset on CPU: checks that the script runs")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -176,6 +221,7 @@ def main() -> None:
     for n in names:
         try:
             results.append(bench_model(n, preset(n), device, args))
+            release(device)  # the model is freed only now that bench_model has returned
         except Exception as e:  # one model failing must not lose the other's figures
             import traceback
             traceback.print_exc()
@@ -186,7 +232,9 @@ def main() -> None:
         print(f"{r['model']}: copy {r['copy_bandwidth_gb_s']} GB/s")
         for ctx, b1 in r["batch1"].items():
             print(f"  batch 1 @ {ctx}: {b1['tok_s']} tok/s = {b1['fraction']:.0%} of {b1['roofline_tok_s']} roofline")
-        print(f"  batch 1 @ 1024 without CUDA graphs: {r['batch1_eager_1024_tok_s']} tok/s")
+        if "no_lookahead_tok_s" in r:
+            print(f"  batch 1 @ 1024 without CUDA graphs: {r['batch1_eager_1024_tok_s']} tok/s")
+            print(f"  without look-ahead, by batch: {r['no_lookahead_tok_s']} tok/s")
         print(f"  batched: {r['batched']} tok/s; TTFT {r['ttft_ms']} ms; HF {r.get('hf_tok_s', r.get('hf_error'))}")
     print(json.dumps({"benchmark": "decode_gpu", "device": torch.cuda.get_device_name(device)
                       if device.type == "cuda" else "cpu", "torch": torch.__version__, "results": results}))

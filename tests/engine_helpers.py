@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import random
+import sys
 
 import torch
 
@@ -28,6 +30,17 @@ def tiny_model(seed: int = 0, scale: float = 8.0, **overrides) -> TrinityForCaus
     if key not in _MODELS:
         _MODELS[key] = sharpened(TrinityForCausalLM.random(preset("tiny", **overrides), seed=seed), scale)
     return _MODELS[key]
+
+
+def run_llm_both_ways(request, monkeypatch) -> bool:
+    """For a parametrized autouse fixture: the calling test module's `LLM` builds engines with look-ahead
+    decoding on or off (request.param), so the module's tests check both give the same results. Look-ahead is on
+    by default only on CUDA; here it is forced on the CPU."""
+    from trinity.engine import LLM
+
+    monkeypatch.setattr(sys.modules[request.module.__name__], "LLM",
+                        functools.partial(LLM, async_scheduling=request.param))
+    return request.param
 
 
 def random_prompts(lengths, seed: int = 0, low: int = 10, high: int = 266) -> list[list[int]]:

@@ -17,10 +17,11 @@ def model():
     return tiny_model(seed=0, scale=8)
 
 
-@pytest.fixture
-def async_engine(model):
+@pytest.fixture(params=[False, True], ids=["sync", "lookahead"])
+def async_engine(model, request):
     ae = AsyncEngine(LLMEngine(model, None, EngineConfig(block_size=4, num_kv_blocks=256, max_num_seqs=8,
-                                                         max_num_batched_tokens=16))).start()
+                                                         max_num_batched_tokens=16,
+                                                         async_scheduling=request.param))).start()
     yield ae
     ae.shutdown()
     assert ae._thread is None

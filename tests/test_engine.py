@@ -8,9 +8,16 @@ import random
 import pytest
 import torch
 
-from engine_helpers import assert_pools_free, random_prompts, reference_greedy, reference_logprobs, tiny_model
+from engine_helpers import (assert_pools_free, random_prompts, reference_greedy, reference_logprobs,
+                            run_llm_both_ways, tiny_model)
 from trinity.engine import LLM, SamplingParams
 from trinity.engine.request import Status
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "lookahead"])
+def lookahead(request, monkeypatch):
+    """Every test here runs twice: plain steps and look-ahead decoding; the results must be the same."""
+    return run_llm_both_ways(request, monkeypatch)
+
 
 LENGTHS = [1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 23, 31, 33, 40, 47]  # around and beyond the window of 8
 MAX_TOKENS = 10
@@ -37,10 +44,12 @@ def token_ids(outputs):
 
 
 # ---------------------------------------------------------------------- greedy: batch = alone = reference = HF
-def test_greedy_batch_equals_alone_equals_reference(model, prompts, reference):
+def test_greedy_batch_equals_alone_equals_reference(model, prompts, reference, lookahead):
     assert len(set(map(tuple, reference))) == len(prompts)  # 16 different continuations
     llm = LLM(model, max_num_seqs=16, block_size=4, num_kv_blocks=256)
     together = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+    # look-ahead ran for most steps: only the prefill step and the last one cannot queue another
+    assert (llm.engine.stats()["num_lookahead_steps"] >= MAX_TOKENS - 2) == lookahead
     assert [o.prompt_token_ids for o in together] == prompts  # input order
     assert token_ids(together) == reference
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in together)

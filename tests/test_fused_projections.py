@@ -7,6 +7,7 @@ import torch
 
 from trinity import TrinityForCausalLM, preset
 from trinity.model.layers import GatedAttention, SwiGLU
+from trinity.model.moe import MoEBlock
 
 
 def _model():
@@ -34,6 +35,14 @@ def test_fused_forward_equals_separate_and_state_dict_is_unchanged():
     # the parameters are views of the fused weight: no second copy of the weights
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == attn.fused.weight.data_ptr()
+    # each MoE block's shared expert sits after its routed experts, in the same stacked tensors
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    assert blocks and all(b.stacked_valid() for b in blocks)
+    b = blocks[0]
+    gate_up, down = b.stacked
+    assert gate_up.shape[0] == b.experts.gate_up_proj.shape[0] + 1
+    assert b.shared_experts.gate_proj.weight.data_ptr() == gate_up[-1].data_ptr()
+    assert b.shared_experts.down_proj.weight.data_ptr() == down[-1].data_ptr()
 
 
 def test_fused_model_saves_and_loads(tmp_path):
@@ -50,6 +59,7 @@ def test_replaced_parameters_fall_back_to_separate_projections():
     moved = copy.deepcopy(model)  # assign=True gives every parameter new storage (as .to() does)
     moved.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     assert not any(m.fused.valid() for m in _fused_modules(moved))
+    assert not any(m.stacked_valid() for m in moved.modules() if isinstance(m, MoEBlock))
     with torch.no_grad():
         moved.model.layers[0].self_attn.q_proj.weight.mul_(0)  # the stale fused weight must not be used
         ref = copy.deepcopy(moved)
@@ -59,6 +69,7 @@ def test_replaced_parameters_fall_back_to_separate_projections():
     # re-fusing picks up the new parameters
     moved.fuse_projections()
     assert all(m.fused.valid() for m in _fused_modules(moved))
+    assert all(m.stacked_valid() for m in moved.modules() if isinstance(m, MoEBlock))
 
 
 def test_training_uses_the_separate_parameters():

@@ -21,13 +21,14 @@ def _model(dtype: torch.dtype):
     return copy.deepcopy(tiny_model(seed=3)).to(device="cuda", dtype=dtype)
 
 
-def _run(model, prompts: list[list[int]], max_tokens: int, *, enforce_eager: bool, max_num_seqs: int = 16,
-         logprobs: int | None = None):
+def _run(model, prompts: list[list[int]], max_tokens: int | list[int], *, enforce_eager: bool,
+         max_num_seqs: int = 16, logprobs: int | None = None, async_scheduling: bool | None = None):
     engine = LLMEngine(model, None, EngineConfig(max_model_len=512, max_num_seqs=max_num_seqs,
                                                  max_num_batched_tokens=512, num_kv_blocks=256,
-                                                 enforce_eager=enforce_eager))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=logprobs)
+                                                 enforce_eager=enforce_eager, async_scheduling=async_scheduling))
     for i, p in enumerate(prompts):
+        n = max_tokens[i] if isinstance(max_tokens, list) else max_tokens
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=logprobs)
         engine.add_request(str(i), prompt_token_ids=p, params=params)
     done = {}
     while engine.has_unfinished():
@@ -69,3 +70,21 @@ def test_cuda_graphs_equal_eager(dtype):
         got, want = graph_engine.expert_tokens_total, eager_engine.expert_tokens_total
         assert got.sum(dim=1).tolist() == want.sum(dim=1).tolist()
         assert (got - want).abs().sum().item() <= 0.01 * want.sum().item()
+
+
+def test_lookahead_with_graphs_equals_plain_eager_steps():
+    """Look-ahead decoding (on by default on CUDA) queues each graph replay before the previous step's tokens
+    are read, feeding them on the device; sequences end at different steps, so queued rows get dropped."""
+    model = _model(torch.float32)
+    prompts = random_prompts([9, 30, 4, 61, 17], seed=21)
+    lengths = [40, 7, 64, 23, 1]
+    plain, plain_engine = _run(model, prompts, lengths, enforce_eager=True, async_scheduling=False, logprobs=1)
+    ahead, ahead_engine = _run(model, prompts, lengths, enforce_eager=False, logprobs=1)
+    assert ahead_engine.async_scheduling and ahead_engine.stats()["num_lookahead_steps"] >= 50
+    assert plain_engine.stats()["num_lookahead_steps"] == 0
+    assert [o.token_ids for o in ahead] == [o.token_ids for o in plain]
+    assert [len(o.token_ids) for o in ahead] == lengths
+    for g, e in zip(ahead, plain):
+        got = torch.tensor([pos[t].logprob for pos, t in zip(g.logprobs, g.token_ids)])
+        want = torch.tensor([pos[t].logprob for pos, t in zip(e.logprobs, e.token_ids)])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -153,6 +153,27 @@ def test_fused_moe_default_config_and_strided_input():
     _assert_close(got, experts_reference(x, w, ids, gate_up, down), torch.float32)
 
 
+def _with_shared(x, w, ids, gate_up, down):
+    """The reference for `shared=1`: routed experts, plus the last expert applied to every token with weight 1."""
+    routed = experts_reference(x, w, ids, gate_up[:-1], down[:-1])
+    inter = down.shape[2]
+    h = x.float() @ gate_up[-1].float().T
+    shared = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype).float() @ down[-1].float().T
+    return (routed.float() + shared).to(x.dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 5, 17])
+def test_fused_moe_with_a_shared_expert_matches_reference(dtype, t):
+    from trinity.kernels.moe_triton import MoEConfig, fused_moe
+    x, w, ids, gate_up, down = _problem(t, 9, 2, 64, 48, dtype, seed=t)  # 8 routed experts + 1 shared
+    ids = ids % 8
+    cfg = MoEConfig(block_m=16, up_n=32, up_k=16, down_n=16, down_k=32)
+    got = fused_moe(x, w, ids, gate_up, down, config=cfg, shared=1)
+    _assert_close(got, _with_shared(x, w, ids, gate_up, down), dtype)
+
+
 @needs_triton
 def test_routed_experts_dispatches_to_fused_moe_when_forced(monkeypatch):
     from trinity.kernels import moe_triton
@@ -168,9 +189,12 @@ def test_routed_experts_dispatches_to_fused_moe_when_forced(monkeypatch):
 
 
 @needs_triton
-def test_moe_block_with_fused_kernel_matches_reference(monkeypatch):
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate_shared", "stacked_shared"])
+def test_moe_block_with_fused_kernel_matches_reference(monkeypatch, stacked):
+    from trinity.kernels import moe_triton
     from trinity.model.moe import MoEBlock
     cfg = preset("tiny", num_experts=8, num_experts_per_tok=2)
+    assert cfg.num_shared_experts == 1
     torch.manual_seed(0)
     block = MoEBlock(cfg).to(DEVICE)
     with torch.no_grad():
@@ -179,8 +203,16 @@ def test_moe_block_with_fused_kernel_matches_reference(monkeypatch):
         x = torch.randn(3, cfg.hidden_size, device=DEVICE)
         monkeypatch.setenv("TRINITY_KERNELS", "reference")
         want = block(x)
+        if stacked:  # the shared expert joins the routed ones in one fused pass
+            block.fuse_projections()
+            assert block.stacked_valid()
+        calls = []
+        real = moe_triton.fused_moe
+        monkeypatch.setattr(moe_triton, "fused_moe", lambda *a, **kw: calls.append(kw.get("shared", 0)) or
+                            real(*a, **kw))
         monkeypatch.setenv("TRINITY_KERNELS", "triton")
         got = block(x)
+    assert calls == [1 if stacked else 0]
     _assert_close(got, want, torch.float32)
 
 
@@ -262,6 +294,18 @@ def test_gpu_fused_moe_real_shapes(shape, t):
     x, w, ids, gate_up, down = _problem(t, shape["e"], shape["k"], shape["h"], shape["inter"], torch.bfloat16,
                                         device="cuda", seed=t)
     _assert_close(fused_moe(x, w, ids, gate_up, down), experts_reference(x, w, ids, gate_up, down),
+                  torch.bfloat16)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [NANO, MINI], ids=["nano", "mini"])
+@pytest.mark.parametrize("t", [1, 64])
+def test_gpu_fused_moe_with_shared_expert_real_shapes(shape, t):
+    from trinity.kernels.moe_triton import fused_moe
+    x, w, ids, gate_up, down = _problem(t, shape["e"] + 1, shape["k"], shape["h"], shape["inter"],
+                                        torch.bfloat16, device="cuda", seed=t)
+    ids = ids % shape["e"]
+    _assert_close(fused_moe(x, w, ids, gate_up, down, shared=1), _with_shared(x, w, ids, gate_up, down),
                   torch.bfloat16)
 
 

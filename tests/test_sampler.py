@@ -7,13 +7,19 @@ import math
 import pytest
 import torch
 
-from engine_helpers import byte_ids, chain, random_prompts, scripted_model, tiny_model
+from engine_helpers import byte_ids, chain, random_prompts, run_llm_both_ways, scripted_model, tiny_model
 from trinity.engine import LLM, SamplingError, SamplingParams
 from trinity.engine.request import Sequence
 from trinity.engine.sampler import Sampler
 from trinity.tokenizer import build_byte_level_tokenizer
 
 EOS = (0, 2)  # <|endoftext|>, <|im_end|> of the byte-level tokenizer
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "lookahead"])
+def lookahead(request, monkeypatch):
+    """The engine-level tests run with plain steps and with look-ahead decoding; the results must be the same."""
+    return run_llm_both_ways(request, monkeypatch)
 
 
 def make_seq(params, prompt=(1, 2, 3), output=(), seed=None, name="s"):

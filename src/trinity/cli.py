@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
     srv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     srv.add_argument("--enforce-eager", action="store_true")
+    srv.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
+                     help="look-ahead decoding: queue the next decode step before reading this one's tokens "
+                          "(default: on for CUDA)")
+    srv.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     srv.add_argument("--seed", type=int, default=0)
     srv.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     srv.add_argument("--chat-template", default=None, help="a jinja file replacing the model's chat template")
@@ -289,7 +293,8 @@ def _cmd_serve(args) -> int:
                                  max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                                  num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
-                                 enforce_eager=args.enforce_eager, seed=args.seed)
+                                 enforce_eager=args.enforce_eager, seed=args.seed,
+                                 async_scheduling=args.async_scheduling)
     serve(args.model or args.model_flag, settings, engine_config, args.host, args.port, dtype=args.dtype,
           device=args.device, log_level=args.log_level.lower())
     return 0

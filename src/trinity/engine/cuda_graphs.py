@@ -4,7 +4,8 @@ A decode step of a sparse MoE is one to two thousand small kernels; launched one
 between them cost more than the kernels themselves at small batch (measured on an H100: Nano batch 1 went from
 11.5 to 88 tok/s with graphs). The runner captures the forward once per bucketed batch size and replays it.
 
-Host work per step is one loop that fills a pinned int32 table, one copy to the device, and the replay. Each row of
+Host work per step is one loop that fills a pinned int32 table (two used in turn), one copy to the device, and
+the replay. Each row of
 the table describes one sequence: its token, position and a 0/1 expert-count weight, then per KV pool its new
 token's slot, the first position its attention sees, how many positions it sees, and its block table. The graph
 itself turns block tables into the per-position slots the Triton decode kernel reads (padded to the widest context
@@ -74,13 +75,17 @@ class DecodeGraphs:
             self.pools.append(pool)
             offset += pool.columns
         self.columns = offset
-        self.host = torch.zeros(self.max_batch, self.columns, dtype=torch.int32).pin_memory()
-        self.host_np = self.host.numpy()
+        # Two pinned host tables used in turn, each with the event of its last copy: with the engine's look-ahead
+        # the next step's table is filled while the previous step's copy may still wait in the stream.
+        self.hosts = [torch.zeros(self.max_batch, self.columns, dtype=torch.int32).pin_memory() for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
         self.meta = torch.zeros(self.max_batch, self.columns, dtype=torch.int32, device=dev)
         self._offsets = {p.name: torch.arange(p.width, device=dev) for p in self.pools}
-        for b in range(self.max_batch):
-            self._pad_row(b)
-        self.meta.copy_(self.host)
+        for host in self.hosts:
+            for b in range(self.max_batch):
+                self._pad_row(host.numpy(), b)
+        self.meta.copy_(self.hosts[0])
         self._moe_blocks = [runner.model.model.layers[i].mlp for i in runner.moe_layers]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -139,23 +144,31 @@ class DecodeGraphs:
         return (0 < n <= self.max_batch and all(t == 1 for t in batch.num_tokens)
                 and logits_rows == list(range(n)))
 
-    def _pad_row(self, i: int) -> None:
-        row = self.host_np[i]
+    def _pad_row(self, host, i: int) -> None:
+        row = host[i]
         row[_TOKEN] = row[_POSITION] = row[_COUNT] = 0
         for p in self.pools:
             o = p.offset
             row[o + _SLOT] = p.scratch_block * self.block_size
             row[o + _LO], row[o + _LEN], row[o + _TABLE] = 0, 1, p.scratch_block
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Replay the bucket for this decode batch; -> logits [n, V] (a view of the graph's output buffer)."""
+    def run(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the bucket for this decode batch; -> logits [n, V] (a view of the graph's output buffer).
+        `input_tokens`: the batch's tokens as a device tensor, when they are not in the sequences yet."""
         n = len(batch.seqs)
         b = next(size for size in self.buckets if size >= n)
-        kv, bs, window, host = self.runner.kv, self.block_size, self.runner.window, self.host_np
+        turn = self.turn
+        self.turn ^= 1
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()  # this table's previous copy has been read (normally long done)
+        kv, bs, window = self.runner.kv, self.block_size, self.runner.window
+        host_t = self.hosts[turn]
+        host = host_t.numpy()
         for i, seq in enumerate(batch.seqs):
             s = seq.num_computed_tokens  # the new token's position
             row = host[i]
-            row[_TOKEN], row[_POSITION], row[_COUNT] = seq.all_token_ids[s], s, 1
+            row[_TOKEN] = 0 if input_tokens is not None else seq.token_at(s)
+            row[_POSITION], row[_COUNT] = s, 1
             tables = kv.tables(seq.seq_id)
             for p in self.pools:
                 o = p.offset
@@ -170,9 +183,12 @@ class DecodeGraphs:
                     row[o + _LO], row[o + _LEN] = lo, s + 1 - lo
                 row[o + _TABLE:o + _TABLE + len(table)] = table
         for i in range(n, b):
-            self._pad_row(i)
-        # one copy from pinned memory; the host rows are rewritten only after this step's tokens were read back
-        self.meta[:b].copy_(self.host[:b], non_blocking=True)
+            self._pad_row(host, i)
+        self.meta[:b].copy_(host_t[:b], non_blocking=True)  # one copy from pinned memory
+        self.copied[turn] = torch.cuda.Event()
+        self.copied[turn].record()
+        if input_tokens is not None:
+            self.meta[:n, _TOKEN].copy_(input_tokens)
         self.graphs[b].replay()
         self.replays += 1
         return self.logits[b][:n]

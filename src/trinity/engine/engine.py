@@ -13,7 +13,7 @@ from ..model.model import TrinityForCausalLM
 from .kv_cache import KVCacheManager
 from .request import CompletionOutput, RequestOutput, Sequence
 from .runner import ModelRunner, plan_cache
-from .sampler import Sampler, position_logprobs
+from .sampler import PendingSample, Sampler, position_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 
@@ -31,6 +31,18 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # True: no CUDA graphs for decode (they are captured only on CUDA with Triton)
     seed: int | None = 0
+    # Look-ahead decoding: launch the next decode step before reading this one's tokens, so the host's work on a
+    # step overlaps the device's. None: on where the model runs asynchronously (CUDA); True forces it anywhere.
+    async_scheduling: bool | None = None
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step whose forward and sampling are queued on the device, its tokens not yet read."""
+
+    batch: ScheduledBatch
+    sample_seqs: list[Sequence]  # the sequences that get a token from it, in sampling-row order
+    pending: PendingSample | None
 
 
 @dataclass(slots=True)
@@ -60,9 +72,13 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.kv, plan, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, enforce_eager=config.enforce_eager)
         self.sampler = Sampler(model.device, config.seed)
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else model.device.type == "cuda")
+        self._inflight: _Launched | None = None  # the look-ahead step queued by the last `step()`
         self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
+        self.num_lookahead_steps = 0  # steps queued before the previous step's tokens were read
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0  # prompt tokens computed (recomputation after preemption included)
         # Expert load per MoE layer: cumulative token counts and a moving average of each step's share.
@@ -142,20 +158,51 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        self.num_steps += 1
-        try:
-            return self._run_batch(batch)
-        except Exception as e:  # a failed step fails its requests, never the engine or other requests
-            log.exception("step failed; failing the %d requests in it", len(batch.seqs))
-            return self._fail(batch, f"internal error while running the model: {type(e).__name__}")
+        """Run one step and return the outputs of the requests it advanced.
 
-    def _run_batch(self, batch: ScheduledBatch) -> list[RequestOutput]:
-        sample_rows, sample_seqs, prompt_rows = self._logits_rows(batch)
+        With look-ahead (`async_scheduling`), a step of decodes launches the next one, each sequence fed the token
+        still being sampled on the device, before it reads its own tokens back; the next `step()` call then starts
+        from that queued step. Host work (bookkeeping, detokenizing, stop checks, the next step's metadata) runs
+        while the device computes. A sequence that turns out finished has one wasted row in the queued step,
+        whose token is dropped; its results are as without look-ahead."""
+        launched, self._inflight = self._inflight, None
+        if launched is not None and all(s.finished for s in launched.sample_seqs):
+            launched = None  # everything it computed was aborted meanwhile
+        if launched is None:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                return []
+            self.num_steps += 1
+            try:
+                launched = self._launch(batch)
+            except Exception as e:  # a failed step fails its requests, never the engine or other requests
+                return self._step_failed(batch, e)
+        try:
+            ahead = self._lookahead(launched)
+            if ahead is not None:
+                self.num_steps += 1
+                self.num_lookahead_steps += 1
+                self._inflight = self._launch(*ahead)
+            outputs = self._complete(launched)
+        except Exception as e:
+            self._inflight = None
+            return self._step_failed(launched.batch, e)
+        if self._inflight is not None and all(s.finished for s in self._inflight.sample_seqs):
+            self._inflight = None  # every sequence in it finished in the step just read: nothing to keep
+        return outputs
+
+    def _step_failed(self, batch: ScheduledBatch, error: Exception) -> list[RequestOutput]:
+        log.error("step failed; failing the %d requests in it", len(batch.seqs), exc_info=error)
+        return self._fail(batch, f"internal error while running the model: {type(error).__name__}")
+
+    def _launch(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> _Launched:
+        """Queue the forward and the sampling of a step; `input_tokens` (device) for a look-ahead step."""
+        if input_tokens is None:
+            sample_rows, sample_seqs, prompt_rows = self._logits_rows(batch)
+        else:  # a look-ahead step: decodes only, every row samples
+            sample_rows, sample_seqs, prompt_rows = list(enumerate(batch.seqs)), list(batch.seqs), []
         rows = [r for r, _ in sample_rows] + [r for r, _, _ in prompt_rows]
-        logits = self.runner.execute(batch, rows)
+        logits = self.runner.execute(batch, rows, input_tokens)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
@@ -163,18 +210,63 @@ class LLMEngine:
             seq.num_computed_tokens += n
         self._update_expert_load()
         self._record_prompt_logprobs(logits[len(sample_rows):], prompt_rows)
+        pending = self.sampler.launch(logits[:len(sample_rows)], sample_seqs) if sample_seqs else None
+        return _Launched(batch, sample_seqs, pending)
+
+    def _complete(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a launched step's tokens and apply them: append, stop checks, outputs."""
+        if launched.pending is None:
+            return []
+        result = launched.pending.result()
         touched: dict[str, _Request] = {}
-        if sample_seqs:
-            result = self.sampler(logits[:len(sample_rows)], sample_seqs)
-            for i, seq in enumerate(sample_seqs):
-                self._append_token(seq, result.token_ids[i], result.logprobs[i], result.token_logprobs[i])
-                touched[seq.request_id] = self.requests[seq.request_id]
+        for i, seq in enumerate(launched.sample_seqs):
+            if seq.finished:  # aborted, or finished by the step before this look-ahead one
+                continue
+            self._append_token(seq, result.token_ids[i], result.logprobs[i], result.token_logprobs[i])
+            touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for req in touched.values():
             outputs.append(self._output(req))
             if all(s.finished for s in req.seqs):
                 del self.requests[req.request_id]
         return outputs
+
+    def _lookahead(self, launched: _Launched) -> tuple[ScheduledBatch, torch.Tensor] | None:
+        """The decode step to queue behind `launched` before its tokens are known, with its input tokens on the
+        device; None when the scheduler must decide the next step (new work to admit, a prompt still being
+        prefilled, blocks running out) or a request's sampling needs the token it has not seen yet."""
+        if not self.async_scheduling or launched.pending is None or self._admissible_waiting():
+            return None
+        if len(launched.sample_seqs) != len(self.scheduler.running):  # some running prompt is mid-prefill
+            return None
+        if not all(self._lookahead_safe(seq) for seq in launched.sample_seqs):
+            return None
+        # a sequence whose pending token is its last (max_tokens) stops there: known now, so no row for it
+        keep = [i for i, seq in enumerate(launched.sample_seqs) if len(seq.output_token_ids) + 1 < seq.max_tokens]
+        if not keep:
+            return None
+        seqs = [launched.sample_seqs[i] for i in keep]
+        for seq in seqs:  # room for the pending token's K/V (what the scheduler would allocate next step)
+            if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + 1):
+                return None
+        tokens = launched.pending.tokens
+        if len(keep) < len(launched.sample_seqs):
+            tokens = tokens.index_select(0, torch.tensor(keep, device=tokens.device))
+        return ScheduledBatch(seqs, [1] * len(seqs)), tokens
+
+    def _admissible_waiting(self) -> bool:
+        """Whether a waiting sequence could start next step (then the scheduler, not the look-ahead, runs it)."""
+        sched = self.scheduler
+        return bool(sched.waiting) and len(sched.running) < sched.config.max_num_seqs
+
+    @staticmethod
+    def _lookahead_safe(seq: Sequence) -> bool:
+        """Sampling that does not depend on the token still pending: no penalties (they count the output), no
+        grammar (it advances on each token), no per-request seed (its noise is keyed by output position), and
+        min_tokens already met (its stop-token mask counts the output)."""
+        p = seq.params
+        return (not p.needs_penalties and seq.constraint is None and seq.sampling_seed is None
+                and len(seq.output_token_ids) >= p.min_tokens)
 
     def _update_expert_load(self) -> None:
         counts = self.runner.take_expert_counts()
@@ -323,6 +415,7 @@ class LLMEngine:
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
+            "num_lookahead_steps": self.num_lookahead_steps,
             "num_generated_tokens": self.num_generated_tokens,
             "num_prompt_tokens": self.num_prompt_tokens,
             "kv_cache_usage": kv.usage(),

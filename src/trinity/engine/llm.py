@@ -20,7 +20,8 @@ class LLM:
     def __init__(self, model=None, tokenizer=None, dtype: str = "auto", device: str = "auto",
                  max_model_len: int | None = None, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, seed: int | None = 0):
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, seed: int | None = 0,
+                 async_scheduling: bool | None = None):
         from ..model.model import TrinityForCausalLM
 
         if not isinstance(model, TrinityForCausalLM):
@@ -31,7 +32,8 @@ class LLM:
         config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                               num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
-                              gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, seed=seed)
+                              gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, seed=seed,
+                              async_scheduling=async_scheduling)
         self.engine = LLMEngine(model, tokenizer, config)
         self._ids = itertools.count()
 

@@ -72,7 +72,10 @@ def _default_kv_budget(model: TrinityForCausalLM, utilization: float, max_num_se
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization = {utilization} must be in (0, 1]")
     free, total = torch.cuda.mem_get_info(device)
-    used_by_others = total - free - torch.cuda.memory_allocated(device)
+    # memory this process's caching allocator holds but has not handed out is ours to reuse (after an earlier
+    # model was freed in the same process it can be tens of GB): only what neither we nor our cache hold
+    # belongs to others
+    used_by_others = total - free - torch.cuda.memory_reserved(device)
     # activations of one step: logits for every sequence plus a generous margin for the layer temporaries
     reserve = max_num_seqs * model.config.vocab_size * 4 * 2 + (1 << 30)
     return max(0, int(total * utilization) - torch.cuda.memory_allocated(device) - used_by_others - reserve)
@@ -179,20 +182,27 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, logits_rows: list[int]) -> torch.Tensor:
-        """Run the model over the batch; return fp32 logits at the given flat-batch rows."""
+    def execute(self, batch: ScheduledBatch, logits_rows: list[int],
+                input_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model over the batch; return fp32 logits at the given flat-batch rows.
+
+        `input_tokens`: for a decode-only batch, its tokens as a device tensor (one per sequence), when they were
+        sampled by the step still in flight and are not in the sequences yet (the engine's look-ahead)."""
         if self.graphs is not None and self.graphs.fits(batch, logits_rows):
-            return self.graphs.run(batch).float()
+            return self.graphs.run(batch, input_tokens).float()
         starts, ids, positions, row = [], [], [], 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
             s = seq.num_computed_tokens
             starts.append(row)
-            ids += seq.all_token_ids[s:s + n]
+            if input_tokens is None:
+                ids += seq.prompt_token_ids[s:s + n] if s + n <= len(seq.prompt_token_ids) else \
+                    seq.all_token_ids[s:s + n]
             positions += range(s, s + n)
             row += n
         steps = {pool: self._pool_step(pool, batch, starts) for pool in self.cache.k}
         attn = PagedAttention(self.cache, steps)
         dev = self.device
-        logits = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), attn,
+        ids = input_tokens if input_tokens is not None else torch.tensor(ids, device=dev)
+        logits = self.model(ids, torch.tensor(positions, device=dev), attn,
                             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev))
         return logits.float()

@@ -40,6 +40,33 @@ def position_logprobs(raw: torch.Tensor, token: int, top_n: int) -> PositionLogp
     return out
 
 
+@dataclass(slots=True)
+class PendingSample:
+    """Sampling queued on the device: `tokens` [N] there now, the host values and logprobs on `result()`."""
+
+    tokens: torch.Tensor
+    top_logprobs: list[int | None]  # per row: the request's top-N, None when it asked for no logprobs
+    raw: torch.Tensor | None  # [N, V] log-probabilities of the model, when a row wants logprobs
+    host: torch.Tensor | None = None  # pinned copy of `tokens`, filled when `event` completes
+    event: torch.cuda.Event | None = None
+
+    def result(self) -> SampleResult:
+        if self.event is not None:
+            self.event.synchronize()
+        ids = (self.host if self.host is not None else self.tokens).tolist()
+        logprobs: list[PositionLogprobs | None] = []
+        chosen: list[float | None] = []
+        for i, (token, top_n) in enumerate(zip(ids, self.top_logprobs)):
+            if top_n is None:
+                logprobs.append(None)
+                chosen.append(None)
+            else:
+                lps = position_logprobs(self.raw[i], token, top_n)
+                logprobs.append(lps)
+                chosen.append(lps[token].logprob)
+        return SampleResult(ids, logprobs, chosen)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int | None = None):
         self.device = device
@@ -51,21 +78,22 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: [N, V] fp32, one row per sequence in `seqs`."""
+        return self.launch(logits, seqs).result()
+
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> "PendingSample":
+        """Queue the sampling on the logits' device without waiting for it: the chosen ids stay on the device
+        (a look-ahead step feeds them straight to the next forward) and are copied to pinned host memory in the
+        background; `result()` waits for that copy."""
         want_logprobs = [s.params.logprobs is not None for s in seqs]
         raw = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        x = self._process(logits, seqs)
-        tokens = self._choose(x, seqs)
-        logprobs: list[PositionLogprobs | None] = []
-        chosen: list[float | None] = []
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            if want_logprobs[i]:
-                lps = position_logprobs(raw[i], token, seq.params.logprobs)
-                logprobs.append(lps)
-                chosen.append(lps[token].logprob)
-            else:
-                logprobs.append(None)
-                chosen.append(None)
-        return SampleResult(tokens, logprobs, chosen)
+        tokens = self._choose(self._process(logits, seqs), seqs)
+        host = event = None
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return PendingSample(tokens, [s.params.logprobs for s in seqs], raw, host, event)
 
     # ------------------------------------------------------------------ logits processing
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -116,7 +144,7 @@ class Sampler:
         return x - freq * counts - pres * (counts > 0).float()
 
     # ------------------------------------------------------------------ choosing
-    def _choose(self, x: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _choose(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         tokens = x.argmax(dim=-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
@@ -132,7 +160,7 @@ class Sampler:
                     noise[j].exponential_(generator=g)
             # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race); zero-probability tokens lose
             tokens[rows] = (probs / noise).argmax(dim=-1)
-        return tokens.tolist()
+        return tokens
 
     @staticmethod
     def _filtered_probs(x: torch.Tensor, params: list) -> torch.Tensor:

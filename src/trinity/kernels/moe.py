@@ -135,6 +135,17 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
     return experts_reference(x, weights, ids, gate_up, down)
 
 
+def experts_with_shared(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                        down: torch.Tensor) -> torch.Tensor | None:
+    """Routed experts plus one shared expert stacked after them (gate_up [E + 1, 2I, H], down [E + 1, H, I]),
+    every token also sent to the last one with weight 1, in one fused pass; None where the fused Triton MoE
+    does not run (the caller then computes the shared expert on its own)."""
+    if reference_forced() or torch.is_grad_enabled() or not fused_moe_wanted(x):
+        return None
+    from .moe_triton import fused_moe
+    return fused_moe(x, weights, ids, gate_up, down, shared=1)
+
+
 def route_reference(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
                     route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly `model.moe.route`: fp32 sigmoid scores, top-k of scores + bias, the unbiased scores of the

@@ -36,6 +36,7 @@ import functools
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -345,15 +346,25 @@ def _combine_kernel(y_ptr, out_ptr, N, top_k, stride_ys, stride_ot, BLOCK_N: tl.
 
 # --------------------------------------------------------------------------------------------- entry
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-              down: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+              down: torch.Tensor, config: MoEConfig | None = None, shared: int = 0) -> torch.Tensor:
     """x [T, H]; weights/ids [T, k]; gate_up [E, 2I, H] (gate rows first); down [E, H, I] -> [T, H] in x's dtype.
 
     Expert weights are read in place; the combine over k is accumulated in fp32 without atomics.
+    `shared` = 1: the last expert is a shared one that every token also goes through, with weight 1 (ids and
+    weights stay the routed choices, ids < E - 1).
     """
     num_tokens, hidden = x.shape
     num_experts, two_inter, hidden_w = gate_up.shape
     inter = two_inter // 2
     top_k = ids.shape[1]
+    if shared not in (0, 1):
+        raise ValueError(f"shared = {shared}: one shared expert at most")
+    # launch configurations are keyed by the routed shape
+    config = config or get_config(num_tokens, hidden, inter, num_experts - shared, top_k)
+    if shared:  # one more choice per token: the shared expert (the last one), weight 1
+        ids = F.pad(ids, (0, 1), value=num_experts - 1)
+        weights = F.pad(weights.to(torch.float32), (0, 1), value=1.0)
+        top_k += 1
     if hidden_w != hidden or down.shape != (num_experts, hidden, inter):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
                          f"down {tuple(down.shape)}")
@@ -362,9 +373,8 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    cfg = config or get_config(num_tokens, hidden, inter, num_experts, top_k)
-    cfg = replace(cfg, up_n=_fit(cfg.up_n, inter), up_k=_fit(cfg.up_k, hidden),
-                  down_n=_fit(cfg.down_n, hidden), down_k=_fit(cfg.down_k, inter))
+    cfg = replace(config, up_n=_fit(config.up_n, inter), up_k=_fit(config.up_k, hidden),
+                  down_n=_fit(config.down_n, hidden), down_k=_fit(config.down_k, inter))
     if x.is_cuda:
         cfg = fit_shared_memory(cfg, x.element_size(), _shared_memory_limit(
             x.device.index if x.device.index is not None else torch.cuda.current_device()))

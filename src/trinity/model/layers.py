@@ -36,11 +36,13 @@ class FusedLinears:
     a third of the bandwidth each). Used only without autograd: gradients belong to the separate parameters.
     """
 
-    def __init__(self, modules: list[nn.Linear]):
+    def __init__(self, modules: list[nn.Linear], weight: torch.Tensor | None = None):
+        """`weight`: storage that already holds the concatenated weights (the MoE block places its shared
+        expert's gate/up inside the stacked expert tensor); by default a new concatenation."""
         if any(m.bias is not None for m in modules):
             raise ValueError("only bias-free projections can be fused")
         self.modules = modules
-        self.weight = torch.cat([m.weight.detach() for m in modules])
+        self.weight = torch.cat([m.weight.detach() for m in modules]) if weight is None else weight
         self.sizes = [m.weight.shape[0] for m in modules]
         start = 0
         for m, n in zip(modules, self.sizes):

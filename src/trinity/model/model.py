@@ -102,8 +102,10 @@ class TrinityForCausalLM(nn.Module):
     def fuse_projections(self) -> "TrinityForCausalLM":
         """For inference: each attention's q/k/v/gate and each SwiGLU's gate/up projections as one GEMM
         (`layers.FusedLinears`: the parameters become views of the fused weight; nothing else changes)."""
-        for m in self.modules():
-            if isinstance(m, (GatedAttention, SwiGLU)) and (m.fused is None or not m.fused.valid()):
+        for m in self.modules():  # a MoE block before its shared expert: it may place the expert's weights itself
+            if isinstance(m, MoEBlock):
+                m.fuse_projections()
+            elif isinstance(m, (GatedAttention, SwiGLU)) and (m.fused is None or not m.fused.valid()):
                 m.fuse_projections()
         return self
 
