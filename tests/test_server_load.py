@@ -1,6 +1,7 @@
 """`trinity serve` under concurrent load: 64 streaming clients at once, a fifth of them hanging up mid-stream.
 Everyone who stays gets the whole answer; afterwards no request runs and both KV pools are empty again.
-A client that hangs up on a non-streamed request frees its blocks too."""
+A client that hangs up on a non-streamed request frees its blocks too. Both with plain steps and with
+look-ahead decoding (`--async-scheduling`, on by default only on CUDA)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,25 @@ import time
 
 import pytest
 
-from server_helpers import default_server, httpx, log_on_failure  # noqa: F401
+from server_helpers import DEFAULT_FLAGS, default_server, httpx, log_on_failure, shared_server  # noqa: F401
 
 CLIENTS = 64
 MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def server(default_server):  # noqa: F811
-    default_server.wait_idle(timeout=30)
-    return default_server
+@pytest.fixture(scope="module", params=["plain", "lookahead"])
+def server(request, default_server):  # noqa: F811
+    server = default_server if request.param == "plain" else \
+        shared_server("lookahead", DEFAULT_FLAGS + ("--async-scheduling",))
+    server.wait_idle(timeout=30)
+    return server
 
 
-async def _one(client, i: int) -> dict:
+async def _one(client, i: int, seeded: bool) -> dict:
     disconnect = i % 5 == 0
-    kw = dict(max_tokens=MAX_TOKENS, stream=True, stream_options={"include_usage": True}, seed=i,
-              extra_body={"ignore_eos": True}, logprobs=True)
+    # a per-request seed keys the sampling noise by output position, which rules look-ahead out for that request
+    kw = dict(max_tokens=MAX_TOKENS, stream=True, stream_options={"include_usage": True},
+              extra_body={"ignore_eos": True}, logprobs=True, **({"seed": i} if seeded else {}))
     if i % 2:
         stream = await client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": f"Client {i} says hello."}], **kw)
@@ -49,10 +53,13 @@ async def _one(client, i: int) -> dict:
 
 
 def test_concurrent_streams_with_disconnects(server):
+    lookahead = server.name == "lookahead"
+    before = server.metrics()["trinity:num_lookahead_steps_total"]
+
     async def main():
         client = server.async_client(timeout=120)
         try:
-            return await asyncio.gather(*(_one(client, i) for i in range(CLIENTS)))
+            return await asyncio.gather(*(_one(client, i, seeded=not lookahead) for i in range(CLIENTS)))
         finally:
             await client.close()
 
@@ -68,6 +75,7 @@ def test_concurrent_streams_with_disconnects(server):
     assert m["trinity:num_requests_running"] == 0 and m["trinity:num_requests_waiting"] == 0
     assert m['trinity:kv_cache_usage_perc{pool="full"}'] == 0
     assert m['trinity:kv_cache_usage_perc{pool="sliding"}'] == 0
+    assert (m["trinity:num_lookahead_steps_total"] > before) == lookahead
     # the server is still healthy and serving
     r = server.http.post("/v1/completions", json={"prompt": "after", "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

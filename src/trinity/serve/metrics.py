@@ -107,6 +107,8 @@ class ServerMetrics:
         self.waiting = Gauge(p + "num_requests_waiting", "Sequences waiting for the scheduler.")
         self.kv_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of each KV pool's blocks in use (0-1).")
         self.preemptions = Gauge(p + "num_preemptions_total", "Sequences preempted (recomputed) so far.", "counter")
+        self.lookahead_steps = Gauge(p + "num_lookahead_steps_total",
+                                     "Decode steps queued before the previous step's tokens were read.", "counter")
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens of finished requests.")
         self.generation_tokens = Counter(p + "generation_tokens_total", "Tokens generated for finished requests.")
         self.request_success = Counter(p + "request_success_total", "Finished requests by finish reason.")
@@ -118,7 +120,8 @@ class ServerMetrics:
                                    "Tokens routed to each expert of each MoE layer since start.", "counter")
         self.expert_imbalance = Gauge(p + "moe_load_imbalance",
                                       "Recent expert load per MoE layer: max over mean (1 = perfectly balanced).")
-        self._all = [self.running, self.waiting, self.kv_usage, self.preemptions, self.prompt_tokens,
+        self._all = [self.running, self.waiting, self.kv_usage, self.preemptions, self.lookahead_steps,
+                     self.prompt_tokens,
                      self.generation_tokens, self.request_success, self.ttft, self.itl, self.e2e, self.queue,
                      self.expert_tokens, self.expert_imbalance]
 
@@ -128,6 +131,7 @@ class ServerMetrics:
         for pool, usage in stats["kv_cache_usage"].items():
             self.kv_usage.set(usage, pool=pool)
         self.preemptions.set(stats["num_preemptions"])
+        self.lookahead_steps.set(stats["num_lookahead_steps"])
         if expert_load:
             for layer, tokens, imbalance in zip(expert_load["layers"], expert_load["tokens"],
                                                 expert_load["imbalance"]):
