@@ -79,3 +79,16 @@ def test_training_uses_the_separate_parameters():
     attn = model.model.layers[0].self_attn
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.gate_proj):
         assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+
+
+def test_chained_sandwich_norms_are_exactly_the_layer_code():
+    """After fuse_projections() the layers chain post-norm + residual add + next pre-norm (one pass each on the
+    GPU); on the CPU the same reference ops run, so the logits are bit-identical to the layer-by-layer code."""
+    model = _model().fuse_projections()
+    assert model.model.fused_norms
+    ids = torch.randint(0, 512, (2, 23), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        chained = model(ids)
+        model.model.fused_norms = False
+        layered = model(ids)
+    assert torch.equal(chained, layered)

@@ -329,3 +329,18 @@ def test_norm_kernels_compile_for_sm90(dtype):
     use = compile_sm90(nt._sigmoid_gate_kernel, {"o_ptr": p, "g_ptr": p, "out_ptr": p, "numel": "i32",
                                                  "BLOCK": ("c", 1024), "FIX_BF16": ("c", False)})
     assert use["stack"] == 0, use
+
+
+@needs_triton
+def test_model_with_chained_norm_kernels_matches_reference(monkeypatch):
+    """The whole tiny model after fuse_projections() (the layers chain `norm_add_rms_norm`) through the Triton
+    norm kernels, against the pure-torch references."""
+    from trinity import TrinityForCausalLM, preset
+    model = TrinityForCausalLM.random(preset("tiny"), seed=4).to(DEVICE).eval().fuse_projections()
+    ids = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.inference_mode():
+        monkeypatch.setenv("TRINITY_KERNELS", "reference")
+        want = model(ids)
+        monkeypatch.setenv("TRINITY_KERNELS", "triton")
+        got = model(ids)
+    _assert_close(got, want, torch.float32)

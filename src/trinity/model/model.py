@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import TrinityConfig
+from ..kernels import norm as kernel_norm
 from .attention import AttentionMetadata, PackedSequences
 from .layers import Embedding, GatedAttention, Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MoEBlock
@@ -36,6 +37,18 @@ class DecoderLayer(nn.Module):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, attn))
         return x + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(x)))
 
+    def forward_fused_norms(self, h: torch.Tensor, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                            attn: AttentionMetadata, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same layer for inference, given its input already normed (h) beside the residual stream (x):
+        each sublayer's post-norm, the residual add and the following pre-norm (the next layer's, or the final
+        norm) run as one `norm_add_rms_norm` pass. -> (the next normed input, the new residual stream).
+        Identical arithmetic to `forward` (the reference is the same ops); on the GPU four norms and two adds per
+        layer become two launches."""
+        eps = self.post_attention_layernorm.eps
+        h, x = kernel_norm.norm_add_rms_norm(self.self_attn(h, rope, attn), x, self.post_attention_layernorm.weight,
+                                             self.pre_mlp_layernorm.weight, eps)
+        return kernel_norm.norm_add_rms_norm(self.mlp(h), x, self.post_mlp_layernorm.weight, next_norm.weight, eps)
+
 
 class TrinityModel(nn.Module):
     def __init__(self, config: TrinityConfig):
@@ -46,6 +59,10 @@ class TrinityModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.embed_scale = config.hidden_size ** 0.5 if config.mup_enabled else None
+        # Set by `TrinityForCausalLM.fuse_projections()` (inference): layers chain their norms and residual adds
+        # (`DecoderLayer.forward_fused_norms`). Never under training: there a layer must not touch the next
+        # layer's weights (FSDP gathers each layer's parameters only inside its own forward).
+        self.fused_norms = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
@@ -53,6 +70,12 @@ class TrinityModel(nn.Module):
         if self.embed_scale is not None:  # muP input scaling
             x = x * self.embed_scale
         rope = self.rotary.cos_sin(positions, x.dtype)
+        if self.fused_norms and not torch.is_grad_enabled() and self.layers:
+            h = self.layers[0].input_layernorm(x)
+            for i, layer in enumerate(self.layers):
+                following = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+                h, x = layer.forward_fused_norms(h, x, rope, attn, following)
+            return h
         for layer in self.layers:
             x = layer(x, rope, attn)
         return self.norm(x)
@@ -101,7 +124,9 @@ class TrinityForCausalLM(nn.Module):
 
     def fuse_projections(self) -> "TrinityForCausalLM":
         """For inference: each attention's q/k/v/gate and each SwiGLU's gate/up projections as one GEMM
-        (`layers.FusedLinears`: the parameters become views of the fused weight; nothing else changes)."""
+        (`layers.FusedLinears`: the parameters become views of the fused weight; nothing else changes), each MoE
+        block's shared expert stacked with its routed experts, and the sandwich norms chained across layers."""
+        self.model.fused_norms = True
         for m in self.modules():  # a MoE block before its shared expert: it may place the expert's weights itself
             if isinstance(m, MoEBlock):
                 m.fuse_projections()
