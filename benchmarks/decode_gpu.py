@@ -5,8 +5,8 @@
 
 For each model (random weights built on the GPU, no checkpoint): copy bandwidth measured in the same run;
 batch-1 decode tok/s at 1K and 8K context with the fraction of the roofline (bytes read per token / copy
-bandwidth); aggregate decode tok/s at batch 8, 32, 64 (while the whole batch decodes); time to first token for 2K and 8K prompts; and HF
-transformers `generate` at batch 1 and 16 on the same weights. Prints a table, then one JSON object last.
+bandwidth); aggregate decode tok/s at batch 8, 32, 64 (while the whole batch decodes); time to first token for
+2K and 8K prompts; and HF transformers `generate` at batch 1 and 16 on the same weights. Prints a table, then one JSON object last.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def finish(out: dict, model: TrinityForCausalLM, device: torch.device, args) -> 
         try:
             hf = hf_sharing_weights(model)
             ctx = 1024 if not args.smoke else 64
-            out["hf_tok_s"] = {str(b): round(hf_rate(hf, b, ctx, args.hf_new_tokens, model.config.vocab_size, device), 2)
+            vocab = model.config.vocab_size
+            out["hf_tok_s"] = {str(b): round(hf_rate(hf, b, ctx, args.hf_new_tokens, vocab, device), 2)
                                for b in (1, 16)}
             del hf
         except Exception as e:  # report, keep the rest of the results

@@ -114,3 +114,17 @@ def test_experts_reference_handles_unused_experts_and_repeated_tokens():
         want = sum(w[t, j] * _swiglu(x[t:t + 1], gate_up[e, :3], gate_up[e, 3:], down[e])[0]
                    for j, e in enumerate(ids[t].tolist()))
         assert torch.allclose(got[t], want, atol=1e-5)
+
+
+def test_router_weight_cache_is_inference_only_and_follows_updates():
+    """bf16 inference reads a cached fp32 copy of the router weight; autograd always sees the parameter itself."""
+    cfg = preset("tiny")
+    block = MoEBlock(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        block.router.gate.weight.copy_(torch.randn_like(block.router.gate.weight))
+        cached = block.router_weight_fp32()
+        assert cached.dtype == torch.float32 and torch.equal(cached, block.router.gate.weight.float())
+        assert block.router_weight_fp32() is cached  # converted once
+        block.router.gate.weight.mul_(2)  # an in-place update (a load, an optimizer step) is picked up
+        assert torch.equal(block.router_weight_fp32(), block.router.gate.weight.float())
+    assert block.router_weight_fp32() is block.router.gate.weight  # grad enabled: no detached copy

@@ -5,12 +5,12 @@ between them cost more than the kernels themselves at small batch (measured on a
 11.5 to 88 tok/s with graphs). The runner captures the forward once per bucketed batch size and replays it.
 
 Host work per step is one loop that fills a pinned int32 table (two used in turn), one copy to the device, and
-the replay. Each row of
-the table describes one sequence: its token, position and a 0/1 expert-count weight, then per KV pool its new
-token's slot, the first position its attention sees, how many positions it sees, and its block table. The graph
-itself turns block tables into the per-position slots the Triton decode kernel reads (padded to the widest context
-the pool can hold: `max_model_len` for full layers, the window for sliding ones), so nothing else is built on the
-host. The kernel reads only the first `length` slots of a row.
+the replay. Each row of the table describes one sequence: its token, position and a 0/1 expert-count weight, then
+per KV pool its new token's slot, the first position its attention sees, how many positions it sees, and its block
+table (with the engine's look-ahead the tokens come instead from the previous step's sampling, on the device). The
+graph itself turns block tables into the per-position slots the Triton decode kernel reads (padded to the widest
+context the pool can hold: `max_model_len` for full layers, the window for sliding ones), so nothing else is built
+on the host. The kernel reads only the first `length` slots of a row.
 
 A batch of n sequences runs in the smallest bucket b >= n. Rows n..b-1 are padding: token 0 at position 0, writing
 and reading only a scratch block past the blocks the KV manager hands out (the runner allocates it), and weighted

@@ -80,7 +80,7 @@ class Sampler:
         """logits: [N, V] fp32, one row per sequence in `seqs`."""
         return self.launch(logits, seqs).result()
 
-    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> "PendingSample":
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
         """Queue the sampling on the logits' device without waiting for it: the chosen ids stay on the device
         (a look-ahead step feeds them straight to the next forward) and are copied to pinned host memory in the
         background; `result()` waits for that copy."""

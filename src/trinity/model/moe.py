@@ -109,14 +109,15 @@ class MoEBlock(nn.Module):
         shared, e = self.shared_experts, gate_up.shape[0] - 1
         return (self.experts.gate_up_proj.data_ptr() == gate_up.data_ptr()
                 and self.experts.down_proj.data_ptr() == down.data_ptr()
-                and shared.fused is not None and shared.fused.valid() and shared.fused.weight.data_ptr() == gate_up[e].data_ptr()
+                and shared.fused is not None and shared.fused.valid()
+                and shared.fused.weight.data_ptr() == gate_up[e].data_ptr()
                 and shared.down_proj.weight.data_ptr() == down[e].data_ptr())
 
     def router_weight_fp32(self) -> torch.Tensor:
         """The router weight in fp32 for inference, converted once (a bf16 model otherwise copies it every step:
         30 extra kernels per Mini decode step), and again only if the weight is replaced or changed in place."""
         w = self.router.gate.weight
-        if w.dtype == torch.float32:
+        if w.dtype == torch.float32 or torch.is_grad_enabled():  # under autograd the cast must stay differentiable
             return w
         cached = self._router_fp32
         if cached is None or cached[0] is not w or cached[1] != w._version:
