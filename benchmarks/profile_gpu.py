@@ -88,8 +88,9 @@ def profile_model(name: str, args) -> dict:
     cfg = preset(name)
     model = TrinityForCausalLM.random(cfg, dtype=torch.bfloat16, device="cuda", seed=0)
     out = {"model": name}
+    # plain steps (no look-ahead): each timed step then holds exactly one replay, so step - replay = host work
     engine = LLMEngine(model, None, EngineConfig(max_model_len=4096, max_num_seqs=64, max_num_batched_tokens=4096,
-                                                 seed=0))
+                                                 seed=0, async_scheduling=False))
     add(engine, 1, 1024, 400, cfg.vocab_size, "g")
     until_decoding(engine)
     steps = timed_steps(engine, 60)
@@ -115,7 +116,7 @@ def profile_model(name: str, args) -> dict:
     torch.cuda.empty_cache()
 
     eager = LLMEngine(model, None, EngineConfig(max_model_len=4096, max_num_seqs=64, max_num_batched_tokens=4096,
-                                                seed=0, enforce_eager=True))
+                                                seed=0, enforce_eager=True, async_scheduling=False))
     add(eager, 1, 1024, 400, cfg.vocab_size, "e")
     until_decoding(eager)
     timed_steps(eager, 3)
