@@ -190,7 +190,8 @@ def bench_model(name: str, cfg, device, args) -> dict:
 
 
 def finish(out: dict, model: TrinityForCausalLM, device: torch.device, args) -> dict:
-    """HF transformers on the same weights (unless skipped), then free the model."""
+    """HF transformers on the same weights (unless skipped). The model itself is freed by `main`, once
+    `bench_model` has returned and nothing refers to it."""
     if not args.skip_hf:
         try:
             hf = hf_sharing_weights(model)
@@ -201,8 +202,7 @@ def finish(out: dict, model: TrinityForCausalLM, device: torch.device, args) -> 
             del hf
         except Exception as e:  # report, keep the rest of the results
             out["hf_error"] = f"{type(e).__name__}: {e}"[:500]
-    del model
-    release(device)
+    release(device)  # what HF left behind
     return out
 
 

@@ -39,18 +39,25 @@ def _place(i: int) -> str:
     return PLACES[i]
 
 
-def add_steps(a: int, b: int) -> list[str]:
-    width = max(len(str(a)), len(str(b)))
-    da, db = _digits(a, width), _digits(b, width)
-    lines, carry = [f"{a} + {b}"], 0
+def _carry_columns(header: str, width: int, column, result: int) -> list[str]:
+    """Column by column from the ones, carrying: `column(i, carry)` -> (the column's sum as text, its value).
+    Addition and one-digit multiplication differ only in that sum."""
+    lines, carry = [header], 0
     for i in range(width):
-        total = da[i] + db[i] + carry
-        lines.append(f"{_place(i)}: {da[i]} + {db[i]} + {carry} = {total}, write {total % 10}, carry {total // 10}")
+        text, total = column(i, carry)
+        lines.append(f"{_place(i)}: {text} = {total}, write {total % 10}, carry {total // 10}")
         carry = total // 10
     if carry:
         lines.append(f"{_place(width)}: write {carry}")
-    lines.append(f"result: {a + b}")
+    lines.append(f"result: {result}")
     return lines
+
+
+def add_steps(a: int, b: int) -> list[str]:
+    width = max(len(str(a)), len(str(b)))
+    da, db = _digits(a, width), _digits(b, width)
+    return _carry_columns(f"{a} + {b}", width,
+                          lambda i, c: (f"{da[i]} + {db[i]} + {c}", da[i] + db[i] + c), a + b)
 
 
 def subtract_steps(a: int, b: int) -> list[str]:
@@ -82,15 +89,7 @@ def multiply_steps(a: int, d: int) -> list[str]:
         raise ValueError(f"the multiplier must be one digit, got {d}")
     width = len(str(a))
     da = _digits(a, width)
-    lines, carry = [f"{a} x {d}"], 0
-    for i in range(width):
-        total = da[i] * d + carry
-        lines.append(f"{_place(i)}: {da[i]} x {d} + {carry} = {total}, write {total % 10}, carry {total // 10}")
-        carry = total // 10
-    if carry:
-        lines.append(f"{_place(width)}: write {carry}")
-    lines.append(f"result: {a * d}")
-    return lines
+    return _carry_columns(f"{a} x {d}", width, lambda i, c: (f"{da[i]} x {d} + {c}", da[i] * d + c), a * d)
 
 
 def solve(a: int, op: str, b: int) -> tuple[list[str], int]:
