@@ -1,5 +1,7 @@
-"""The CPU fast paths (weight-first GEMM orientation for small fp32 batches) against their references, and
-the dispatch that picks them."""
+"""The CPU fast paths (oneDNN packed-weight linear, weight-first GEMM orientation for small fp32 batches) against
+their references, and the dispatch that picks them."""
+
+import ctypes
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 
 from trinity.kernels import linear as klinear
 from trinity.kernels import moe as kmoe
+from trinity.kernels import native as knative
 from trinity.kernels import use_reference
 
 
@@ -35,6 +38,65 @@ def test_linear_dispatch_picks_weight_first_only_for_small_fp32_inference():
     assert not klinear.weight_first_wanted(x, w)  # autograd on: the plain F.linear (its backward is standard)
 
 
+needs_onednn = pytest.mark.skipif(not klinear.onednn_available(), reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 5, 32, 300])
+@pytest.mark.parametrize("leading", [(), (3,)])
+def test_linear_onednn_equals_f_linear(rows, leading):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(*leading, rows, 96, generator=g)
+    w = torch.randn(200, 96, generator=g)
+    got = klinear.linear_onednn(x, w)
+    assert got.shape == (*leading, rows, 200) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_packed_weight_follows_changes_to_the_weight():
+    """The packed copy is reused while the weight is unchanged and redone after an in-place update (also one
+    made through another view of the same storage) or a new `.data`."""
+    fused = torch.randn(64, 32)
+    w = fused[:40]  # a view, as FusedLinears hands out
+    x = torch.randn(4, 32)
+    first = klinear.packed_weight(w)
+    assert klinear.packed_weight(w) is first
+    fused.mul_(2)  # through the base
+    assert klinear.packed_weight(w) is not first
+    torch.testing.assert_close(klinear.linear_onednn(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+    p = torch.nn.Parameter(torch.randn(40, 32))
+    before = klinear.linear_onednn(x, p)
+    with torch.no_grad():
+        p.data = torch.randn(40, 32)
+    after = klinear.linear_onednn(x, p)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, F.linear(x, p), rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_packed_copy_is_dropped_with_its_weight():
+    w = torch.randn(16, 8)
+    klinear.packed_weight(w)
+    key = id(w)
+    assert key in klinear._packed
+    del w
+    assert key not in klinear._packed
+
+
+def test_linear_dispatch_picks_onednn_for_fp32_cpu_inference_only():
+    x, w = torch.randn(300, 16), torch.randn(4, 16)
+    with torch.no_grad():
+        assert klinear.onednn_wanted(x, w) == klinear.onednn_available()
+        assert not klinear.onednn_wanted(x.bfloat16(), w.bfloat16())
+        use_reference(True)
+        try:
+            assert not klinear.onednn_wanted(x, w)
+        finally:
+            use_reference(None)
+    assert not klinear.onednn_wanted(x, w)  # autograd on: F.linear, whose backward is standard
+
+
 def _problem(tokens, experts, k, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, 24, generator=g)
@@ -59,7 +121,8 @@ def test_experts_weight_first_single_token_groups_and_unused_experts():
                                kmoe.experts_reference(x, w, ids, gate_up, down), rtol=1e-4, atol=1e-5)
 
 
-def test_routed_experts_takes_weight_first_for_small_cpu_fp32_batches():
+def test_routed_experts_takes_weight_first_for_small_cpu_fp32_batches(monkeypatch):
+    monkeypatch.setenv("TRINITY_CPU_NATIVE", "0")  # the native kernel, where built, comes first
     x, w, ids, gate_up, down = _problem(4, 8, 2, seed=1)
     with torch.no_grad():
         assert kmoe.weight_first_wanted(x, gate_up)
@@ -67,3 +130,68 @@ def test_routed_experts_takes_weight_first_for_small_cpu_fp32_batches():
         assert not kmoe.weight_first_wanted(x.bfloat16(), gate_up.bfloat16())
         torch.testing.assert_close(kmoe.routed_experts(x, w, ids, gate_up, down),
                                    kmoe.experts_weight_first(x, w, ids, gate_up, down), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- native C kernel
+needs_native = pytest.mark.skipif(knative.library() is None, reason="no C compiler (or the build failed)")
+
+
+@needs_native
+@pytest.mark.parametrize("tokens,experts,k,hidden,inter", [
+    (1, 4, 2, 24, 10),      # rows shorter than one vector: only the scalar tail
+    (5, 8, 2, 40, 18),      # a vector plus a tail; row blocks that end early
+    (32, 32, 4, 64, 48),    # a decode batch
+    (300, 16, 4, 48, 32),   # many tokens per expert: several 8-token passes with a remainder
+])
+def test_experts_native_equals_reference(tokens, experts, k, hidden, inter):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=g)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) / hidden ** 0.5
+    down = torch.randn(experts, hidden, inter, generator=g) / inter ** 0.5
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=g)
+    torch.testing.assert_close(kmoe.experts_native(x, w, ids, gate_up, down),
+                               kmoe.experts_reference(x, w, ids, gate_up, down), rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_experts_native_unused_experts_one_token_groups_and_one_crowded_expert():
+    x, w, _, gate_up, down = _problem(11, 6, 2, seed=7)
+    ids = torch.tensor([[5, 0]] * 9 + [[2, 5], [0, 5]])  # expert 5 gets all 11 tokens, 2 gets one, 1/3/4 none
+    torch.testing.assert_close(kmoe.experts_native(x, w, ids, gate_up, down),
+                               kmoe.experts_reference(x, w, ids, gate_up, down), rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_experts_native_reads_views_of_the_stacked_tensor():
+    """After `MoEBlock.fuse_projections` the routed experts are the first E of E + 1 stacked experts."""
+    x, w, ids, gate_up, down = _problem(8, 8, 2, seed=3)
+    stacked_gate_up, stacked_down = torch.cat([gate_up, gate_up[:1] * 9]), torch.cat([down, down[:1] * 9])
+    torch.testing.assert_close(kmoe.experts_native(x, w, ids, stacked_gate_up[:8], stacked_down[:8]),
+                               kmoe.experts_reference(x, w, ids, gate_up, down), rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_routed_experts_takes_the_native_kernel_for_cpu_fp32_inference(monkeypatch):
+    x, w, ids, gate_up, down = _problem(4, 8, 2, seed=1)
+    with torch.no_grad():
+        assert kmoe.native_wanted(x, gate_up)
+        assert not kmoe.native_wanted(x.bfloat16(), gate_up.bfloat16())
+        torch.testing.assert_close(kmoe.routed_experts(x, w, ids, gate_up, down),
+                                   kmoe.experts_native(x, w, ids, gate_up, down), rtol=0, atol=0)
+        monkeypatch.setenv("TRINITY_CPU_NATIVE", "0")
+        assert knative.library() is None and not kmoe.native_wanted(x, gate_up)
+
+
+@needs_native
+def test_native_build_is_cached_by_content(tmp_path, monkeypatch):
+    """A second build with the same source, compiler and CPU finds the first one's file; a fresh cache folder
+    gets a fresh build that loads and runs."""
+    monkeypatch.setenv("TRINITY_CACHE", str(tmp_path))
+    compiler = knative.find_compiler()
+    first = knative._build(compiler)
+    assert first.parent == tmp_path / "native" and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert knative._build(compiler) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left behind
+    ctypes.CDLL(str(first)).trinity_moe_experts_f32  # noqa: B018  (the symbol is there)

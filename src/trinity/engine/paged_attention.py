@@ -73,8 +73,8 @@ class PagedAttention:
             # with the context in a single gather.
             kc[step.dec_slots] = k[step.dec_rows]
             vc[step.dec_slots] = v[step.dec_rows]
-            out[step.dec_rows] = _decode_attention(q[step.dec_rows], kc[step.dec_ctx_slots],
-                                                   vc[step.dec_ctx_slots], step.dec_ctx_valid, scale)
+            out[step.dec_rows] = _decode_attention(q[step.dec_rows], _gather(kc, step.dec_ctx_slots),
+                                                   _gather(vc, step.dec_ctx_slots), step.dec_ctx_valid, scale)
         for p in step.prefills:
             rows = slice(p.start, p.start + p.num)
             keys, values = torch.cat([kc[p.ctx_slots], k[rows]]), torch.cat([vc[p.ctx_slots], v[rows]])
@@ -103,6 +103,12 @@ class PagedAttention:
             out[step.packed.rows] = ka.paged_prefill_attention(q, k, v, kc, vc, step.packed, window, scale)
             ka.write_kv(kc, vc, step.prefill_slots, k[step.prefill_rows], v[step.prefill_rows])
         return out
+
+
+def _gather(cache, slots):
+    """cache[slots] for a [B, L] slot table. index_select copies whole rows; advanced indexing copies element
+    by element and was 4.5x slower here (108 vs 487 us for 32 x 160 slots of 2 x 128 floats)."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
 def _decode_attention(q, k_ctx, v_ctx, ctx_valid, scale):

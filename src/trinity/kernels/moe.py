@@ -81,6 +81,38 @@ def experts_weight_first(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tens
     return _combine(ys, weights, order, token_of, x.shape[0], x.dtype)
 
 
+def experts_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """The C kernel (`moe_cpu.c`): gate/up, SwiGLU, down and the weighted combine in one call, each expert's
+    weights streamed once per four tokens. fp32, CPU, `native.library()` loaded."""
+    from .native import library
+
+    t, hidden = x.shape
+    e, inter, k = gate_up.shape[0], down.shape[2], ids.shape[1]
+    order, token_of, counts = _group_by_expert(ids, e)
+    offsets = torch.zeros(e + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel())  # where each (token, choice) went in the grouped order
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    weights = weights.float().contiguous()
+    act = x.new_empty(order.numel(), inter)
+    ys = x.new_empty(order.numel(), hidden)
+    out = x.new_empty(t, hidden)
+    library().trinity_moe_experts_f32(
+        x.data_ptr(), token_of.data_ptr(), offsets.data_ptr(), gate_up.data_ptr(), down.data_ptr(),
+        weights.data_ptr(), position.data_ptr(), act.data_ptr(), ys.data_ptr(), out.data_ptr(),
+        t, hidden, inter, e, k, torch.get_num_threads())
+    return out
+
+
+def native_wanted(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    from .native import library
+
+    return (x.device.type == "cpu" and x.dtype == gate_up.dtype == torch.float32
+            and x.shape[0] > 0 and library() is not None)
+
+
 # CPU fp32 batches up to this many tokens take `experts_weight_first` (measured faster than F.grouped_mm at 8-128
 # tokens of 32 experts top-4; slower from 512).
 CPU_WEIGHT_FIRST_MAX_TOKENS = 128
@@ -128,6 +160,8 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
     if fused_moe_wanted(x):
         from .moe_triton import fused_moe
         return fused_moe(x, weights, ids, gate_up, down)
+    if native_wanted(x, gate_up):
+        return experts_native(x, weights, ids, gate_up, down)
     if weight_first_wanted(x, gate_up):
         return experts_weight_first(x, weights, ids, gate_up, down)
     if x.shape[0] > 1 and grouped_mm_available(x.device, x.dtype):

@@ -1,0 +1,104 @@
+"""Native CPU kernels: C sources in this folder, compiled on first use with the system C compiler, loaded with
+ctypes.
+
+The library is built for this machine (`-march=native`) into a cache folder (`TRINITY_CACHE`, default
+`~/.cache/trinity`) under a name that hashes the source, the compiler and the CPU's feature flags, so a changed
+source, compiler or CPU gets its own build. OpenMP comes from the `libgomp.so.1` that torch has already loaded
+(the loader matches it by name), so these kernels and torch's own ops share one thread pool.
+
+No compiler, a failed build or `TRINITY_CPU_NATIVE=0`: `library()` returns None and callers take their torch
+paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("moe_cpu.c",)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+def enabled() -> bool:
+    return os.environ.get("TRINITY_CPU_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRINITY_CACHE") or Path.home() / ".cache" / "trinity") / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    here = Path(__file__).parent
+    sources = [here / name for name in SOURCES]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256()
+    for part in [*(s.read_bytes() for s in sources), version.encode(), " ".join(FLAGS).encode(),
+                 _cpu_flags().encode(), platform.machine().encode()]:
+        digest.update(part)
+    target = cache_dir() / f"trinity_cpu_{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: two processes building at once each finish a whole file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, sources), "-lm"], check=True,
+                       capture_output=True, text=True, timeout=300)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot be had or `TRINITY_CPU_NATIVE=0` (read on every call, so
+    tests can switch it)."""
+    return _load() if enabled() else None
+
+
+def find_compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    """Build (or find the cached build) and load, once per process; None if that fails (logged once)."""
+    compiler = find_compiler()
+    if compiler is None:
+        log.info("no C compiler found: native CPU kernels off")
+        return None
+    import torch  # noqa: F401  (loads torch's libgomp first, which the library then shares)
+
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("native CPU kernels unavailable (build or load failed): %s", detail)
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.trinity_moe_experts_f32.argtypes = [p] * 10 + [i] * 6
+    lib.trinity_moe_experts_f32.restype = None
+    return lib
