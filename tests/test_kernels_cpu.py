@@ -195,3 +195,45 @@ def test_native_build_is_cached_by_content(tmp_path, monkeypatch):
     assert knative._build(compiler) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left behind
     ctypes.CDLL(str(first)).trinity_moe_experts_f32  # noqa: B018  (the symbol is there)
+
+
+@needs_native
+@pytest.mark.parametrize("batch,hq,hkv,dim,slots,width", [
+    (1, 1, 1, 8, 16, 5),        # head_dim below one vector
+    (3, 4, 2, 40, 64, 17),      # GQA groups of 2, a vector plus a tail
+    (32, 4, 2, 128, 512, 96),   # the benchmark model's decode shape
+    (2, 8, 1, 64, 32, 32),      # one KV head for 8 query heads
+])
+def test_native_decode_attention_equals_gather_and_sdpa(batch, hq, hkv, dim, slots, width):
+    """Random contexts with padding, read by slot; the new K/V written to their slots first, as the engine does."""
+    from trinity.engine.paged_attention import _decode_attention, _gather
+    from trinity.kernels import attention as kattn
+
+    g = torch.Generator().manual_seed(batch * 100 + dim)
+    k_cache, v_cache = torch.randn(slots, hkv, dim, generator=g), torch.randn(slots, hkv, dim, generator=g)
+    q = torch.randn(batch, hq, dim, generator=g)
+    new_k, new_v = torch.randn(batch, hkv, dim, generator=g), torch.randn(batch, hkv, dim, generator=g)
+    perm = torch.randperm(slots, generator=g)
+    new_slots = perm[:batch]
+    lengths = torch.randint(1, width + 1, (batch,), generator=g)
+    # other slots drawn from those no new token goes to (another sequence's new slot is never in a context)
+    ctx = perm[batch:][torch.randint(0, slots - batch, (batch, width), generator=g)]
+    valid = torch.arange(width)[None, :] < lengths[:, None]
+    ctx[torch.arange(batch), lengths - 1] = new_slots  # each context ends with its new token
+    ctx = ctx.masked_fill(~valid, 0)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref_k[new_slots], ref_v[new_slots] = new_k, new_v
+    expected = _decode_attention(q, _gather(ref_k, ctx), _gather(ref_v, ctx), valid, dim ** -0.5)
+    got = kattn.decode_attention_native(q, k_cache, v_cache, ctx, valid, dim ** -0.5, new_k, new_v, new_slots)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)  # the writes, and nothing else
+
+
+@needs_native
+def test_native_decode_attention_rejects_unsupported_shapes():
+    from trinity.kernels import attention as kattn
+
+    q, cache = torch.randn(1, 3, 8), torch.randn(4, 2, 8)  # 3 query heads over 2 KV heads
+    with pytest.raises(ValueError, match="3 query heads over 2 KV heads"):
+        kattn.decode_attention_native(q, cache, cache.clone(), torch.zeros(1, 1, dtype=torch.long),
+                                      torch.ones(1, 1, dtype=torch.bool), 1.0)

@@ -67,14 +67,13 @@ class PagedAttention:
         kc, vc, step = self.kv.k[pool][li], self.kv.v[pool][li], self.steps[pool]
         if kernels_attention.use_fast_path(q):
             return self._attend_fast(kc, vc, step, q, k, v, window, scale)
+        ka = kernels_attention
+        if step.decode_only and ka.native_decode_wanted(q, kc):  # the whole batch, without row gathers
+            return ka.decode_attention_native(q, kc, vc, step.dec_ctx_slots, step.dec_ctx_valid, scale, k, v,
+                                              step.dec_slots)
         out = torch.empty_like(q)
         if step.dec_rows.numel():
-            # A decode's own slot is never one its context needs, so it is written first and read back
-            # with the context in a single gather.
-            kc[step.dec_slots] = k[step.dec_rows]
-            vc[step.dec_slots] = v[step.dec_rows]
-            out[step.dec_rows] = _decode_attention(q[step.dec_rows], _gather(kc, step.dec_ctx_slots),
-                                                   _gather(vc, step.dec_ctx_slots), step.dec_ctx_valid, scale)
+            out[step.dec_rows] = _decode_rows(kc, vc, step, q, k, v, scale)
         for p in step.prefills:
             rows = slice(p.start, p.start + p.num)
             keys, values = torch.cat([kc[p.ctx_slots], k[rows]]), torch.cat([vc[p.ctx_slots], v[rows]])
@@ -103,6 +102,20 @@ class PagedAttention:
             out[step.packed.rows] = ka.paged_prefill_attention(q, k, v, kc, vc, step.packed, window, scale)
             ka.write_kv(kc, vc, step.prefill_slots, k[step.prefill_rows], v[step.prefill_rows])
         return out
+
+
+def _decode_rows(kc, vc, step: PoolStep, q, k, v, scale):
+    """The decode rows' attention, their new K/V written first: a decode's own slot is never one its context
+    needs, so it is read back with the context. On the CPU in fp32 the C kernel does both and reads the contexts
+    in place; otherwise one gather of each context, then SDPA."""
+    rows = step.dec_rows
+    if kernels_attention.native_decode_wanted(q, kc):
+        return kernels_attention.decode_attention_native(q[rows], kc, vc, step.dec_ctx_slots, step.dec_ctx_valid,
+                                                         scale, k[rows], v[rows], step.dec_slots)
+    kc[step.dec_slots] = k[rows]
+    vc[step.dec_slots] = v[rows]
+    return _decode_attention(q[rows], _gather(kc, step.dec_ctx_slots), _gather(vc, step.dec_ctx_slots),
+                             step.dec_ctx_valid, scale)
 
 
 def _gather(cache, slots):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("moe_cpu.c",)
+SOURCES = ("moe_cpu.c", "attention_cpu.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
@@ -101,4 +101,6 @@ def _load() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.trinity_moe_experts_f32.argtypes = [p] * 10 + [i] * 6
     lib.trinity_moe_experts_f32.restype = None
+    lib.trinity_paged_decode_attention_f32.argtypes = [p] * 9 + [i] * 5 + [ctypes.c_float, i]
+    lib.trinity_paged_decode_attention_f32.restype = i
     return lib
