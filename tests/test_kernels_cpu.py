@@ -237,3 +237,52 @@ def test_native_decode_attention_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="3 query heads over 2 KV heads"):
         kattn.decode_attention_native(q, cache, cache.clone(), torch.zeros(1, 1, dtype=torch.long),
                                       torch.ones(1, 1, dtype=torch.bool), 1.0)
+
+
+@needs_native
+@pytest.mark.parametrize("rows,n", [(1, 8), (5, 40), (32, 512), (300, 512)])  # the last runs multi-threaded
+def test_native_norms_equal_references(rows, n):
+    from trinity.kernels import norm as knorm
+
+    g = torch.Generator().manual_seed(rows + n)
+    x, res = torch.randn(rows, n, generator=g) * 3, torch.randn(rows, n, generator=g)
+    w1, w2 = torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
+    torch.testing.assert_close(knorm.rms_norm_native(x, w1, 1e-6), knorm.rms_norm_reference(x, w1, 1e-6),
+                               rtol=1e-5, atol=1e-5)
+    got, expected = (knorm.norm_add_rms_norm_native(x, res, w1, w2, 1e-6),
+                     knorm.norm_add_rms_norm_reference(x, res, w1, w2, 1e-6))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("apply_rope", [True, False])
+@pytest.mark.parametrize("tokens,hq,hkv,dim", [(1, 2, 1, 8), (7, 4, 2, 40), (600, 4, 2, 128)])
+def test_native_qk_norm_rope_equals_reference(apply_rope, tokens, hq, hkv, dim):
+    from trinity.kernels import norm as knorm
+    from trinity.model.layers import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(tokens + dim)
+    q, k = torch.randn(tokens, hq, dim, generator=g), torch.randn(tokens, hkv, dim, generator=g)
+    qw, kw = torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5
+    cos, sin = RotaryEmbedding(dim, 10000.0).cos_sin(torch.randint(0, 4000, (tokens,), generator=g), torch.float32)
+    got = knorm.qk_norm_rope_native(q, k, qw, kw, 1e-6, cos, sin, apply_rope)
+    expected = knorm.qk_norm_rope_reference(q, k, qw, kw, 1e-6, cos, sin, apply_rope)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_cpu_inference_dispatch_takes_native_norms_and_chained_norms_stay_bit_identical():
+    """In fp32 CPU inference the model's norms run the C kernels; the chained sandwich norm and the separate norm
+    + add + norm go through the same row routine, so they agree bit for bit (as the layer-by-layer forward and
+    the fused one must)."""
+    from trinity.kernels import norm as knorm
+
+    x, res, w1, w2 = torch.randn(4, 64), torch.randn(4, 64), torch.rand(64) + 0.5, torch.rand(64) + 0.5
+    with torch.no_grad():
+        assert knorm.native_wanted(x, w1)
+        normed, new_res = knorm.norm_add_rms_norm(x, res, w1, w2, 1e-6)
+        assert torch.equal(new_res, res + knorm.rms_norm(x, w1, 1e-6))
+        assert torch.equal(normed, knorm.rms_norm(new_res, w2, 1e-6))
+    assert not knorm.native_wanted(x, w1.requires_grad_())  # autograd on: the references

@@ -26,6 +26,13 @@ needs_triton = pytest.mark.skipif(
 needs_gpu = pytest.mark.skipif(not HAS_TRITON or not HAS_CUDA or INTERPRET,
                                reason="real-shape kernel checks need a CUDA device (and no interpreter)")
 DEVICE = "cpu" if INTERPRET or not HAS_CUDA else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _module_code_without_native_kernels(monkeypatch):
+    """Here the model's module code must run its torch ops, which the references restate: the native C kernels
+    it takes in fp32 CPU inference are checked against the references in test_kernels_cpu.py."""
+    monkeypatch.setenv("TRINITY_CPU_NATIVE", "0")
 # Opt-in (slow, ~1 min): compile the kernels to sm_90 cubins with Triton's bundled ptxas, no GPU needed.
 needs_compile_check = pytest.mark.skipif(
     not HAS_TRITON or INTERPRET or os.environ.get("TRINITY_COMPILE_CHECK") != "1",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("moe_cpu.c", "attention_cpu.c")
+SOURCES = ("moe_cpu.c", "attention_cpu.c", "norm_cpu.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
@@ -103,4 +103,10 @@ def _load() -> ctypes.CDLL | None:
     lib.trinity_moe_experts_f32.restype = None
     lib.trinity_paged_decode_attention_f32.argtypes = [p] * 9 + [i] * 5 + [ctypes.c_float, i]
     lib.trinity_paged_decode_attention_f32.restype = i
+    f = ctypes.c_float
+    lib.trinity_rms_norm_f32.argtypes = [p] * 3 + [i, i, f, i]
+    lib.trinity_norm_add_rms_norm_f32.argtypes = [p] * 6 + [i, i, f, i]
+    lib.trinity_qk_norm_rope_f32.argtypes = [p] * 8 + [i] * 4 + [f, i]
+    for name in ("trinity_rms_norm_f32", "trinity_norm_add_rms_norm_f32", "trinity_qk_norm_rope_f32"):
+        getattr(lib, name).restype = None
     return lib

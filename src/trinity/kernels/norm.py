@@ -62,11 +62,67 @@ def sigmoid_gate_reference(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return o * torch.sigmoid(gate)
 
 
+# --------------------------------------------------------------------------------------------- native CPU
+def native_wanted(*tensors: torch.Tensor) -> bool:
+    """The C kernels (`norm_cpu.c`): fp32 CPU tensors, no autograd, `native.library()` built."""
+    from .native import library
+
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and tensors[0].numel() > 0
+            and not torch.is_grad_enabled() and not reference_forced() and library() is not None)
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    x = x.contiguous()
+    return x, x.numel() // x.shape[-1], x.shape[-1]
+
+
+def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from .native import library
+
+    x, rows, n = _rows(x)
+    out = torch.empty_like(x)
+    library().trinity_rms_norm_f32(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rows, n, eps,
+                                   torch.get_num_threads())
+    return out
+
+
+def norm_add_rms_norm_native(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
+                             next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .native import library
+
+    x, rows, n = _rows(x)
+    residual = residual.contiguous()
+    normed, new_residual = torch.empty_like(x), torch.empty_like(x)
+    library().trinity_norm_add_rms_norm_f32(x.data_ptr(), residual.data_ptr(), post_weight.contiguous().data_ptr(),
+                                            next_weight.contiguous().data_ptr(), normed.data_ptr(),
+                                            new_residual.data_ptr(), rows, n, eps, torch.get_num_threads())
+    return normed, new_residual
+
+
+def qk_norm_rope_native(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                        eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                        apply_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .native import library
+
+    q, k = q.contiguous(), k.contiguous()
+    t, hq, d = q.shape
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    if apply_rope:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    library().trinity_qk_norm_rope_f32(q.data_ptr(), k.data_ptr(), q_weight.contiguous().data_ptr(),
+                                       k_weight.contiguous().data_ptr(), cos.data_ptr() if apply_rope else None,
+                                       sin.data_ptr() if apply_rope else None, q_out.data_ptr(), k_out.data_ptr(),
+                                       t, hq, k.shape[1], d, eps, torch.get_num_threads())
+    return q_out, k_out
+
+
 # --------------------------------------------------------------------------------------------- dispatch
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x, weight):
         from . import norm_triton
         return norm_triton.rms_norm(x, weight, eps)
+    if native_wanted(x, weight):
+        return rms_norm_native(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
@@ -86,6 +142,8 @@ def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torc
     if use_triton(x, residual, post_weight, next_weight):
         from . import norm_triton
         return norm_triton.norm_add_rms_norm(x, residual, post_weight, next_weight, eps)
+    if native_wanted(x, residual, post_weight, next_weight):
+        return norm_add_rms_norm_native(x, residual, post_weight, next_weight, eps)
     return norm_add_rms_norm_reference(x, residual, post_weight, next_weight, eps)
 
 
@@ -95,6 +153,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     if use_triton(q, k, q_weight, k_weight):
         from . import norm_triton
         return norm_triton.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, apply_rope)
+    if native_wanted(q, k, q_weight, k_weight) and q.shape[-1] % 2 == 0 and q.shape[-1] <= 1024:
+        return qk_norm_rope_native(q, k, q_weight, k_weight, eps, cos, sin, apply_rope)
     return qk_norm_rope_reference(q, k, q_weight, k_weight, eps, cos, sin, apply_rope)
 
 
