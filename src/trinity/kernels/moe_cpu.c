@@ -20,6 +20,7 @@ typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned lo
 
 #define TOKS 8            /* token rows per pass over a weight row */
 #define ROW_BLOCK 16      /* weight rows per work item */
+#define CHUNK 64          /* tokens of one expert taken together: each weight row is read once per chunk */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 2048 /* floats: 8 KB ahead in the weight stream */
 #endif
@@ -56,7 +57,10 @@ static inline __attribute__((always_inline)) void dot_row(const float *w, const 
     }
 }
 
-/* Rows [row0, row1) of w (row stride ldw) against n token rows x[0..n): out[i * ldo + (r - row0)]. */
+/* Rows [row0, row1) of w (row stride ldw) against n token rows x[0..n): out[i * ldo + (r - row0)]. Passes of
+ * TOKS tokens outside, rows inside: the pass's token rows stay in L1, and a work item's ROW_BLOCK weight rows
+ * (16 rows of 2 KB at Trinity-like sizes) stay in L1/L2 from one pass to the next. (Rows outside read the tokens
+ * from L2 once per row instead, and a 2048-token prefill ran 1.45x slower.) */
 static void rows_times_tokens(const float *w, long ldw, int row0, int row1, const float *const *x, int n, int K,
                               float *out, long ldo) {
     float buf[TOKS];
@@ -99,11 +103,11 @@ void trinity_moe_experts_f32(const float *x, const int64_t *token_of, const int6
             int j1 = j0 + ROW_BLOCK < I ? j0 + ROW_BLOCK : I;
             int64_t a0 = offsets[e], n = offsets[e + 1] - a0;
             const float *gw = gate_up + (long)e * 2 * I * H;
-            for (int64_t c0 = 0; c0 < n; c0 += TOKS) {
-                int m = n - c0 < TOKS ? (int)(n - c0) : TOKS;
-                const float *xr[TOKS];
+            for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+                int m = n - c0 < CHUNK ? (int)(n - c0) : CHUNK;
+                const float *xr[CHUNK];
                 for (int i = 0; i < m; i++) xr[i] = x + token_of[a0 + c0 + i] * (long)H;
-                float g[TOKS * ROW_BLOCK], u[TOKS * ROW_BLOCK];
+                float g[CHUNK * ROW_BLOCK], u[CHUNK * ROW_BLOCK];
                 rows_times_tokens(gw, H, j0, j1, xr, m, H, g, ROW_BLOCK);
                 rows_times_tokens(gw + (long)I * H, H, j0, j1, xr, m, H, u, ROW_BLOCK);
                 for (int i = 0; i < m; i++)
@@ -118,9 +122,9 @@ void trinity_moe_experts_f32(const float *x, const int64_t *token_of, const int6
             int h1 = h0 + ROW_BLOCK < H ? h0 + ROW_BLOCK : H;
             int64_t a0 = offsets[e], n = offsets[e + 1] - a0;
             const float *dw = down + (long)e * H * I;
-            for (int64_t c0 = 0; c0 < n; c0 += TOKS) {
-                int m = n - c0 < TOKS ? (int)(n - c0) : TOKS;
-                const float *ar[TOKS];
+            for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+                int m = n - c0 < CHUNK ? (int)(n - c0) : CHUNK;
+                const float *ar[CHUNK];
                 for (int i = 0; i < m; i++) ar[i] = act + (a0 + c0 + i) * I;
                 rows_times_tokens(dw, I, h0, h1, ar, m, I, ys + (a0 + c0) * H + h0, H);
             }
