@@ -300,3 +300,24 @@ def test_experts_with_shared_runs_the_stacked_shared_expert_in_the_native_call()
     with torch.no_grad():
         got = kmoe.experts_with_shared(x, w, ids, gate_up, down)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("rows,k,n", [(1, 24, 10), (3, 40, 130), (8, 512, 600), (9, 64, 64), (70, 48, 100)])
+def test_linear_native_equals_f_linear(rows, k, n):
+    """Row tails, weight-row blocks that end early, and more rows than one pass (9) or one call chunk (70)."""
+    g = torch.Generator().manual_seed(rows * k)
+    x, w = torch.randn(2, rows, k, generator=g), torch.randn(n, k, generator=g)
+    got = klinear.linear_native(x, w)
+    assert got.shape == (2, rows, n) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_linear_dispatch_takes_native_for_a_few_rows_and_onednn_beyond():
+    w = torch.randn(32, 16)
+    with torch.no_grad():
+        assert klinear.native_wanted(torch.randn(klinear.NATIVE_MAX_ROWS, 16), w)
+        assert not klinear.native_wanted(torch.randn(klinear.NATIVE_MAX_ROWS + 1, 16), w)
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(klinear.linear(x, w), klinear.linear_native(x, w), rtol=0, atol=0)

@@ -1,15 +1,17 @@
 """Bias-free projections y = x @ W.T, with faster CPU paths for fp32 inference.
 
-`F.linear` on the CPU goes to MKL, which on the project's 2-core EPYC (Zen 4) handles these shapes poorly. Two
-faster ways, measured in fp32 with 2 threads:
+`F.linear` on the CPU goes to MKL, which on the project's 2-core EPYC (Zen 4) handles decode shapes poorly.
+Faster ways, measured in fp32 with 2 threads and cold weights (as in a forward pass):
 
-- `linear_onednn`: oneDNN's matmul with the weight reordered once into its blocked layout (`packed_weight`, kept
-  beside the parameter and redone only when the weight changes). [32, 512] x [32000, 512]^T (the benchmark
-  model's head at a 32-sequence decode step) took 5.5 ms against 10.3 ms for the best MKL orientation, and it won
-  at every row count tried (1 to 2048) for the attention, MLP and head shapes, by 10-25% where MKL already did
-  well. It costs a second copy of each weight it runs on: only the projections take it, not the routed experts,
-  whose few-token products it did not speed up.
-- `linear_weight_first`, where oneDNN is missing: W @ x.T with the weight as the long operand, for a few rows
+- `linear_native`, up to 8 rows (batch-1 and small decode batches): the C kernel in `linear_cpu.c`, which
+  streams each weight row once against all the rows. The [32000, 512] head of the benchmark model took 2.0 ms
+  at one row (MKL's best orientation 2.4 ms, oneDNN 2.9 ms); [512, 512] took 40-49 us at 1-8 rows (oneDNN 67-78).
+- `linear_onednn`, more rows: oneDNN's matmul with the weight reordered once into its blocked layout
+  (`packed_weight`, kept beside the parameter and redone only when the weight changes). The head at a
+  32-sequence decode step took 5.5 ms against 10.3 ms for the best MKL orientation, and oneDNN beat MKL for the
+  attention, MLP and head shapes up to 2048 rows (the prefill), by 10-25% where MKL already did well. It costs
+  a second copy of each weight it runs on: only the projections take it, not the routed experts.
+- `linear_weight_first`, where neither is available: W @ x.T with the weight as the long operand, for a few rows
   (a [4, 512] x [512, 512]^T product took ~140 us as F.linear, ~50 us this way).
 
 `benchmarks/cpu_throughput.py` is the end-to-end measure.
@@ -27,6 +29,8 @@ from . import reference_forced
 
 # Up to this many rows the weight-first orientation runs (decode batches and short chunks).
 CPU_SMALL_ROWS = 64
+# Up to this many rows the native kernel runs (one pass over the weight).
+NATIVE_MAX_ROWS = 8
 # The row count oneDNN is told to expect when it picks the packed layout: a decode batch.
 PACK_ROWS_HINT = 32
 
@@ -78,6 +82,24 @@ def linear_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def linear_native(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from .native import library
+
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    weight = weight.contiguous()
+    out = rows.new_empty(rows.shape[0], weight.shape[0])
+    library().trinity_linear_f32(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1],
+                                 weight.shape[0], torch.get_num_threads())
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def native_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    from .native import library
+
+    return (_cpu_fp32_inference(x, weight) and x.numel() // x.shape[-1] <= NATIVE_MAX_ROWS
+            and library() is not None)
+
+
 def _cpu_fp32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.numel() > 0 and not torch.is_grad_enabled() and not reference_forced())
@@ -92,6 +114,8 @@ def weight_first_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if native_wanted(x, weight):
+        return linear_native(x, weight)
     if onednn_wanted(x, weight):
         return linear_onednn(x, weight)
     if weight_first_wanted(x, weight):

@@ -25,7 +25,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("moe_cpu.c", "attention_cpu.c", "norm_cpu.c")
+SOURCES = ("moe_cpu.c", "attention_cpu.c", "norm_cpu.c", "linear_cpu.c")
+HEADERS = ("skinny_gemm.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
@@ -53,7 +54,8 @@ def _build(compiler: str) -> Path:
     sources = [here / name for name in SOURCES]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    for part in [*(s.read_bytes() for s in sources), version.encode(), " ".join(FLAGS).encode(),
+    headers = [here / name for name in HEADERS]
+    for part in [*(f.read_bytes() for f in sources + headers), version.encode(), " ".join(FLAGS).encode(),
                  _cpu_flags().encode(), platform.machine().encode()]:
         digest.update(part)
     target = cache_dir() / f"trinity_cpu_{digest.hexdigest()[:16]}.so"
@@ -107,6 +109,7 @@ def _load() -> ctypes.CDLL | None:
     lib.trinity_rms_norm_f32.argtypes = [p] * 3 + [i, i, f, i]
     lib.trinity_norm_add_rms_norm_f32.argtypes = [p] * 6 + [i, i, f, i]
     lib.trinity_qk_norm_rope_f32.argtypes = [p] * 8 + [i] * 4 + [f, i]
-    for name in ("trinity_rms_norm_f32", "trinity_norm_add_rms_norm_f32", "trinity_qk_norm_rope_f32"):
+    lib.trinity_linear_f32.argtypes = [p] * 3 + [i] * 4
+    for name in ("trinity_linear_f32", "trinity_rms_norm_f32", "trinity_norm_add_rms_norm_f32", "trinity_qk_norm_rope_f32"):
         getattr(lib, name).restype = None
     return lib

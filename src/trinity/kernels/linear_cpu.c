@@ -1,0 +1,26 @@
+/* y = x @ W.T for a few fp32 rows on the CPU (batch-1 and small-batch decode): built and loaded by
+ * kernels/native.py; the reference it must equal is F.linear (kernels/linear.py).
+ *
+ * Why: with one or two rows neither BLAS reached the memory bandwidth on the project's 2-core EPYC. Measured
+ * with cold weights: MKL's best orientation took 2.4 ms for the benchmark model's [32000, 512] head at one row
+ * (27 GB/s would take 1.2 ms), oneDNN 3.3 ms. Here the weight is split into blocks of rows across the threads and
+ * each row streams once against all (up to TOKS) token rows. */
+#include "skinny_gemm.h"
+
+#define LINEAR_ROW_BLOCK 64
+#define LINEAR_MAX_ROWS 64 /* rows per call of rows_times_tokens (which makes passes of TOKS) */
+
+/* x: [n, K]; w: [N, K]; out: [n, N]. Any n; meant for n <= TOKS, where each weight row is read once. */
+void trinity_linear_f32(const float *x, const float *w, float *out, int n, int K, int N, int num_threads) {
+    long blocks = (N + LINEAR_ROW_BLOCK - 1) / LINEAR_ROW_BLOCK;
+    for (int c0 = 0; c0 < n; c0 += LINEAR_MAX_ROWS) {
+        int m = n - c0 < LINEAR_MAX_ROWS ? n - c0 : LINEAR_MAX_ROWS;
+        const float *xr[LINEAR_MAX_ROWS];
+        for (int i = 0; i < m; i++) xr[i] = x + (long)(c0 + i) * K;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+        for (long b = 0; b < blocks; b++) {
+            int r0 = (int)(b * LINEAR_ROW_BLOCK), r1 = r0 + LINEAR_ROW_BLOCK < N ? r0 + LINEAR_ROW_BLOCK : N;
+            rows_times_tokens(w, K, r0, r1, xr, m, K, out + (long)c0 * N + r0, N);
+        }
+    }
+}
