@@ -13,13 +13,16 @@ from trinity.kernels import native as knative
 from trinity.kernels import use_reference
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("impl", ["weight_first", "onednn"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 64, 300])
 @pytest.mark.parametrize("leading", [(), (2,)])
-def test_linear_weight_first_equals_f_linear(rows, leading):
+def test_fast_linears_equal_f_linear(impl, rows, leading):
+    if impl == "onednn" and not klinear.onednn_available():
+        pytest.skip("this torch build has no oneDNN")
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(*leading, rows, 96, generator=g)
     w = torch.randn(200, 96, generator=g)
-    got = klinear.linear_weight_first(x, w)
+    got = getattr(klinear, f"linear_{impl}")(x, w)
     assert got.shape == (*leading, rows, 200) and got.is_contiguous()
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-4, atol=1e-4)
 
@@ -39,18 +42,6 @@ def test_linear_dispatch_picks_weight_first_only_for_small_fp32_inference():
 
 
 needs_onednn = pytest.mark.skipif(not klinear.onednn_available(), reason="this torch build has no oneDNN")
-
-
-@needs_onednn
-@pytest.mark.parametrize("rows", [1, 5, 32, 300])
-@pytest.mark.parametrize("leading", [(), (3,)])
-def test_linear_onednn_equals_f_linear(rows, leading):
-    g = torch.Generator().manual_seed(rows)
-    x = torch.randn(*leading, rows, 96, generator=g)
-    w = torch.randn(200, 96, generator=g)
-    got = klinear.linear_onednn(x, w)
-    assert got.shape == (*leading, rows, 200) and got.is_contiguous()
-    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-4, atol=1e-4)
 
 
 @needs_onednn
