@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import native
 from ..model.model import TrinityForCausalLM
 from .kv_cache import KVCacheManager
 from .request import CompletionOutput, RequestOutput, Sequence
@@ -57,6 +58,8 @@ class _Request:
 class LLMEngine:
     def __init__(self, model: TrinityForCausalLM, tokenizer=None, config: EngineConfig | None = None):
         self.model = model.eval().fuse_projections()
+        if model.device.type == "cpu" and model.dtype == torch.float32:
+            native.library()  # build (or load) the CPU kernels now, not inside the first request (~3 s to build)
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         cfg = model.config
