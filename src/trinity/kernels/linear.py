@@ -85,19 +85,20 @@ def linear_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear_native(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from .native import library
 
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     weight = weight.contiguous()
     out = rows.new_empty(rows.shape[0], weight.shape[0])
-    library().trinity_linear_f32(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1],
-                                 weight.shape[0], torch.get_num_threads())
-    return out.view(*x.shape[:-1], weight.shape[0])
+    library().trinity_linear(rows.data_ptr(), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
+                             out.data_ptr(), rows.shape[0], rows.shape[1], weight.shape[0], torch.get_num_threads())
+    return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
 def native_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     from .native import library
 
-    return (_cpu_fp32_inference(x, weight) and x.numel() // x.shape[-1] <= NATIVE_MAX_ROWS
-            and library() is not None)
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and 0 < x.numel() // x.shape[-1] <= NATIVE_MAX_ROWS and not torch.is_grad_enabled()
+            and not reference_forced() and library() is not None)
 
 
 def _cpu_fp32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:

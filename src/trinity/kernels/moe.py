@@ -84,7 +84,8 @@ def experts_weight_first(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tens
 def experts_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor) -> torch.Tensor:
     """The C kernel (`moe_cpu.c`): gate/up, SwiGLU, down and the weighted combine in one call, each expert's
-    weights streamed once per four tokens. fp32, CPU, `native.library()` loaded."""
+    weights streamed once per pass of up to 8 tokens. CPU, fp32 or bf16 weights (`native_wanted`); x's dtype in
+    and out, fp32 inside (for bf16 only the output is rounded, where the reference rounds after every op)."""
     from .native import library
 
     t, hidden = x.shape
@@ -94,23 +95,28 @@ def experts_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
     torch.cumsum(counts, 0, out=offsets[1:])
     position = torch.empty_like(order)
     position[order] = torch.arange(order.numel())  # where each (token, choice) went in the grouped order
-    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    xf = x.float().contiguous()
+    gate_up, down = gate_up.contiguous(), down.contiguous()
     weights = weights.float().contiguous()
-    act = x.new_empty(order.numel(), inter)
-    ys = x.new_empty(order.numel(), hidden)
-    out = x.new_empty(t, hidden)
-    library().trinity_moe_experts_f32(
-        x.data_ptr(), token_of.data_ptr(), offsets.data_ptr(), gate_up.data_ptr(), down.data_ptr(),
-        weights.data_ptr(), position.data_ptr(), act.data_ptr(), ys.data_ptr(), out.data_ptr(),
-        t, hidden, inter, e, k, torch.get_num_threads())
-    return out
+    act = xf.new_empty(order.numel(), inter)
+    ys = xf.new_empty(order.numel(), hidden)
+    out = xf.new_empty(t, hidden)
+    library().trinity_moe_experts(
+        xf.data_ptr(), token_of.data_ptr(), offsets.data_ptr(), gate_up.data_ptr(), down.data_ptr(),
+        int(gate_up.dtype == torch.bfloat16), weights.data_ptr(), position.data_ptr(), act.data_ptr(),
+        ys.data_ptr(), out.data_ptr(), t, hidden, inter, e, k, torch.get_num_threads())
+    return out.to(x.dtype)
 
 
 def native_wanted(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
     from .native import library
 
-    return (x.device.type == "cpu" and x.dtype == gate_up.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == gate_up.dtype and x.dtype in NATIVE_DTYPES
             and x.shape[0] > 0 and library() is not None)
+
+
+# Weight dtypes the C kernels read (activations are computed in fp32 either way).
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # CPU fp32 batches up to this many tokens take `experts_weight_first` (measured faster than F.grouped_mm at 8-128

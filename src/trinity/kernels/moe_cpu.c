@@ -1,4 +1,4 @@
-/* Routed experts of one MoE layer on the CPU, fp32: SwiGLU experts over tokens grouped by expert, and the
+/* Routed experts of one MoE layer on the CPU, fp32 or bf16 weights: SwiGLU experts over tokens grouped by expert, and the
  * weighted combine. Built at first use by kernels/native.py (cc -O3 -march=native -fopenmp) and called through
  * ctypes; kernels/moe.py holds the pure-torch reference it must equal.
  *
@@ -23,12 +23,14 @@
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* x: [T, H]; token_of: [A] token of each assignment, grouped by expert; offsets: [E + 1] start of each expert's
- * group in token_of; gate_up: [E, 2I, H] (gate rows, then up rows); down: [E, H, I]; weights: [T, k];
+ * group in token_of; gate_up: [E, 2I, H] (gate rows, then up rows); down: [E, H, I], both fp32 or, with
+ * weight_bf16, bf16 (activations, products and sums stay fp32); weights: [T, k];
  * position: [T, k] index into the grouped assignments of token t's c-th choice; act: [A, I] and ys: [A, H]
  * scratch; out: [T, H]. */
-void trinity_moe_experts_f32(const float *x, const int64_t *token_of, const int64_t *offsets, const float *gate_up,
-                             const float *down, const float *weights, const int64_t *position, float *act, float *ys,
-                             float *out, int T, int H, int I, int E, int k, int num_threads) {
+void trinity_moe_experts(const float *x, const int64_t *token_of, const int64_t *offsets, const void *gate_up,
+                         const void *down, int weight_bf16, const float *weights, const int64_t *position, float *act,
+                         float *ys, float *out, int T, int H, int I, int E, int k, int num_threads) {
+    long elem = weight_bf16 ? 2 : 4; /* bytes per weight */
     int blocks_i = (I + ROW_BLOCK - 1) / ROW_BLOCK, blocks_h = (H + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -38,14 +40,14 @@ void trinity_moe_experts_f32(const float *x, const int64_t *token_of, const int6
             int e = (int)(item / blocks_i), j0 = (int)(item % blocks_i) * ROW_BLOCK;
             int j1 = j0 + ROW_BLOCK < I ? j0 + ROW_BLOCK : I;
             int64_t a0 = offsets[e], n = offsets[e + 1] - a0;
-            const float *gw = gate_up + (long)e * 2 * I * H;
+            const char *gw = (const char *)gate_up + (long)e * 2 * I * H * elem;
             for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
                 int m = n - c0 < CHUNK ? (int)(n - c0) : CHUNK;
                 const float *xr[CHUNK];
                 for (int i = 0; i < m; i++) xr[i] = x + token_of[a0 + c0 + i] * (long)H;
                 float g[CHUNK * ROW_BLOCK], u[CHUNK * ROW_BLOCK];
-                rows_times_tokens(gw, H, j0, j1, xr, m, H, g, ROW_BLOCK);
-                rows_times_tokens(gw + (long)I * H, H, j0, j1, xr, m, H, u, ROW_BLOCK);
+                rows_times_tokens(gw, weight_bf16, H, j0, j1, xr, m, H, g, ROW_BLOCK);
+                rows_times_tokens(gw + (long)I * H * elem, weight_bf16, H, j0, j1, xr, m, H, u, ROW_BLOCK);
                 for (int i = 0; i < m; i++)
                     for (int j = j0; j < j1; j++)
                         act[(a0 + c0 + i) * I + j] = silu(g[i * ROW_BLOCK + j - j0]) * u[i * ROW_BLOCK + j - j0];
@@ -57,12 +59,12 @@ void trinity_moe_experts_f32(const float *x, const int64_t *token_of, const int6
             int e = (int)(item / blocks_h), h0 = (int)(item % blocks_h) * ROW_BLOCK;
             int h1 = h0 + ROW_BLOCK < H ? h0 + ROW_BLOCK : H;
             int64_t a0 = offsets[e], n = offsets[e + 1] - a0;
-            const float *dw = down + (long)e * H * I;
+            const char *dw = (const char *)down + (long)e * H * I * elem;
             for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
                 int m = n - c0 < CHUNK ? (int)(n - c0) : CHUNK;
                 const float *ar[CHUNK];
                 for (int i = 0; i < m; i++) ar[i] = act + (a0 + c0 + i) * I;
-                rows_times_tokens(dw, I, h0, h1, ar, m, I, ys + (a0 + c0) * H + h0, H);
+                rows_times_tokens(dw, weight_bf16, I, h0, h1, ar, m, I, ys + (a0 + c0) * H + h0, H);
             }
         }
         /* phase 3: weighted combine, each token's choices summed in order */

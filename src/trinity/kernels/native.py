@@ -26,7 +26,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = ("moe_cpu.c", "attention_cpu.c", "norm_cpu.c", "linear_cpu.c")
-HEADERS = ("skinny_gemm.h",)
+HEADERS = ("skinny_gemm.h", "skinny_gemm_body.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
@@ -101,15 +101,15 @@ def _load() -> ctypes.CDLL | None:
         log.warning("native CPU kernels unavailable (build or load failed): %s", detail)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.trinity_moe_experts_f32.argtypes = [p] * 10 + [i] * 6
-    lib.trinity_moe_experts_f32.restype = None
+    lib.trinity_moe_experts.argtypes = [p] * 5 + [i] + [p] * 5 + [i] * 6
+    lib.trinity_moe_experts.restype = None
     lib.trinity_paged_decode_attention_f32.argtypes = [p] * 9 + [i] * 5 + [ctypes.c_float, i]
     lib.trinity_paged_decode_attention_f32.restype = i
     f = ctypes.c_float
     lib.trinity_rms_norm_f32.argtypes = [p] * 3 + [i, i, f, i]
     lib.trinity_norm_add_rms_norm_f32.argtypes = [p] * 6 + [i, i, f, i]
     lib.trinity_qk_norm_rope_f32.argtypes = [p] * 8 + [i] * 4 + [f, i]
-    lib.trinity_linear_f32.argtypes = [p] * 3 + [i] * 4
-    for name in ("trinity_linear_f32", "trinity_rms_norm_f32", "trinity_norm_add_rms_norm_f32", "trinity_qk_norm_rope_f32"):
+    lib.trinity_linear.argtypes = [p, p, i, p] + [i] * 4
+    for name in ("trinity_linear", "trinity_rms_norm_f32", "trinity_norm_add_rms_norm_f32", "trinity_qk_norm_rope_f32"):
         getattr(lib, name).restype = None
     return lib
