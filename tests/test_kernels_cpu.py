@@ -195,8 +195,10 @@ def test_native_build_is_cached_by_content(tmp_path, monkeypatch):
     (32, 4, 2, 128, 512, 96),   # the benchmark model's decode shape
     (2, 8, 1, 64, 32, 32),      # one KV head for 8 query heads
 ])
-def test_native_decode_attention_equals_gather_and_sdpa(batch, hq, hkv, dim, slots, width):
-    """Random contexts with padding, read by slot; the new K/V written to their slots first, as the engine does."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_attention_equals_gather_and_sdpa(batch, hq, hkv, dim, slots, width, dtype):
+    """Random contexts with padding, read by slot; the new K/V written to their slots first, as the engine does.
+    bf16 pools: compared with fp32 attention over the same bf16 values (the kernel computes in fp32)."""
     from trinity.engine.paged_attention import _decode_attention, _gather
     from trinity.kernels import attention as kattn
 
@@ -212,11 +214,15 @@ def test_native_decode_attention_equals_gather_and_sdpa(batch, hq, hkv, dim, slo
     valid = torch.arange(width)[None, :] < lengths[:, None]
     ctx[torch.arange(batch), lengths - 1] = new_slots  # each context ends with its new token
     ctx = ctx.masked_fill(~valid, 0)
+    q, k_cache, v_cache, new_k, new_v = (t.to(dtype) for t in (q, k_cache, v_cache, new_k, new_v))
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     ref_k[new_slots], ref_v[new_slots] = new_k, new_v
-    expected = _decode_attention(q, _gather(ref_k, ctx), _gather(ref_v, ctx), valid, dim ** -0.5)
+    expected = _decode_attention(q.float(), _gather(ref_k, ctx).float(), _gather(ref_v, ctx).float(), valid,
+                                 dim ** -0.5)
     got = kattn.decode_attention_native(q, k_cache, v_cache, ctx, valid, dim ** -0.5, new_k, new_v, new_slots)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)  # the writes, and nothing else
 
 
@@ -230,47 +236,58 @@ def test_native_decode_attention_rejects_unsupported_shapes():
                                       torch.ones(1, 1, dtype=torch.bool), 1.0)
 
 
+def _close(dtype):
+    """fp32: within rounding of a different summation order; bf16: within one or two bf16 steps."""
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n", [(1, 8), (5, 40), (32, 512), (300, 512)])  # the last runs multi-threaded
-def test_native_norms_equal_references(rows, n):
+def test_native_norms_equal_references(rows, n, dtype):
     from trinity.kernels import norm as knorm
 
     g = torch.Generator().manual_seed(rows + n)
-    x, res = torch.randn(rows, n, generator=g) * 3, torch.randn(rows, n, generator=g)
+    x, res = (torch.randn(rows, n, generator=g) * 3).to(dtype), torch.randn(rows, n, generator=g).to(dtype)
     w1, w2 = torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
-    torch.testing.assert_close(knorm.rms_norm_native(x, w1, 1e-6), knorm.rms_norm_reference(x, w1, 1e-6),
-                               rtol=1e-5, atol=1e-5)
+    got = knorm.rms_norm_native(x, w1, 1e-6)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, knorm.rms_norm_reference(x, w1, 1e-6), **_close(dtype))
     got, expected = (knorm.norm_add_rms_norm_native(x, res, w1, w2, 1e-6),
                      knorm.norm_add_rms_norm_reference(x, res, w1, w2, 1e-6))
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, **_close(dtype))
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("apply_rope", [True, False])
 @pytest.mark.parametrize("tokens,hq,hkv,dim", [(1, 2, 1, 8), (7, 4, 2, 40), (600, 4, 2, 128)])
-def test_native_qk_norm_rope_equals_reference(apply_rope, tokens, hq, hkv, dim):
+def test_native_qk_norm_rope_equals_reference(apply_rope, tokens, hq, hkv, dim, dtype):
     from trinity.kernels import norm as knorm
     from trinity.model.layers import RotaryEmbedding
 
     g = torch.Generator().manual_seed(tokens + dim)
-    q, k = torch.randn(tokens, hq, dim, generator=g), torch.randn(tokens, hkv, dim, generator=g)
+    q, k = torch.randn(tokens, hq, dim, generator=g).to(dtype), torch.randn(tokens, hkv, dim, generator=g).to(dtype)
     qw, kw = torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5
-    cos, sin = RotaryEmbedding(dim, 10000.0).cos_sin(torch.randint(0, 4000, (tokens,), generator=g), torch.float32)
+    cos, sin = RotaryEmbedding(dim, 10000.0).cos_sin(torch.randint(0, 4000, (tokens,), generator=g), dtype)
     got = knorm.qk_norm_rope_native(q, k, qw, kw, 1e-6, cos, sin, apply_rope)
     expected = knorm.qk_norm_rope_reference(q, k, qw, kw, 1e-6, cos, sin, apply_rope)
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **_close(dtype))
 
 
 @needs_native
-def test_cpu_inference_dispatch_takes_native_norms_and_chained_norms_stay_bit_identical():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_inference_dispatch_takes_native_norms_and_chained_norms_stay_bit_identical(dtype):
     """In fp32 CPU inference the model's norms run the C kernels; the chained sandwich norm and the separate norm
     + add + norm go through the same row routine, so they agree bit for bit (as the layer-by-layer forward and
     the fused one must)."""
     from trinity.kernels import norm as knorm
 
-    x, res, w1, w2 = torch.randn(4, 64), torch.randn(4, 64), torch.rand(64) + 0.5, torch.rand(64) + 0.5
+    x, res = torch.randn(4, 64).to(dtype), torch.randn(4, 64).to(dtype)
+    w1, w2 = torch.rand(64) + 0.5, torch.rand(64) + 0.5
     with torch.no_grad():
         assert knorm.native_wanted(x, w1)
         normed, new_res = knorm.norm_add_rms_norm(x, res, w1, w2, 1e-6)

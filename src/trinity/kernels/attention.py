@@ -146,11 +146,12 @@ def write_kv(k_cache, v_cache, slots, k, v):
 
 # ------------------------------------------------------------------------------------- native CPU kernel
 def native_decode_wanted(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The C decode kernel (`attention_cpu.c`): fp32 CPU inference where `native.library()` is built."""
+    """The C decode kernel (`attention_cpu.c`): fp32 or bf16 CPU inference where `native.library()` is built."""
     from . import reference_forced
     from .native import library
 
-    return (q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and not reference_forced()
+    return (q.device.type == "cpu" and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
+            and not reference_forced()
             and not torch.is_grad_enabled() and library() is not None)
 
 
@@ -164,19 +165,21 @@ def decode_attention_native(q, k_cache, v_cache, ctx_slots, ctx_valid, scale, ne
     hkv = k_cache.shape[1]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the KV pools must be contiguous")
-    q, ctx_slots, ctx_valid = q.contiguous(), ctx_slots.contiguous(), ctx_valid.contiguous()
+    qf, ctx_slots, ctx_valid = q.float().contiguous(), ctx_slots.contiguous(), ctx_valid.contiguous()
     writes = new_k is not None
     if writes:
-        new_k, new_v, new_slots = new_k.contiguous(), new_v.contiguous(), new_slots.contiguous()
-    out = torch.empty_like(q)
-    status = library().trinity_paged_decode_attention_f32(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), new_k.data_ptr() if writes else None,
+        new_k, new_v = new_k.to(k_cache.dtype).contiguous(), new_v.to(k_cache.dtype).contiguous()
+        new_slots = new_slots.contiguous()
+    out = torch.empty_like(qf)
+    status = library().trinity_paged_decode_attention(
+        qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+        new_k.data_ptr() if writes else None,
         new_v.data_ptr() if writes else None, new_slots.data_ptr() if writes else None, ctx_slots.data_ptr(),
         ctx_valid.data_ptr(), out.data_ptr(), b, hq, hkv, d, ctx_slots.shape[1], scale, torch.get_num_threads())
     if status != 0:
         raise ValueError(f"native decode attention does not support {hq} query heads over {hkv} KV heads of "
                          f"dimension {d}")
-    return out
+    return out.to(q.dtype)
 
 
 __all__ = ["decode_attention", "prefill_attention", "write_kv", "triton_available", "PackedPrefills",

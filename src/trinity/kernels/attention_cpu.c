@@ -1,6 +1,6 @@
-/* Decode attention over a paged KV pool on the CPU, fp32: each sequence's one new query token against its
- * cached context, read in place by slot. Built and loaded by kernels/native.py; the reference it must equal is
- * the gather + scaled_dot_product_attention in engine/paged_attention.py.
+/* Decode attention over a paged KV pool on the CPU, fp32 or bf16 K/V (queries and math in fp32): each sequence's
+ * one new query token against its cached context, read in place by slot. Built and loaded by kernels/native.py;
+ * the reference it must equal is the gather + scaled_dot_product_attention in engine/paged_attention.py.
  *
  * Why: the reference gathers every decode's whole context into a padded copy, twice per layer (K and V), then
  * runs SDPA with a mask; on the 2-core EPYC those copies and the masked SDPA were ~6 ms of a ~55 ms decode step
@@ -12,52 +12,50 @@
 #include <math.h>
 #include <stdint.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
+#include "skinny_gemm.h" /* v16, hsum, bf16_to_f32 */
 
 #define MAX_GROUP 16  /* query heads per KV head */
 #define MAX_DIM 512   /* head_dim */
 
-static inline float hsum16(v16 v) {
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+/* A cache row as fp32: the row itself (fp32 pool), or widened into buf (bf16 pool; exact). */
+static inline const float *cache_row(const void *cache, int bf16, long offset, int D, float *buf) {
+    if (!bf16) return (const float *)cache + offset;
+    const uint16_t *h = (const uint16_t *)cache + offset;
+    for (int d = 0; d < D; d++) buf[d] = bf16_to_f32(h[d]);
+    return buf;
 }
 
 static inline float dot(const float *a, const float *b, int D) {
     v16 acc = {0};
     int d = 0;
     for (; d + 16 <= D; d += 16) acc += *(const v16u *)(a + d) * *(const v16u *)(b + d);
-    float s = hsum16(acc);
+    float s = hsum(acc);
     for (; d < D; d++) s += a[d] * b[d];
     return s;
 }
 
-/* q: [B, Hq, D]; k_cache, v_cache: [slots, Hkv, D]; new_k, new_v: [B, Hkv, D] written to new_slots[B] first
- * (skipped when new_k is NULL); ctx_slots: [B, L] and ctx_valid: [B, L] (1 byte each) each decode's context,
- * its new token included; out: [B, Hq, D]. Returns 0, or -1 if the shapes exceed MAX_GROUP / MAX_DIM. */
-int trinity_paged_decode_attention_f32(const float *q, float *k_cache, float *v_cache, const float *new_k,
-                                       const float *new_v, const int64_t *new_slots, const int64_t *ctx_slots,
-                                       const uint8_t *ctx_valid, float *out, int B, int Hq, int Hkv, int D, int L,
-                                       float scale, int num_threads) {
+/* q: [B, Hq, D] fp32; k_cache, v_cache: [slots, Hkv, D], fp32 or (kv_bf16) bf16; new_k, new_v: [B, Hkv, D] in
+ * the cache's dtype, written to new_slots[B] first (skipped when new_k is NULL); ctx_slots: [B, L] and
+ * ctx_valid: [B, L] (1 byte each) each decode's context, its new token included; out: [B, Hq, D]. Returns 0,
+ * or -1 if the shapes exceed MAX_GROUP / MAX_DIM. */
+int trinity_paged_decode_attention(const float *q, void *k_cache, void *v_cache, int kv_bf16, const void *new_k,
+                                   const void *new_v, const int64_t *new_slots, const int64_t *ctx_slots,
+                                   const uint8_t *ctx_valid, float *out, int B, int Hq, int Hkv, int D, int L,
+                                   float scale, int num_threads) {
     int group = Hq / Hkv;
     if (group > MAX_GROUP || D > MAX_DIM || group * Hkv != Hq) return -1;
-    long row = (long)Hkv * D; /* floats per slot */
+    long row = (long)Hkv * D; /* elements per slot */
+    long elem = kv_bf16 ? 2 : 4; /* bytes per element */
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (long item = 0; item < (long)B * Hkv; item++) {
         int b = (int)(item / Hkv), h = (int)(item % Hkv);
         if (new_k) {
-            float *kd = k_cache + new_slots[b] * row + (long)h * D, *vd = v_cache + new_slots[b] * row + (long)h * D;
-            const float *ks = new_k + ((long)b * Hkv + h) * D, *vs = new_v + ((long)b * Hkv + h) * D;
-            for (int d = 0; d < D; d++) {
-                kd[d] = ks[d];
-                vd[d] = vs[d];
-            }
+            long dst = (new_slots[b] * row + (long)h * D) * elem, src = (((long)b * Hkv + h) * D) * elem;
+            __builtin_memcpy((char *)k_cache + dst, (const char *)new_k + src, D * elem);
+            __builtin_memcpy((char *)v_cache + dst, (const char *)new_v + src, D * elem);
         }
         const float *qh = q + ((long)b * Hq + (long)h * group) * D;
-        float m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][MAX_DIM];
+        float m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][MAX_DIM], kbuf[MAX_DIM], vbuf[MAX_DIM];
         for (int g = 0; g < group; g++) {
             m[g] = -INFINITY;
             l[g] = 0.0f;
@@ -66,7 +64,8 @@ int trinity_paged_decode_attention_f32(const float *q, float *k_cache, float *v_
         for (int j = 0; j < L; j++) {
             if (!ctx_valid[(long)b * L + j]) continue;
             long slot = ctx_slots[(long)b * L + j];
-            const float *kr = k_cache + slot * row + (long)h * D, *vr = v_cache + slot * row + (long)h * D;
+            const float *kr = cache_row(k_cache, kv_bf16, slot * row + (long)h * D, D, kbuf);
+            const float *vr = cache_row(v_cache, kv_bf16, slot * row + (long)h * D, D, vbuf);
             for (int g = 0; g < group; g++) {
                 float s = dot(qh + (long)g * D, kr, D) * scale;
                 float p;

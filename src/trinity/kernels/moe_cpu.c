@@ -1,11 +1,12 @@
-/* Routed experts of one MoE layer on the CPU, fp32 or bf16 weights: SwiGLU experts over tokens grouped by expert, and the
- * weighted combine. Built at first use by kernels/native.py (cc -O3 -march=native -fopenmp) and called through
- * ctypes; kernels/moe.py holds the pure-torch reference it must equal.
+/* Routed experts of one MoE layer on the CPU, fp32 or bf16 weights: SwiGLU experts over tokens grouped by
+ * expert, and the weighted combine. Built at first use by kernels/native.py (cc -O3 -march=native -fopenmp) and
+ * called through ctypes; kernels/moe.py holds the pure-torch reference it must equal.
  *
  * Why: a decode batch gives each expert a handful of tokens, so every expert product is a skinny GEMM
  * ([2I, H] x [H, n] with n around 4). The BLAS ran those at a third of the memory bandwidth on the project's
- * 2-core EPYC. Here each block of weight rows is read once and multiplied with up to four token rows held in
- * registers, so the work streams the expert weights at close to the bandwidth.
+ * 2-core EPYC. Here each weight row is read once and multiplied with up to eight token rows held in registers
+ * (skinny_gemm.h), so the work streams the expert weights at close to the bandwidth: seven layers of 32 experts
+ * at 32 tokens took 14.2 ms against 24.4 ms for the best BLAS orientation.
  *
  * Phases, each split across threads, separated by the implicit barrier of `omp for`:
  *   1. act[a, j] = silu(x[t_a] . gate_e[j]) * (x[t_a] . up_e[j])   for every assignment a of expert e

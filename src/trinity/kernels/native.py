@@ -100,16 +100,16 @@ def _load() -> ctypes.CDLL | None:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("native CPU kernels unavailable (build or load failed): %s", detail)
         return None
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.trinity_moe_experts.argtypes = [p] * 5 + [i] + [p] * 5 + [i] * 6
-    lib.trinity_moe_experts.restype = None
-    lib.trinity_paged_decode_attention_f32.argtypes = [p] * 9 + [i] * 5 + [ctypes.c_float, i]
-    lib.trinity_paged_decode_attention_f32.restype = i
-    f = ctypes.c_float
-    lib.trinity_rms_norm_f32.argtypes = [p] * 3 + [i, i, f, i]
-    lib.trinity_norm_add_rms_norm_f32.argtypes = [p] * 6 + [i, i, f, i]
-    lib.trinity_qk_norm_rope_f32.argtypes = [p] * 8 + [i] * 4 + [f, i]
-    lib.trinity_linear.argtypes = [p, p, i, p] + [i] * 4
-    for name in ("trinity_linear", "trinity_rms_norm_f32", "trinity_norm_add_rms_norm_f32", "trinity_qk_norm_rope_f32"):
-        getattr(lib, name).restype = None
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    signatures = {  # name: (argument types, result type); the C comments give the meanings
+        "trinity_moe_experts": ([p] * 5 + [i] + [p] * 5 + [i] * 6, None),
+        "trinity_paged_decode_attention": ([p, p, p, i] + [p] * 6 + [i] * 5 + [f, i], i),
+        "trinity_linear": ([p, p, i, p] + [i] * 4, None),
+        "trinity_rms_norm": ([p, i, p, p, i, i, f, i], None),
+        "trinity_norm_add_rms_norm": ([p, p, i, p, p, p, p, i, i, f, i], None),
+        "trinity_qk_norm_rope": ([p, p, i] + [p] * 6 + [i] * 4 + [f, i], None),
+    }
+    for name, (args, result) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
     return lib

@@ -63,26 +63,35 @@ def sigmoid_gate_reference(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- native CPU
-def native_wanted(*tensors: torch.Tensor) -> bool:
-    """The C kernels (`norm_cpu.c`): fp32 CPU tensors, no autograd, `native.library()` built."""
+# Longest row the C kernels take (`MAX_ROW` in norm_cpu.c).
+NATIVE_MAX_ROW = 8192
+
+
+def native_wanted(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """The C kernels (`norm_cpu.c`): CPU activations in fp32 or bf16 (x and the other activations alike), rows
+    up to NATIVE_MAX_ROW, no autograd, `native.library()` built."""
     from .native import library
 
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and tensors[0].numel() > 0
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.numel() > 0
+            and x.shape[-1] <= NATIVE_MAX_ROW and all(t.device.type == "cpu" for t in others)
             and not torch.is_grad_enabled() and not reference_forced() and library() is not None)
 
 
-def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    x = x.contiguous()
-    return x, x.numel() // x.shape[-1], x.shape[-1]
+def _bf16(x: torch.Tensor) -> int:
+    return int(x.dtype == torch.bfloat16)
+
+
+def _f32(w: torch.Tensor) -> torch.Tensor:
+    return w.float().contiguous()  # norm weights are kept in fp32 (a no-op then)
 
 
 def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     from .native import library
 
-    x, rows, n = _rows(x)
-    out = torch.empty_like(x)
-    library().trinity_rms_norm_f32(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rows, n, eps,
-                                   torch.get_num_threads())
+    x = x.contiguous()
+    out, w = torch.empty_like(x), _f32(weight)
+    library().trinity_rms_norm(x.data_ptr(), _bf16(x), w.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                               x.shape[-1], eps, torch.get_num_threads())
     return out
 
 
@@ -90,12 +99,12 @@ def norm_add_rms_norm_native(x: torch.Tensor, residual: torch.Tensor, post_weigh
                              next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     from .native import library
 
-    x, rows, n = _rows(x)
-    residual = residual.contiguous()
+    x, residual = x.contiguous(), residual.to(x.dtype).contiguous()
     normed, new_residual = torch.empty_like(x), torch.empty_like(x)
-    library().trinity_norm_add_rms_norm_f32(x.data_ptr(), residual.data_ptr(), post_weight.contiguous().data_ptr(),
-                                            next_weight.contiguous().data_ptr(), normed.data_ptr(),
-                                            new_residual.data_ptr(), rows, n, eps, torch.get_num_threads())
+    post, nxt = _f32(post_weight), _f32(next_weight)
+    library().trinity_norm_add_rms_norm(x.data_ptr(), residual.data_ptr(), _bf16(x), post.data_ptr(),
+                                        nxt.data_ptr(), normed.data_ptr(), new_residual.data_ptr(),
+                                        x.numel() // x.shape[-1], x.shape[-1], eps, torch.get_num_threads())
     return normed, new_residual
 
 
@@ -104,15 +113,16 @@ def qk_norm_rope_native(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
                         apply_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from .native import library
 
-    q, k = q.contiguous(), k.contiguous()
+    q, k = q.contiguous(), k.to(q.dtype).contiguous()
     t, hq, d = q.shape
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    qw, kw = _f32(q_weight), _f32(k_weight)
     if apply_rope:
-        cos, sin = cos.contiguous(), sin.contiguous()
-    library().trinity_qk_norm_rope_f32(q.data_ptr(), k.data_ptr(), q_weight.contiguous().data_ptr(),
-                                       k_weight.contiguous().data_ptr(), cos.data_ptr() if apply_rope else None,
-                                       sin.data_ptr() if apply_rope else None, q_out.data_ptr(), k_out.data_ptr(),
-                                       t, hq, k.shape[1], d, eps, torch.get_num_threads())
+        cos, sin = cos.to(q.dtype).contiguous(), sin.to(q.dtype).contiguous()
+    library().trinity_qk_norm_rope(q.data_ptr(), k.data_ptr(), _bf16(q), qw.data_ptr(), kw.data_ptr(),
+                                   cos.data_ptr() if apply_rope else None, sin.data_ptr() if apply_rope else None,
+                                   q_out.data_ptr(), k_out.data_ptr(), t, hq, k.shape[1], d, eps,
+                                   torch.get_num_threads())
     return q_out, k_out
 
 
@@ -121,7 +131,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x, weight):
         from . import norm_triton
         return norm_triton.rms_norm(x, weight, eps)
-    if native_wanted(x, weight):
+    if native_wanted(x):
         return rms_norm_native(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
@@ -142,7 +152,7 @@ def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torc
     if use_triton(x, residual, post_weight, next_weight):
         from . import norm_triton
         return norm_triton.norm_add_rms_norm(x, residual, post_weight, next_weight, eps)
-    if native_wanted(x, residual, post_weight, next_weight):
+    if native_wanted(x, residual):
         return norm_add_rms_norm_native(x, residual, post_weight, next_weight, eps)
     return norm_add_rms_norm_reference(x, residual, post_weight, next_weight, eps)
 
@@ -153,7 +163,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     if use_triton(q, k, q_weight, k_weight):
         from . import norm_triton
         return norm_triton.qk_norm_rope(q, k, q_weight, k_weight, eps, cos, sin, apply_rope)
-    if native_wanted(q, k, q_weight, k_weight) and q.shape[-1] % 2 == 0 and q.shape[-1] <= 1024:
+    if native_wanted(q, k) and q.shape[-1] % 2 == 0:
         return qk_norm_rope_native(q, k, q_weight, k_weight, eps, cos, sin, apply_rope)
     return qk_norm_rope_reference(q, k, q_weight, k_weight, eps, cos, sin, apply_rope)
 

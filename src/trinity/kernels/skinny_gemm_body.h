@@ -23,11 +23,11 @@ static inline __attribute__((always_inline)) void SKINNY(dot_row)(const WEIGHT *
 }
 
 /* Rows [row0, row1) of w (row stride ldw) against n token rows x[0..n): out[i * ldo + (r - row0)]. Passes of
- * TOKS tokens outside, rows inside: the pass's token rows stay in L1, and a work item's ROW_BLOCK weight rows
- * (16 rows of 2 KB at Trinity-like sizes in the MoE kernel) stay in L1/L2 from one pass to the next. (Rows outside read the tokens
- * from L2 once per row instead, and a 2048-token prefill ran 1.45x slower.) */
-static void SKINNY(rows_times_tokens)(const WEIGHT *w, long ldw, int row0, int row1, const float *const *x, int n, int K,
-                                          float *out, long ldo) {
+ * TOKS tokens outside, rows inside: the pass's token rows stay in L1, and a work item's weight rows (16 rows of
+ * 2 KB at Trinity-like sizes in the MoE kernel) stay in L1/L2 from one pass to the next. (Rows outside read the
+ * tokens from L2 once per row instead, and a 2048-token prefill ran 1.45x slower.) */
+static void SKINNY(rows_times_tokens)(const WEIGHT *w, long ldw, int row0, int row1, const float *const *x, int n,
+                                      int K, float *out, long ldo) {
     float buf[TOKS];
     for (int t0 = 0; t0 < n; t0 += TOKS) {
         int N = n - t0 < TOKS ? n - t0 : TOKS;
