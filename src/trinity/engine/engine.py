@@ -58,7 +58,7 @@ class _Request:
 class LLMEngine:
     def __init__(self, model: TrinityForCausalLM, tokenizer=None, config: EngineConfig | None = None):
         self.model = model.eval().fuse_projections()
-        if model.device.type == "cpu" and model.dtype == torch.float32:
+        if model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16):
             native.library()  # build (or load) the CPU kernels now, not inside the first request (~3 s to build)
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()

@@ -106,8 +106,8 @@ class PagedAttention:
 
 def _decode_rows(kc, vc, step: PoolStep, q, k, v, scale):
     """The decode rows' attention, their new K/V written first: a decode's own slot is never one its context
-    needs, so it is read back with the context. On the CPU in fp32 the C kernel does both and reads the contexts
-    in place; otherwise one gather of each context, then SDPA."""
+    needs, so it is read back with the context. On the CPU (fp32 or bf16) the C kernel does both and reads the
+    contexts in place; otherwise one gather of each context, then SDPA."""
     rows = step.dec_rows
     if kernels_attention.native_decode_wanted(q, kc):
         return kernels_attention.decode_attention_native(q[rows], kc, vc, step.dec_ctx_slots, step.dec_ctx_valid,

@@ -1,7 +1,8 @@
-"""Bias-free projections y = x @ W.T, with faster CPU paths for fp32 inference.
+"""Bias-free projections y = x @ W.T, with faster CPU paths for inference.
 
 `F.linear` on the CPU goes to MKL, which on the project's 2-core EPYC (Zen 4) handles decode shapes poorly.
-Faster ways, measured in fp32 with 2 threads and cold weights (as in a forward pass):
+Faster ways, measured in fp32 with 2 threads and cold weights (as in a forward pass); the native one also takes
+bf16 weights (widened exactly, fp32 sums):
 
 - `linear_native`, up to 8 rows (batch-1 and small decode batches): the C kernel in `linear_cpu.c`, which
   streams each weight row once against all the rows. The [32000, 512] head of the benchmark model took 2.0 ms

@@ -187,9 +187,10 @@ def experts_with_shared(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tenso
         from .moe_triton import fused_moe
         return fused_moe(x, weights, ids, gate_up, down, shared=1)
     if native_wanted(x, gate_up):
-        shared = torch.full_like(ids[:, :1], gate_up.shape[0] - 1)
-        return experts_native(x, torch.cat([weights.float(), torch.ones_like(weights[:, :1], dtype=torch.float32)], 1),
-                              torch.cat([ids, shared], 1), gate_up, down)
+        shared_id = torch.full_like(ids[:, :1], gate_up.shape[0] - 1)
+        shared_weight = torch.ones(ids.shape[0], 1, dtype=torch.float32, device=x.device)
+        return experts_native(x, torch.cat([weights.float(), shared_weight], 1), torch.cat([ids, shared_id], 1),
+                              gate_up, down)
     return None
 
 
