@@ -359,3 +359,60 @@ def test_linear_native_bf16_weights_within_bf16_tolerance():
     got = klinear.linear_native(x, w)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("tokens,route_norm", [(1, True), (32, True), (70, False)])  # 70: routing in parallel
+def test_moe_layer_native_equals_reference_routing_and_experts(tokens, route_norm, shared):
+    g = torch.Generator().manual_seed(tokens)
+    experts, top_k, hidden, inter = 12, 3, 40, 24
+    x = torch.randn(tokens, hidden, generator=g)
+    router = torch.randn(experts, hidden, generator=g) / hidden ** 0.5
+    bias = torch.randn(experts, generator=g) * 0.1  # shifts which experts are chosen, not their weights
+    stacked = experts + int(shared)
+    gate_up = torch.randn(stacked, 2 * inter, hidden, generator=g) / hidden ** 0.5
+    down = torch.randn(stacked, hidden, inter, generator=g) / inter ** 0.5
+    weights, ids = kmoe.route_reference(x, router, bias, top_k, route_norm, 2.5)
+    expected = kmoe.experts_reference(x, weights, ids, gate_up[:experts], down[:experts])
+    if shared:
+        gg, u = F.linear(x, gate_up[experts]).chunk(2, dim=-1)
+        expected = expected + F.linear(F.silu(gg) * u, down[experts])
+    counts = torch.full((experts,), 5, dtype=torch.long)
+    with torch.no_grad():
+        got = kmoe.moe_layer_native(x, router, bias, top_k, route_norm, 2.5, gate_up, down, shared, counts)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(counts, 5 + torch.bincount(ids.reshape(-1), minlength=experts))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_block_cpu_inference_takes_the_native_layer_and_matches_the_reference(dtype, monkeypatch):
+    """The model's MoE block, fused (shared expert stacked) and not, against the same block with the references
+    forced; the native path really runs (the torch routing is never called)."""
+    from trinity.config import preset
+    from trinity.model import moe as model_moe
+    from trinity.model.moe import MoEBlock
+
+    cfg = preset("tiny", hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    block = MoEBlock(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / 8)
+    block = block.to(dtype)
+    x = torch.randn(6, 64, generator=g).to(dtype)
+    for fuse in (False, True):
+        if fuse:
+            block.fuse_projections()
+        with torch.no_grad():
+            use_reference(True)
+            try:
+                expected = block(x)
+            finally:
+                use_reference(None)
+            monkeypatch.setattr(model_moe, "kernel_route", None)  # would raise if the torch routing ran
+            got = block(x)
+            monkeypatch.undo()
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(got, expected, **tol)

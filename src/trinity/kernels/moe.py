@@ -117,6 +117,46 @@ def native_wanted(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
 
 # Weight dtypes the C kernels read (activations are computed in fp32 either way).
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+# Routed experts the C routing handles (its per-token score buffers).
+NATIVE_MAX_EXPERTS = 1024
+
+
+def moe_layer_native(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+                     route_norm: bool, route_scale: float, gate_up: torch.Tensor, down: torch.Tensor, shared: bool,
+                     counts: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole MoE layer in one C call (`trinity_moe_layer` in moe_cpu.c): `route_reference`'s routing, the
+    grouping by expert, `experts_native`, and, with `shared`, the stacked shared expert (the last of gate_up /
+    down) as every token's extra choice. `counts` ([routed experts] int64) gets the routed tokens added. On a
+    decode step this replaces ~25 small torch ops per layer (routing, sorting, index maps)."""
+    from .native import library
+
+    t, hidden = x.shape
+    e_total, inter = gate_up.shape[0], down.shape[2]
+    kk = top_k + int(shared)
+    xf = x.float().contiguous()
+    router_weight, bias = router_weight.float().contiguous(), expert_bias.float().contiguous()
+    gate_up, down = gate_up.contiguous(), down.contiguous()
+    long = dict(dtype=torch.long)
+    ids, choice_w = torch.empty(t, kk, **long), torch.empty(t, kk)
+    token_of, position = torch.empty(t * kk, **long), torch.empty(t * kk, **long)
+    offsets = torch.empty(e_total + 1, **long)
+    act, ys, out = torch.empty(t * kk, inter), torch.empty(t * kk, hidden), torch.empty(t, hidden)
+    if counts is not None and not (counts.is_contiguous() and counts.dtype == torch.long):
+        raise ValueError("expert counts must be a contiguous int64 tensor")
+    if not 0 < top_k <= e_total - int(shared) <= NATIVE_MAX_EXPERTS:
+        raise ValueError(f"top_k {top_k} of {e_total - int(shared)} routed experts: not a valid native routing")
+    library().trinity_moe_layer(
+        xf.data_ptr(), router_weight.data_ptr(), bias.data_ptr(), top_k, int(route_norm), route_scale, int(shared),
+        counts.data_ptr() if counts is not None else None, gate_up.data_ptr(), down.data_ptr(),
+        int(gate_up.dtype == torch.bfloat16), ids.data_ptr(), choice_w.data_ptr(), token_of.data_ptr(),
+        offsets.data_ptr(), position.data_ptr(), act.data_ptr(), ys.data_ptr(), out.data_ptr(), t, hidden, inter,
+        e_total - int(shared), torch.get_num_threads())
+    return out.to(x.dtype)
+
+
+def moe_layer_native_wanted(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    return (native_wanted(x, gate_up) and not torch.is_grad_enabled() and not reference_forced()
+            and gate_up.shape[0] <= NATIVE_MAX_EXPERTS + 1)
 
 
 # CPU fp32 batches up to this many tokens take `experts_weight_first` (measured faster than F.grouped_mm at 8-128

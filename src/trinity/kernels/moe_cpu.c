@@ -81,3 +81,69 @@ void trinity_moe_experts(const float *x, const int64_t *token_of, const int64_t 
         }
     }
 }
+
+/* The whole MoE layer after its pre-norm in one call: routing, grouping, experts, combine.
+ *
+ * Routing is `kernels.moe.route_reference`: fp32 logits x . router_w[e], scores = sigmoid, the top_k experts by
+ * score + bias (ties to the lower index; the reference's torch.topk order is unspecified there), their unbiased
+ * scores normalised to sum 1 when route_norm (plus 1e-20), times route_scale. With `shared`, each token also goes
+ * to the stacked shared expert (index E_routed) with weight 1, as its last choice. counts (int64 [E_routed] or
+ * NULL) gets each routed expert's token count added (the engine's expert-load telemetry).
+ *
+ * Scratch from the caller: ids [T, kk] and choice_w [T, kk] with kk = top_k + shared; token_of [T * kk];
+ * offsets [E_total + 1]; position [T * kk]; act [T * kk, I]; ys [T * kk, H]. */
+void trinity_moe_layer(const float *x, const float *router_w, const float *bias, int top_k, int route_norm,
+                       float route_scale, int shared, int64_t *counts, const void *gate_up, const void *down,
+                       int weight_bf16, int64_t *ids, float *choice_w, int64_t *token_of, int64_t *offsets,
+                       int64_t *position, float *act, float *ys, float *out, int T, int H, int I, int E_routed,
+                       int num_threads) {
+    int kk = top_k + (shared ? 1 : 0), E_total = E_routed + (shared ? 1 : 0);
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (T >= 64)
+    for (long t = 0; t < T; t++) {
+        float score[1024], biased[1024];
+        unsigned char taken[1024];
+        const float *xt = x + t * H;
+        for (int e = 0; e < E_routed; e++) {
+            float logit = dot_row_single(router_w + (long)e * H, xt, H);
+            score[e] = 1.0f / (1.0f + expf(-logit));
+            biased[e] = score[e] + bias[e];
+            taken[e] = 0;
+        }
+        float sum = 0.0f;
+        for (int c = 0; c < top_k; c++) { /* selection of the top_k, largest first */
+            int best = -1;
+            for (int e = 0; e < E_routed; e++) /* top_k <= E_routed (checked by the caller): one is left */
+                if (!taken[e] && (best < 0 || biased[e] > biased[best])) best = e;
+            taken[best] = 1;
+            ids[t * kk + c] = best;
+            choice_w[t * kk + c] = score[best];
+            sum += score[best];
+        }
+        for (int c = 0; c < top_k; c++) {
+            float w = choice_w[t * kk + c];
+            if (route_norm) w = w / (sum + 1e-20f);
+            choice_w[t * kk + c] = w * route_scale;
+        }
+        if (shared) {
+            ids[t * kk + top_k] = E_routed;
+            choice_w[t * kk + top_k] = 1.0f;
+        }
+    }
+    /* group by expert: a counting sort, stable in (token, choice) order like the reference's argsort */
+    for (int e = 0; e <= E_total; e++) offsets[e] = 0;
+    for (long a = 0; a < (long)T * kk; a++) offsets[ids[a] + 1]++;
+    if (counts)
+        for (int e = 0; e < E_routed; e++) counts[e] += offsets[e + 1];
+    for (int e = 0; e < E_total; e++) offsets[e + 1] += offsets[e];
+    {
+        int64_t fill[E_total > 0 ? E_total : 1];
+        for (int e = 0; e < E_total; e++) fill[e] = offsets[e];
+        for (long a = 0; a < (long)T * kk; a++) {
+            int64_t at = fill[ids[a]]++;
+            token_of[at] = a / kk;
+            position[a] = at;
+        }
+    }
+    trinity_moe_experts(x, token_of, offsets, gate_up, down, weight_bf16, choice_w, position, act, ys, out, T, H, I,
+                        E_total, kk, num_threads);
+}

@@ -103,6 +103,7 @@ def _load() -> ctypes.CDLL | None:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     signatures = {  # name: (argument types, result type); the C comments give the meanings
         "trinity_moe_experts": ([p] * 5 + [i] + [p] * 5 + [i] * 6, None),
+        "trinity_moe_layer": ([p, p, p, i, i, f, i, p, p, p, i] + [p] * 8 + [i] * 5, None),
         "trinity_paged_decode_attention": ([p, p, p, i] + [p] * 6 + [i] * 5 + [f, i], i),
         "trinity_linear": ([p, p, i, p] + [i] * 4, None),
         "trinity_rms_norm": ([p, i, p, p, i, i, f, i], None),

@@ -78,6 +78,16 @@ static inline float bf16_to_f32(uint16_t h) {
 #undef LOAD16
 #undef TO_FLOAT
 
+/* One fp32 dot product of length K (16 partial sums, a tree at the end). */
+static inline float dot_row_single(const float *w, const float *x, int K) {
+    v16 acc = {0};
+    int k = 0;
+    for (; k + 16 <= K; k += 16) acc += *(const v16u *)(w + k) * *(const v16u *)(x + k);
+    float s = hsum(acc);
+    for (; k < K; k++) s += w[k] * x[k];
+    return s;
+}
+
 /* Either: w points at fp32 weights or (weight_bf16) bf16 ones; ldw counts elements. */
 static inline void rows_times_tokens(const void *w, int weight_bf16, long ldw, int row0, int row1,
                                      const float *const *x, int n, int K, float *out, long ldo) {

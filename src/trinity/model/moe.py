@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrinityConfig
-from ..kernels.moe import experts_with_shared, routed_experts
+from ..kernels.moe import experts_with_shared, moe_layer_native, moe_layer_native_wanted, routed_experts
 from ..kernels.moe import route as kernel_route
 from .layers import FusedLinears, Linear, SwiGLU
 
@@ -124,11 +124,24 @@ class MoEBlock(nn.Module):
             cached = self._router_fp32 = (w, w._version, w.detach().float())
         return cached[2]
 
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU inference: the layer in one C call (`kernels.moe.moe_layer_native`), the shared expert inside it
+        when it is stacked, else added after."""
+        stacked = self.stacked if self.stacked is not None and self.stacked_valid() else None
+        gate_up, down = stacked or (self.experts.gate_up_proj, self.experts.down_proj)
+        out = moe_layer_native(x, self.router_weight_fp32(), self.expert_bias, self.top_k, self.route_norm,
+                               self.route_scale, gate_up, down, shared=stacked is not None, counts=self.expert_counts)
+        if stacked is None and self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
     def track_expert_load(self, enabled: bool = True) -> None:
         self.expert_counts = torch.zeros(self.router.gate.weight.shape[0], dtype=torch.long,
                                          device=self.router.gate.weight.device) if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.record_router and self.count_mask is None and moe_layer_native_wanted(x, self.experts.gate_up_proj):
+            return self._forward_native(x)
         if self.record_router:  # training: the losses need the logits
             logits = router_logits(x, self.router.gate.weight)
             weights, ids = select_experts(logits, self.expert_bias, self.top_k, self.route_norm, self.route_scale)
