@@ -1,7 +1,9 @@
 """Fast kernels, each beside its pure-torch reference, chosen at run time.
 
 `TRINITY_KERNELS=reference` (or `use_reference(True)`) forces the references everywhere, for tests
-and for debugging a fast path.
+and for debugging a fast path. On CUDA the fast paths are Triton kernels; on the CPU, fp32 and bf16 inference
+takes small C kernels (`native.py`, built on first use; `TRINITY_CPU_NATIVE=0` turns them off) and oneDNN
+packed-weight linears.
 """
 
 from __future__ import annotations

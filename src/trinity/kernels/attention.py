@@ -151,8 +151,7 @@ def native_decode_wanted(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     from .native import library
 
     return (q.device.type == "cpu" and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
-            and not reference_forced()
-            and not torch.is_grad_enabled() and library() is not None)
+            and not reference_forced() and not torch.is_grad_enabled() and library() is not None)
 
 
 def decode_attention_native(q, k_cache, v_cache, ctx_slots, ctx_valid, scale, new_k=None, new_v=None,
@@ -173,9 +172,9 @@ def decode_attention_native(q, k_cache, v_cache, ctx_slots, ctx_valid, scale, ne
     out = torch.empty_like(qf)
     status = library().trinity_paged_decode_attention(
         qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
-        new_k.data_ptr() if writes else None,
-        new_v.data_ptr() if writes else None, new_slots.data_ptr() if writes else None, ctx_slots.data_ptr(),
-        ctx_valid.data_ptr(), out.data_ptr(), b, hq, hkv, d, ctx_slots.shape[1], scale, torch.get_num_threads())
+        new_k.data_ptr() if writes else None, new_v.data_ptr() if writes else None,
+        new_slots.data_ptr() if writes else None, ctx_slots.data_ptr(), ctx_valid.data_ptr(), out.data_ptr(),
+        b, hq, hkv, d, ctx_slots.shape[1], scale, torch.get_num_threads())
     if status != 0:
         raise ValueError(f"native decode attention does not support {hq} query heads over {hkv} KV heads of "
                          f"dimension {d}")

@@ -155,8 +155,11 @@ def moe_layer_native(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: 
 
 
 def moe_layer_native_wanted(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """CPU inference where the C kernels are built, unless the Triton kernels are forced (interpreter tests)."""
+    from . import use_triton
+
     return (native_wanted(x, gate_up) and not torch.is_grad_enabled() and not reference_forced()
-            and gate_up.shape[0] <= NATIVE_MAX_EXPERTS + 1)
+            and not use_triton(x) and gate_up.shape[0] <= NATIVE_MAX_EXPERTS + 1)
 
 
 # CPU fp32 batches up to this many tokens take `experts_weight_first` (measured faster than F.grouped_mm at 8-128
