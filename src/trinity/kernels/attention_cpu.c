@@ -12,7 +12,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "skinny_gemm.h" /* v16, hsum, bf16_to_f32 */
+#include "skinny_gemm.h" /* dot_row_single, bf16_to_f32 */
 
 #define MAX_GROUP 16  /* query heads per KV head */
 #define MAX_DIM 512   /* head_dim */
@@ -23,15 +23,6 @@ static inline const float *cache_row(const void *cache, int bf16, long offset, i
     const uint16_t *h = (const uint16_t *)cache + offset;
     for (int d = 0; d < D; d++) buf[d] = bf16_to_f32(h[d]);
     return buf;
-}
-
-static inline float dot(const float *a, const float *b, int D) {
-    v16 acc = {0};
-    int d = 0;
-    for (; d + 16 <= D; d += 16) acc += *(const v16u *)(a + d) * *(const v16u *)(b + d);
-    float s = hsum(acc);
-    for (; d < D; d++) s += a[d] * b[d];
-    return s;
 }
 
 /* q: [B, Hq, D] fp32; k_cache, v_cache: [slots, Hkv, D], fp32 or (kv_bf16) bf16; new_k, new_v: [B, Hkv, D] in
@@ -67,7 +58,7 @@ int trinity_paged_decode_attention(const float *q, void *k_cache, void *v_cache,
             const float *kr = cache_row(k_cache, kv_bf16, slot * row + (long)h * D, D, kbuf);
             const float *vr = cache_row(v_cache, kv_bf16, slot * row + (long)h * D, D, vbuf);
             for (int g = 0; g < group; g++) {
-                float s = dot(qh + (long)g * D, kr, D) * scale;
+                float s = dot_row_single(qh + (long)g * D, kr, D) * scale;
                 float p;
                 if (s > m[g]) { /* a new maximum: rescale what was summed so far */
                     float c = expf(m[g] - s);
