@@ -297,20 +297,6 @@ def test_cpu_inference_dispatch_takes_native_norms_and_chained_norms_stay_bit_id
 
 
 @needs_native
-def test_experts_with_shared_runs_the_stacked_shared_expert_in_the_native_call():
-    """gate_up/down stacked as E routed experts + 1 shared one (MoEBlock.fuse_projections): the result is the
-    routed experts' weighted sum plus the shared SwiGLU on every token."""
-    x, w, ids, gate_up, down = _problem(9, 7, 2, seed=5)
-    ids = ids.clamp(max=5)  # route among the first 6; the 7th is the shared expert
-    ids[:, 1] = torch.where(ids[:, 0] == ids[:, 1], (ids[:, 0] + 1) % 6, ids[:, 1])
-    g, u = F.linear(x, gate_up[6]).chunk(2, dim=-1)
-    expected = kmoe.experts_reference(x, w, ids, gate_up[:6], down[:6]) + F.linear(F.silu(g) * u, down[6])
-    with torch.no_grad():
-        got = kmoe.experts_with_shared(x, w, ids, gate_up, down)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-
-
-@needs_native
 @pytest.mark.parametrize("rows,k,n", [(1, 24, 10), (3, 40, 130), (8, 512, 600), (9, 64, 64), (70, 48, 100)])
 def test_linear_native_equals_f_linear(rows, k, n):
     """Row tails, weight-row blocks that end early, and more rows than one pass (9) or one call chunk (70)."""

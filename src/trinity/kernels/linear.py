@@ -94,25 +94,24 @@ def linear_native(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
+def _cpu_inference(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in dtypes and x.numel() > 0
+            and not torch.is_grad_enabled() and not reference_forced())
+
+
 def native_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
     from .native import library
 
-    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and 0 < x.numel() // x.shape[-1] <= NATIVE_MAX_ROWS and not torch.is_grad_enabled()
-            and not reference_forced() and library() is not None)
-
-
-def _cpu_fp32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.numel() > 0 and not torch.is_grad_enabled() and not reference_forced())
+    return (_cpu_inference(x, weight, (torch.float32, torch.bfloat16))
+            and x.numel() // x.shape[-1] <= NATIVE_MAX_ROWS and library() is not None)
 
 
 def onednn_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return _cpu_fp32_inference(x, weight) and onednn_available()
+    return _cpu_inference(x, weight, (torch.float32,)) and onednn_available()
 
 
 def weight_first_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return _cpu_fp32_inference(x, weight) and x.numel() // x.shape[-1] <= CPU_SMALL_ROWS
+    return _cpu_inference(x, weight, (torch.float32,)) and x.numel() // x.shape[-1] <= CPU_SMALL_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

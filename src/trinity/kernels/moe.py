@@ -221,20 +221,13 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
 def experts_with_shared(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                         down: torch.Tensor) -> torch.Tensor | None:
     """Routed experts plus one shared expert stacked after them (gate_up [E + 1, 2I, H], down [E + 1, H, I]),
-    every token also sent to the last one with weight 1, in one fused pass: the Triton kernel on CUDA, the C
-    kernel on the CPU (the shared expert as each token's extra choice). None where neither runs (the caller then
-    computes the shared expert on its own)."""
-    if reference_forced() or torch.is_grad_enabled():
+    every token also sent to the last one with weight 1, in one fused pass; None where the fused Triton MoE
+    does not run (the caller then computes the shared expert on its own). On the CPU the C kernels take the
+    stacked shared expert inside the whole-layer call, `moe_layer_native`."""
+    if reference_forced() or torch.is_grad_enabled() or not fused_moe_wanted(x):
         return None
-    if fused_moe_wanted(x):
-        from .moe_triton import fused_moe
-        return fused_moe(x, weights, ids, gate_up, down, shared=1)
-    if native_wanted(x, gate_up):
-        shared_id = torch.full_like(ids[:, :1], gate_up.shape[0] - 1)
-        shared_weight = torch.ones(ids.shape[0], 1, dtype=torch.float32, device=x.device)
-        return experts_native(x, torch.cat([weights.float(), shared_weight], 1), torch.cat([ids, shared_id], 1),
-                              gate_up, down)
-    return None
+    from .moe_triton import fused_moe
+    return fused_moe(x, weights, ids, gate_up, down, shared=1)
 
 
 def route_reference(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
