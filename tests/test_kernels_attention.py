@@ -201,6 +201,27 @@ def test_decode_noncontiguous_inputs(tk):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_with_output_gate_matches_attention_then_gate(tk, dtype):
+    """The gate in the epilogue (split or not) rounds as the separate `sigmoid_gate` after attention does."""
+    from trinity.kernels.norm import sigmoid_gate_reference
+    q, kc, vc, slots, ctx_lens = decode_case([1, 23, 40], 8, 2, 16, dtype, seed=5)
+    fused = torch.randn(3, 2 * 8 * 16, device=DEVICE).to(dtype)
+    gate = fused[:, 8 * 16:].view(3, 8, 16)  # a view into a fused projection's output, as the layer passes it
+    for splits in (1, 3):
+        plain = tk.decode_attention(q, kc, vc, slots, ctx_lens, 0.25, num_splits=splits, block_n=16)
+        out = tk.decode_attention(q, kc, vc, slots, ctx_lens, 0.25, gate=gate, num_splits=splits, block_n=16)
+        want = sigmoid_gate_reference(plain, gate)
+        if dtype == torch.float32:
+            assert rel_err(out, want) < 1e-6, splits
+        else:  # the same roundings in the same order: equal up to the interpreter's bf16 emulation
+            assert rel_err(out, want) < 1e-2, splits
+        ref = sigmoid_gate_reference(A.decode_attention_reference(*f32(q, kc, vc), slots, ctx_lens, 0.25),
+                                     gate.float())
+        assert rel_err(out, ref) < TOL[dtype], splits
+
+
+@needs_triton
 def test_decode_dispatcher_with_engine_mask(monkeypatch):
     monkeypatch.setenv("TRINITY_KERNELS", "triton")
     q, kc, vc, slots, lens = decode_case([12, 1, 5], 4, 2, 16, torch.float32)
@@ -355,8 +376,8 @@ def check_engine_step(window):
     attn, step, kc, vc, q, k, v = engine_step(window)
     want = attn.attend(0, q, k, v, window, 0.25)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    step_d = type(step)(**{f: getattr(step, f) if f in ("prefills", "packed", "decode_only") else dev(getattr(step, f))
-                           for f in step.__slots__})
+    step_d = type(step)(**{f: getattr(step, f) if f in ("prefills", "packed", "decode_only", "dec_lens")
+                           else dev(getattr(step, f)) for f in step.__slots__})
     step_d.prefills = [type(p)(**{f: getattr(p, f) if f in ("start", "num") else dev(getattr(p, f))
                                   for f in p.__slots__}) for p in step.prefills]
     kc_d, vc_d = dev(kc.clone()), dev(vc.clone())
@@ -405,6 +426,32 @@ def test_decode_only_step_equals_reference():
     assert torch.equal(kc_d.cpu(), attn.kv.k["full"][0]) and torch.equal(vc_d.cpu(), attn.kv.v["full"][0])
 
 
+@pytest.mark.parametrize("fast", [False, pytest.param(True, marks=needs_triton)])
+def test_attend_gated_equals_attend_then_gate(monkeypatch, fast):
+    """The engine metadata's gated attention (the gate in the decode kernel on the fast path) against its plain
+    attention followed by the model's sigmoid gate."""
+    from trinity.kernels.norm import sigmoid_gate_reference
+    if fast:
+        monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    step, kc, vc, q, k, v = decode_only_step()
+    step.decode_only = True
+    gate = torch.randn_like(q)
+    dev = lambda t: t.to(DEVICE) if fast else t  # noqa: E731
+
+    def metadata():
+        s = PoolStep(dec_rows=dev(step.dec_rows), dec_slots=dev(step.dec_slots),
+                     dec_ctx_slots=dev(step.dec_ctx_slots), dec_ctx_valid=dev(step.dec_ctx_valid),
+                     prefill_rows=dev(step.prefill_rows), prefill_slots=dev(step.prefill_slots), prefills=[],
+                     decode_only=True)
+        return PagedAttention(PagedKV(k={"full": dev(kc[None].clone())}, v={"full": dev(vc[None].clone())},
+                                      layer_pool=[("full", 0)]), {"full": s})
+    plain, gated = metadata(), metadata()
+    want = sigmoid_gate_reference(plain.attend(0, dev(q), dev(k), dev(v), None, 0.25), dev(gate))
+    got = gated.attend_gated(0, dev(q), dev(k), dev(v), None, 0.25, dev(gate))
+    assert rel_err(got.cpu(), want.cpu()) < 1e-5
+    assert torch.equal(gated.kv.k["full"], plain.kv.k["full"]) and torch.equal(gated.kv.v["full"], plain.kv.v["full"])
+
+
 @needs_triton
 @pytest.mark.parametrize("window", [None, 4])
 def test_engine_step_triton_dispatch(monkeypatch, window):
@@ -434,14 +481,18 @@ def test_kernels_compile_for_sm90(tk, dtype):
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in kernel.arg_names}
         triton.compile(ASTSource(kernel, sig, constexprs=consts), target=target, options={"num_warps": num_warps})
 
-    act = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")}
+    act = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr",
+                                    "gate_ptr")}
     for split in (False, True):
-        build(tk._decode_kernel, {**act, "part_ptr": "*fp32", "lse_ptr": "*fp32", "slots_ptr": "*i64",
-                                  "lens_ptr": "*i32", "qk_scale": "fp32"},
-              dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
-                   SPLIT=split, DOT_PRECISION=prec, UPCAST=False), 8)
-    build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}"},
-          dict(HEAD_DIM=128, BLOCK_S=16, BLOCK_D=128), 4)
+        for gate in (False, True):
+            build(tk._decode_kernel, {**act, "part_ptr": "*fp32", "lse_ptr": "*fp32", "slots_ptr": "*i64",
+                                      "lens_ptr": "*i32", "qk_scale": "fp32"},
+                  dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
+                       SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False), 8)
+    for gate in (False, True):
+        build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                                        "gate_ptr": f"*{dtype}"},
+              dict(HEAD_DIM=128, BLOCK_S=16, BLOCK_D=128, HAS_GATE=gate, FIX_BF16=False), 4)
     for window in (False, True):
         build(tk._prefill_kernel, {**act, "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "q_pos_ptr": "*i64",
                                    "k_pos_ptr": "*i64", "qk_scale": "fp32"},

@@ -207,12 +207,11 @@ def test_moe_block_with_fused_kernel_matches_reference(monkeypatch, stacked):
             block.fuse_projections()
             assert block.stacked_valid()
         calls = []
-        real = moe_triton.fused_moe
-        monkeypatch.setattr(moe_triton, "fused_moe", lambda *a, **kw: calls.append(kw.get("shared", 0)) or
-                            real(*a, **kw))
+        real = moe_triton.fused_moe_layer
+        monkeypatch.setattr(moe_triton, "fused_moe_layer", lambda *a: calls.append(a[8]) or real(*a))
         monkeypatch.setenv("TRINITY_KERNELS", "triton")
         got = block(x)
-    assert calls == [1 if stacked else 0]
+    assert calls == [1 if stacked else 0]  # the whole layer in the fused kernels, the shared expert stacked or not
     _assert_close(got, want, torch.float32)
 
 
@@ -231,6 +230,58 @@ def test_fused_route_matches_route(dtype, t, e, h, k, norm):
     got_w, got_ids = fused_route(logits, bias, k, norm, 2.826)
     assert got_ids.dtype == torch.int64 and torch.equal(got_ids, want_ids)
     assert got_w.dtype == torch.float32 and torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def _router_problem(t, e, h, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(device=DEVICE, dtype=dtype)
+    gate = (torch.randn(e, h, generator=g) / h ** 0.5).to(DEVICE)
+    bias = (torch.randn(e, generator=g) * 0.1).to(DEVICE)
+    return x, gate, bias
+
+
+@needs_triton
+@pytest.mark.parametrize("t", [1, 7, 40])  # 40 tokens: several token tiles (16 per program at 128 experts)
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_route_with_shared_choice_and_counts(t, masked):
+    from trinity.kernels.moe_triton import fused_route
+    e, k = 128, 8
+    x, gate, bias = _router_problem(t, e, 64, seed=t)
+    want_w, want_ids = route(x, gate, bias, k, True, 2.826)
+    mask = (torch.arange(t, device=DEVICE) % 3 != 1).long() if masked else None  # some rows weigh 0
+    counts = torch.full((e,), 5, dtype=torch.long, device=DEVICE)  # counts accumulate onto what is there
+    w, ids = fused_route(torch.nn.functional.linear(x, gate), bias, k, True, 2.826, shared=1, counts=counts,
+                         count_mask=mask)
+    assert torch.equal(ids[:, :k], want_ids) and (ids[:, k] == e).all()  # the shared expert: stacked last
+    assert torch.allclose(w[:, :k], want_w, rtol=1e-5, atol=1e-6) and (w[:, k] == 1).all()
+    per_choice = (mask if masked else torch.ones(t, dtype=torch.long, device=DEVICE))[:, None].expand(t, k)
+    want_counts = torch.full((e,), 5, dtype=torch.long, device=DEVICE).scatter_add_(
+        0, want_ids.reshape(-1), per_choice.reshape(-1))
+    assert torch.equal(counts, want_counts)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,single_launch", [(1, True), (5, True), (5, False), (37, False)])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_fused_moe_layer_matches_reference(monkeypatch, dtype, t, single_launch, shared):
+    """Routing + alignment in one launch (decode-sized batches) or in two, with and without the stacked shared
+    expert: the same output as routing by the model's code and `experts_reference`, and the same counts."""
+    from trinity.kernels import moe_triton
+    e, k, h, inter = 16, 4, 48, 32
+    monkeypatch.setattr(moe_triton, "ROUTE_ALIGN_MAX_TOKENS", 64 if single_launch else 0)
+    x, gate, bias = _router_problem(t, e, h, seed=100 + t, dtype=dtype)
+    _, _, _, gate_up, down = _problem(t, e + shared, k, h, inter, dtype, seed=t)
+    counts = torch.zeros(e, dtype=torch.long, device=DEVICE)
+    with torch.no_grad():
+        got = kmoe.moe_layer_triton(x, gate, bias, k, True, 2.0, gate_up, down, bool(shared), counts=counts)
+        w, ids = route(x, gate, bias, k, True, 2.0)
+        if shared:  # the reference: every token's extra choice, the last expert, weight 1
+            ids = torch.cat([ids, torch.full((t, 1), e, device=DEVICE)], dim=1)
+            w = torch.cat([w, torch.ones(t, 1, device=DEVICE)], dim=1)
+        want = experts_reference(x, w, ids, gate_up, down)
+    _assert_close(got, want, dtype)
+    assert torch.equal(counts, torch.bincount(ids[:, :k].reshape(-1), minlength=e))
 
 
 @needs_triton
@@ -384,14 +435,30 @@ def test_moe_kernels_compile_for_sm90(dtype):
                                             "stride_ys": "i32:16", "stride_ot": "i32:16", "BLOCK_N": ("c", 1024),
                                             "FIX_BF16": ("c", False)})
     assert use["stack"] == 0, use
-    for e, h, k in [(128, 2048, 8), (256, 3072, 4)]:
-        be = triton.next_power_of_2(e)
-        use = compile_sm90(mt._route_kernel, {
-            "logits_ptr": "*fp32", "bias_ptr": "*fp32", "out_w_ptr": "*fp32", "out_ids_ptr": "*i64",
-            **{n: "i32:16" for n in ["num_experts", "stride_lt"]}, "top_k": "i32", "stride_le": "one",
-            "route_scale": "fp32", "BLOCK_E": ("c", be), "BLOCK_K": ("c", triton.next_power_of_2(k)),
-            "NORM": ("c", True)}, num_warps=4 if be <= 128 else 8)
-        assert use["stack"] == 0, use
+    for e, k in [(128, 8), (256, 4)]:
+        for use in _compile_route_kernels(e, k):
+            assert use["stack"] == 0, use
+
+
+def _compile_route_kernels(e: int, k: int):
+    """The routing kernel (with the shared choice, masked counts) and routing + align in one launch, for sm_90."""
+    import triton
+
+    from trinity.kernels import moe_triton as mt
+    be = triton.next_power_of_2(e)
+    route = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": "*i64",
+             "count_mask_ptr": "*i64", "num_tokens": "i32", "num_experts": "i32:16", "top_k": "i32",
+             "route_scale": "fp32", "stride_lt": "i32:16", "stride_le": "one",
+             "BLOCK_T": ("c", max(1, min(16, 2048 // be))), "BLOCK_E": ("c", be),
+             "BLOCK_K": ("c", triton.next_power_of_2(k + 1)), "NORM": ("c", True), "SHARED": ("c", 1),
+             "COUNT": ("c", True), "MASKED": ("c", True)}
+    yield compile_sm90(mt._route_kernel, route, num_warps=mt._route_warps(be))
+    bae = triton.next_power_of_2(e + 2)
+    yield compile_sm90(mt._route_align_kernel, {
+        **route, "slots_ptr": "*i32", "block_expert_ptr": "*i32", "cursor_ptr": "*i32", "num_slots": "i32",
+        "num_aligned_experts": "i32", "num_blocks": "i32", "BLOCK_M": ("c", 16), "BLOCK_S": ("c", 512),
+        "BLOCK_AE": ("c", bae), "BLOCK_B": ("c", max(1, min(64, 8192 // bae))), "BLOCK_P": ("c", 1024)},
+        num_warps=mt._route_warps(be))
 
 
 @needs_compile_check

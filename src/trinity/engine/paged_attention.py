@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import attention as kernels_attention
+from ..kernels import norm as kernel_norm
 from ..model.attention import reference_attention, visibility_mask
 
 
@@ -38,11 +39,12 @@ class PoolStep:
     dec_rows: torch.Tensor  # [Bd] rows of single-token (decode) sequences
     dec_slots: torch.Tensor  # [Bd] where each decode's new K/V go
     dec_ctx_slots: torch.Tensor  # [Bd, L] each decode's context including its new token, padded
-    dec_ctx_valid: torch.Tensor  # [Bd, L] bool
+    dec_ctx_valid: torch.Tensor  # [Bd, L] bool, a prefix of each row; or [Bd] int lengths (the CUDA graph's)
     prefill_rows: torch.Tensor  # [Tp] rows of multi-token sequences whose K/V are stored (after reading)
     prefill_slots: torch.Tensor  # [Tp]
     prefills: list[PrefillMeta] = field(default_factory=list)
     packed: object = None  # the prefills packed for the fast kernels, made on first use
+    dec_lens: torch.Tensor | None = None  # [Bd] int32 context lengths for the fast kernels, made on first use
     decode_only: bool = False  # every row of the batch is a decode, in order (dec_rows = 0..T-1)
 
 
@@ -84,24 +86,45 @@ class PagedAttention:
             vc[step.prefill_slots] = v[step.prefill_rows]
         return out
 
+    def attend_gated(self, layer_idx, q, k, v, window, scale, gate):
+        """`attend`, then times sigmoid(gate) ([T, Hq, D]): in one launch on the fast path at decode (the gate
+        in the attention kernel's epilogue), else `kernels.norm.sigmoid_gate` after."""
+        pool, li = self.kv.layer_pool[layer_idx]
+        step = self.steps[pool]
+        if step.decode_only and kernels_attention.use_fast_path(q):
+            kc, vc = self.kv.k[pool][li], self.kv.v[pool][li]
+            kernels_attention.write_kv(kc, vc, step.dec_slots, k, v)
+            return kernels_attention.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale,
+                                                      gate=gate)
+        return kernel_norm.sigmoid_gate(self.attend(layer_idx, q, k, v, window, scale), gate)
+
     @staticmethod
     def _attend_fast(kc, vc, step: PoolStep, q, k, v, window, scale):
         """The same steps through the Triton kernels (kernels/attention.py), chosen on CUDA."""
         ka = kernels_attention
         if step.decode_only:  # no row gathers or scatters: three fewer launches per layer at decode
             ka.write_kv(kc, vc, step.dec_slots, k, v)
-            return ka.decode_attention(q, kc, vc, step.dec_ctx_slots, step.dec_ctx_valid, scale)
+            return ka.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale)
         out = torch.empty_like(q)
         if step.dec_rows.numel():
             ka.write_kv(kc, vc, step.dec_slots, k[step.dec_rows], v[step.dec_rows])
-            out[step.dec_rows] = ka.decode_attention(q[step.dec_rows], kc, vc, step.dec_ctx_slots,
-                                                     step.dec_ctx_valid, scale)
+            out[step.dec_rows] = ka.decode_attention(q[step.dec_rows], kc, vc, step.dec_ctx_slots, _lengths(step),
+                                                     scale)
         if step.prefills:
             if step.packed is None:  # built once per step, shared by the pool's layers
                 step.packed = ka.pack_prefills(step.prefills)
             out[step.packed.rows] = ka.paged_prefill_attention(q, k, v, kc, vc, step.packed, window, scale)
             ka.write_kv(kc, vc, step.prefill_slots, k[step.prefill_rows], v[step.prefill_rows])
         return out
+
+
+def _lengths(step: PoolStep) -> torch.Tensor:
+    """The decode rows' context lengths for the fast kernels: made once per step and pool, not once per layer
+    (the CUDA graph passes lengths already)."""
+    if step.dec_lens is None:
+        valid = step.dec_ctx_valid
+        step.dec_lens = valid.sum(dim=1, dtype=torch.int32) if valid.dtype == torch.bool else valid
+    return step.dec_lens
 
 
 def _decode_rows(kc, vc, step: PoolStep, q, k, v, scale):

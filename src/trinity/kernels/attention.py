@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..model.attention import reference_attention, visibility_mask
 from . import kernels_mode, reference_forced, triton_available, use_triton  # noqa: F401
+from .norm import sigmoid_gate_reference
 
 
 def _kernels():
@@ -122,13 +123,16 @@ def paged_prefill_attention(q, k, v, k_cache, v_cache, packed: PackedPrefills, w
 
 
 # ---------------------------------------------------------------------------------------- dispatchers
-def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale):
+def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, gate=None):
+    """`gate` ([B, Hq, D]): the output times sigmoid(gate) (the attention layer's output gate), in the same
+    launch on the Triton path."""
     if not use_triton(q, k_cache, v_cache):
-        return decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale)
+        out = decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale)
+        return out if gate is None else sigmoid_gate_reference(out, gate)
     lens = ctx_valid_or_lens
     if lens.dtype == torch.bool:  # validity is a prefix of each row: its count is the length
         lens = lens.sum(dim=1, dtype=torch.int32)
-    return _kernels().decode_attention(q, k_cache, v_cache, ctx_slots, lens, scale)
+    return _kernels().decode_attention(q, k_cache, v_cache, ctx_slots, lens, scale, gate=gate)
 
 
 def prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, *, max_q_len: int | None = None):

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm_triton import fix_bf16, round_to
+
 _LOG2E = 1.4426950408889634
 
 
@@ -65,7 +67,7 @@ def _program_target(device: torch.device) -> int:
 
 # ---------------------------------------------------------------------------------------------- decode
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, gate_ptr,
                    qk_scale, keys_per_split,
                    stride_qb, stride_qh, stride_qd,
                    stride_ks, stride_kh, stride_kd,
@@ -73,9 +75,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    stride_sb, stride_sl,
                    stride_ob, stride_oh, stride_od,
                    stride_pb, stride_ph, stride_ps,
+                   stride_gb, stride_gh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -127,15 +131,31 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         tl.store(lse_ptr + (b * tl.num_programs(1) * GROUP + heads) * tl.num_programs(2) + split, lse,
                  mask=h_mask)
     else:
+        o = _gated(o, gate_ptr + b.to(tl.int64) * stride_gb + heads[:, None] * stride_gh + offs_d[None, :],
+                   h_mask[:, None] & d_mask[None, :], out_ptr.dtype.element_ty, HAS_GATE, FIX_BF16)
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+                 o, mask=h_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, num_splits,
+def _gated(o, gate_ptrs, mask, dtype: tl.constexpr, HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr):
+    """The attention output in the dtype, times sigmoid(gate) when HAS_GATE, rounded as the separate
+    `sigmoid_gate` after attention rounds: the output, sigmoid(gate) and their product each to the dtype."""
+    o = round_to(o, dtype, FIX_BF16)
+    if HAS_GATE:
+        g = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+        s = round_to(tl.sigmoid(g), dtype, FIX_BF16).to(tl.float32)
+        o = round_to(o.to(tl.float32) * s, dtype, FIX_BF16)
+    return o
+
+
+@triton.jit
+def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, gate_ptr, num_splits,
                          stride_pb, stride_ph, stride_ps,
                          stride_ob, stride_oh, stride_od,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         stride_gb, stride_gh,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -151,8 +171,9 @@ def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, num_splits,
                    + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     total = tl.sum(w, axis=0)
     o = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d * stride_od,
-             o.to(out_ptr.dtype.element_ty), mask=d_mask)
+    o = _gated(o, gate_ptr + b.to(tl.int64) * stride_gb + h * stride_gh + offs_d, d_mask, out_ptr.dtype.element_ty,
+               HAS_GATE, FIX_BF16)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d * stride_od, o, mask=d_mask)
 
 
 def _decode_splits(batch: int, kv_heads: int, width: int, block_n: int, device: torch.device,
@@ -169,14 +190,15 @@ def _decode_splits(batch: int, kv_heads: int, width: int, block_n: int, device: 
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor,
-                     ctx_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
-                     block_n: int | None = None) -> torch.Tensor:
+                     ctx_lens: torch.Tensor, scale: float, *, gate: torch.Tensor | None = None,
+                     num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """One query token per sequence against its slot-addressed context.
 
     q: [B, Hq, D]; k_cache/v_cache: [S, Hkv, D]; ctx_slots: [B, L] int slots of each context token (the
     sequence's new token included, already written), padded; ctx_lens: [B] int, row b uses
     ctx_slots[b, :ctx_lens[b]] and never reads past it. Returns [B, Hq, D] in q's dtype; a row with no
-    context gives zeros. `num_splits` / `block_n` override the launch heuristics (tests, tuning).
+    context gives zeros. `gate` [B, Hq, D] (unit stride in D): the output times sigmoid(gate), the attention
+    layer's output gate in the same launch. `num_splits` / `block_n` override the launch heuristics (tests, tuning).
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -196,17 +218,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # unused
+    if gate is not None and (gate.shape != q.shape or gate.dtype != q.dtype or gate.stride(-1) != 1):
+        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} must match q {tuple(q.shape)} {q.dtype} "
+                         "with a unit stride in the head dim")
+    gated = dict(HAS_GATE=gate is not None, FIX_BF16=fix_bf16(q.dtype))
+    gate_strides = gate.stride()[:2] if gate is not None else (0, 0)
+    gate = gate if gate is not None else out  # unused
     _decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, ctx_slots, ctx_lens, out, part, lse,
+        q, k_cache, v_cache, ctx_slots, ctx_lens, out, part, lse, gate,
         scale * _LOG2E, per_split,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *ctx_slots.stride(), *out.stride(),
-        *(part.stride()[:3] if splits > 1 else (0, 0, 0)),
+        *(part.stride()[:3] if splits > 1 else (0, 0, 0)), *gate_strides,
         GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
-        SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q),
+        SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q), **gated,
         num_warps=8 if block_d >= 128 else 4)
     if splits > 1:
-        _decode_merge_kernel[(B, Hq)](part, lse, out, splits, *part.stride()[:3], *out.stride(),
-                                      HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, num_warps=4)
+        _decode_merge_kernel[(B, Hq)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
+                                      HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, **gated, num_warps=4)
     return out
 
 

@@ -123,11 +123,11 @@ NATIVE_MAX_EXPERTS = 1024
 
 def moe_layer_native(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
                      route_norm: bool, route_scale: float, gate_up: torch.Tensor, down: torch.Tensor, shared: bool,
-                     counts: torch.Tensor | None = None) -> torch.Tensor:
+                     counts: torch.Tensor | None = None, count_mask: torch.Tensor | None = None) -> torch.Tensor:
     """A whole MoE layer in one C call (`trinity_moe_layer` in moe_cpu.c): `route_reference`'s routing, the
     grouping by expert, `experts_native`, and, with `shared`, the stacked shared expert (the last of gate_up /
-    down) as every token's extra choice. `counts` ([routed experts] int64) gets the routed tokens added. On a
-    decode step this replaces ~25 small torch ops per layer (routing, sorting, index maps)."""
+    down) as every token's extra choice. `counts` ([routed experts] int64) gets the routed tokens added
+    (`count_mask`, which only CUDA-graph batches carry, is not taken). On a decode step this replaces ~25 small torch ops per layer (routing, sorting, index maps)."""
     from .native import library
 
     t, hidden = x.shape
@@ -143,6 +143,8 @@ def moe_layer_native(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: 
     act, ys, out = torch.empty(t * kk, inter), torch.empty(t * kk, hidden), torch.empty(t, hidden)
     if counts is not None and not (counts.is_contiguous() and counts.dtype == torch.long):
         raise ValueError("expert counts must be a contiguous int64 tensor")
+    if count_mask is not None:
+        raise ValueError("the native MoE layer counts every token: no count mask")
     if not 0 < top_k <= e_total - int(shared) <= NATIVE_MAX_EXPERTS:
         raise ValueError(f"top_k {top_k} of {e_total - int(shared)} routed experts: not a valid native routing")
     library().trinity_moe_layer(
@@ -218,16 +220,23 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
     return experts_reference(x, weights, ids, gate_up, down)
 
 
-def experts_with_shared(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-                        down: torch.Tensor) -> torch.Tensor | None:
-    """Routed experts plus one shared expert stacked after them (gate_up [E + 1, 2I, H], down [E + 1, H, I]),
-    every token also sent to the last one with weight 1, in one fused pass; None where the fused Triton MoE
-    does not run (the caller then computes the shared expert on its own). On the CPU the C kernels take the
-    stacked shared expert inside the whole-layer call, `moe_layer_native`."""
-    if reference_forced() or torch.is_grad_enabled() or not fused_moe_wanted(x):
-        return None
-    from .moe_triton import fused_moe
-    return fused_moe(x, weights, ids, gate_up, down, shared=1)
+def moe_layer_triton(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+                     route_norm: bool, route_scale: float, gate_up: torch.Tensor, down: torch.Tensor, shared: bool,
+                     counts: torch.Tensor | None = None, count_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole MoE layer on the Triton path: the fp32 router logits from one library GEMM (a one-program-per-token
+    GEMV inside the routing kernel took 50-96 us per layer on an H100, a third of a decode step), then
+    `moe_triton.fused_moe_layer` (routing, alignment, expert GEMMs; with `shared`, the stacked shared expert, the
+    last of gate_up / down, as every token's extra choice). `counts` gains the routed tokens, weighted by
+    `count_mask` ([T] 0/1) when given."""
+    from .moe_triton import fused_moe_layer
+
+    logits = F.linear(x.float(), router_weight.float())
+    return fused_moe_layer(x, logits, expert_bias, top_k, route_norm, route_scale, gate_up, down, int(shared),
+                           counts, count_mask)
+
+
+def moe_layer_triton_wanted(x: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() and not reference_forced() and fused_moe_wanted(x)
 
 
 def route_reference(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,

@@ -174,12 +174,12 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
 
 
 @triton.jit
-def _align_kernel(
+def _align_slots(
     ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_experts, num_blocks,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """`moe_align` in one single-program launch (decode-sized T*k <= BLOCK_S; BLOCK_E > num_experts).
+    """`moe_align` in one program (decode-sized T*k <= BLOCK_S; BLOCK_E > num_experts).
 
     Within an expert's run the slots land in atomic order (not sorted); each slot still appears exactly
     once, and every output row is computed independently, so results do not depend on that order.
@@ -206,6 +206,16 @@ def _align_kernel(
     tl.store(slots_ptr + dest, offs_s, mask=ok)
 
 
+@triton.jit
+def _align_kernel(
+    ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_experts, num_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    _align_slots(ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_experts, num_blocks,
+                 BLOCK_M, BLOCK_S, BLOCK_E, BLOCK_B, BLOCK_P)
+
+
 # T*k up to this many slots are aligned by `_align_kernel` (one launch); more go to the torch `moe_align`.
 ALIGN_KERNEL_MAX_SLOTS = 4096
 
@@ -215,22 +225,26 @@ def num_align_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_slots + min(num_slots, num_experts) * (block_m - 1), block_m)
 
 
+def _align_buffers(num_slots: int, num_experts: int, block_m: int, device: torch.device):
+    """The align outputs, its cursor scratch, and its launch constants (`_align_slots`'s constexprs)."""
+    num_blocks = num_align_blocks(num_slots, num_experts, block_m)
+    slots = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    block_e = triton.next_power_of_2(num_experts + 1)
+    cursor = torch.empty(block_e, dtype=torch.int32, device=device)
+    constants = dict(BLOCK_M=block_m, BLOCK_S=max(16, triton.next_power_of_2(num_slots)), BLOCK_E=block_e,
+                     BLOCK_B=max(1, min(64, 8192 // block_e)), BLOCK_P=1024)
+    return slots, block_expert, cursor, num_blocks, constants
+
+
 def moe_align_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `moe_align` (except the order of slots inside an expert's run), in one launch."""
     n = ids.numel()
-    num_blocks = num_align_blocks(n, num_experts, block_m)
     flat = ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    slots = torch.empty(num_blocks * block_m, dtype=torch.int32, device=ids.device)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
-    block_e = triton.next_power_of_2(num_experts + 1)
-    cursor = torch.empty(block_e, dtype=torch.int32, device=ids.device)
-    _align_kernel[(1,)](
-        flat, slots, block_expert, cursor, n, num_experts, num_blocks,
-        BLOCK_M=block_m, BLOCK_S=max(16, triton.next_power_of_2(n)), BLOCK_E=block_e,
-        BLOCK_B=max(1, min(64, 8192 // block_e)), BLOCK_P=1024, num_warps=4,
-    )
+    slots, block_expert, cursor, num_blocks, constants = _align_buffers(n, num_experts, block_m, ids.device)
+    _align_kernel[(1,)](flat, slots, block_expert, cursor, n, num_experts, num_blocks, **constants, num_warps=4)
     return slots, block_expert
 
 
@@ -345,6 +359,28 @@ def _combine_kernel(y_ptr, out_ptr, N, top_k, stride_ys, stride_ot, BLOCK_N: tl.
 
 
 # --------------------------------------------------------------------------------------------- entry
+def _launch_config(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, shared: int,
+                   config: MoEConfig | None) -> MoEConfig:
+    """Checks the shapes and dtypes; the table's configuration (keyed by the routed shape) fitted to them."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, hidden_w = gate_up.shape
+    inter = two_inter // 2
+    if shared not in (0, 1):
+        raise ValueError(f"shared = {shared}: one shared expert at most")
+    if hidden_w != hidden or down.shape != (num_experts, hidden, inter):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
+                         f"down {tuple(down.shape)}")
+    if gate_up.dtype != x.dtype or down.dtype != x.dtype:
+        raise ValueError(f"dtype mismatch: x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
+    config = config or get_config(num_tokens, hidden, inter, num_experts - shared, top_k)
+    cfg = replace(config, up_n=_fit(config.up_n, inter), up_k=_fit(config.up_k, hidden),
+                  down_n=_fit(config.down_n, hidden), down_k=_fit(config.down_k, inter))
+    if x.is_cuda:
+        cfg = fit_shared_memory(cfg, x.element_size(), _shared_memory_limit(
+            x.device.index if x.device.index is not None else torch.cuda.current_device()))
+    return cfg
+
+
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
               down: torch.Tensor, config: MoEConfig | None = None, shared: int = 0) -> torch.Tensor:
     """x [T, H]; weights/ids [T, k]; gate_up [E, 2I, H] (gate rows first); down [E, H, I] -> [T, H] in x's dtype.
@@ -353,40 +389,32 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
     `shared` = 1: the last expert is a shared one that every token also goes through, with weight 1 (ids and
     weights stay the routed choices, ids < E - 1).
     """
-    num_tokens, hidden = x.shape
-    num_experts, two_inter, hidden_w = gate_up.shape
-    inter = two_inter // 2
-    top_k = ids.shape[1]
-    if shared not in (0, 1):
-        raise ValueError(f"shared = {shared}: one shared expert at most")
-    # launch configurations are keyed by the routed shape
-    config = config or get_config(num_tokens, hidden, inter, num_experts - shared, top_k)
+    num_experts = gate_up.shape[0]
+    cfg = _launch_config(x, gate_up, down, ids.shape[1], shared, config)
     if shared:  # one more choice per token: the shared expert (the last one), weight 1
         ids = F.pad(ids, (0, 1), value=num_experts - 1)
         weights = F.pad(weights.to(torch.float32), (0, 1), value=1.0)
-        top_k += 1
-    if hidden_w != hidden or down.shape != (num_experts, hidden, inter):
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
-                         f"down {tuple(down.shape)}")
-    if gate_up.dtype != x.dtype or down.dtype != x.dtype:
-        raise ValueError(f"dtype mismatch: x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
-    if num_tokens == 0:
-        return out
-    cfg = replace(config, up_n=_fit(config.up_n, inter), up_k=_fit(config.up_k, hidden),
-                  down_n=_fit(config.down_n, hidden), down_k=_fit(config.down_k, inter))
-    if x.is_cuda:
-        cfg = fit_shared_memory(cfg, x.element_size(), _shared_memory_limit(
-            x.device.index if x.device.index is not None else torch.cuda.current_device()))
-    bm = cfg.block_m
-    num_slots = num_tokens * top_k
+    if x.shape[0] == 0:
+        return torch.empty_like(x)
+    num_slots = ids.numel()
     if num_slots <= ALIGN_KERNEL_MAX_SLOTS:
-        sorted_slots, block_expert = moe_align_triton(ids, num_experts, bm)
+        sorted_slots, block_expert = moe_align_triton(ids, num_experts, cfg.block_m)
     else:
-        sorted_slots, block_expert = moe_align(ids, num_experts, bm)
-    num_blocks = block_expert.numel()
-    upcast, prec = _dot_options(x.dtype)
+        sorted_slots, block_expert = moe_align(ids, num_experts, cfg.block_m)
     rw = weights.reshape(-1).to(torch.float32).contiguous()
+    return _grouped_experts(x, rw, sorted_slots, block_expert, ids.shape[1], gate_up, down, cfg)
+
+
+def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tensor, block_expert: torch.Tensor,
+                     top_k: int, gate_up: torch.Tensor, down: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """The aligned slots through gate_up + SwiGLU, down x routing weight (rw: [T * top_k] fp32, by slot), and the
+    combine: three launches."""
+    num_tokens, hidden = x.shape
+    num_experts, inter = gate_up.shape[0], down.shape[2]
+    num_slots = num_tokens * top_k
+    num_blocks = block_expert.numel()
+    bm = cfg.block_m
+    upcast, prec = _dot_options(x.dtype)
 
     act = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)
     up_n, up_k = cfg.up_n, cfg.up_k
@@ -410,6 +438,7 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     comb_n = min(1024, triton.next_power_of_2(hidden))
     _combine_kernel[(num_tokens, triton.cdiv(hidden, comb_n))](
         y, out, hidden, top_k, y.stride(0), out.stride(0), BLOCK_N=comb_n, FIX_BF16=fix_bf16(x.dtype), num_warps=4,
@@ -419,55 +448,169 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
 
 # --------------------------------------------------------------------------------------------- routing
 @triton.jit
-def _route_kernel(
-    logits_ptr, bias_ptr, out_w_ptr, out_ids_ptr,
-    num_experts, top_k, route_scale, stride_lt, stride_le,
-    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+def _route_rows(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, t0, num_tokens, num_experts, top_k,
+    route_scale, stride_lt, stride_le,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+    SHARED: tl.constexpr, COUNT: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """One token: scores = sigmoid(fp32 logits), top-k of scores + bias (the bias only selects), weights = the
-    chosen unbiased scores (normalised when NORM) * route_scale."""
-    t = tl.program_id(0).to(tl.int64)
+    """Tokens t0 .. t0 + BLOCK_T - 1 at once: scores = sigmoid(fp32 logits), top-k of scores + bias (the bias
+    only selects; ties go to the lower expert id), weights = the chosen unbiased scores (normalised when NORM)
+    times route_scale. Written by slot (t * kk + j, kk = top_k + SHARED); with SHARED the last choice is the
+    shared expert, stacked after the routed ones (id num_experts), weight 1. With COUNT, counts[e] gains each
+    routed choice of e, weighted by count_mask[t] when MASKED (a CUDA-graph batch's padding rows weigh 0)."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < num_tokens
     offs_e = tl.arange(0, BLOCK_E)
     e_ok = offs_e < num_experts
-    acc = tl.load(logits_ptr + t * stride_lt + offs_e * stride_le, mask=e_ok, other=0.0).to(tl.float32)
-    scores = tl.sigmoid(acc)
+    logits = tl.load(logits_ptr + offs_t[:, None].to(tl.int64) * stride_lt + offs_e[None, :] * stride_le,
+                     mask=t_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+    scores = tl.sigmoid(logits)
     bias = tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)
-    sel = tl.where(e_ok, scores + bias, float("-inf"))
-    offs_k = tl.arange(0, BLOCK_K)
-    chosen_w = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    chosen_id = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    sel = tl.where(e_ok[None, :], scores + bias[None, :], float("-inf"))
+    offs_k = tl.arange(0, BLOCK_K)[None, :]
+    chosen_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    chosen_id = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     for j in range(0, top_k):
-        best = tl.max(sel, axis=0)
-        idx = tl.min(tl.where(sel == best, offs_e, BLOCK_E), axis=0)  # ties: the lowest expert id
-        hit = offs_e == idx
-        chosen_w = tl.where(offs_k == j, tl.sum(tl.where(hit, scores, 0.0), axis=0), chosen_w)
-        chosen_id = tl.where(offs_k == j, idx, chosen_id)
+        best = tl.max(sel, axis=1)
+        idx = tl.min(tl.where(sel == best[:, None], offs_e[None, :], BLOCK_E), axis=1)
+        hit = offs_e[None, :] == idx[:, None]
+        chosen_w = tl.where(offs_k == j, tl.sum(tl.where(hit, scores, 0.0), axis=1)[:, None], chosen_w)
+        chosen_id = tl.where(offs_k == j, idx[:, None], chosen_id)
         sel = tl.where(hit, float("-inf"), sel)
     if NORM:
-        chosen_w = chosen_w / (tl.sum(chosen_w, axis=0) + 1e-20)
-    k_ok = offs_k < top_k
-    tl.store(out_w_ptr + t * top_k + offs_k, chosen_w * route_scale, mask=k_ok)
-    tl.store(out_ids_ptr + t * top_k + offs_k, chosen_id.to(tl.int64), mask=k_ok)
+        chosen_w = chosen_w / (tl.sum(chosen_w, axis=1)[:, None] + 1e-20)
+    chosen_w = chosen_w * route_scale
+    if SHARED:
+        chosen_w = tl.where(offs_k == top_k, 1.0, chosen_w)
+        chosen_id = tl.where(offs_k == top_k, num_experts, chosen_id)
+    kk = top_k + SHARED
+    slot = offs_t[:, None].to(tl.int64) * kk + offs_k
+    keep = t_ok[:, None] & (offs_k < kk)
+    tl.store(w_ptr + slot, chosen_w, mask=keep)
+    tl.store(ids_ptr + slot, chosen_id.to(tl.int64), mask=keep)
+    if COUNT:
+        if MASKED:
+            weight = tl.load(count_mask_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)
+        else:
+            weight = tl.full((BLOCK_T,), 1, tl.int64)
+        tl.atomic_add(counts_ptr + chosen_id, tl.broadcast_to(weight[:, None], (BLOCK_T, BLOCK_K)),
+                      mask=t_ok[:, None] & (offs_k < top_k))
 
 
-def fused_route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
-                route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`model.moe.select_experts` in one launch: router logits [T, E] (fp32, from one library GEMM: see
-    `kernels.moe.route`) -> (weights [T, k] fp32, ids [T, k] int64), ids in descending order of biased score.
-    Ties in the biased score go to the lower expert id (torch.topk leaves tie order unspecified).
-    """
+@triton.jit
+def _route_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
+    route_scale, stride_lt, stride_le,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+    SHARED: tl.constexpr, COUNT: tl.constexpr, MASKED: tl.constexpr,
+):
+    _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, tl.program_id(0) * BLOCK_T,
+                num_tokens, num_experts, top_k, route_scale, stride_lt, stride_le,
+                BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED)
+
+
+@triton.jit
+def _route_align_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
+    route_scale, stride_lt, stride_le,
+    slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+    SHARED: tl.constexpr, COUNT: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_AE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Routing and alignment in one single-program launch, for decode-sized batches: each token tile is routed
+    (`_route_rows`), then the choices just written are read back by `_align_slots`."""
+    for t0 in range(0, num_tokens, BLOCK_T):
+        _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, t0, num_tokens, num_experts,
+                    top_k, route_scale, stride_lt, stride_le, BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED)
+    tl.debug_barrier()  # the choices are in memory before any thread reads them
+    _align_slots(ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
+                 BLOCK_M, BLOCK_S, BLOCK_AE, BLOCK_B, BLOCK_P)
+
+
+def _route_launch(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
+                  route_scale: float, shared: int, counts: torch.Tensor | None, count_mask: torch.Tensor | None):
+    """The routing outputs (weights [T, kk] fp32, ids [T, kk] int64, kk = top_k + shared), and the arguments and
+    constants both routing kernels take."""
     num_tokens, num_experts = logits.shape
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k {top_k} out of range for {num_experts} experts")
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
-    if num_tokens == 0:
-        return weights, ids
+    if counts is not None and (counts.dtype != torch.long or not counts.is_contiguous()):
+        raise ValueError("expert counts must be a contiguous int64 tensor")
+    kk = top_k + shared
+    weights = torch.empty(num_tokens, kk, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, kk, dtype=torch.int64, device=logits.device)
     block_e = triton.next_power_of_2(num_experts)
-    _route_kernel[(num_tokens,)](
-        logits, expert_bias.contiguous(), weights, ids,
-        num_experts, top_k, float(route_scale), logits.stride(0), logits.stride(1),
-        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), NORM=bool(route_norm),
-        num_warps=4 if block_e <= 128 else 8,
-    )
+    args = (logits, expert_bias.contiguous(), weights, ids,
+            counts if counts is not None else ids, count_mask.contiguous() if count_mask is not None else ids,
+            num_tokens, num_experts, top_k, float(route_scale), logits.stride(0), logits.stride(1))
+    constants = dict(BLOCK_T=max(1, min(16, 2048 // block_e)), BLOCK_E=block_e,
+                     BLOCK_K=triton.next_power_of_2(kk), NORM=bool(route_norm), SHARED=int(shared),
+                     COUNT=counts is not None, MASKED=count_mask is not None)
+    return weights, ids, args, constants
+
+
+def _route_warps(block_e: int) -> int:
+    """Warps for the routing kernels: 8 past 128 experts, where 4 spill registers on sm_90 (ptxas)."""
+    return 4 if block_e <= 128 else 8
+
+
+def fused_route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
+                route_scale: float, shared: int = 0, counts: torch.Tensor | None = None,
+                count_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.moe.select_experts` in one launch: router logits [T, E] (fp32, from one library GEMM: see
+    `kernels.moe.route`) -> (weights [T, k] fp32, ids [T, k] int64), ids in descending order of biased score.
+    Ties in the biased score go to the lower expert id (torch.topk leaves tie order unspecified).
+    `shared` = 1 appends each token's shared-expert choice (id E, weight 1); `counts` ([E] int64) gains every
+    routed choice, weighted by `count_mask` [T] when given.
+    """
+    weights, ids, args, constants = _route_launch(logits, expert_bias, top_k, route_norm, route_scale, shared,
+                                                  counts, count_mask)
+    if logits.shape[0]:
+        _route_kernel[(triton.cdiv(logits.shape[0], constants["BLOCK_T"]),)](
+            *args, **constants, num_warps=_route_warps(constants["BLOCK_E"]))
     return weights, ids
+
+
+# Up to this many tokens, routing and alignment run as one single-program launch (`_route_align_kernel`); its
+# routing goes through the tokens BLOCK_T at a time, so larger batches route in parallel (`_route_kernel`) then
+# align. A first guess, to be measured on a GPU.
+ROUTE_ALIGN_MAX_TOKENS = 32
+
+
+def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+                    route_norm: bool, route_scale: float, gate_up: torch.Tensor, down: torch.Tensor, shared: int = 0,
+                    counts: torch.Tensor | None = None, count_mask: torch.Tensor | None = None,
+                    config: MoEConfig | None = None) -> torch.Tensor:
+    """A MoE layer from its router logits: `fused_route` (with the stacked shared expert as every token's last
+    choice when `shared`, and the expert-load counts), the alignment, and the grouped expert GEMMs. At decode
+    the routing, the shared expert's padding, the counting and the alignment are one launch (five before:
+    route, two pads, a scatter_add and the align kernel). -> [T, H] in x's dtype."""
+    num_tokens = x.shape[0]
+    num_experts = gate_up.shape[0]
+    if logits.shape != (num_tokens, num_experts - shared):
+        raise ValueError(f"router logits {tuple(logits.shape)} for {num_tokens} tokens and "
+                         f"{num_experts - shared} routed experts")
+    cfg = _launch_config(x, gate_up, down, top_k, shared, config)
+    if num_tokens == 0:
+        return torch.empty_like(x)
+    kk = top_k + shared
+    num_slots = num_tokens * kk
+    if num_tokens <= ROUTE_ALIGN_MAX_TOKENS and num_slots <= ALIGN_KERNEL_MAX_SLOTS:
+        weights, ids, args, constants = _route_launch(logits, expert_bias, top_k, route_norm, route_scale, shared,
+                                                      counts, count_mask)
+        slots, block_expert, cursor, num_blocks, align = _align_buffers(num_slots, num_experts, cfg.block_m,
+                                                                         x.device)
+        _route_align_kernel[(1,)](
+            *args, slots, block_expert, cursor, num_slots, num_experts, num_blocks, **constants,
+            BLOCK_M=align["BLOCK_M"], BLOCK_S=align["BLOCK_S"], BLOCK_AE=align["BLOCK_E"], BLOCK_B=align["BLOCK_B"],
+            BLOCK_P=align["BLOCK_P"], num_warps=_route_warps(constants["BLOCK_E"]))
+    else:
+        weights, ids = fused_route(logits, expert_bias, top_k, route_norm, route_scale, shared, counts, count_mask)
+        if num_slots <= ALIGN_KERNEL_MAX_SLOTS:
+            slots, block_expert = moe_align_triton(ids, num_experts, cfg.block_m)
+        else:
+            slots, block_expert = moe_align(ids, num_experts, cfg.block_m)
+    return _grouped_experts(x, weights.view(-1), slots, block_expert, kk, gate_up, down, cfg)

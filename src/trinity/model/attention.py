@@ -20,6 +20,10 @@ import torch.nn.functional as F
 
 
 class AttentionMetadata(Protocol):
+    """May also offer `attend_gated(layer_idx, q, k, v, window, scale, gate)` -> attend(...) * sigmoid(gate)
+    (gate [T, Hq, D]), which the attention layer then calls instead, so that a fast path can apply its output
+    gate inside the attention kernel (the engine's paged metadata does)."""
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None, scale: float) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> attention output [T, Hq, D]."""

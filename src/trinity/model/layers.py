@@ -161,6 +161,11 @@ class GatedAttention(nn.Module):
         # per-head q/k RMSNorm, then RoPE on sliding layers only (full layers are NoPE): one fused op on GPU
         q, k = kernel_norm.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope,
                                         self.is_sliding)
+        gated_attend = getattr(attn, "attend_gated", None)
+        if gated_attend is not None:  # metadata that can apply the output gate inside its attention kernel
+            o = gated_attend(self.layer_idx, q, k, v, self.window, self.scale,
+                             gate.view(t, self.num_heads, self.head_dim))
+            return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
         o = attn.attend(self.layer_idx, q, k, v, self.window, self.scale)
         o = kernel_norm.sigmoid_gate(o.reshape(t, self.num_heads * self.head_dim), gate)
         return self.o_proj(o)

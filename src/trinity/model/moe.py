@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrinityConfig
-from ..kernels.moe import experts_with_shared, moe_layer_native, moe_layer_native_wanted, routed_experts
+from ..kernels.moe import (moe_layer_native, moe_layer_native_wanted, moe_layer_triton, moe_layer_triton_wanted,
+                           routed_experts)
 from ..kernels.moe import route as kernel_route
 from .layers import FusedLinears, Linear, SwiGLU
 
@@ -124,13 +125,14 @@ class MoEBlock(nn.Module):
             cached = self._router_fp32 = (w, w._version, w.detach().float())
         return cached[2]
 
-    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
-        """CPU inference: the layer in one C call (`kernels.moe.moe_layer_native`), the shared expert inside it
-        when it is stacked, else added after."""
+    def _forward_whole_layer(self, x: torch.Tensor, layer_fn) -> torch.Tensor:
+        """Inference through a whole-layer kernel (`moe_layer_native` on the CPU, `moe_layer_triton` where Triton
+        runs): routing, counts, experts and, when it is stacked, the shared expert in its pass (else added after)."""
         stacked = self.stacked if self.stacked is not None and self.stacked_valid() else None
         gate_up, down = stacked or (self.experts.gate_up_proj, self.experts.down_proj)
-        out = moe_layer_native(x, self.router_weight_fp32(), self.expert_bias, self.top_k, self.route_norm,
-                               self.route_scale, gate_up, down, shared=stacked is not None, counts=self.expert_counts)
+        out = layer_fn(x, self.router_weight_fp32(), self.expert_bias, self.top_k, self.route_norm,
+                       self.route_scale, gate_up, down, shared=stacked is not None, counts=self.expert_counts,
+                       count_mask=self.count_mask)
         if stacked is None and self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
@@ -140,13 +142,16 @@ class MoEBlock(nn.Module):
                                          device=self.router.gate.weight.device) if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.record_router and self.count_mask is None and moe_layer_native_wanted(x, self.experts.gate_up_proj):
-            return self._forward_native(x)
+        if not self.record_router:
+            if self.count_mask is None and moe_layer_native_wanted(x, self.experts.gate_up_proj):
+                return self._forward_whole_layer(x, moe_layer_native)
+            if moe_layer_triton_wanted(x):
+                return self._forward_whole_layer(x, moe_layer_triton)
         if self.record_router:  # training: the losses need the logits
             logits = router_logits(x, self.router.gate.weight)
             weights, ids = select_experts(logits, self.expert_bias, self.top_k, self.route_norm, self.route_scale)
             self.last_router = (logits, ids)
-        else:  # the fused router on GPU, `route_reference` (the same math as above) elsewhere
+        else:  # `route_reference` (the same math as above), or the fused router where Triton runs
             weights, ids = kernel_route(x, self.router_weight_fp32(), self.expert_bias, self.top_k,
                                         self.route_norm, self.route_scale)
         if self.expert_counts is not None:
@@ -155,10 +160,6 @@ class MoEBlock(nn.Module):
             per_choice = (self.count_mask[:, None].expand_as(ids) if self.count_mask is not None
                           else torch.ones_like(ids))
             self.expert_counts.scatter_add_(0, ids.reshape(-1), per_choice.reshape(-1))
-        if self.stacked is not None and not torch.is_grad_enabled() and self.stacked_valid():
-            out = experts_with_shared(x, weights, ids, *self.stacked)
-            if out is not None:
-                return out
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -1,0 +1,90 @@
+"""How many kernels one decode step launches, per layer: the figure that bounds batch-1 decode under CUDA graphs.
+
+    .venv/bin/python benchmarks/launch_count.py                 # CPU: the GPU path under Triton's interpreter
+    PYTHONPATH=src python3 benchmarks/launch_count.py --device cuda
+
+Builds Nano- and Mini-structured models (their head counts, 128 experts top-8, a shared expert, dense + MoE
+layers, sliding + full attention) with small widths, since the count depends on the structure only; runs the
+engine's GPU kernels (on the CPU through Triton's interpreter), prefills one prompt and counts one batch-1 decode
+step with `trinity.kernels.launch_counter`. Prints per-layer counts and the ops of one MoE layer, then one JSON
+object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--device", default=None, help="cuda (default where there is one) or cpu (the interpreter)")
+parser.add_argument("--models", default="nano,mini")
+parser.add_argument("--batch", type=int, default=1)
+args = parser.parse_args()
+
+import torch  # noqa: E402
+
+device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+if device == "cpu":  # before triton is imported: the GPU kernels through the interpreter, no C kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["TRINITY_KERNELS"] = "triton"
+    os.environ["TRINITY_CPU_NATIVE"] = "0"
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from trinity import TrinityForCausalLM, preset  # noqa: E402
+from trinity.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from trinity.kernels.launch_counter import count_decode_step  # noqa: E402
+
+
+def structure(name: str):
+    """The model's layer structure at small widths (4 layers: 2 dense then 2 MoE, one of them full attention)."""
+    return preset(name, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4,
+                  head_dim=32, vocab_size=1024, sliding_window=32, max_position_embeddings=512)
+
+
+def decode_counts(name: str) -> dict:
+    config = structure(name)
+    model = TrinityForCausalLM.random(config, dtype=torch.bfloat16, device=device)
+    engine = LLMEngine(model, None, EngineConfig(max_model_len=256, max_num_seqs=args.batch, num_kv_blocks=64,
+                                                 enforce_eager=True, async_scheduling=False))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(str(i), prompt_token_ids=list(range(3 + i, 43 + i)), params=params)
+    engine.step()  # the prefill
+    engine.step()  # one decode outside the count: one-off work (caches, compilation) happens here
+    counter = count_decode_step(engine)
+    per_layer = {f"layer{i}": counter.count(f"layer{i}") for i in range(config.num_hidden_layers)}
+    moe = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
+    return {
+        "per_layer": per_layer,
+        "moe_layer": per_layer[f"layer{moe[0]}"],
+        "dense_layer": per_layer[f"layer{dense[0]}"],
+        "outside_layers": counter.count(""),
+        "syncs_in_layers": sum(1 for e in counter.launches if e.kind == "sync" and e.section),
+        "moe_layer_ops": dict(sorted(counter.names(f"layer{moe[0]}").items())),
+        # the full model's layer count, for the per-step total on the real model
+        "real_layers": {"moe": sum(preset(name).is_moe_layer(i) for i in range(preset(name).num_hidden_layers)),
+                        "dense": preset(name).num_dense_layers},
+    }
+
+
+def main() -> None:
+    results = {}
+    for name in args.models.split(","):
+        r = decode_counts(name)
+        real = r["real_layers"]
+        r["per_step_real_model"] = real["moe"] * r["moe_layer"] + real["dense"] * r["dense_layer"] + r["outside_layers"]
+        results[name] = r
+        print(f"{name}: MoE layer {r['moe_layer']} launches, dense layer {r['dense_layer']}, outside the layers "
+              f"{r['outside_layers']} (eager step, incl. metadata and sampling); ~{r['per_step_real_model']} per "
+              f"step for the real {real['moe'] + real['dense']} layers; syncs inside layers {r['syncs_in_layers']}")
+        for op, n in r["moe_layer_ops"].items():
+            print(f"    {n:3d}  {op}")
+    print(json.dumps({"device": device, "batch": args.batch, "torch": torch.__version__, **results}))
+
+
+if __name__ == "__main__":
+    main()

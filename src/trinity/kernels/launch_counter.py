@@ -1,0 +1,160 @@
+"""Count the kernels a piece of code would launch on a GPU, without one.
+
+At batch-1 decode a CUDA-graph replay of a sparse MoE is bound by how many kernels it holds (each costs a few
+microseconds on an H100 however little it does), so the launch count per layer is a figure worth watching. It is
+exact and machine-independent, so it can be measured on the CPU, under Triton's interpreter, and guarded by a test.
+
+`LaunchCounter` is a TorchDispatchMode: every aten op that runs a kernel counts once (views, allocations and
+metadata do not), and every Triton kernel launch counts once (compiled or interpreted; the interpreter's own
+torch work inside a launch is not counted). `section(name)` labels the events that follow. The count is of
+torch ops, not of device kernels: a few torch ops launch more than one kernel on a GPU (topk, sort, nonzero).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# aten ops that only allocate (a new tensor, no kernel) or change metadata in place
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "set_",
+              "resize_", "record_stream", "detach_", "squeeze_", "unsqueeze_", "t_", "transpose_", "as_strided_"}
+# aten ops that make the host wait for the device (not kernels, but a graph cannot hold them)
+_SYNC = {"_local_scalar_dense", "item", "nonzero", "tolist"}
+
+
+def _launches_kernel(name: str, args, kwargs, out) -> bool:
+    """In-place ops always write; other ops launch unless every tensor they return aliases an input (a view, or
+    `to`/`reshape`/`contiguous` with nothing to do: under inference mode these reach the dispatcher whole)."""
+    if name in _NO_KERNEL:
+        return False
+    if name.endswith("_") or "out" in kwargs:
+        return True
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not outs:
+        return False
+    inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    return not all(t.untyped_storage().data_ptr() in inputs for t in outs)
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    kind: str  # "aten", "triton" or "sync"
+    name: str
+    section: str
+
+
+class LaunchCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.launches: list[Launch] = []
+        self.current = ""
+        self._inside_triton = 0
+        self._patches: contextlib.ExitStack | None = None
+
+    # ------------------------------------------------------------------ recording
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self._inside_triton:
+            name = func.overloadpacket.__name__
+            if name in _SYNC:
+                self.launches.append(Launch("sync", name, self.current))
+            elif _launches_kernel(name, args, kwargs, out):
+                self.launches.append(Launch("aten", name, self.current))
+        return out
+
+    def _triton_launch(self, name: str, run, *args, **kwargs):
+        if kwargs.get("warmup"):
+            return run(*args, **kwargs)
+        if not self._inside_triton:
+            self.launches.append(Launch("triton", name, self.current))
+        self._inside_triton += 1
+        try:
+            return run(*args, **kwargs)
+        finally:
+            self._inside_triton -= 1
+
+    def __enter__(self):
+        self._patches = contextlib.ExitStack()
+        self._patches.enter_context(_patched_triton(self))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._patches.close()
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        previous, self.current = self.current, name
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    # ------------------------------------------------------------------ reading
+    def count(self, section: str | None = None, kinds: tuple[str, ...] = ("aten", "triton")) -> int:
+        return sum(1 for e in self.launches if e.kind in kinds and (section is None or e.section == section))
+
+    def names(self, section: str | None = None) -> Counter:
+        return Counter(f"{e.kind}:{e.name}" for e in self.launches
+                       if e.kind != "sync" and (section is None or e.section == section))
+
+    def syncs(self) -> int:
+        return self.count(kinds=("sync",))
+
+
+@contextlib.contextmanager
+def _patched_triton(counter: LaunchCounter):
+    """Route Triton's launch entry points (the JIT runtime's and the interpreter's) through the counter."""
+    try:
+        from triton.runtime import interpreter, jit
+    except ImportError:  # no triton: only aten ops to count
+        yield
+        return
+    originals = [(cls, cls.run) for cls in (jit.JITFunction, interpreter.InterpretedFunction)]
+    for cls, run in originals:
+        def counted(self, *args, _run=run, **kwargs):
+            name = getattr(self, "__name__", None) or getattr(getattr(self, "fn", None), "__name__", "kernel")
+            return counter._triton_launch(name, lambda *a, **k: _run(self, *a, **k), *args, **kwargs)
+        cls.run = counted
+    try:
+        yield
+    finally:
+        for cls, run in originals:
+            cls.run = run
+
+
+def count_decode_step(engine) -> LaunchCounter:
+    """One engine step (its sequences already decoding), counted, with each decoder layer in its own section
+    (`layer{i}`); the rest (metadata, embedding, head, sampling) is section "". Each MoE block is given a
+    count mask, as the CUDA-graph runner gives it, so the expert-load telemetry counts as in the graph."""
+    layers = engine.model.model.layers
+    counter = LaunchCounter()
+    saved = []
+    for i, layer in enumerate(layers):
+        for attr in ("forward", "forward_fused_norms"):
+            def labelled(*args, _run=getattr(layer, attr), _name=f"layer{i}", **kwargs):
+                with counter.section(_name):
+                    return _run(*args, **kwargs)
+            setattr(layer, attr, labelled)
+        mlp = layer.mlp
+        if hasattr(mlp, "count_mask"):
+            saved.append(mlp)
+            mlp.count_mask = torch.ones(len(engine.scheduler.running), dtype=torch.long, device=engine.model.device)
+    try:
+        with counter:
+            engine.step()
+    finally:
+        for layer in layers:
+            for attr in ("forward", "forward_fused_norms"):
+                del layer.__dict__[attr]
+        for mlp in saved:
+            mlp.count_mask = None
+    return counter
