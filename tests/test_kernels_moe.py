@@ -208,7 +208,7 @@ def test_moe_block_with_fused_kernel_matches_reference(monkeypatch, stacked):
             assert block.stacked_valid()
         calls = []
         real = moe_triton.fused_moe_layer
-        monkeypatch.setattr(moe_triton, "fused_moe_layer", lambda *a: calls.append(a[8]) or real(*a))
+        monkeypatch.setattr(moe_triton, "fused_moe_layer", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
         monkeypatch.setenv("TRINITY_KERNELS", "triton")
         got = block(x)
     assert calls == [1 if stacked else 0]  # the whole layer in the fused kernels, the shared expert stacked or not

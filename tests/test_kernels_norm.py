@@ -8,7 +8,7 @@ import torch
 
 from trinity.kernels import norm
 from trinity.kernels.norm import (add_rms_norm_reference, norm_add_rms_norm_reference, qk_norm_rope_reference,
-                                  rms_norm_reference, sigmoid_gate_reference)
+                                  rms_norm_reference, sigmoid_gate_reference, sum_norm_add_rms_norm_reference)
 from trinity.kernels.norm import rotate_half
 from trinity.model.layers import RMSNorm, RotaryEmbedding
 
@@ -186,6 +186,42 @@ def test_triton_norm_add_rms_norm(dtype, t, h):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_norm_add_rms_norm_fp32_copy(dtype):
+    """The extra fp32 output is exactly the normed output widened (what `.float()` would copy)."""
+    from trinity.kernels import norm_triton
+    torch.manual_seed(3)
+    x, res = torch.randn(5, 96, device=DEVICE).to(dtype), torch.randn(5, 96, device=DEVICE).to(dtype)
+    wp, wn = _weight(96), _weight(96)
+    got, got_res, got32 = norm_triton.norm_add_rms_norm(x, res, wp, wn, 1e-5, fp32_copy=True)
+    assert got32.dtype == torch.float32 and torch.equal(got32, got.float())
+    want, want_res = norm_triton.norm_add_rms_norm(x, res, wp, wn, 1e-5)
+    assert torch.equal(got, want) and torch.equal(got_res, want_res)
+    ref = norm.norm_add_rms_norm(x.cpu(), res.cpu(), wp.cpu(), wn.cpu(), 1e-5, fp32_copy=True)  # the dispatcher's
+    assert len(ref) == 3 and torch.equal(ref[2], ref[0].float())  # reference path gives the same three
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,k,h", [(1, 9, 96), (6, 3, 200)])
+def test_triton_sum_norm_add_rms_norm(dtype, t, k, h):
+    """A MoE layer's per-choice outputs summed inside the next norm, against the sum then the reference step."""
+    from trinity.kernels import norm_triton
+    torch.manual_seed(t * k + h)
+    parts = torch.randn(t, k, h, device=DEVICE) * 2
+    res = torch.randn(t, h, device=DEVICE).to(dtype)
+    wp, wn = _weight(h), _weight(h)
+    got, got_res = norm_triton.sum_norm_add_rms_norm(parts, res, wp, wn, 1e-5)
+    want, want_res = sum_norm_add_rms_norm_reference(parts, res, wp, wn, 1e-5)
+    _assert_close(got_res, want_res, dtype)
+    _assert_close(got, want, dtype)
+    # the reference is the combine (sum, rounded to the dtype) followed by the plain sandwich step
+    combined = parts.sum(dim=1).to(dtype)
+    plain, plain_res = norm_add_rms_norm_reference(combined, res, wp, wn, 1e-5)
+    assert torch.equal(want, plain) and torch.equal(want_res, plain_res)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("apply_rope", [True, False])
 @pytest.mark.parametrize("t,hq,hk,d", [(1, 4, 2, 128), (33, 3, 1, 24), (33, 8, 2, 64)])
@@ -318,11 +354,15 @@ def compile_sm90(kernel, args: dict, num_warps: int = 4, num_stages: int = 3) ->
 def test_norm_kernels_compile_for_sm90(dtype):
     from trinity.kernels import norm_triton as nt
     p = "*" + dtype
-    for has_res, pre in [(False, False), (True, False), (True, True)]:
+    for has_res, pre, parts, fp32_out in [(False, False, 0, False), (True, False, 0, False), (True, True, 0, False),
+                                          (True, True, 0, True), (True, True, 9, False)]:
         use = compile_sm90(nt._rms_norm_kernel, {
-            "x_ptr": p, "res_ptr": p, "out_ptr": p, "res_out_ptr": p, "pre_w_ptr": "*fp32", "w_ptr": "*fp32",
-            **{n: "i32:16" for n in ["N", "stride_x", "stride_r", "stride_o", "stride_ro"]}, "eps": "fp32",
-            "BLOCK": ("c", 4096), "HAS_RES": ("c", has_res), "PRE_NORM": ("c", pre), "FIX_BF16": ("c", False)},
+            "x_ptr": "*fp32" if parts else p, "res_ptr": p, "out_ptr": p, "res_out_ptr": p, "out32_ptr": "*fp32",
+            "pre_w_ptr": "*fp32", "w_ptr": "*fp32",
+            **{n: "i32:16" for n in ["N", "stride_x", "stride_part", "stride_r", "stride_o", "stride_ro",
+                                     "stride_o32"]}, "eps": "fp32",
+            "BLOCK": ("c", 4096), "HAS_RES": ("c", has_res), "PRE_NORM": ("c", pre), "FIX_BF16": ("c", False),
+            "PARTS": ("c", parts), "FP32_OUT": ("c", fp32_out)},
             num_warps=8)
         assert use["stack"] == 0, use  # no register spills
     for rope in (True, False):

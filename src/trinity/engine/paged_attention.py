@@ -44,7 +44,7 @@ class PoolStep:
     prefill_slots: torch.Tensor  # [Tp]
     prefills: list[PrefillMeta] = field(default_factory=list)
     packed: object = None  # the prefills packed for the fast kernels, made on first use
-    dec_lens: torch.Tensor | None = None  # [Bd] int32 context lengths for the fast kernels, made on first use
+    dec_lens: torch.Tensor | None = None  # [Bd] int32 context lengths for the fast kernels (else made on first use)
     decode_only: bool = False  # every row of the batch is a decode, in order (dec_rows = 0..T-1)
 
 
@@ -119,8 +119,8 @@ class PagedAttention:
 
 
 def _lengths(step: PoolStep) -> torch.Tensor:
-    """The decode rows' context lengths for the fast kernels: made once per step and pool, not once per layer
-    (the CUDA graph passes lengths already)."""
+    """The decode rows' context lengths for the fast kernels: the runner passes them (the CUDA graph as
+    `dec_ctx_valid`); otherwise counted once per step and pool, not once per layer."""
     if step.dec_lens is None:
         valid = step.dec_ctx_valid
         step.dec_lens = valid.sum(dim=1, dtype=torch.int32) if valid.dtype == torch.bool else valid

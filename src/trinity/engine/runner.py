@@ -162,7 +162,8 @@ class ModelRunner:
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
         return PoolStep(dec_rows=as_long(dec_rows), dec_slots=as_long(dec_slots), dec_ctx_slots=ctx_slots,
                         dec_ctx_valid=ctx_valid, prefill_rows=as_long(prefill_rows),
-                        prefill_slots=as_long(prefill_slots), prefills=prefills, decode_only=not prefills)
+                        prefill_slots=as_long(prefill_slots), prefills=prefills, decode_only=not prefills,
+                        dec_lens=torch.tensor(dec_len, dtype=torch.int32, device=dev))
 
     def _decode_context(self, tables: list[list[int]], lo: list[int], lengths: list[int], sliding: bool):
         """Padded [B, L] slots and validity of each decode's cached context, computed on tensors."""

@@ -406,9 +406,11 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
 
 
 def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tensor, block_expert: torch.Tensor,
-                     top_k: int, gate_up: torch.Tensor, down: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+                     top_k: int, gate_up: torch.Tensor, down: torch.Tensor, cfg: MoEConfig,
+                     combine: bool = True) -> torch.Tensor:
     """The aligned slots through gate_up + SwiGLU, down x routing weight (rw: [T * top_k] fp32, by slot), and the
-    combine: three launches."""
+    combine: three launches. Without `combine`: the weighted per-choice outputs [T, top_k, H] in fp32, for a
+    following kernel to sum (`kernels.norm.sum_norm_add_rms_norm`)."""
     num_tokens, hidden = x.shape
     num_experts, inter = gate_up.shape[0], down.shape[2]
     num_slots = num_tokens * top_k
@@ -437,6 +439,8 @@ def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tens
         BLOCK_M=bm, BLOCK_N=down_n, BLOCK_K=down_k, UPCAST=upcast, DOT_PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if not combine:
+        return y.view(num_tokens, top_k, hidden)
 
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     comb_n = min(1024, triton.next_power_of_2(hidden))
@@ -583,20 +587,21 @@ ROUTE_ALIGN_MAX_TOKENS = 32
 def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
                     route_norm: bool, route_scale: float, gate_up: torch.Tensor, down: torch.Tensor, shared: int = 0,
                     counts: torch.Tensor | None = None, count_mask: torch.Tensor | None = None,
-                    config: MoEConfig | None = None) -> torch.Tensor:
+                    config: MoEConfig | None = None, combine: bool = True) -> torch.Tensor:
     """A MoE layer from its router logits: `fused_route` (with the stacked shared expert as every token's last
     choice when `shared`, and the expert-load counts), the alignment, and the grouped expert GEMMs. At decode
     the routing, the shared expert's padding, the counting and the alignment are one launch (five before:
-    route, two pads, a scatter_add and the align kernel). -> [T, H] in x's dtype."""
+    route, two pads, a scatter_add and the align kernel). -> [T, H] in x's dtype; without `combine`, the
+    weighted per-choice outputs [T, top_k + shared, H] in fp32 (see `_grouped_experts`)."""
     num_tokens = x.shape[0]
     num_experts = gate_up.shape[0]
     if logits.shape != (num_tokens, num_experts - shared):
         raise ValueError(f"router logits {tuple(logits.shape)} for {num_tokens} tokens and "
                          f"{num_experts - shared} routed experts")
     cfg = _launch_config(x, gate_up, down, top_k, shared, config)
-    if num_tokens == 0:
-        return torch.empty_like(x)
     kk = top_k + shared
+    if num_tokens == 0:
+        return torch.empty_like(x) if combine else x.new_empty(0, kk, x.shape[1], dtype=torch.float32)
     num_slots = num_tokens * kk
     if num_tokens <= ROUTE_ALIGN_MAX_TOKENS and num_slots <= ALIGN_KERNEL_MAX_SLOTS:
         weights, ids, args, constants = _route_launch(logits, expert_bias, top_k, route_norm, route_scale, shared,
@@ -613,4 +618,4 @@ def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor, expert_bias: torch.Te
             slots, block_expert = moe_align_triton(ids, num_experts, cfg.block_m)
         else:
             slots, block_expert = moe_align(ids, num_experts, cfg.block_m)
-    return _grouped_experts(x, weights.view(-1), slots, block_expert, kk, gate_up, down, cfg)
+    return _grouped_experts(x, weights.view(-1), slots, block_expert, kk, gate_up, down, cfg, combine)

@@ -39,6 +39,14 @@ def norm_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, post_we
     return add_rms_norm_reference(rms_norm_reference(x, post_weight, eps), residual, next_weight, eps)
 
 
+def sum_norm_add_rms_norm_reference(parts: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
+                                    next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sandwich-norm step after a MoE layer whose combine is left to it: parts [T, k, H] fp32 (each choice's
+    weighted expert output) summed in fp32, rounded to the residual's dtype as the combine rounds, then
+    `norm_add_rms_norm_reference`."""
+    return norm_add_rms_norm_reference(parts.sum(dim=1).to(residual.dtype), residual, post_weight, next_weight, eps)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -146,15 +154,28 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
-                      next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      next_weight: torch.Tensor, eps: float, fp32_copy: bool = False) -> tuple[torch.Tensor, ...]:
     """-> (RMSNorm_next(r), r) with r = residual + RMSNorm_post(x): a sublayer's post-norm, the residual add
-    and the next sublayer's pre-norm in one pass."""
+    and the next sublayer's pre-norm in one pass. `fp32_copy`: also the first output widened to fp32 (written by
+    the same launch on the Triton path)."""
     if use_triton(x, residual, post_weight, next_weight):
         from . import norm_triton
-        return norm_triton.norm_add_rms_norm(x, residual, post_weight, next_weight, eps)
+        return norm_triton.norm_add_rms_norm(x, residual, post_weight, next_weight, eps, fp32_copy)
     if native_wanted(x, residual):
-        return norm_add_rms_norm_native(x, residual, post_weight, next_weight, eps)
-    return norm_add_rms_norm_reference(x, residual, post_weight, next_weight, eps)
+        out = norm_add_rms_norm_native(x, residual, post_weight, next_weight, eps)
+    else:
+        out = norm_add_rms_norm_reference(x, residual, post_weight, next_weight, eps)
+    return (*out, out[0].float()) if fp32_copy else out
+
+
+def sum_norm_add_rms_norm(parts: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
+                          next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm_add_rms_norm` of the sum over dim 1 of parts [T, k, H] fp32 (a MoE layer's weighted expert outputs,
+    combined here: on the Triton path in the norm's launch)."""
+    if use_triton(parts, residual, post_weight, next_weight):
+        from . import norm_triton
+        return norm_triton.sum_norm_add_rms_norm(parts, residual, post_weight, next_weight, eps)
+    return sum_norm_add_rms_norm_reference(parts, residual, post_weight, next_weight, eps)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,

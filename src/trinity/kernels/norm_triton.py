@@ -3,7 +3,10 @@
 - `rms_norm`: RMSNorm in fp32 with an fp32 weight, output in x's dtype; one program per row.
 - `add_rms_norm`: new_residual = x + residual (rounded to the dtype, as torch's add is), then RMSNorm of it.
 - `norm_add_rms_norm`: the sandwich-norm step in one pass: h = RMSNorm_post(x), new_residual = residual + h,
-  normed = RMSNorm_next(new_residual) (each intermediate rounded to the dtype, as the module code does).
+  normed = RMSNorm_next(new_residual) (each intermediate rounded to the dtype, as the module code does);
+  optionally also `normed` widened to fp32 (the MoE router's input, without a cast launch).
+- `sum_norm_add_rms_norm`: the same step on the sum of a MoE layer's per-choice expert outputs (fp32 parts,
+  summed in the combine kernel's order and rounded), so the combine costs no launch of its own.
 - `qk_norm_rope`: per-head RMSNorm of q and k, then neox RoPE (optional), one launch for both tensors.
 - `sigmoid_gate`: o * sigmoid(gate).
 
@@ -50,15 +53,24 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- RMSNorm
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, pre_w_ptr, w_ptr, out_ptr, res_out_ptr,
-    N, stride_x, stride_r, stride_o, stride_ro, eps,
+    x_ptr, res_ptr, pre_w_ptr, w_ptr, out_ptr, res_out_ptr, out32_ptr,
+    N, stride_x, stride_part, stride_r, stride_o, stride_ro, stride_o32, eps,
     BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PRE_NORM: tl.constexpr, FIX_BF16: tl.constexpr,
+    PARTS: tl.constexpr, FP32_OUT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
     dtype = out_ptr.dtype.element_ty
-    h = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    if PARTS:  # x = the sum of PARTS fp32 rows (a MoE layer's weighted expert outputs), rounded to the dtype
+        h = tl.zeros((BLOCK,), dtype=tl.float32)
+        part = x_ptr + row * stride_x
+        for _ in range(0, PARTS):  # fixed order: the combine kernel's sum
+            h += tl.load(part + offs, mask=ok, other=0.0)
+            part += stride_part
+        h = round_to(h, dtype, FIX_BF16).to(tl.float32)
+    else:
+        h = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
     if PRE_NORM:  # h = RMSNorm_pre(x), rounded to the dtype
         r0 = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
         w0 = tl.load(pre_w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -70,37 +82,52 @@ def _rms_norm_kernel(
         h = s.to(tl.float32)
     r = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, round_to(w * (h * r), dtype, FIX_BF16), mask=ok)
+    normed = round_to(w * (h * r), dtype, FIX_BF16)
+    tl.store(out_ptr + row * stride_o + offs, normed, mask=ok)
+    if FP32_OUT:  # the same values widened: what `normed.float()` would copy (the router's fp32 input)
+        tl.store(out32_ptr + row * stride_o32 + offs, normed.to(tl.float32), mask=ok)
 
 
-def _launch_rms(x, residual, pre_weight, weight, eps):
-    shape = x.shape
-    n = shape[-1]
-    x2 = _rows(x)
-    rows = x2.shape[0]
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if residual is not None:
-        if residual.shape != shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match x "
-                             f"{tuple(shape)} {x.dtype}")
-        r2 = _rows(residual)
-        res_out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+def _launch_rms(x, residual, pre_weight, weight, eps, parts: int = 0, fp32_out: bool = False):
+    """x [..., N] (with `parts`: [rows, parts, N] fp32 rows summed first, the result in residual's dtype)."""
+    if parts:
+        if residual is None or x.dim() != 3 or x.shape[1] != parts or x.dtype != torch.float32 or x.stride(-1) != 1:
+            raise ValueError(f"parts {tuple(x.shape)} {x.dtype}: need [rows, {parts}, N] fp32 and a residual")
+        shape, dtype = residual.shape, residual.dtype
+        x2 = x
+        stride_x, stride_part = x.stride(0), x.stride(1)
     else:
-        r2 = res_out = x2  # unused
+        shape, dtype = x.shape, x.dtype
+        x2 = _rows(x)
+        stride_x, stride_part = x2.stride(0), 0
+    n = shape[-1]
+    rows = x2.shape[0]
+    out = torch.empty(rows, n, dtype=dtype, device=x.device)
+    if residual is not None:
+        if residual.shape != shape or residual.dtype != dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match x "
+                             f"{tuple(shape)} {dtype}")
+        r2 = _rows(residual)
+        res_out = torch.empty(rows, n, dtype=dtype, device=x.device)
+    else:
+        r2 = res_out = out  # unused
+    out32 = torch.empty(rows, n, dtype=torch.float32, device=x.device) if fp32_out else out
     w = weight.contiguous()
     pw = pre_weight.contiguous() if pre_weight is not None else w
     if rows:
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(rows,)](
-            x2, r2, pw, w, out, res_out,
-            n, x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0), float(eps),
+            x2, r2, pw, w, out, res_out, out32,
+            n, stride_x, stride_part, r2.stride(0), out.stride(0), res_out.stride(0), out32.stride(0), float(eps),
             BLOCK=block, HAS_RES=residual is not None, PRE_NORM=pre_weight is not None,
-            FIX_BF16=fix_bf16(x.dtype), num_warps=_row_warps(block),
+            FIX_BF16=fix_bf16(dtype), PARTS=parts, FP32_OUT=fp32_out, num_warps=_row_warps(block),
         )
-    out = out.view(shape)
-    if residual is None:
-        return out
-    return out, res_out.view(shape)
+    results = [out.view(shape)]
+    if residual is not None:
+        results.append(res_out.view(shape))
+    if fp32_out:
+        results.append(out32.view(shape))
+    return results[0] if len(results) == 1 else tuple(results)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -113,8 +140,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
-                      next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_rms(x, residual, post_weight, next_weight, eps)
+                      next_weight: torch.Tensor, eps: float, fp32_copy: bool = False) -> tuple[torch.Tensor, ...]:
+    return _launch_rms(x, residual, post_weight, next_weight, eps, fp32_out=fp32_copy)
+
+
+def sum_norm_add_rms_norm(parts: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
+                          next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_rms(parts, residual, post_weight, next_weight, eps, parts=parts.shape[1])
 
 
 # --------------------------------------------------------------------------------------------- q/k norm + RoPE

@@ -45,8 +45,15 @@ class DecoderLayer(nn.Module):
         Identical arithmetic to `forward` (the reference is the same ops); on the GPU four norms and two adds per
         layer become two launches."""
         eps = self.post_attention_layernorm.eps
-        h, x = kernel_norm.norm_add_rms_norm(self.self_attn(h, rope, attn), x, self.post_attention_layernorm.weight,
-                                             self.pre_mlp_layernorm.weight, eps)
+        # On the Triton path a MoE layer hands back its per-choice outputs and the next norm sums them (no combine
+        # launch), and the norm before it also writes its output in fp32 for the router (no cast launch).
+        parts = isinstance(self.mlp, MoEBlock) and self.mlp.parts_wanted(h)
+        h, x, *h_fp32 = kernel_norm.norm_add_rms_norm(self.self_attn(h, rope, attn), x,
+                                                      self.post_attention_layernorm.weight,
+                                                      self.pre_mlp_layernorm.weight, eps, fp32_copy=parts)
+        if parts:
+            return kernel_norm.sum_norm_add_rms_norm(self.mlp.forward_parts(h, h_fp32[0]), x,
+                                                     self.post_mlp_layernorm.weight, next_norm.weight, eps)
         return kernel_norm.norm_add_rms_norm(self.mlp(h), x, self.post_mlp_layernorm.weight, next_norm.weight, eps)
 
 

@@ -137,6 +137,20 @@ class MoEBlock(nn.Module):
             out = out + self.shared_experts(x)
         return out
 
+    def parts_wanted(self, x: torch.Tensor) -> bool:
+        """Whether `forward_parts` can run: inference on the Triton path with the shared expert stacked."""
+        return (not self.record_router and self.stacked is not None and moe_layer_triton_wanted(x)
+                and self.stacked_valid())
+
+    def forward_parts(self, x: torch.Tensor, x_fp32: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer without its final combine (where `parts_wanted`): each token's weighted expert outputs,
+        shared expert included, [T, top_k + 1, H] in fp32; summed over dim 1 they are `forward(x)` before its
+        rounding to x's dtype. The decoder layer sums them inside its next norm kernel, saving a launch.
+        `x_fp32`: x widened, when the norm that made x wrote it too (saves the router's cast)."""
+        return moe_layer_triton(x, self.router_weight_fp32(), self.expert_bias, self.top_k, self.route_norm,
+                                self.route_scale, *self.stacked, shared=True, counts=self.expert_counts,
+                                count_mask=self.count_mask, x_fp32=x_fp32, combine=False)
+
     def track_expert_load(self, enabled: bool = True) -> None:
         self.expert_counts = torch.zeros(self.router.gate.weight.shape[0], dtype=torch.long,
                                          device=self.router.gate.weight.device) if enabled else None

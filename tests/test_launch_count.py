@@ -1,0 +1,119 @@
+"""The launch counter, and the number of kernels a decode step's layers launch on the GPU path (counted on the CPU
+under Triton's interpreter: `TRITON_INTERPRET=1 pytest tests/test_launch_count.py`, the second step of `make
+test`), with the engine's Triton path giving the reference path's tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trinity import TrinityForCausalLM, preset
+from trinity.engine import EngineConfig, LLMEngine, SamplingParams
+from trinity.kernels import interpreting, triton_importable, use_reference
+from trinity.kernels.launch_counter import LaunchCounter, count_decode_step
+
+needs_interpreter = pytest.mark.skipif(not (interpreting() and triton_importable()),
+                                       reason="counts the GPU path under Triton's interpreter (TRITON_INTERPRET=1)")
+
+
+# ------------------------------------------------------------------------------------------ the counter
+def test_counter_counts_kernels_not_views_or_allocations():
+    x = torch.randn(4, 6)
+    with torch.inference_mode(), LaunchCounter() as counter:
+        y = x.view(6, 4).t()  # views
+        x.reshape(24)  # a view here
+        torch.empty(3)  # an allocation
+        x.float()  # already fp32: no copy
+        z = y.contiguous()  # a copy
+        z.mul_(2)  # in place
+        torch.add(x, 1)
+        torch.cumsum(x, 0, out=torch.empty(4, 6))  # the empty is no kernel, the out= op is
+    # under inference mode `contiguous` reaches the dispatcher whole (elsewhere as the clone it does)
+    assert [e.name for e in counter.launches] == ["contiguous", "mul_", "add", "cumsum"]
+
+
+def test_counter_counts_syncs_and_sections():
+    x = torch.arange(5)
+    with LaunchCounter() as counter:
+        with counter.section("a"):
+            x.sum().item()
+        x + 1
+    assert counter.count("a") == 1 and counter.syncs() == 1 and counter.count() == 2
+
+
+@needs_interpreter
+def test_counter_counts_a_triton_launch_once(monkeypatch):
+    from trinity.kernels import norm_triton
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    x, w = torch.randn(3, 16), torch.ones(16)
+    with torch.inference_mode(), LaunchCounter() as counter:
+        norm_triton.rms_norm(x, w, 1e-5)
+    assert [(e.kind, e.name) for e in counter.launches] == [("triton", "_rms_norm_kernel")]
+
+
+# ------------------------------------------------------------------------------------------ the engine
+def _engine(model, batch: int) -> LLMEngine:
+    engine = LLMEngine(model, None, EngineConfig(max_model_len=128, max_num_seqs=batch, num_kv_blocks=32,
+                                                 enforce_eager=True, async_scheduling=False))
+    for i in range(batch):
+        engine.add_request(str(i), prompt_token_ids=list(range(3 + 5 * i, 20 + 5 * i)),
+                           params=SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    return engine
+
+
+def _nano_structure() -> TrinityForCausalLM:
+    """Nano's structure (8/2 heads, 128 experts top-8 + shared, 2 dense layers first) at small widths."""
+    cfg = preset("nano", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+                 head_dim=16, vocab_size=256, sliding_window=8, max_position_embeddings=256)
+    return TrinityForCausalLM.random(cfg, dtype=torch.bfloat16, seed=1)
+
+
+# Kernels per layer of a batch-1 decode step on the GPU path (eager; the CUDA graph holds the same). It was 19
+# for a MoE layer before routing, counting and alignment became one kernel, the output gate moved into the
+# attention kernel, and the MoE combine and the router's fp32 cast into the norm kernels.
+MOE_LAYER_BUDGET = 11
+DENSE_LAYER_BUDGET = 12
+
+
+@needs_interpreter
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_launches_per_layer(monkeypatch, batch):
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    monkeypatch.setenv("TRINITY_CPU_NATIVE", "0")  # the GPU path's linears: one library GEMM each
+    engine = _engine(_nano_structure(), batch)
+    engine.step()
+    engine.step()
+    counter = count_decode_step(engine)
+    cfg = engine.model.config
+    for i in range(cfg.num_hidden_layers):
+        budget = MOE_LAYER_BUDGET if cfg.is_moe_layer(i) else DENSE_LAYER_BUDGET
+        assert counter.count(f"layer{i}") <= budget, (i, counter.names(f"layer{i}"))
+    assert not [e for e in counter.launches if e.kind == "sync" and e.section]  # no host sync inside a layer
+
+
+@needs_interpreter
+def test_engine_triton_path_gives_the_reference_tokens(monkeypatch):
+    """Decode through the fused kernels (routing + align, gated attention, combine in the norm) against the
+    pure-torch references, on the tiny model in fp32."""
+    model = TrinityForCausalLM.random(preset("tiny"), seed=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0)  # a peaked next-token distribution: a stable argmax
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    fast = _run(_engine(model, 3))
+    use_reference(True)
+    try:
+        ref = _run(_engine(model, 3))
+    finally:
+        use_reference(None)
+    assert fast == ref
+
+
+def _run(engine: LLMEngine) -> list[list[int]]:
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[k] for k in sorted(done)]
