@@ -222,6 +222,30 @@ def test_decode_with_output_gate_matches_attention_then_gate(tk, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_writing_the_new_kv_matches_write_then_attend(tk, dtype, splits):
+    """The new token's K/V from registers (and written by the kernel) against write_kv then attention, with the
+    new token at every split boundary case: alone in its split, first of a tile, a one-token context."""
+    lens = [1, 17, 33, 40]
+    q, kc, vc, slots, ctx_lens = decode_case(lens, 8, 2, 16, dtype, seed=11)
+    g = torch.Generator().manual_seed(2)
+    new_k = torch.randn(4, 2, 16, generator=g).to(device=DEVICE, dtype=dtype)
+    new_v = torch.randn(4, 2, 16, generator=g).to(device=DEVICE, dtype=dtype)
+    new_slots = slots[torch.arange(4), ctx_lens.long() - 1].clone()  # each row's last position is its new token
+    kc_want, vc_want = kc.clone(), vc.clone()
+    A.write_kv_reference(kc_want, vc_want, new_slots, new_k, new_v)
+    want = tk.decode_attention(q, kc_want, vc_want, slots, ctx_lens, 0.25, num_splits=splits, block_n=16)
+    got = tk.decode_attention(q, kc, vc, slots, ctx_lens, 0.25, new_kv=(new_k, new_v, new_slots), num_splits=splits,
+                              block_n=16)
+    torch.testing.assert_close(kc, kc_want, rtol=0, atol=0, equal_nan=True)  # the poison slot stays NaN
+    torch.testing.assert_close(vc, vc_want, rtol=0, atol=0, equal_nan=True)
+    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    ref = A.decode_attention_reference(*f32(q, kc_want, vc_want), slots, ctx_lens, 0.25)
+    assert rel_err(got, ref) < TOL[dtype]
+
+
+@needs_triton
 def test_decode_dispatcher_with_engine_mask(monkeypatch):
     monkeypatch.setenv("TRINITY_KERNELS", "triton")
     q, kc, vc, slots, lens = decode_case([12, 1, 5], 4, 2, 16, torch.float32)
@@ -484,11 +508,13 @@ def test_kernels_compile_for_sm90(tk, dtype):
     act = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr",
                                     "gate_ptr")}
     for split in (False, True):
-        for gate in (False, True):
+        for gate, new in ((False, False), (True, True)):
             build(tk._decode_kernel, {**act, "part_ptr": "*fp32", "lse_ptr": "*fp32", "slots_ptr": "*i64",
-                                      "lens_ptr": "*i32", "qk_scale": "fp32"},
+                                      "lens_ptr": "*i32", "qk_scale": "fp32", "new_k_ptr": f"*{dtype}",
+                                      "new_v_ptr": f"*{dtype}", "new_slots_ptr": "*i64"},
                   dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
-                       SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False), 8)
+                       SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False,
+                       HAS_NEW=new), 8)
     for gate in (False, True):
         build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
                                         "gate_ptr": f"*{dtype}"},

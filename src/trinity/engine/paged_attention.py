@@ -87,24 +87,24 @@ class PagedAttention:
         return out
 
     def attend_gated(self, layer_idx, q, k, v, window, scale, gate):
-        """`attend`, then times sigmoid(gate) ([T, Hq, D]): in one launch on the fast path at decode (the gate
-        in the attention kernel's epilogue), else `kernels.norm.sigmoid_gate` after."""
+        """`attend`, then times sigmoid(gate) ([T, Hq, D]). On the fast path a decode step is one launch: the new
+        K/V written and the gate applied by the attention kernel itself. Otherwise `kernels.norm.sigmoid_gate`
+        after `attend`."""
         pool, li = self.kv.layer_pool[layer_idx]
         step = self.steps[pool]
         if step.decode_only and kernels_attention.use_fast_path(q):
             kc, vc = self.kv.k[pool][li], self.kv.v[pool][li]
-            kernels_attention.write_kv(kc, vc, step.dec_slots, k, v)
             return kernels_attention.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale,
-                                                      gate=gate)
+                                                      gate=gate, new_kv=(k, v, step.dec_slots))
         return kernel_norm.sigmoid_gate(self.attend(layer_idx, q, k, v, window, scale), gate)
 
     @staticmethod
     def _attend_fast(kc, vc, step: PoolStep, q, k, v, window, scale):
         """The same steps through the Triton kernels (kernels/attention.py), chosen on CUDA."""
         ka = kernels_attention
-        if step.decode_only:  # no row gathers or scatters: three fewer launches per layer at decode
-            ka.write_kv(kc, vc, step.dec_slots, k, v)
-            return ka.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale)
+        if step.decode_only:  # no row gathers or scatters, the new K/V written by the attention kernel
+            return ka.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale,
+                                       new_kv=(k, v, step.dec_slots))
         out = torch.empty_like(q)
         if step.dec_rows.numel():
             ka.write_kv(kc, vc, step.dec_slots, k[step.dec_rows], v[step.dec_rows])

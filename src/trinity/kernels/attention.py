@@ -123,16 +123,18 @@ def paged_prefill_attention(q, k, v, k_cache, v_cache, packed: PackedPrefills, w
 
 
 # ---------------------------------------------------------------------------------------- dispatchers
-def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, gate=None):
-    """`gate` ([B, Hq, D]): the output times sigmoid(gate) (the attention layer's output gate), in the same
-    launch on the Triton path."""
+def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, gate=None, new_kv=None):
+    """`gate` ([B, Hq, D]): the output times sigmoid(gate) (the attention layer's output gate); `new_kv` = (k, v,
+    slots): this step's K/V written to the cache first (`write_kv`). Both in the same launch on the Triton path."""
     if not use_triton(q, k_cache, v_cache):
+        if new_kv is not None:
+            write_kv_reference(k_cache, v_cache, new_kv[2], new_kv[0], new_kv[1])
         out = decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale)
         return out if gate is None else sigmoid_gate_reference(out, gate)
     lens = ctx_valid_or_lens
     if lens.dtype == torch.bool:  # validity is a prefix of each row: its count is the length
         lens = lens.sum(dim=1, dtype=torch.int32)
-    return _kernels().decode_attention(q, k_cache, v_cache, ctx_slots, lens, scale, gate=gate)
+    return _kernels().decode_attention(q, k_cache, v_cache, ctx_slots, lens, scale, gate=gate, new_kv=new_kv)
 
 
 def prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, *, max_q_len: int | None = None):

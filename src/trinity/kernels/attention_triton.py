@@ -68,6 +68,7 @@ def _program_target(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, gate_ptr,
+                   new_k_ptr, new_v_ptr, new_slots_ptr,
                    qk_scale, keys_per_split,
                    stride_qb, stride_qh, stride_qd,
                    stride_ks, stride_kh, stride_kd,
@@ -76,10 +77,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    stride_ob, stride_oh, stride_od,
                    stride_pb, stride_ph, stride_ps,
                    stride_gb, stride_gh,
+                   stride_nkb, stride_nkh, stride_nvb, stride_nvh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr):
+                   HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr, HAS_NEW: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -104,9 +106,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     slot_row = slots_ptr + b.to(tl.int64) * stride_sb
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
-    for start in range(lo, hi, BLOCK_N):
+    # With HAS_NEW the last context position is this step's token: its K/V come in registers (and are written to
+    # the cache here, replacing a write_kv launch), the rest is read from the cache.
+    cached_hi = hi
+    if HAS_NEW:
+        cached_hi = tl.minimum(hi, n_ctx - 1)
+    for start in range(lo, cached_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
+        n_mask = offs_n < cached_hi
         slot = tl.load(slot_row + offs_n * stride_sl, mask=n_mask, other=0).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + slot[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
@@ -120,6 +127,27 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         v = tl.load(v_head + slot[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, DOT_PRECISION)
         m_i = m_new
+    if HAS_NEW:
+        if (n_ctx > 0) & (lo <= n_ctx - 1) & (n_ctx - 1 < hi):  # the split that holds the new token
+            kn = tl.load(new_k_ptr + b.to(tl.int64) * stride_nkb + kvh * stride_nkh + offs_d, mask=d_mask, other=0.0)
+            vn = tl.load(new_v_ptr + b.to(tl.int64) * stride_nvb + kvh * stride_nvh + offs_d, mask=d_mask, other=0.0)
+            new_slot = tl.load(new_slots_ptr + b).to(tl.int64)
+            if new_slot >= 0:
+                tl.store(k_head + new_slot * stride_ks + offs_d * stride_kd, kn.to(k_ptr.dtype.element_ty),
+                         mask=d_mask)
+                tl.store(v_head + new_slot * stride_vs + offs_d * stride_vd, vn.to(v_ptr.dtype.element_ty),
+                         mask=d_mask)
+            kn = kn.to(k_ptr.dtype.element_ty).to(tl.float32)  # the values the cache holds from now on
+            vn = vn.to(v_ptr.dtype.element_ty).to(tl.float32)
+            s_new = tl.sum(q.to(tl.float32) * kn[None, :], axis=1) * qk_scale  # [BLOCK_H]
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            # p rounded to the cache dtype as the tiles' P @ V rounds it
+            p_new = p_new.to(v_ptr.dtype.element_ty).to(tl.float32)
+            acc = acc * alpha[:, None] + p_new[:, None] * vn[None, :]
+            m_i = m_new
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]
@@ -191,6 +219,7 @@ def _decode_splits(batch: int, kv_heads: int, width: int, block_n: int, device: 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor,
                      ctx_lens: torch.Tensor, scale: float, *, gate: torch.Tensor | None = None,
+                     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                      num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """One query token per sequence against its slot-addressed context.
 
@@ -198,7 +227,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     sequence's new token included, already written), padded; ctx_lens: [B] int, row b uses
     ctx_slots[b, :ctx_lens[b]] and never reads past it. Returns [B, Hq, D] in q's dtype; a row with no
     context gives zeros. `gate` [B, Hq, D] (unit stride in D): the output times sigmoid(gate), the attention
-    layer's output gate in the same launch. `num_splits` / `block_n` override the launch heuristics (tests, tuning).
+    layer's output gate in the same launch. `new_kv` = (k [B, Hkv, D], v, slots [B]): this step's K/V, written to
+    their slots by the same launch (`write_kv` before the kernel, without its launch); each row's last context
+    position must be its new token, whose slot is then never read. `num_splits` / `block_n` override the launch heuristics (tests, tuning).
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -224,14 +255,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     gated = dict(HAS_GATE=gate is not None, FIX_BF16=fix_bf16(q.dtype))
     gate_strides = gate.stride()[:2] if gate is not None else (0, 0)
     gate = gate if gate is not None else out  # unused
+    if new_kv is not None:
+        new_k, new_v, new_slots = new_kv
+        if new_k.shape != (B, Hkv, D) or new_v.shape != (B, Hkv, D) or new_slots.shape != (B,) \
+                or new_k.stride(-1) != 1 or new_v.stride(-1) != 1:
+            raise ValueError(f"new K/V {tuple(new_k.shape)} / {tuple(new_v.shape)} and slots "
+                             f"{tuple(new_slots.shape)} must be [{B}, {Hkv}, {D}] (unit stride in D) and [{B}]")
+        new_strides = (*new_k.stride()[:2], *new_v.stride()[:2])
+    else:
+        new_k = new_v = new_slots = out  # unused
+        new_strides = (0, 0, 0, 0)
     _decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, ctx_slots, ctx_lens, out, part, lse, gate,
+        q, k_cache, v_cache, ctx_slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots,
         scale * _LOG2E, per_split,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *ctx_slots.stride(), *out.stride(),
-        *(part.stride()[:3] if splits > 1 else (0, 0, 0)), *gate_strides,
+        *(part.stride()[:3] if splits > 1 else (0, 0, 0)), *gate_strides, *new_strides,
         GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q), **gated,
-        num_warps=8 if block_d >= 128 else 4)
+        HAS_NEW=new_kv is not None, num_warps=8 if block_d >= 128 else 4)
     if splits > 1:
         _decode_merge_kernel[(B, Hq)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
                                       HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, **gated, num_warps=4)
