@@ -5,9 +5,10 @@
 
 Builds Nano- and Mini-structured models (their head counts, 128 experts top-8, a shared expert, dense + MoE
 layers, sliding + full attention) with small widths, since the count depends on the structure only; runs the
-engine's GPU kernels (on the CPU through Triton's interpreter), prefills one prompt and counts one batch-1 decode
-step with `trinity.kernels.launch_counter`. Prints per-layer counts and the ops of one MoE layer, then one JSON
-object last.
+engine's GPU kernels (on the CPU through Triton's interpreter), prefills the prompts and counts, with
+`trinity.kernels.launch_counter`, the forward a CUDA graph captures for that decode batch (`DecodeTable.forward`:
+the graph holds exactly these launches) and one eager engine step (metadata and sampling included). Prints
+per-layer counts and the ops of one MoE layer, then one JSON object last.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from trinity import TrinityForCausalLM, preset  # noqa: E402
 from trinity.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from trinity.kernels.launch_counter import count_decode_step  # noqa: E402
+from trinity.engine.cuda_graphs import DecodeTable  # noqa: E402
+from trinity.kernels.launch_counter import count_by_layer, count_decode_step  # noqa: E402
 
 
 def structure(name: str):
@@ -54,7 +56,15 @@ def decode_counts(name: str) -> dict:
         engine.add_request(str(i), prompt_token_ids=list(range(3 + i, 43 + i)), params=params)
     engine.step()  # the prefill
     engine.step()  # one decode outside the count: one-off work (caches, compilation) happens here
-    counter = count_decode_step(engine)
+    eager = count_decode_step(engine)
+    # the forward a CUDA graph captures for this batch, from the runner's decode table
+    table = DecodeTable(engine.runner, args.batch, 256, engine.runner.scratch_slots)
+    host = table.new_host_table(pin=False)
+    table.fill(host.numpy(), engine.scheduler.schedule(), args.batch, tokens_given=False)
+    table.meta.copy_(host)
+    with torch.inference_mode():
+        table.forward(args.batch)
+        counter = count_by_layer(model, lambda: table.forward(args.batch))
     per_layer = {f"layer{i}": counter.count(f"layer{i}") for i in range(config.num_hidden_layers)}
     moe = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
@@ -63,7 +73,9 @@ def decode_counts(name: str) -> dict:
         "moe_layer": per_layer[f"layer{moe[0]}"],
         "dense_layer": per_layer[f"layer{dense[0]}"],
         "outside_layers": counter.count(""),
-        "syncs_in_layers": sum(1 for e in counter.launches if e.kind == "sync" and e.section),
+        "outside_ops": dict(sorted(counter.names("").items())),
+        "eager_step_outside_layers": eager.count(""),
+        "syncs": counter.syncs(),
         "moe_layer_ops": dict(sorted(counter.names(f"layer{moe[0]}").items())),
         # the full model's layer count, for the per-step total on the real model
         "real_layers": {"moe": sum(preset(name).is_moe_layer(i) for i in range(preset(name).num_hidden_layers)),
@@ -78,9 +90,10 @@ def main() -> None:
         real = r["real_layers"]
         r["per_step_real_model"] = real["moe"] * r["moe_layer"] + real["dense"] * r["dense_layer"] + r["outside_layers"]
         results[name] = r
-        print(f"{name}: MoE layer {r['moe_layer']} launches, dense layer {r['dense_layer']}, outside the layers "
-              f"{r['outside_layers']} (eager step, incl. metadata and sampling); ~{r['per_step_real_model']} per "
-              f"step for the real {real['moe'] + real['dense']} layers; syncs inside layers {r['syncs_in_layers']}")
+        print(f"{name}: graph forward: MoE layer {r['moe_layer']} launches, dense layer {r['dense_layer']}, around the "
+              f"layers {r['outside_layers']}: {r['per_step_real_model']} per step for the real "
+              f"{real['moe'] + real['dense']} layers, {r['syncs']} syncs (an eager step launches "
+              f"{r['eager_step_outside_layers']} outside the layers, metadata and sampling included)")
         for op, n in r["moe_layer_ops"].items():
             print(f"    {n:3d}  {op}")
     print(json.dumps({"device": device, "batch": args.batch, "torch": torch.__version__, **results}))

@@ -245,6 +245,56 @@ def test_decode_writing_the_new_kv_matches_write_then_attend(tk, dtype, splits):
     assert rel_err(got, ref) < TOL[dtype]
 
 
+def block_table_case(ring: int, seed: int = 0):
+    """Four rows' contexts by block table, stored as strided int32 columns of one table (as the CUDA-graph
+    runner's): (lo, length, table) per row, block size 4; with `ring`, positions wrap around `ring` blocks."""
+    g = torch.Generator().manual_seed(seed)
+    bs, hkv, d, blocks = 4, 2, 16, 40
+    kc, vc = torch.randn(blocks * bs, hkv, d, generator=g), torch.randn(blocks * bs, hkv, d, generator=g)
+    n_table = ring or 10
+    # a ring holds any `ring` consecutive blocks: each sliding context spans at most that many
+    rows = [(0, 1), (0, 13), (9, 14), (30, 9)] if ring else [(0, 1), (0, 23), (0, 40), (0, 7)]
+    meta = torch.zeros(4, 3 + n_table, dtype=torch.int32)  # [lo, length, pad, table...]
+    perm = torch.randperm(blocks, generator=g)
+    for b, (lo, n) in enumerate(rows):
+        meta[b, 0], meta[b, 1] = lo, n
+        meta[b, 3:] = perm[b * n_table:(b + 1) * n_table]
+    from trinity.kernels.attention import BlockTable
+    table = BlockTable(table=meta[:, 3:], lo=meta[:, 0], block_size=bs, ring=ring,
+                       width=ring * bs if ring else n_table * bs)
+    return kc, vc, table, meta[:, 1]
+
+
+@needs_triton
+@pytest.mark.parametrize("ring", [0, 4])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_by_block_table_matches_slots(tk, ring, splits):
+    """Slots computed in the kernel from the block table (read in place from strided int32 columns) against the
+    expanded per-position slots."""
+    kc, vc, table, lens = block_table_case(ring)
+    q = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(1))
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    table_d = type(table)(dev(table.table), dev(table.lo), table.block_size, table.ring, table.width)
+    slots = table.slots()
+    want = A.decode_attention_reference(q, kc, vc, slots, lens, 0.3)
+    got = tk.decode_attention(dev(q), dev(kc), dev(vc), None, dev(lens), 0.3, table=table_d, num_splits=splits,
+                              block_n=16)
+    assert rel_err(got.cpu(), want) < 1e-5
+    by_slots = tk.decode_attention(dev(q), dev(kc), dev(vc), dev(slots), dev(lens), 0.3, num_splits=splits,
+                                   block_n=16)
+    assert rel_err(got.cpu(), by_slots.cpu()) < 1e-6
+
+
+def test_block_table_slots_wrap_in_the_ring():
+    from trinity.kernels.attention import BlockTable
+    table = torch.tensor([[7, 2, 5]], dtype=torch.int32)
+    bt = BlockTable(table=table, lo=torch.tensor([5]), block_size=4, ring=3, width=6)
+    # positions 5..10: blocks 1, 1, 1, 2, 2, 2 (of the ring) -> table entries 2 and 5
+    assert bt.slots().tolist() == [[2 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 5 * 4 + 0, 5 * 4 + 1, 5 * 4 + 2]]
+    bt = BlockTable(table=table, lo=torch.tensor([9]), block_size=4, ring=3, width=4)  # 9..12: wraps to block 0
+    assert bt.slots().tolist() == [[5 * 4 + 1, 5 * 4 + 2, 5 * 4 + 3, 7 * 4 + 0]]
+
+
 @needs_triton
 def test_decode_dispatcher_with_engine_mask(monkeypatch):
     monkeypatch.setenv("TRINITY_KERNELS", "triton")
@@ -400,8 +450,8 @@ def check_engine_step(window):
     attn, step, kc, vc, q, k, v = engine_step(window)
     want = attn.attend(0, q, k, v, window, 0.25)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    step_d = type(step)(**{f: getattr(step, f) if f in ("prefills", "packed", "decode_only", "dec_lens")
-                           else dev(getattr(step, f)) for f in step.__slots__})
+    step_d = type(step)(**{f: dev(getattr(step, f)) if isinstance(getattr(step, f), torch.Tensor)
+                           else getattr(step, f) for f in step.__slots__})
     step_d.prefills = [type(p)(**{f: getattr(p, f) if f in ("start", "num") else dev(getattr(p, f))
                                   for f in p.__slots__}) for p in step.prefills]
     kc_d, vc_d = dev(kc.clone()), dev(vc.clone())
@@ -511,10 +561,10 @@ def test_kernels_compile_for_sm90(tk, dtype):
         for gate, new in ((False, False), (True, True)):
             build(tk._decode_kernel, {**act, "part_ptr": "*fp32", "lse_ptr": "*fp32", "slots_ptr": "*i64",
                                       "lens_ptr": "*i32", "qk_scale": "fp32", "new_k_ptr": f"*{dtype}",
-                                      "new_v_ptr": f"*{dtype}", "new_slots_ptr": "*i64"},
+                                      "new_v_ptr": f"*{dtype}", "new_slots_ptr": "*i32", "lo_ptr": "*i32"},
                   dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
                        SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False,
-                       HAS_NEW=new), 8)
+                       HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, RING=new), 8)
     for gate in (False, True):
         build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
                                         "gate_ptr": f"*{dtype}"},

@@ -8,9 +8,9 @@ Host work per step is one loop that fills a pinned int32 table (two used in turn
 the replay. Each row of the table describes one sequence: its token, position and a 0/1 expert-count weight, then
 per KV pool its new token's slot, the first position its attention sees, how many positions it sees, and its block
 table (with the engine's look-ahead the tokens come instead from the previous step's sampling, on the device). The
-graph itself turns block tables into the per-position slots the Triton decode kernel reads (padded to the widest
-context the pool can hold: `max_model_len` for full layers, the window for sliding ones), so nothing else is built
-on the host. The kernel reads only the first `length` slots of a row.
+decode attention kernel reads the block tables, first positions and lengths in place, as strided columns of the
+device copy (`kernels.attention.BlockTable`): the graph builds no per-position slot tensors, and the addressing
+costs no kernel of its own.
 
 A batch of n sequences runs in the smallest bucket b >= n. Rows n..b-1 are padding: token 0 at position 0, writing
 and reading only a scratch block past the blocks the KV manager hands out (the runner allocates it), and weighted
@@ -22,10 +22,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from ..kernels import attention as kernels_attention
 from ..kernels import graph_mode
+from ..kernels.attention import BlockTable
 from .paged_attention import PagedAttention, PoolStep
 from .scheduler import ScheduledBatch
 
@@ -56,15 +57,16 @@ class _Pool:
         return _TABLE + self.num_table
 
 
-class DecodeGraphs:
-    """Captured decode forwards for the bucketed batch sizes of one ModelRunner."""
+class DecodeTable:
+    """A decode batch as one int32 table on the device (a row per sequence, layout above), filled on the host, and
+    the forward that reads it. Nothing in the forward depends on host values: it is what `DecodeGraphs` captures,
+    and it runs as it is (uncaptured) wherever the Triton kernels do, on the CPU too under the interpreter (tests).
+    """
 
     def __init__(self, runner, max_batch: int, max_model_len: int, scratch_slots: dict[str, int]):
         self.runner = runner
         self.block_size = bs = runner.kv.block_size
-        dev = runner.device
-        self.buckets = buckets_up_to(max_batch)
-        self.max_batch = self.buckets[-1]
+        self.max_batch = max_batch
         self.pools: list[_Pool] = []
         offset = 3
         for name, scratch in scratch_slots.items():
@@ -75,76 +77,18 @@ class DecodeGraphs:
             self.pools.append(pool)
             offset += pool.columns
         self.columns = offset
-        # Two pinned host tables used in turn, each with the event of its last copy: with the engine's look-ahead
-        # the next step's table is filled while the previous step's copy may still wait in the stream.
-        self.hosts = [torch.zeros(self.max_batch, self.columns, dtype=torch.int32).pin_memory() for _ in range(2)]
-        self.copied: list[torch.cuda.Event | None] = [None, None]
-        self.turn = 0
-        self.meta = torch.zeros(self.max_batch, self.columns, dtype=torch.int32, device=dev)
-        self._offsets = {p.name: torch.arange(p.width, device=dev) for p in self.pools}
-        for host in self.hosts:
-            for b in range(self.max_batch):
-                self._pad_row(host.numpy(), b)
-        self.meta.copy_(self.hosts[0])
+        self.meta = torch.zeros(max_batch, self.columns, dtype=torch.int32, device=runner.device)
         self._moe_blocks = [runner.model.model.layers[i].mlp for i in runner.moe_layers]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.replays = 0  # decode steps served by a graph (tests and stats read it)
-        self._capture()
+        self._rows: dict[int, torch.Tensor] = {}  # arange(b), made before any capture (warm-up runs first)
 
-    # ------------------------------------------------------------------ the captured forward
-    def _pool_step(self, pool: _Pool, b: int) -> PoolStep:
-        """Inside the graph: this pool's decode addressing for rows 0..b-1, from the device copy of the table."""
-        meta, bs = self.meta[:b], self.block_size
-        col = lambda c: meta[:, pool.offset + c].long()  # noqa: E731
-        lo, length = col(_LO), meta[:, pool.offset + _LEN].contiguous()  # the kernel reads lengths densely
-        table = meta[:, pool.offset + _TABLE:pool.offset + _TABLE + pool.num_table].long()
-        pos = lo[:, None] + self._offsets[pool.name][None, :]  # [b, width]
-        block = pos // bs
-        if pool.ring is not None:
-            block = block % pool.ring
-        slots = table.gather(1, block.clamp(max=pool.num_table - 1)) * bs + pos % bs
-        rows = torch.arange(b, device=meta.device)
-        return PoolStep(dec_rows=rows, dec_slots=col(_SLOT), dec_ctx_slots=slots, dec_ctx_valid=length,
-                        prefill_rows=rows[:0], prefill_slots=rows[:0], prefills=[], decode_only=True)
+    def new_host_table(self, pin: bool) -> torch.Tensor:
+        host = torch.zeros(self.max_batch, self.columns, dtype=torch.int32)
+        host = host.pin_memory() if pin else host
+        for b in range(self.max_batch):
+            self.pad_row(host.numpy(), b)
+        return host
 
-    def _forward(self, b: int) -> torch.Tensor:
-        meta = self.meta[:b]
-        for block in self._moe_blocks:
-            block.count_mask = meta[:, _COUNT].long()
-        attn = PagedAttention(self.runner.cache, {p.name: self._pool_step(p, b) for p in self.pools})
-        return self.runner.model(meta[:, _TOKEN].long(), meta[:, _POSITION].long(), attn,
-                                 logits_indices=torch.arange(b, device=meta.device))
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        memory_pool = torch.cuda.graph_pool_handle()
-        try:
-            with graph_mode():
-                for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory
-                    # warm-up outside the capture: Triton compiles and caches its kernels for these shapes here
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(2):
-                            self._forward(b)
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=memory_pool):
-                        self.logits[b] = self._forward(b)
-                    self.graphs[b] = graph
-        finally:
-            for block in self._moe_blocks:
-                block.count_mask = None
-        torch.cuda.synchronize(self.runner.device)
-
-    # ------------------------------------------------------------------ per step
-    def fits(self, batch: ScheduledBatch, logits_rows: list[int]) -> bool:
-        n = len(batch.seqs)
-        return (0 < n <= self.max_batch and all(t == 1 for t in batch.num_tokens)
-                and logits_rows == list(range(n)))
-
-    def _pad_row(self, host, i: int) -> None:
+    def pad_row(self, host, i: int) -> None:
         row = host[i]
         row[_TOKEN] = row[_POSITION] = row[_COUNT] = 0
         for p in self.pools:
@@ -152,22 +96,15 @@ class DecodeGraphs:
             row[o + _SLOT] = p.scratch_block * self.block_size
             row[o + _LO], row[o + _LEN], row[o + _TABLE] = 0, 1, p.scratch_block
 
-    def run(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay the bucket for this decode batch; -> logits [n, V] (a view of the graph's output buffer).
-        `input_tokens`: the batch's tokens as a device tensor, when they are not in the sequences yet."""
-        n = len(batch.seqs)
-        b = next(size for size in self.buckets if size >= n)
-        turn = self.turn
-        self.turn ^= 1
-        if self.copied[turn] is not None:
-            self.copied[turn].synchronize()  # this table's previous copy has been read (normally long done)
+    def fill(self, host, batch: ScheduledBatch, rows: int, tokens_given: bool) -> None:
+        """Rows 0..n-1 of the host table (numpy) from the batch's sequences, rows n..rows-1 as padding.
+        `tokens_given`: the tokens come from the device instead (look-ahead), left 0 here."""
         kv, bs, window = self.runner.kv, self.block_size, self.runner.window
-        host_t = self.hosts[turn]
-        host = host_t.numpy()
+        n = len(batch.seqs)
         for i, seq in enumerate(batch.seqs):
             s = seq.num_computed_tokens  # the new token's position
             row = host[i]
-            row[_TOKEN] = 0 if input_tokens is not None else seq.token_at(s)
+            row[_TOKEN] = 0 if tokens_given else seq.token_at(s)
             row[_POSITION], row[_COUNT] = s, 1
             tables = kv.tables(seq.seq_id)
             for p in self.pools:
@@ -182,13 +119,100 @@ class DecodeGraphs:
                     row[o + _SLOT] = table[(s // bs) % p.ring] * bs + s % bs
                     row[o + _LO], row[o + _LEN] = lo, s + 1 - lo
                 row[o + _TABLE:o + _TABLE + len(table)] = table
-        for i in range(n, b):
-            self._pad_row(host, i)
-        self.meta[:b].copy_(host_t[:b], non_blocking=True)  # one copy from pinned memory
+        for i in range(n, rows):
+            self.pad_row(host, i)
+
+    def _pool_step(self, pool: _Pool, b: int) -> PoolStep:
+        """This pool's decode addressing for rows 0..b-1: views of the device table, no kernel. The attention
+        kernel reads the block tables in place (`kernels.attention.BlockTable`)."""
+        meta = self.meta[:b]
+        o = pool.offset
+        table = BlockTable(table=meta[:, o + _TABLE:o + _TABLE + pool.num_table], lo=meta[:, o + _LO],
+                           block_size=self.block_size, ring=pool.ring or 0, width=pool.width)
+        rows = self._rows.get(b)
+        if rows is None:
+            rows = self._rows[b] = torch.arange(b, device=meta.device)
+        return PoolStep(dec_rows=rows, dec_slots=meta[:, o + _SLOT], dec_ctx_slots=None,
+                        dec_ctx_valid=meta[:, o + _LEN], prefill_rows=rows[:0], prefill_slots=rows[:0], prefills=[],
+                        decode_only=True, dec_table=table)
+
+    def forward(self, b: int) -> torch.Tensor:
+        """Logits [b, V] for the first b rows of the device table. Only the Triton path reads block tables (and
+        only it can be captured: the pure-torch references size tensors from data)."""
+        meta = self.meta[:b]
+        if not kernels_attention.use_fast_path(meta):
+            raise RuntimeError("the table-driven decode forward needs the Triton kernels")
+        count_mask = meta[:, _COUNT].long()  # one cast for every MoE layer
+        for block in self._moe_blocks:
+            block.count_mask = count_mask
+        try:
+            attn = PagedAttention(self.runner.cache, {p.name: self._pool_step(p, b) for p in self.pools})
+            return self.runner.model(meta[:, _TOKEN].long(), meta[:, _POSITION].long(), attn)
+        finally:
+            for block in self._moe_blocks:
+                block.count_mask = None
+
+
+class DecodeGraphs:
+    """Captured decode forwards (`DecodeTable.forward`) for the bucketed batch sizes of one ModelRunner."""
+
+    def __init__(self, runner, max_batch: int, max_model_len: int, scratch_slots: dict[str, int]):
+        self.runner = runner
+        self.buckets = buckets_up_to(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.table = DecodeTable(runner, self.max_batch, max_model_len, scratch_slots)
+        # Two pinned host tables used in turn, each with the event of its last copy: with the engine's look-ahead
+        # the next step's table is filled while the previous step's copy may still wait in the stream.
+        self.hosts = [self.table.new_host_table(pin=True) for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+        self.table.meta.copy_(self.hosts[0])
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.replays = 0  # decode steps served by a graph (tests and stats read it)
+        self._capture()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        memory_pool = torch.cuda.graph_pool_handle()
+        with graph_mode():
+            for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory
+                # warm-up outside the capture: Triton compiles and caches its kernels for these shapes here
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self.table.forward(b)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=memory_pool):
+                    self.logits[b] = self.table.forward(b)
+                self.graphs[b] = graph
+        torch.cuda.synchronize(self.runner.device)
+
+    # ------------------------------------------------------------------ per step
+    def fits(self, batch: ScheduledBatch, logits_rows: list[int]) -> bool:
+        n = len(batch.seqs)
+        return (0 < n <= self.max_batch and all(t == 1 for t in batch.num_tokens)
+                and logits_rows == list(range(n)))
+
+    def run(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the bucket for this decode batch; -> logits [n, V] (a view of the graph's output buffer).
+        `input_tokens`: the batch's tokens as a device tensor, when they are not in the sequences yet."""
+        n = len(batch.seqs)
+        b = next(size for size in self.buckets if size >= n)
+        turn = self.turn
+        self.turn ^= 1
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()  # this table's previous copy has been read (normally long done)
+        host_t = self.hosts[turn]
+        self.table.fill(host_t.numpy(), batch, b, tokens_given=input_tokens is not None)
+        meta = self.table.meta
+        meta[:b].copy_(host_t[:b], non_blocking=True)  # one copy from pinned memory
         self.copied[turn] = torch.cuda.Event()
         self.copied[turn].record()
         if input_tokens is not None:
-            self.meta[:n, _TOKEN].copy_(input_tokens)
+            meta[:n, _TOKEN].copy_(input_tokens)
         self.graphs[b].replay()
         self.replays += 1
         return self.logits[b][:n]

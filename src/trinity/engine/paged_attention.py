@@ -38,13 +38,15 @@ class PoolStep:
 
     dec_rows: torch.Tensor  # [Bd] rows of single-token (decode) sequences
     dec_slots: torch.Tensor  # [Bd] where each decode's new K/V go
-    dec_ctx_slots: torch.Tensor  # [Bd, L] each decode's context including its new token, padded
+    dec_ctx_slots: torch.Tensor | None  # [Bd, L] each decode's context including its new token, padded
     dec_ctx_valid: torch.Tensor  # [Bd, L] bool, a prefix of each row; or [Bd] int lengths (the CUDA graph's)
     prefill_rows: torch.Tensor  # [Tp] rows of multi-token sequences whose K/V are stored (after reading)
     prefill_slots: torch.Tensor  # [Tp]
     prefills: list[PrefillMeta] = field(default_factory=list)
     packed: object = None  # the prefills packed for the fast kernels, made on first use
     dec_lens: torch.Tensor | None = None  # [Bd] int32 context lengths for the fast kernels (else made on first use)
+    # the decode contexts by block table instead of dec_ctx_slots (the CUDA graph's; the fast path only)
+    dec_table: kernels_attention.BlockTable | None = None
     decode_only: bool = False  # every row of the batch is a decode, in order (dec_rows = 0..T-1)
 
 
@@ -95,7 +97,7 @@ class PagedAttention:
         if step.decode_only and kernels_attention.use_fast_path(q):
             kc, vc = self.kv.k[pool][li], self.kv.v[pool][li]
             return kernels_attention.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale,
-                                                      gate=gate, new_kv=(k, v, step.dec_slots))
+                                                      gate=gate, new_kv=(k, v, step.dec_slots), table=step.dec_table)
         return kernel_norm.sigmoid_gate(self.attend(layer_idx, q, k, v, window, scale), gate)
 
     @staticmethod
@@ -104,7 +106,7 @@ class PagedAttention:
         ka = kernels_attention
         if step.decode_only:  # no row gathers or scatters, the new K/V written by the attention kernel
             return ka.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale,
-                                       new_kv=(k, v, step.dec_slots))
+                                       new_kv=(k, v, step.dec_slots), table=step.dec_table)
         out = torch.empty_like(q)
         if step.dec_rows.numel():
             ka.write_kv(kc, vc, step.dec_slots, k[step.dec_rows], v[step.dec_rows])

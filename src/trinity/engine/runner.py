@@ -94,17 +94,19 @@ class ModelRunner:
         layer_pool = [("sliding", sliding.index(i)) if i in sliding else ("full", full.index(i))
                       for i in range(cfg.num_hidden_layers)]
         shape = (cfg.num_key_value_heads, cfg.head_dim)
-        use_graphs = self.device.type == "cuda" and not enforce_eager and kernels_attention.use_fast_path(
-            torch.empty(0, device=self.device, dtype=model.dtype))
+        fast = kernels_attention.use_fast_path(torch.empty(0, device=self.device, dtype=model.dtype))
+        use_graphs = self.device.type == "cuda" and not enforce_eager and fast
         k, v, scratch = {}, {}, {}
         for pool, layers, blocks in (("full", full, plan.num_full_blocks), ("sliding", sliding, plan.num_sliding_blocks)):
             if layers:
-                # with CUDA graphs, one block more than the KV manager hands out: the padding rows' scratch slot
-                slots = (blocks + use_graphs) * plan.block_size
+                # on the Triton path one block more than the KV manager hands out: the scratch slot of a decode
+                # table's padding rows (cuda_graphs.DecodeTable)
+                slots = (blocks + fast) * plan.block_size
                 k[pool] = torch.zeros(len(layers), slots, *shape, dtype=model.dtype, device=self.device)
                 v[pool] = torch.zeros_like(k[pool])
                 scratch[pool] = blocks * plan.block_size
         self.cache = PagedKV(k, v, layer_pool)
+        self.scratch_slots = scratch if fast else None
         # Expert-load telemetry: every MoE layer counts the tokens routed to each expert.
         self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
         # one [moe_layers, experts] buffer whose rows the blocks count into: taking and resetting the counts is

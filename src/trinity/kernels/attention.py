@@ -122,19 +122,48 @@ def paged_prefill_attention(q, k, v, k_cache, v_cache, packed: PackedPrefills, w
                              window, scale, max_q_len=packed.max_q_len)
 
 
+# ------------------------------------------------------------------------------------ decode block tables
+@dataclass(slots=True)
+class BlockTable:
+    """Decode contexts addressed by block table, as the CUDA-graph runner keeps them: row b sees the positions
+    lo[b] .. lo[b] + length - 1, and position p lives in slot table[b, blk] * block_size + p % block_size with
+    blk = p // block_size, taken modulo `ring` in a sliding pool (ring > 0; 0 for the full pool). The tensors may
+    be strided columns of one int32 table. `width`: the most positions a row can see (sizes the key splits)."""
+
+    table: torch.Tensor  # [B, blocks]
+    lo: torch.Tensor  # [B]
+    block_size: int
+    ring: int
+    width: int
+
+    def slots(self) -> torch.Tensor:
+        """[B, width] int64: every row's per-position slots (what the kernel computes in place)."""
+        pos = self.lo.long()[:, None] + torch.arange(self.width, device=self.lo.device)[None, :]
+        block = pos // self.block_size
+        if self.ring:
+            block = block % self.ring
+        block = block.clamp(max=self.table.shape[1] - 1)  # past a row's length: any slot, never read
+        return self.table.long().gather(1, block) * self.block_size + pos % self.block_size
+
+
 # ---------------------------------------------------------------------------------------- dispatchers
-def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, gate=None, new_kv=None):
+def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, gate=None, new_kv=None,
+                     table: BlockTable | None = None):
     """`gate` ([B, Hq, D]): the output times sigmoid(gate) (the attention layer's output gate); `new_kv` = (k, v,
-    slots): this step's K/V written to the cache first (`write_kv`). Both in the same launch on the Triton path."""
+    slots): this step's K/V written to the cache first (`write_kv`); `table` (with ctx_slots None): the contexts
+    by block table. On the Triton path all in the one launch."""
     if not use_triton(q, k_cache, v_cache):
         if new_kv is not None:
             write_kv_reference(k_cache, v_cache, new_kv[2], new_kv[0], new_kv[1])
+        if table is not None:
+            ctx_slots = table.slots()
         out = decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale)
         return out if gate is None else sigmoid_gate_reference(out, gate)
     lens = ctx_valid_or_lens
     if lens.dtype == torch.bool:  # validity is a prefix of each row: its count is the length
         lens = lens.sum(dim=1, dtype=torch.int32)
-    return _kernels().decode_attention(q, k_cache, v_cache, ctx_slots, lens, scale, gate=gate, new_kv=new_kv)
+    return _kernels().decode_attention(q, k_cache, v_cache, ctx_slots, lens, scale, gate=gate, new_kv=new_kv,
+                                       table=table)
 
 
 def prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, *, max_q_len: int | None = None):
@@ -187,7 +216,7 @@ def decode_attention_native(q, k_cache, v_cache, ctx_slots, ctx_valid, scale, ne
     return out.to(q.dtype)
 
 
-__all__ = ["decode_attention", "prefill_attention", "write_kv", "triton_available", "PackedPrefills",
+__all__ = ["decode_attention", "prefill_attention", "write_kv", "triton_available", "BlockTable", "PackedPrefills",
            "pack_prefills", "paged_prefill_attention",
            "decode_attention_reference", "prefill_attention_reference", "write_kv_reference"]
 

@@ -68,8 +68,8 @@ def _program_target(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, gate_ptr,
-                   new_k_ptr, new_v_ptr, new_slots_ptr,
-                   qk_scale, keys_per_split,
+                   new_k_ptr, new_v_ptr, new_slots_ptr, lo_ptr,
+                   qk_scale, keys_per_split, ring,
                    stride_qb, stride_qh, stride_qd,
                    stride_ks, stride_kh, stride_kd,
                    stride_vs, stride_vh, stride_vd,
@@ -78,15 +78,17 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    stride_pb, stride_ph, stride_ps,
                    stride_gb, stride_gh,
                    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+                   stride_lens, stride_ns, stride_lo,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr, HAS_NEW: tl.constexpr):
+                   HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr, HAS_NEW: tl.constexpr,
+                   TABLE: tl.constexpr, BLOCK_SIZE: tl.constexpr, RING: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    n_ctx = tl.load(lens_ptr + b).to(tl.int32)
+    n_ctx = tl.load(lens_ptr + b * stride_lens).to(tl.int32)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_ctx)
 
@@ -111,10 +113,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     cached_hi = hi
     if HAS_NEW:
         cached_hi = tl.minimum(hi, n_ctx - 1)
+    first = 0
+    if TABLE:
+        first = tl.load(lo_ptr + b * stride_lo).to(tl.int32)  # the position of context index 0
     for start in range(lo, cached_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < cached_hi
-        slot = tl.load(slot_row + offs_n * stride_sl, mask=n_mask, other=0).to(tl.int64)
+        if TABLE:  # position lo + i lives in its block's slot: the block table read in place
+            pos = first + offs_n
+            block = pos // BLOCK_SIZE
+            if RING:
+                block = block % ring
+            entry = tl.load(slot_row + block * stride_sl, mask=n_mask, other=0).to(tl.int64)
+            slot = entry * BLOCK_SIZE + pos % BLOCK_SIZE
+        else:
+            slot = tl.load(slot_row + offs_n * stride_sl, mask=n_mask, other=0).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + slot[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         s = _mm(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
@@ -131,7 +144,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         if (n_ctx > 0) & (lo <= n_ctx - 1) & (n_ctx - 1 < hi):  # the split that holds the new token
             kn = tl.load(new_k_ptr + b.to(tl.int64) * stride_nkb + kvh * stride_nkh + offs_d, mask=d_mask, other=0.0)
             vn = tl.load(new_v_ptr + b.to(tl.int64) * stride_nvb + kvh * stride_nvh + offs_d, mask=d_mask, other=0.0)
-            new_slot = tl.load(new_slots_ptr + b).to(tl.int64)
+            new_slot = tl.load(new_slots_ptr + b * stride_ns).to(tl.int64)
             if new_slot >= 0:
                 tl.store(k_head + new_slot * stride_ks + offs_d * stride_kd, kn.to(k_ptr.dtype.element_ty),
                          mask=d_mask)
@@ -217,19 +230,23 @@ def _decode_splits(batch: int, kv_heads: int, width: int, block_n: int, device: 
     return triton.cdiv(max(width, 1), per_split), per_split
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor,
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor | None,
                      ctx_lens: torch.Tensor, scale: float, *, gate: torch.Tensor | None = None,
-                     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, table=None,
                      num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """One query token per sequence against its slot-addressed context.
 
     q: [B, Hq, D]; k_cache/v_cache: [S, Hkv, D]; ctx_slots: [B, L] int slots of each context token (the
-    sequence's new token included, already written), padded; ctx_lens: [B] int, row b uses
+    sequence's new token included, already written), padded; ctx_lens: [B] int (any stride), row b uses
     ctx_slots[b, :ctx_lens[b]] and never reads past it. Returns [B, Hq, D] in q's dtype; a row with no
-    context gives zeros. `gate` [B, Hq, D] (unit stride in D): the output times sigmoid(gate), the attention
-    layer's output gate in the same launch. `new_kv` = (k [B, Hkv, D], v, slots [B]): this step's K/V, written to
-    their slots by the same launch (`write_kv` before the kernel, without its launch); each row's last context
-    position must be its new token, whose slot is then never read. `num_splits` / `block_n` override the launch heuristics (tests, tuning).
+    context gives zeros.
+    - `table` (a `kernels.attention.BlockTable`, with ctx_slots None): the contexts by block table instead, each
+      slot computed from the table in the kernel (no [B, L] slot tensor is built).
+    - `gate` [B, Hq, D] (unit stride in D): the output times sigmoid(gate), the attention layer's output gate.
+    - `new_kv` = (k [B, Hkv, D], v, slots [B], any stride): this step's K/V, written to their slots by this launch
+      (`write_kv` before the kernel, without its launch); each row's last context position must be its new
+      token, whose slot is then never read.
+    `num_splits` / `block_n` override the launch heuristics (tests, tuning).
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -239,7 +256,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if B == 0:
         return out
     group = Hq // Hkv
-    width = ctx_slots.shape[1]
+    if table is not None:
+        slots, width, lo = table.table, table.width, table.lo
+        addressing = dict(TABLE=True, BLOCK_SIZE=table.block_size, RING=table.ring > 0)
+    else:
+        slots, width, lo = ctx_slots, ctx_slots.shape[1], ctx_lens  # lo unused
+        addressing = dict(TABLE=False, BLOCK_SIZE=1, RING=False)
     # launch settings picked from sm_90 register/spill reports (ptxas -v), not from timings
     block_n = block_n or (64 if q.element_size() == 2 else 32)
     block_h, block_d = _pow2(group), _pow2(D)
@@ -266,13 +288,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         new_k = new_v = new_slots = out  # unused
         new_strides = (0, 0, 0, 0)
     _decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, ctx_slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots,
-        scale * _LOG2E, per_split,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *ctx_slots.stride(), *out.stride(),
+        q, k_cache, v_cache, slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots, lo,
+        scale * _LOG2E, per_split, table.ring if table is not None else 0,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *slots.stride(), *out.stride(),
         *(part.stride()[:3] if splits > 1 else (0, 0, 0)), *gate_strides, *new_strides,
+        ctx_lens.stride(0), new_slots.stride(0), lo.stride(0),
         GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q), **gated,
-        HAS_NEW=new_kv is not None, num_warps=8 if block_d >= 128 else 4)
+        HAS_NEW=new_kv is not None, **addressing, num_warps=8 if block_d >= 128 else 4)
     if splits > 1:
         _decode_merge_kernel[(B, Hq)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
                                       HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, **gated, num_warps=4)

@@ -131,30 +131,35 @@ def _patched_triton(counter: LaunchCounter):
             cls.run = run
 
 
-def count_decode_step(engine) -> LaunchCounter:
-    """One engine step (its sequences already decoding), counted, with each decoder layer in its own section
-    (`layer{i}`); the rest (metadata, embedding, head, sampling) is section "". Each MoE block is given a
-    count mask, as the CUDA-graph runner gives it, so the expert-load telemetry counts as in the graph."""
-    layers = engine.model.model.layers
+def count_by_layer(model, run) -> LaunchCounter:
+    """`run()` counted, with each decoder layer of `model` in its own section (`layer{i}`); the rest (metadata,
+    embedding, head, sampling) is section ""."""
+    layers = model.model.layers
     counter = LaunchCounter()
-    saved = []
     for i, layer in enumerate(layers):
         for attr in ("forward", "forward_fused_norms"):
             def labelled(*args, _run=getattr(layer, attr), _name=f"layer{i}", **kwargs):
                 with counter.section(_name):
                     return _run(*args, **kwargs)
             setattr(layer, attr, labelled)
-        mlp = layer.mlp
-        if hasattr(mlp, "count_mask"):
-            saved.append(mlp)
-            mlp.count_mask = torch.ones(len(engine.scheduler.running), dtype=torch.long, device=engine.model.device)
     try:
         with counter:
-            engine.step()
+            run()
     finally:
         for layer in layers:
             for attr in ("forward", "forward_fused_norms"):
                 del layer.__dict__[attr]
-        for mlp in saved:
-            mlp.count_mask = None
     return counter
+
+
+def count_decode_step(engine) -> LaunchCounter:
+    """One engine step (its sequences already decoding), counted by layer (`count_by_layer`). Each MoE block is
+    given a count mask, as the CUDA-graph runner gives it, so the expert-load telemetry counts as in the graph."""
+    masked = [layer.mlp for layer in engine.model.model.layers if hasattr(layer.mlp, "count_mask")]
+    for mlp in masked:
+        mlp.count_mask = torch.ones(len(engine.scheduler.running), dtype=torch.long, device=engine.model.device)
+    try:
+        return count_by_layer(engine.model, engine.step)
+    finally:
+        for mlp in masked:
+            mlp.count_mask = None
