@@ -245,6 +245,44 @@ def test_decode_writing_the_new_kv_matches_write_then_attend(tk, dtype, splits):
     assert rel_err(got, ref) < TOL[dtype]
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_norming_q_and_the_new_k_matches_norm_then_attend(tk, dtype, rope, splits):
+    """Raw q and new k normed (and roped) inside the decode kernel against `qk_norm_rope` first, then the kernel
+    with the normed inputs: the same cache contents and output."""
+    from trinity.kernels.norm import qk_norm_rope_reference
+    from trinity.model.layers import RotaryEmbedding
+    lens = [1, 17, 40]
+    d = 16
+    q, kc, vc, slots, ctx_lens = decode_case(lens, 8, 2, d, dtype, seed=21)
+    g = torch.Generator().manual_seed(4)
+    q = (q.float() * 3).to(dtype)
+    new_k = (torch.randn(3, 2, d, generator=g) * 2).to(device=DEVICE, dtype=dtype)
+    new_v = torch.randn(3, 2, d, generator=g).to(device=DEVICE, dtype=dtype)
+    new_slots = slots[torch.arange(3), ctx_lens.long() - 1].clone()
+    qw, kw = (1 + 0.3 * torch.randn(d, generator=g)).to(DEVICE), (1 + 0.3 * torch.randn(d, generator=g)).to(DEVICE)
+    cos, sin = RotaryEmbedding(d, 10000.0).cos_sin(ctx_lens.long().to(DEVICE) + 100, dtype)
+    norm = (qw, kw, 1e-5, cos, sin, rope)
+    nq, nk = qk_norm_rope_reference(q, new_k, *norm)
+    kc_want, vc_want = kc.clone(), vc.clone()
+    want = tk.decode_attention(nq, kc_want, vc_want, slots, ctx_lens, 0.25, new_kv=(nk, new_v, new_slots),
+                               num_splits=splits, block_n=16)
+    got = tk.decode_attention(q, kc, vc, slots, ctx_lens, 0.25, new_kv=(new_k, new_v, new_slots), qk_norm=norm,
+                              num_splits=splits, block_n=16)
+    if dtype == torch.float32:
+        torch.testing.assert_close(kc, kc_want, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert rel_err(got, want) < 1e-5
+    else:  # the same roundings; the interpreter's bf16 casts truncate where the GPU rounds
+        torch.testing.assert_close(kc.float(), kc_want.float(), rtol=2e-2, atol=2e-2, equal_nan=True)
+        assert rel_err(got, want) < 2e-2
+    torch.testing.assert_close(vc, vc_want, rtol=0, atol=0, equal_nan=True)
+    dispatched = A.decode_attention(q, kc_want.clone(), vc_want.clone(), slots, ctx_lens, 0.25,
+                                    new_kv=(new_k, new_v, new_slots), qk_norm=norm)  # the dispatcher, either path
+    assert rel_err(dispatched, want) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 def block_table_case(ring: int, seed: int = 0):
     """Four rows' contexts by block table, stored as strided int32 columns of one table (as the CUDA-graph
     runner's): (lo, length, table) per row, block size 4; with `ring`, positions wrap around `ring` blocks."""
@@ -561,10 +599,12 @@ def test_kernels_compile_for_sm90(tk, dtype):
         for gate, new in ((False, False), (True, True)):
             build(tk._decode_kernel, {**act, "part_ptr": "*fp32", "lse_ptr": "*fp32", "slots_ptr": "*i64",
                                       "lens_ptr": "*i32", "qk_scale": "fp32", "new_k_ptr": f"*{dtype}",
-                                      "new_v_ptr": f"*{dtype}", "new_slots_ptr": "*i32", "lo_ptr": "*i32"},
+                                      "new_v_ptr": f"*{dtype}", "new_slots_ptr": "*i32", "lo_ptr": "*i32",
+                                      "qw_ptr": "*fp32", "kw_ptr": "*fp32", "cos_ptr": f"*{dtype}",
+                                      "sin_ptr": f"*{dtype}", "norm_eps": "fp32"},
                   dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
                        SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False,
-                       HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, RING=new), 8)
+                       HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, RING=new, QK_NORM=new, ROPE=new), 8)
     for gate in (False, True):
         build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
                                         "gate_ptr": f"*{dtype}"},

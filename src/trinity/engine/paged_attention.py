@@ -88,16 +88,20 @@ class PagedAttention:
             vc[step.prefill_slots] = v[step.prefill_rows]
         return out
 
-    def attend_gated(self, layer_idx, q, k, v, window, scale, gate):
-        """`attend`, then times sigmoid(gate) ([T, Hq, D]). On the fast path a decode step is one launch: the new
-        K/V written and the gate applied by the attention kernel itself. Otherwise `kernels.norm.sigmoid_gate`
-        after `attend`."""
+    def attend_gated(self, layer_idx, q, k, v, window, scale, gate, qk_norm=None):
+        """`attend`, then times sigmoid(gate) ([T, Hq, D]); with `qk_norm` = (q_weight, k_weight, eps, cos, sin,
+        apply_rope), q and k arrive un-normed and `kernels.norm.qk_norm_rope` comes first. On the fast path a
+        decode step is one launch: the attention kernel norms q and the new k, writes the new K/V and applies the
+        gate. Otherwise the separate ops around `attend`."""
         pool, li = self.kv.layer_pool[layer_idx]
         step = self.steps[pool]
         if step.decode_only and kernels_attention.use_fast_path(q):
             kc, vc = self.kv.k[pool][li], self.kv.v[pool][li]
             return kernels_attention.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale,
-                                                      gate=gate, new_kv=(k, v, step.dec_slots), table=step.dec_table)
+                                                      gate=gate, new_kv=(k, v, step.dec_slots), table=step.dec_table,
+                                                      qk_norm=qk_norm)
+        if qk_norm is not None:
+            q, k = kernel_norm.qk_norm_rope(q, k, *qk_norm)
         return kernel_norm.sigmoid_gate(self.attend(layer_idx, q, k, v, window, scale), gate)
 
     @staticmethod

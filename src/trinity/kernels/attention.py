@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..model.attention import reference_attention, visibility_mask
 from . import kernels_mode, reference_forced, triton_available, use_triton  # noqa: F401
-from .norm import sigmoid_gate_reference
+from .norm import qk_norm_rope_reference, sigmoid_gate_reference
 
 
 def _kernels():
@@ -148,11 +148,15 @@ class BlockTable:
 
 # ---------------------------------------------------------------------------------------- dispatchers
 def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, gate=None, new_kv=None,
-                     table: BlockTable | None = None):
+                     table: BlockTable | None = None, qk_norm: tuple | None = None):
     """`gate` ([B, Hq, D]): the output times sigmoid(gate) (the attention layer's output gate); `new_kv` = (k, v,
     slots): this step's K/V written to the cache first (`write_kv`); `table` (with ctx_slots None): the contexts
-    by block table. On the Triton path all in the one launch."""
+    by block table; `qk_norm` = (q_weight, k_weight, eps, cos, sin, apply_rope), with new_kv: q and the new k
+    still un-normed, `kernels.norm.qk_norm_rope` applied first. On the Triton path all in the one launch."""
     if not use_triton(q, k_cache, v_cache):
+        if qk_norm is not None:
+            q, k = qk_norm_rope_reference(q, new_kv[0], *qk_norm)
+            new_kv = (k, new_kv[1], new_kv[2])
         if new_kv is not None:
             write_kv_reference(k_cache, v_cache, new_kv[2], new_kv[0], new_kv[1])
         if table is not None:
@@ -163,7 +167,7 @@ def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, g
     if lens.dtype == torch.bool:  # validity is a prefix of each row: its count is the length
         lens = lens.sum(dim=1, dtype=torch.int32)
     return _kernels().decode_attention(q, k_cache, v_cache, ctx_slots, lens, scale, gate=gate, new_kv=new_kv,
-                                       table=table)
+                                       table=table, qk_norm=qk_norm)
 
 
 def prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, *, max_q_len: int | None = None):

@@ -68,8 +68,8 @@ def _program_target(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, gate_ptr,
-                   new_k_ptr, new_v_ptr, new_slots_ptr, lo_ptr,
-                   qk_scale, keys_per_split, ring,
+                   new_k_ptr, new_v_ptr, new_slots_ptr, lo_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+                   qk_scale, keys_per_split, ring, norm_eps,
                    stride_qb, stride_qh, stride_qd,
                    stride_ks, stride_kh, stride_kd,
                    stride_vs, stride_vh, stride_vd,
@@ -78,12 +78,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    stride_pb, stride_ph, stride_ps,
                    stride_gb, stride_gh,
                    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-                   stride_lens, stride_ns, stride_lo,
+                   stride_lens, stride_ns, stride_lo, stride_cos, stride_sin,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr, HAS_NEW: tl.constexpr,
-                   TABLE: tl.constexpr, BLOCK_SIZE: tl.constexpr, RING: tl.constexpr):
+                   TABLE: tl.constexpr, BLOCK_SIZE: tl.constexpr, RING: tl.constexpr,
+                   QK_NORM: tl.constexpr, ROPE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -98,8 +99,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_h
 
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+    cos_row = cos_ptr + b.to(tl.int64) * stride_cos
+    sin_row = sin_ptr + b.to(tl.int64) * stride_sin
+    if QK_NORM:  # q arrives straight from the projection: its per-head norm and RoPE here (no launch of their own)
+        q = _rows_normed(q_rows, h_mask[:, None], stride_qd, qw_ptr, cos_row, sin_row, norm_eps,
+                         HEAD_DIM, BLOCK_D, ROPE, FIX_BF16)
+    else:
+        q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -142,24 +149,32 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         m_i = m_new
     if HAS_NEW:
         if (n_ctx > 0) & (lo <= n_ctx - 1) & (n_ctx - 1 < hi):  # the split that holds the new token
-            kn = tl.load(new_k_ptr + b.to(tl.int64) * stride_nkb + kvh * stride_nkh + offs_d, mask=d_mask, other=0.0)
-            vn = tl.load(new_v_ptr + b.to(tl.int64) * stride_nvb + kvh * stride_nvh + offs_d, mask=d_mask, other=0.0)
+            # [1, BLOCK_D] rows, so that the normed/roped k takes the same path as q
+            k_row = new_k_ptr + b.to(tl.int64) * stride_nkb + kvh * stride_nkh + tl.zeros([1, 1], dtype=tl.int64)
+            one_row = tl.full([1, 1], 1, tl.int1)
+            if QK_NORM:
+                kn = _rows_normed(k_row, one_row, 1, kw_ptr, cos_row, sin_row, norm_eps, HEAD_DIM, BLOCK_D, ROPE,
+                                  FIX_BF16)
+            else:
+                kn = tl.load(k_row + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+            vn = tl.load(new_v_ptr + b.to(tl.int64) * stride_nvb + kvh * stride_nvh + offs_d[None, :],
+                         mask=d_mask[None, :], other=0.0)
             new_slot = tl.load(new_slots_ptr + b * stride_ns).to(tl.int64)
             if new_slot >= 0:
-                tl.store(k_head + new_slot * stride_ks + offs_d * stride_kd, kn.to(k_ptr.dtype.element_ty),
-                         mask=d_mask)
-                tl.store(v_head + new_slot * stride_vs + offs_d * stride_vd, vn.to(v_ptr.dtype.element_ty),
-                         mask=d_mask)
+                tl.store(k_head + new_slot * stride_ks + offs_d[None, :] * stride_kd, kn.to(k_ptr.dtype.element_ty),
+                         mask=d_mask[None, :])
+                tl.store(v_head + new_slot * stride_vs + offs_d[None, :] * stride_vd, vn.to(v_ptr.dtype.element_ty),
+                         mask=d_mask[None, :])
             kn = kn.to(k_ptr.dtype.element_ty).to(tl.float32)  # the values the cache holds from now on
             vn = vn.to(v_ptr.dtype.element_ty).to(tl.float32)
-            s_new = tl.sum(q.to(tl.float32) * kn[None, :], axis=1) * qk_scale  # [BLOCK_H]
+            s_new = tl.sum(q.to(tl.float32) * kn, axis=1) * qk_scale  # [BLOCK_H]
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p_new = tl.exp2(s_new - m_new)
             l_i = l_i * alpha + p_new
             # p rounded to the cache dtype as the tiles' P @ V rounds it
             p_new = p_new.to(v_ptr.dtype.element_ty).to(tl.float32)
-            acc = acc * alpha[:, None] + p_new[:, None] * vn[None, :]
+            acc = acc * alpha[:, None] + p_new[:, None] * vn
             m_i = m_new
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
@@ -176,6 +191,36 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    h_mask[:, None] & d_mask[None, :], out_ptr.dtype.element_ty, HAS_GATE, FIX_BF16)
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o, mask=h_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _rows_normed(rows_ptr, row_mask, stride_d, w_ptr, cos_ptr, sin_ptr, eps,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, FIX_BF16: tl.constexpr):
+    """Head rows at rows_ptr ([R, 1] pointers, elements stride_d apart): RMSNorm over the head dim (fp32 weight),
+    then neox RoPE with the cos/sin row when ROPE, each step rounded to the rows' dtype as
+    `kernels.norm.qk_norm_rope_reference` rounds it. rotate_half is a second load at the swapped offsets.
+    -> [R, BLOCK_D] in that dtype."""
+    dtype = rows_ptr.dtype.element_ty
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    mask = row_mask & d_ok[None, :]
+    x = tl.load(rows_ptr + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+    w = tl.load(w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    n = round_to(w * (x * r), dtype, FIX_BF16)
+    if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+        HALF: tl.constexpr = HEAD_DIM // 2
+        swapped = (offs_d + HALF) % HEAD_DIM
+        x_sw = tl.load(rows_ptr + swapped[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+        w_sw = tl.load(w_ptr + swapped, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        n_sw = round_to(w_sw * (x_sw * r), dtype, FIX_BF16).to(tl.float32)
+        rot = tl.where((offs_d < HALF)[None, :], -n_sw, n_sw)
+        c = tl.load(cos_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        a = round_to(n.to(tl.float32) * c, dtype, FIX_BF16).to(tl.float32)
+        rs = round_to(rot * s, dtype, FIX_BF16).to(tl.float32)
+        n = round_to(a + rs, dtype, FIX_BF16)
+    return n
 
 
 @triton.jit
@@ -230,10 +275,29 @@ def _decode_splits(batch: int, kv_heads: int, width: int, block_n: int, device: 
     return triton.cdiv(max(width, 1), per_split), per_split
 
 
+def _qk_norm_args(qk_norm, has_new: bool, q: torch.Tensor, head_dim: int):
+    """The decode kernel's q/k-norm arguments: (q weight, k weight, eps, cos, sin, rope); placeholders without."""
+    if qk_norm is None:
+        return q, q, 0.0, q[:, 0], q[:, 0], False
+    q_weight, k_weight, eps, cos, sin, rope = qk_norm
+    if not has_new:
+        raise ValueError("q/k norm in the decode kernel needs the new K/V (new_kv): the cached keys are normed")
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dim, not {head_dim}")
+    if rope:
+        if cos.shape != (q.shape[0], head_dim) or sin.shape != cos.shape or cos.stride(-1) != 1 \
+                or sin.stride(-1) != 1:
+            raise ValueError(f"cos/sin {tuple(cos.shape)} must be [{q.shape[0]}, {head_dim}] with unit stride")
+    else:
+        cos = sin = q[:, 0]  # unused
+    return q_weight.contiguous(), k_weight.contiguous(), float(eps), cos, sin, bool(rope)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx_slots: torch.Tensor | None,
                      ctx_lens: torch.Tensor, scale: float, *, gate: torch.Tensor | None = None,
                      new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, table=None,
-                     num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                     qk_norm: tuple | None = None, num_splits: int | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
     """One query token per sequence against its slot-addressed context.
 
     q: [B, Hq, D]; k_cache/v_cache: [S, Hkv, D]; ctx_slots: [B, L] int slots of each context token (the
@@ -246,6 +310,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     - `new_kv` = (k [B, Hkv, D], v, slots [B], any stride): this step's K/V, written to their slots by this launch
       (`write_kv` before the kernel, without its launch); each row's last context position must be its new
       token, whose slot is then never read.
+    - `qk_norm` = (q_weight, k_weight, eps, cos, sin, apply_rope), with `new_kv`: q and the new k come raw from the
+      projection and get the per-head RMSNorm and (when apply_rope) RoPE here, exactly as `kernels.norm.qk_norm_rope`
+      (cos/sin [B, D] in q's dtype); the cache receives the normed k.
     `num_splits` / `block_n` override the launch heuristics (tests, tuning).
     """
     B, Hq, D = q.shape
@@ -287,15 +354,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         new_k = new_v = new_slots = out  # unused
         new_strides = (0, 0, 0, 0)
+    qw, kw, norm_eps, cos, sin, rope = _qk_norm_args(qk_norm, new_kv is not None, q, D)
     _decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots, lo,
-        scale * _LOG2E, per_split, table.ring if table is not None else 0,
+        q, k_cache, v_cache, slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots, lo, qw, kw, cos, sin,
+        scale * _LOG2E, per_split, table.ring if table is not None else 0, norm_eps,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *slots.stride(), *out.stride(),
         *(part.stride()[:3] if splits > 1 else (0, 0, 0)), *gate_strides, *new_strides,
-        ctx_lens.stride(0), new_slots.stride(0), lo.stride(0),
+        ctx_lens.stride(0), new_slots.stride(0), lo.stride(0), cos.stride(0), sin.stride(0),
         GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q), **gated,
-        HAS_NEW=new_kv is not None, **addressing, num_warps=8 if block_d >= 128 else 4)
+        HAS_NEW=new_kv is not None, **addressing, QK_NORM=qk_norm is not None, ROPE=rope,
+        num_warps=8 if block_d >= 128 else 4)
     if splits > 1:
         _decode_merge_kernel[(B, Hq)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
                                       HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, **gated, num_warps=4)

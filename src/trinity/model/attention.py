@@ -20,9 +20,11 @@ import torch.nn.functional as F
 
 
 class AttentionMetadata(Protocol):
-    """May also offer `attend_gated(layer_idx, q, k, v, window, scale, gate)` -> attend(...) * sigmoid(gate)
-    (gate [T, Hq, D]), which the attention layer then calls instead, so that a fast path can apply its output
-    gate inside the attention kernel (the engine's paged metadata does)."""
+    """May also offer `attend_gated(layer_idx, q, k, v, window, scale, gate, qk_norm)`, which the attention layer
+    then calls instead: q and k un-normed, qk_norm = (q_weight, k_weight, eps, cos, sin, apply_rope) the
+    arguments of `kernels.norm.qk_norm_rope` to apply first, and the result attend(...) * sigmoid(gate) (gate
+    [T, Hq, D]). A fast path can then fold the norm, the K/V write and the gate into its attention kernel (the
+    engine's paged metadata does)."""
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None, scale: float) -> torch.Tensor:

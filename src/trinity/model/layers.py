@@ -158,14 +158,14 @@ class GatedAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        # per-head q/k RMSNorm, then RoPE on sliding layers only (full layers are NoPE): one fused op on GPU
-        q, k = kernel_norm.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope,
-                                        self.is_sliding)
+        # per-head q/k RMSNorm, then RoPE on sliding layers only (full layers are NoPE)
+        qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope, self.is_sliding)
         gated_attend = getattr(attn, "attend_gated", None)
-        if gated_attend is not None:  # metadata that can apply the output gate inside its attention kernel
+        if gated_attend is not None:  # metadata that can fold the q/k norm and the output gate into its kernel
             o = gated_attend(self.layer_idx, q, k, v, self.window, self.scale,
-                             gate.view(t, self.num_heads, self.head_dim))
+                             gate.view(t, self.num_heads, self.head_dim), qk_norm)
             return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        q, k = kernel_norm.qk_norm_rope(q, k, *qk_norm)  # one fused op on GPU
         o = attn.attend(self.layer_idx, q, k, v, self.window, self.scale)
         o = kernel_norm.sigmoid_gate(o.reshape(t, self.num_heads * self.head_dim), gate)
         return self.o_proj(o)
