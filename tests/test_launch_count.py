@@ -118,3 +118,18 @@ def _run(engine: LLMEngine) -> list[list[int]]:
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
     return [done[k] for k in sorted(done)]
+
+
+def test_moe_tuning_script_smoke():
+    """benchmarks/tune_moe.py (a GPU sweep) runs end to end in its CPU smoke mode and ends with its JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "tune_moe.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--models", "nano"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["nano"]) == {"1", "2"} and all(r["candidates"] >= 2 for r in result["nano"].values())
