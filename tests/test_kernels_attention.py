@@ -349,12 +349,14 @@ def test_decode_dispatcher_with_engine_mask(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (8, 2), (6, 2)])
 @pytest.mark.parametrize("window", [None, 6])
-def test_prefill_matches_reference(tk, dtype, hq, hkv, window):
+@pytest.mark.parametrize("contiguous", [False, True], ids=["any_order", "contiguous"])
+def test_prefill_matches_reference(tk, dtype, hq, hkv, window, contiguous):
     # a fresh prompt, a chunk with cached context, a one-token chunk, a longer chunk past the window
     seqs = [(0, 13), (21, 9), (4, 1), (11, 26)]
     q, k, v, cu_q, cu_k, qp, kp = prefill_case(seqs, hq, hkv, 16, dtype, seed=hq + hkv)
     ref = A.prefill_attention_reference(*f32(q, k, v), cu_q, cu_k, qp, kp, window, 0.25)
-    out = tk.prefill_attention(q, k, v, cu_q, cu_k, qp, kp, window, 0.25, block_m=4, block_n=16)
+    out = tk.prefill_attention(q, k, v, cu_q, cu_k, qp, kp, window, 0.25, block_m=4, block_n=16,
+                               contiguous_keys=contiguous)
     assert out.dtype == dtype and out.shape == q.shape
     assert rel_err(out, ref) < TOL[dtype]
 
@@ -362,12 +364,15 @@ def test_prefill_matches_reference(tk, dtype, hq, hkv, window):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 20])
-def test_prefill_head_dim_64_long_context(tk, dtype, window):
-    """Context far longer than the window: whole key tiles before the window are skipped."""
+@pytest.mark.parametrize("contiguous", [False, True], ids=["any_order", "contiguous"])
+def test_prefill_head_dim_64_long_context(tk, dtype, window, contiguous):
+    """Context far longer than the window: whole key tiles before the window are skipped (or, with contiguous
+    keys, never entered: the walk starts at the window's first key, mid-tile)."""
     seqs = [(90, 24), (0, 17)]
     q, k, v, cu_q, cu_k, qp, kp = prefill_case(seqs, 8, 2, 64, dtype, seed=11)
     ref = A.prefill_attention_reference(*f32(q, k, v), cu_q, cu_k, qp, kp, window, 0.125)
-    out = tk.prefill_attention(q, k, v, cu_q, cu_k, qp, kp, window, 0.125, max_q_len=24, block_n=16)
+    out = tk.prefill_attention(q, k, v, cu_q, cu_k, qp, kp, window, 0.125, max_q_len=24, block_n=16,
+                               contiguous_keys=contiguous)
     assert rel_err(out, ref) < TOL[dtype]
 
 
@@ -613,5 +618,5 @@ def test_kernels_compile_for_sm90(tk, dtype):
         build(tk._prefill_kernel, {**act, "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "q_pos_ptr": "*i64",
                                    "k_pos_ptr": "*i64", "qk_scale": "fp32"},
               dict(GROUP=8, GROUP_P2=8, HEAD_DIM=128, BLOCK_M=rows // 8, BLOCK_N=32, BLOCK_D=128,
-                   HAS_WINDOW=window, DOT_PRECISION=prec, UPCAST=False), 8)
+                   HAS_WINDOW=window, DOT_PRECISION=prec, UPCAST=False, CONTIGUOUS=window), 8)
     build(tk._write_kv_kernel, {**act, "slots_ptr": "*i64"}, dict(HEADS=4, HEAD_DIM=128, BLOCK_H=4, BLOCK_D=128), 4)

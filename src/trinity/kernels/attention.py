@@ -118,8 +118,9 @@ def paged_prefill_attention(q, k, v, k_cache, v_cache, packed: PackedPrefills, w
     returns the attention output of packed.rows ([Tq, Hq, D]). Reads the cache only (write afterwards)."""
     keys = torch.cat([k_cache[packed.ctx_slots], k[packed.rows]])[packed.kv_order]
     values = torch.cat([v_cache[packed.ctx_slots], v[packed.rows]])[packed.kv_order]
+    # each chunk's keys are its cached context (positions lo..s-1) then its own tokens (s..s+n-1): contiguous
     return prefill_attention(q[packed.rows], keys, values, packed.cu_q, packed.cu_k, packed.q_pos, packed.k_pos,
-                             window, scale, max_q_len=packed.max_q_len)
+                             window, scale, max_q_len=packed.max_q_len, contiguous_keys=True)
 
 
 # ------------------------------------------------------------------------------------ decode block tables
@@ -170,11 +171,14 @@ def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, g
                                        table=table, qk_norm=qk_norm)
 
 
-def prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, *, max_q_len: int | None = None):
-    """`max_q_len` (the longest sequence's query count, if the caller knows it on the host) trims the grid."""
+def prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, *, max_q_len: int | None = None,
+                      contiguous_keys: bool = False):
+    """`max_q_len` (the longest sequence's query count, if the caller knows it on the host) trims the grid;
+    `contiguous_keys` (each sequence's key positions consecutive and ascending) lets the kernel walk one range."""
     if not use_triton(q, k, v):
         return prefill_attention_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale)
-    return _kernels().prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, max_q_len=max_q_len)
+    return _kernels().prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, max_q_len=max_q_len,
+                                        contiguous_keys=contiguous_keys)
 
 
 def write_kv(k_cache, v_cache, slots, k, v):

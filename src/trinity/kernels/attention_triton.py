@@ -381,7 +381,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
                     stride_ot, stride_oh, stride_od,
                     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    CONTIGUOUS: tl.constexpr):
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_P2
     seq = tl.program_id(0)
     tile = tl.program_id(1)
@@ -415,33 +416,34 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
 
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
-    for start in range(k_start, k_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < k_end
-        kp = tl.load(k_pos_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
-        # skip tiles that no query of this block can see (works for any key order)
-        visible = tl.min(tl.where(n_mask, kp, 2**62), axis=0) <= q_hi
+    if CONTIGUOUS:
+        # key j of the sequence has position p0 + (j - k_start): the keys this block can see are one index range,
+        # walked without per-tile visibility branches (which keep Triton from pipelining the K/V loads)
+        p0 = tl.load(k_pos_ptr + k_start, mask=k_start < k_end, other=0).to(tl.int64)
+        hi = tl.minimum(k_start + (q_hi - p0 + 1), k_end).to(tl.int32)
+        lo = k_start
         if HAS_WINDOW:
-            visible = visible & (tl.max(tl.where(n_mask, kp, -2**62), axis=0) > q_lo - window)
-        if visible:
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_head + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
-                        mask=kv_mask, other=0.0)
-            s = _mm(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
-            see = n_mask[None, :] & (kp[None, :] <= qp[:, None])
+            lo = tl.maximum(k_start + (q_lo - window + 1 - p0), k_start).to(tl.int32)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            kp = p0 + (offs_n - k_start).to(tl.int64)
+            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, offs_n, n_mask, kp, offs_d, d_mask,
+                                          qk_scale, window, stride_kt, stride_kd, stride_vt, stride_vd,
+                                          HAS_WINDOW, DOT_PRECISION, UPCAST)
+    else:
+        for start in range(k_start, k_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < k_end
+            kp = tl.load(k_pos_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+            # skip tiles that no query of this block can see (works for any key order)
+            visible = tl.min(tl.where(n_mask, kp, 2**62), axis=0) <= q_hi
             if HAS_WINDOW:
-                see = see & (kp[None, :] > qp[:, None] - window)
-            s = tl.where(see, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not nan
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(s - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_head + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd,
-                        mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, DOT_PRECISION)
-            m_i = m_new
+                visible = visible & (tl.max(tl.where(n_mask, kp, -2**62), axis=0) > q_lo - window)
+            if visible:
+                m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, offs_n, n_mask, kp, offs_d,
+                                              d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt, stride_vd,
+                                              HAS_WINDOW, DOT_PRECISION, UPCAST)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
@@ -449,9 +451,34 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
              mask=r_mask[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, offs_n, n_mask, kp, offs_d, d_mask, qk_scale, window,
+                  stride_kt, stride_kd, stride_vt, stride_vd,
+                  HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile into the block's online softmax: -> (m_i, l_i, acc)."""
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_head + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    s = _mm(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
+    see = n_mask[None, :] & (kp[None, :] <= qp[:, None])
+    if HAS_WINDOW:
+        see = see & (kp[None, :] > qp[:, None] - window)
+    s = tl.where(see, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not nan
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_head + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                       q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, scale: float, *,
-                      max_q_len: int | None = None, block_m: int | None = None,
+                      max_q_len: int | None = None, contiguous_keys: bool = False, block_m: int | None = None,
                       block_n: int | None = None) -> torch.Tensor:
     """Varlen causal attention over sequences packed back to back.
 
@@ -460,7 +487,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
     sees key j of its own sequence iff k_pos[j] <= q_pos[i] and (window is None or k_pos[j] > q_pos[i] - window).
     Returns [Tq, Hq, D] in q's dtype; a query that sees no key gives zeros. `max_q_len` (the longest
     sequence's query count, known to the caller on the host) sizes the grid; without it the grid assumes
-    Tq and the surplus programs exit at once.
+    Tq and the surplus programs exit at once. `contiguous_keys`: the caller guarantees each sequence's key
+    positions run p0, p0 + 1, ... in order (the engine packs context then chunk so): a query block then walks only
+    the keys it can see, as one range (any key order is handled without it).
     """
     Tq, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -488,7 +517,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_WINDOW=window is not None, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q),
-        num_warps=8 if block_m * group_p2 * block_d >= 32 * 128 else 4)
+        CONTIGUOUS=bool(contiguous_keys), num_warps=8 if block_m * group_p2 * block_d >= 32 * 128 else 4)
     return out
 
 
