@@ -436,20 +436,22 @@ def test_moe_kernels_compile_for_sm90(dtype):
                                             "FIX_BF16": ("c", False)})
     assert use["stack"] == 0, use
     for e, k in [(128, 8), (256, 4)]:
-        for use in _compile_route_kernels(e, k):
-            assert use["stack"] == 0, use
+        for block_t in (1, 16):  # a one-token decode, a full tile
+            for use in _compile_route_kernels(e, k, block_t):
+                assert use["stack"] == 0, use
 
 
-def _compile_route_kernels(e: int, k: int):
+def _compile_route_kernels(e: int, k: int, block_t: int = 16):
     """The routing kernel (with the shared choice, masked counts) and routing + align in one launch, for sm_90."""
     import triton
 
     from trinity.kernels import moe_triton as mt
     be = triton.next_power_of_2(e)
+    block_t = max(1, min(block_t, 2048 // be))
     route = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64", "counts_ptr": "*i64",
              "count_mask_ptr": "*i64", "num_tokens": "i32", "num_experts": "i32:16", "top_k": "i32",
              "route_scale": "fp32", "stride_lt": "i32:16", "stride_le": "one",
-             "BLOCK_T": ("c", max(1, min(16, 2048 // be))), "BLOCK_E": ("c", be),
+             "BLOCK_T": ("c", block_t), "BLOCK_E": ("c", be),
              "BLOCK_K": ("c", triton.next_power_of_2(k + 1)), "NORM": ("c", True), "SHARED": ("c", 1),
              "COUNT": ("c", True), "MASKED": ("c", True)}
     yield compile_sm90(mt._route_kernel, route, num_warps=mt._route_warps(be))

@@ -550,7 +550,10 @@ def _route_launch(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, r
     args = (logits, expert_bias.contiguous(), weights, ids,
             counts if counts is not None else ids, count_mask.contiguous() if count_mask is not None else ids,
             num_tokens, num_experts, top_k, float(route_scale), logits.stride(0), logits.stride(1))
-    constants = dict(BLOCK_T=max(1, min(16, 2048 // block_e)), BLOCK_E=block_e,
+    # tokens per tile: up to 16 (fewer for wide expert counts, and no more than the batch: a one-token decode
+    # reduces over one row, not sixteen)
+    block_t = max(1, min(16, 2048 // block_e, triton.next_power_of_2(max(num_tokens, 1))))
+    constants = dict(BLOCK_T=block_t, BLOCK_E=block_e,
                      BLOCK_K=triton.next_power_of_2(kk), NORM=bool(route_norm), SHARED=int(shared),
                      COUNT=counts is not None, MASKED=count_mask is not None)
     return weights, ids, args, constants
