@@ -232,6 +232,32 @@ def test_fused_route_matches_route(dtype, t, e, h, k, norm):
     assert got_w.dtype == torch.float32 and torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_with_the_gather_combine_kernel(monkeypatch, dtype):
+    """The prefill path (`experts_grouped`: F.grouped_mm) with its combine in one Triton launch, against the
+    reference experts; and the kernel against the torch combine it replaces."""
+    from trinity.kernels import moe_triton
+    x, w, ids, gate_up, down = _problem(37, 8, 3, 48, 32, dtype, seed=8)
+    with torch.no_grad():
+        want = experts_reference(x, w, ids, gate_up, down)  # references: the torch combine
+        monkeypatch.setenv("TRINITY_KERNELS", "triton")
+        calls = []
+        real = moe_triton.gather_combine
+        monkeypatch.setattr(moe_triton, "gather_combine", lambda *a: calls.append(1) or real(*a))
+        got = kmoe.experts_grouped(x, w, ids, gate_up, down)
+    assert calls
+    _assert_close(got, want, dtype)
+    g = torch.Generator().manual_seed(1)
+    ys = torch.randn(37 * 3, 48, generator=g).to(device=DEVICE, dtype=dtype)
+    order = torch.randperm(37 * 3, generator=g).to(DEVICE)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=DEVICE)
+    per_choice = ys.index_select(0, position).float().view(37, 3, -1)
+    want = (per_choice * w.reshape(37, 3, 1).float()).sum(dim=1).to(dtype)
+    _assert_close(real(ys, w, position, 37, dtype), want, dtype)
+
+
 def _router_problem(t, e, h, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=g).to(device=DEVICE, dtype=dtype)
@@ -434,6 +460,10 @@ def test_moe_kernels_compile_for_sm90(dtype):
     use = compile_sm90(mt._combine_kernel, {"y_ptr": "*fp32", "out_ptr": p, "N": "i32:16", "top_k": "i32",
                                             "stride_ys": "i32:16", "stride_ot": "i32:16", "BLOCK_N": ("c", 1024),
                                             "FIX_BF16": ("c", False)})
+    assert use["stack"] == 0, use
+    use = compile_sm90(mt._gather_combine_kernel, {
+        "ys_ptr": p, "w_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": p, "N": "i32:16", "top_k": "i32",
+        "stride_ys": "i32:16", "stride_ot": "i32:16", "BLOCK_N": ("c", 1024), "FIX_BF16": ("c", False)})
     assert use["stack"] == 0, use
     for e, k in [(128, 8), (256, 4)]:
         for block_t in (1, 16):  # a one-token decode, a full tile

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference_forced
+from . import reference_forced, use_triton
 
 
 def _group_by_expert(ids: torch.Tensor, num_experts: int):
@@ -29,8 +29,13 @@ def _combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token
     k = weights.shape[-1]
     position = torch.empty_like(order)
     position[order] = torch.arange(order.numel(), device=order.device)  # where each assignment went in ys
+    if use_triton(ys, weights):  # one launch reading ys once (a prefill's [T*k, H] is ~67 MB per Mini layer)
+        from .moe_triton import gather_combine
+        return gather_combine(ys, weights, position, num_tokens, dtype)
     per_choice = ys.index_select(0, position).float().view(num_tokens, k, -1)
     return (per_choice * weights.reshape(num_tokens, k, 1).float()).sum(dim=1).to(dtype)
+
+
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                       down: torch.Tensor) -> torch.Tensor:
     order, token_of, counts = _group_by_expert(ids, gate_up.shape[0])

@@ -358,6 +358,42 @@ def _combine_kernel(y_ptr, out_ptr, N, top_k, stride_ys, stride_ot, BLOCK_N: tl.
              mask=ok)
 
 
+@triton.jit
+def _gather_combine_kernel(ys_ptr, w_ptr, pos_ptr, out_ptr, N, top_k, stride_ys, stride_ot, BLOCK_N: tl.constexpr,
+                           FIX_BF16: tl.constexpr):
+    """out[t] = sum_j w[t*k + j] * ys[position[t*k + j]] (fp32, fixed order j = 0..k-1), cast to out's dtype."""
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(0, top_k):
+        slot = t.to(tl.int64) * top_k + j
+        row = tl.load(pos_ptr + slot).to(tl.int64)
+        w = tl.load(w_ptr + slot).to(tl.float32)
+        acc += tl.load(ys_ptr + row * stride_ys + offs, mask=ok, other=0.0).to(tl.float32) * w
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs, round_to(acc, out_ptr.dtype.element_ty, FIX_BF16),
+             mask=ok)
+
+
+def gather_combine(ys: torch.Tensor, weights: torch.Tensor, position: torch.Tensor, num_tokens: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """`kernels.moe._combine` in one launch: ys [T*k, H], each token's k expert outputs in grouped (by-expert)
+    order; position [T*k]: where (token, choice) t*k + j went in ys; weights [T, k]. -> [T, H] in dtype. The
+    torch version gathers a copy of ys, widens it, multiplies and sums (four passes over [T*k, H]); this reads ys
+    once."""
+    hidden = ys.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=dtype, device=ys.device)
+    if num_tokens == 0:
+        return out
+    ys = ys if ys.stride(1) == 1 else ys.contiguous()
+    w = weights.reshape(-1).to(torch.float32).contiguous()
+    block_n = min(1024, triton.next_power_of_2(hidden))
+    _gather_combine_kernel[(num_tokens, triton.cdiv(hidden, block_n))](
+        ys, w, position.contiguous(), out, hidden, weights.shape[-1], ys.stride(0), out.stride(0), BLOCK_N=block_n,
+        FIX_BF16=fix_bf16(dtype), num_warps=4)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- entry
 def _launch_config(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, shared: int,
                    config: MoEConfig | None) -> MoEConfig:
