@@ -17,7 +17,10 @@ def _group_by_expert(ids: torch.Tensor, num_experts: int):
     """ids: [T, k] -> (order of the T*k assignments sorted by expert, token of each, tokens per expert)."""
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    return order, order // ids.shape[1], torch.bincount(flat, minlength=num_experts)
+    # a scatter-add, not bincount: bincount sizes its output from the largest id, a device-to-host sync on a GPU
+    # (once per MoE layer of a prefill)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return order, order // ids.shape[1], counts
 
 
 def _combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_of: torch.Tensor,
