@@ -40,16 +40,22 @@ from trinity.engine.cuda_graphs import DecodeTable  # noqa: E402
 from trinity.kernels.launch_counter import count_by_layer, count_decode_step  # noqa: E402
 
 
+# The context the decode graphs are sized for, as in decode_gpu.py (8K prompts): on a GPU the decode attention
+# splits each row's keys by this width (its launch count depends on it: a merge launch follows a split).
+MAX_MODEL_LEN = 8192 + 256
+
+
 def structure(name: str):
-    """The model's layer structure at small widths (4 layers: 2 dense then 2 MoE, one of them full attention)."""
+    """The model's layer structure (heads, experts, the real sliding window) at small widths: 4 layers, 2 dense
+    then 2 MoE, one of them full attention."""
     return preset(name, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4,
-                  head_dim=32, vocab_size=1024, sliding_window=32, max_position_embeddings=512)
+                  head_dim=32, vocab_size=1024, max_position_embeddings=MAX_MODEL_LEN)
 
 
 def decode_counts(name: str) -> dict:
     config = structure(name)
     model = TrinityForCausalLM.random(config, dtype=torch.bfloat16, device=device)
-    engine = LLMEngine(model, None, EngineConfig(max_model_len=256, max_num_seqs=args.batch, num_kv_blocks=64,
+    engine = LLMEngine(model, None, EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=args.batch, num_kv_blocks=64,
                                                  enforce_eager=True, async_scheduling=False))
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     for i in range(args.batch):
@@ -58,7 +64,7 @@ def decode_counts(name: str) -> dict:
     engine.step()  # one decode outside the count: one-off work (caches, compilation) happens here
     eager = count_decode_step(engine)
     # the forward a CUDA graph captures for this batch, from the runner's decode table
-    table = DecodeTable(engine.runner, args.batch, 256, engine.runner.scratch_slots)
+    table = DecodeTable(engine.runner, args.batch, MAX_MODEL_LEN, engine.runner.scratch_slots)
     host = table.new_host_table(pin=False)
     table.fill(host.numpy(), engine.scheduler.schedule(), args.batch, tokens_given=False)
     table.meta.copy_(host)

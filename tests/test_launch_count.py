@@ -71,7 +71,8 @@ def _nano_structure() -> TrinityForCausalLM:
 # Kernels per layer of a batch-1 decode step on the GPU path (eager; the CUDA graph holds the same). It was 19
 # for a MoE layer before routing, counting and alignment became one kernel, the q/k norm + RoPE, the new K/V
 # write and the output gate moved into the attention kernel, and the MoE combine and the router's fp32 cast into
-# the norm kernels.
+# the norm kernels. (Contexts here are short: on a GPU with long `max_model_len` the decode attention also splits
+# its keys, and one merge launch per layer follows; benchmarks/launch_count.py counts that case.)
 MOE_LAYER_BUDGET = 9
 DENSE_LAYER_BUDGET = 9
 
