@@ -1,7 +1,7 @@
 """How many kernels one decode step launches, per layer: the figure that bounds batch-1 decode under CUDA graphs.
 
     .venv/bin/python benchmarks/launch_count.py                 # CPU: the GPU path under Triton's interpreter
-    PYTHONPATH=src python3 benchmarks/launch_count.py --device cuda
+    PYTHONPATH=src python3 benchmarks/launch_count.py --device cuda   # also the profiler's kernel count
 
 Builds Nano- and Mini-structured models (their head counts, 128 experts top-8, a shared expert, dense + MoE
 layers, sliding + full attention) with small widths, since the count depends on the structure only; runs the
@@ -52,6 +52,16 @@ def structure(name: str):
                   head_dim=32, vocab_size=1024, max_position_embeddings=MAX_MODEL_LEN)
 
 
+def profiled_kernels(run) -> int:
+    """How many CUDA kernels the torch profiler records for `run()`: the cross-check of the counter on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def decode_counts(name: str) -> dict:
     config = structure(name)
     model = TrinityForCausalLM.random(config, dtype=torch.bfloat16, device=device)
@@ -71,6 +81,7 @@ def decode_counts(name: str) -> dict:
     with torch.inference_mode():
         table.forward(args.batch)
         counter = count_by_layer(model, lambda: table.forward(args.batch))
+        cuda_kernels = profiled_kernels(lambda: table.forward(args.batch)) if device == "cuda" else None
     per_layer = {f"layer{i}": counter.count(f"layer{i}") for i in range(config.num_hidden_layers)}
     moe = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
@@ -82,6 +93,9 @@ def decode_counts(name: str) -> dict:
         "outside_ops": dict(sorted(counter.names("").items())),
         "eager_step_outside_layers": eager.count(""),
         "syncs": counter.syncs(),
+        # on a GPU: the device kernels the profiler saw for the same forward (a few torch ops launch more than one)
+        "profiled_cuda_kernels": cuda_kernels,
+        "counted": counter.count(),
         "moe_layer_ops": dict(sorted(counter.names(f"layer{moe[0]}").items())),
         # the full model's layer count, for the per-step total on the real model
         "real_layers": {"moe": sum(preset(name).is_moe_layer(i) for i in range(preset(name).num_hidden_layers)),
@@ -100,6 +114,9 @@ def main() -> None:
               f"layers {r['outside_layers']}: {r['per_step_real_model']} per step for the real "
               f"{real['moe'] + real['dense']} layers, {r['syncs']} syncs (an eager step launches "
               f"{r['eager_step_outside_layers']} outside the layers, metadata and sampling included)")
+        if r["profiled_cuda_kernels"] is not None:
+            print(f"    the profiler saw {r['profiled_cuda_kernels']} CUDA kernels where the counter counted "
+                  f"{r['counted']} launches (4-layer model)")
         for op, n in r["moe_layer_ops"].items():
             print(f"    {n:3d}  {op}")
     print(json.dumps({"device": device, "batch": args.batch, "torch": torch.__version__, **results}))
