@@ -135,7 +135,8 @@ def moe_layer_native(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: 
     """A whole MoE layer in one C call (`trinity_moe_layer` in moe_cpu.c): `route_reference`'s routing, the
     grouping by expert, `experts_native`, and, with `shared`, the stacked shared expert (the last of gate_up /
     down) as every token's extra choice. `counts` ([routed experts] int64) gets the routed tokens added
-    (`count_mask`, which only CUDA-graph batches carry, is not taken). On a decode step this replaces ~25 small torch ops per layer (routing, sorting, index maps)."""
+    (`count_mask`, which only CUDA-graph batches carry, is not taken). On a decode step this replaces ~25 small
+    torch ops per layer (routing, sorting, index maps)."""
     from .native import library
 
     t, hidden = x.shape
