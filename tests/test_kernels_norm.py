@@ -8,7 +8,8 @@ import torch
 
 from trinity.kernels import norm
 from trinity.kernels.norm import (add_rms_norm_reference, norm_add_rms_norm_reference, qk_norm_rope_reference,
-                                  rms_norm_reference, sigmoid_gate_reference, sum_norm_add_rms_norm_reference)
+                                  rms_norm_reference, sigmoid_gate_reference, silu_mul_reference,
+                                  sum_norm_add_rms_norm_reference)
 from trinity.kernels.norm import rotate_half
 from trinity.model.layers import RMSNorm, RotaryEmbedding
 
@@ -183,6 +184,20 @@ def test_triton_norm_add_rms_norm(dtype, t, h):
     want, want_res = norm_add_rms_norm_reference(x, res, wp, wn, 1e-5)
     _assert_close(got_res, want_res, dtype)
     _assert_close(got, want, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,n", [(1, 96), (5, 1500)])
+def test_triton_silu_mul(dtype, t, n):
+    """The SwiGLU activation on the two halves of one GEMM output (strided views), against the module code."""
+    from trinity.kernels import norm_triton
+    torch.manual_seed(t + n)
+    both = (torch.randn(t, 2 * n, device=DEVICE) * 3).to(dtype)
+    gate, up = both.split(n, dim=-1)
+    want = silu_mul_reference(gate, up)
+    assert torch.equal(want, torch.nn.functional.silu(gate) * up)
+    _assert_close(norm_triton.silu_mul(gate, up), want, dtype)
 
 
 @needs_triton
@@ -373,6 +388,10 @@ def test_norm_kernels_compile_for_sm90(dtype):
                                      "stride_qoh", "stride_kot", "stride_koh", "stride_ct", "stride_st"]},
             "eps": "fp32", "BLOCK_H": ("c", 16), "BLOCK_D": ("c", 64), "ROPE": ("c", rope), "FIX_BF16": ("c", False)})
         assert use["stack"] == 0, use
+    use = compile_sm90(nt._silu_mul_kernel, {"g_ptr": p, "u_ptr": p, "out_ptr": p, "N": "i32:16",
+                                             **{n: "i32:16" for n in ["stride_g", "stride_u", "stride_o"]},
+                                             "BLOCK": ("c", 1024), "FIX_BF16": ("c", False)})
+    assert use["stack"] == 0, use
     use = compile_sm90(nt._sigmoid_gate_kernel, {"o_ptr": p, "g_ptr": p, "out_ptr": p, "numel": "i32",
                                                  "BLOCK": ("c", 1024), "FIX_BF16": ("c", False)})
     assert use["stack"] == 0, use

@@ -74,7 +74,7 @@ def _nano_structure() -> TrinityForCausalLM:
 # the norm kernels. (Contexts here are short: on a GPU with long `max_model_len` the decode attention also splits
 # its keys, and one merge launch per layer follows; benchmarks/launch_count.py counts that case.)
 MOE_LAYER_BUDGET = 9
-DENSE_LAYER_BUDGET = 9
+DENSE_LAYER_BUDGET = 8
 
 
 @needs_interpreter

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference_forced, use_triton
+from .norm import silu_mul
 
 
 def _group_by_expert(ids: torch.Tensor, num_experts: int):
@@ -62,7 +63,7 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
     order, token_of, counts = _group_by_expert(ids, gate_up.shape[0])
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     g, u = F.grouped_mm(x.index_select(0, token_of), gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    ys = F.grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
+    ys = F.grouped_mm(silu_mul(g, u), down.transpose(1, 2), offs=offs)
     return _combine(ys, weights, order, token_of, x.shape[0], x.dtype)
 
 

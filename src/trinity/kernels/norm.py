@@ -14,6 +14,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 
 from . import interpreting, kernels_mode, reference_forced, triton_importable, use_triton  # noqa: F401
 
@@ -68,6 +69,11 @@ def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Ten
 
 def sigmoid_gate_reference(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return o * torch.sigmoid(gate)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU activation as the MLP modules write it."""
+    return F.silu(gate) * up
 
 
 # --------------------------------------------------------------------------------------------- native CPU
@@ -194,3 +200,10 @@ def sigmoid_gate(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         from . import norm_triton
         return norm_triton.sigmoid_gate(o, gate)
     return sigmoid_gate_reference(o, gate)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate, up):
+        from . import norm_triton
+        return norm_triton.silu_mul(gate, up)
+    return silu_mul_reference(gate, up)

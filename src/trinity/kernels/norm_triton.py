@@ -9,6 +9,7 @@
   summed in the combine kernel's order and rounded), so the combine costs no launch of its own.
 - `qk_norm_rope`: per-head RMSNorm of q and k, then neox RoPE (optional), one launch for both tensors.
 - `sigmoid_gate`: o * sigmoid(gate).
+- `silu_mul`: silu(gate) * up, the SwiGLU activation (two launches and an intermediate as torch ops).
 
 Interpreter note: under TRITON_INTERPRET=1 an fp32 -> bf16 cast truncates (the GPU rounds to nearest even),
 so bf16 results are rounded by hand there (`round_to` with FIX_BF16); on a GPU the plain cast is used.
@@ -272,3 +273,32 @@ def sigmoid_gate(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         _sigmoid_gate_kernel[(triton.cdiv(numel, block),)](o_c, g_c, out, numel, BLOCK=block,
                                                             FIX_BF16=fix_bf16(o.dtype), num_warps=4)
     return out
+
+
+# --------------------------------------------------------------------------------------------- SwiGLU activation
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
+                     FIX_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    dtype = out_ptr.dtype.element_ty
+    g = tl.load(g_ptr + row * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0).to(tl.float32)
+    act = round_to(g * tl.sigmoid(g), dtype, FIX_BF16).to(tl.float32)  # torch rounds silu(gate) to the dtype
+    tl.store(out_ptr + row * stride_o + offs, round_to(act * u, dtype, FIX_BF16), mask=ok)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for [..., N] rows (unit stride in N, any row stride: the two halves of one GEMM's output)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
+    g2, u2 = _rows(gate), _rows(up)
+    n = gate.shape[-1]
+    out = torch.empty(g2.shape[0], n, dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](
+            g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0), BLOCK=block, FIX_BF16=fix_bf16(gate.dtype),
+            num_warps=4)
+    return out.view(gate.shape)
