@@ -106,6 +106,7 @@ class ModelRunner:
                 v[pool] = torch.zeros_like(k[pool])
                 scratch[pool] = blocks * plan.block_size
         self.cache = PagedKV(k, v, layer_pool)
+        self.fast_path = fast  # the Triton kernels run this model's attention
         self.scratch_slots = scratch if fast else None
         # Expert-load telemetry: every MoE layer counts the tokens routed to each expert.
         self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
@@ -203,6 +204,10 @@ class ModelRunner:
             positions += range(s, s + n)
             row += n
         steps = {pool: self._pool_step(pool, batch, starts) for pool in self.cache.k}
+        if self.fast_path:  # the prefill packing (host-built tensors copied to the device) before the forward, not
+            for step in steps.values():  # inside its first layer, where the copies would wait for the layers before
+                if step.prefills:
+                    step.packed = kernels_attention.pack_prefills(step.prefills)
         attn = PagedAttention(self.cache, steps)
         dev = self.device
         ids = input_tokens if input_tokens is not None else torch.tensor(ids, device=dev)
