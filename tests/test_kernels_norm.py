@@ -384,9 +384,10 @@ def test_norm_kernels_compile_for_sm90(dtype):
         use = compile_sm90(nt._qk_norm_rope_kernel, {
             **{n: p for n in ["q_ptr", "k_ptr", "qo_ptr", "ko_ptr", "cos_ptr", "sin_ptr"]},
             "qw_ptr": "*fp32", "kw_ptr": "*fp32", "HQ": "i32", "HK": "i32", "q_blocks": "i32",
-            **{n: "i32:16" for n in ["D_HALF", "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_qot",
+            **{n: "i32:16" for n in ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_qot",
                                      "stride_qoh", "stride_kot", "stride_koh", "stride_ct", "stride_st"]},
-            "eps": "fp32", "BLOCK_H": ("c", 16), "BLOCK_D": ("c", 64), "ROPE": ("c", rope), "FIX_BF16": ("c", False)})
+            "eps": "fp32", "HEAD_DIM": ("c", 128), "BLOCK_H": ("c", 16), "BLOCK_D": ("c", 128), "ROPE": ("c", rope),
+            "FIX_BF16": ("c", False)})
         assert use["stack"] == 0, use
     use = compile_sm90(nt._silu_mul_kernel, {"g_ptr": p, "u_ptr": p, "out_ptr": p, "N": "i32:16",
                                              **{n: "i32:16" for n in ["stride_g", "stride_u", "stride_o"]},

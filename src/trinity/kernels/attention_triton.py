@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .norm_triton import fix_bf16, round_to
+from .norm_triton import fix_bf16, norm_rope_rows, round_to
 
 _LOG2E = 1.4426950408889634
 
@@ -103,7 +103,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     cos_row = cos_ptr + b.to(tl.int64) * stride_cos
     sin_row = sin_ptr + b.to(tl.int64) * stride_sin
     if QK_NORM:  # q arrives straight from the projection: its per-head norm and RoPE here (no launch of their own)
-        q = _rows_normed(q_rows, h_mask[:, None], stride_qd, qw_ptr, cos_row, sin_row, norm_eps,
+        q = norm_rope_rows(q_rows, h_mask[:, None], stride_qd, qw_ptr, cos_row, sin_row, norm_eps,
                          HEAD_DIM, BLOCK_D, ROPE, FIX_BF16)
     else:
         q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
@@ -153,7 +153,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
             k_row = new_k_ptr + b.to(tl.int64) * stride_nkb + kvh * stride_nkh + tl.zeros([1, 1], dtype=tl.int64)
             one_row = tl.full([1, 1], 1, tl.int1)
             if QK_NORM:
-                kn = _rows_normed(k_row, one_row, 1, kw_ptr, cos_row, sin_row, norm_eps, HEAD_DIM, BLOCK_D, ROPE,
+                kn = norm_rope_rows(k_row, one_row, 1, kw_ptr, cos_row, sin_row, norm_eps, HEAD_DIM, BLOCK_D, ROPE,
                                   FIX_BF16)
             else:
                 kn = tl.load(k_row + offs_d[None, :], mask=d_mask[None, :], other=0.0)
@@ -191,36 +191,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    h_mask[:, None] & d_mask[None, :], out_ptr.dtype.element_ty, HAS_GATE, FIX_BF16)
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o, mask=h_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _rows_normed(rows_ptr, row_mask, stride_d, w_ptr, cos_ptr, sin_ptr, eps,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, FIX_BF16: tl.constexpr):
-    """Head rows at rows_ptr ([R, 1] pointers, elements stride_d apart): RMSNorm over the head dim (fp32 weight),
-    then neox RoPE with the cos/sin row when ROPE, each step rounded to the rows' dtype as
-    `kernels.norm.qk_norm_rope_reference` rounds it. rotate_half is a second load at the swapped offsets.
-    -> [R, BLOCK_D] in that dtype."""
-    dtype = rows_ptr.dtype.element_ty
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    mask = row_mask & d_ok[None, :]
-    x = tl.load(rows_ptr + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
-    r = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-    w = tl.load(w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    n = round_to(w * (x * r), dtype, FIX_BF16)
-    if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
-        HALF: tl.constexpr = HEAD_DIM // 2
-        swapped = (offs_d + HALF) % HEAD_DIM
-        x_sw = tl.load(rows_ptr + swapped[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
-        w_sw = tl.load(w_ptr + swapped, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        n_sw = round_to(w_sw * (x_sw * r), dtype, FIX_BF16).to(tl.float32)
-        rot = tl.where((offs_d < HALF)[None, :], -n_sw, n_sw)
-        c = tl.load(cos_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        s = tl.load(sin_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        a = round_to(n.to(tl.float32) * c, dtype, FIX_BF16).to(tl.float32)
-        rs = round_to(rot * s, dtype, FIX_BF16).to(tl.float32)
-        n = round_to(a + rs, dtype, FIX_BF16)
-    return n
 
 
 @triton.jit

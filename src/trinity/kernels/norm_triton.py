@@ -152,62 +152,63 @@ def sum_norm_add_rms_norm(parts: torch.Tensor, residual: torch.Tensor, post_weig
 
 # --------------------------------------------------------------------------------------------- q/k norm + RoPE
 @triton.jit
-def _norm_rope_heads(
-    in_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, t, h0, num_heads, D_HALF,
-    stride_it, stride_ih, stride_ot, stride_oh, stride_ct, stride_st, eps,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, FIX_BF16: tl.constexpr,
-):
-    """Heads h0..h0+BLOCK_H of token t: RMSNorm over the head dim (in two halves), then neox RoPE."""
-    dtype = out_ptr.dtype.element_ty
-    offs_h = h0 + tl.arange(0, BLOCK_H)
+def norm_rope_rows(rows_ptr, row_mask, stride_d, w_ptr, cos_ptr, sin_ptr, eps,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, FIX_BF16: tl.constexpr):
+    """Head rows at rows_ptr ([R, 1] pointers, elements stride_d apart): RMSNorm over the head dim (fp32 weight),
+    then neox RoPE with the cos/sin row when ROPE, each step rounded to the rows' dtype as
+    `kernels.norm.qk_norm_rope_reference` rounds it; rotate_half is a second load at the swapped offsets.
+    -> [R, BLOCK_D] in that dtype. Shared by the q/k norm kernel and the decode attention kernel."""
+    dtype = rows_ptr.dtype.element_ty
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D_HALF
-    mask = (offs_h < num_heads)[:, None] & d_ok[None, :]
-    src = in_ptr + t * stride_it + offs_h[:, None] * stride_ih + offs_d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + D_HALF, mask=mask, other=0.0).to(tl.float32)
-    ms = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * D_HALF)
-    r = tl.rsqrt(ms + eps)[:, None]
-    w1 = tl.load(w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(w_ptr + D_HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    n1 = round_to(w1 * (x1 * r), dtype, FIX_BF16)
-    n2 = round_to(w2 * (x2 * r), dtype, FIX_BF16)
-    if ROPE:  # x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype
-        c1 = tl.load(cos_ptr + t * stride_ct + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        c2 = tl.load(cos_ptr + t * stride_ct + D_HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(sin_ptr + t * stride_st + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        s2 = tl.load(sin_ptr + t * stride_st + D_HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        a1 = n1.to(tl.float32)
-        a2 = n2.to(tl.float32)
-        p1 = round_to(a1 * c1, dtype, FIX_BF16).to(tl.float32)
-        q1 = round_to(a2 * s1, dtype, FIX_BF16).to(tl.float32)
-        p2 = round_to(a2 * c2, dtype, FIX_BF16).to(tl.float32)
-        q2 = round_to(a1 * s2, dtype, FIX_BF16).to(tl.float32)
-        n1 = round_to(p1 - q1, dtype, FIX_BF16)
-        n2 = round_to(p2 + q2, dtype, FIX_BF16)
-    dst = out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
-    tl.store(dst, n1, mask=mask)
-    tl.store(dst + D_HALF, n2, mask=mask)
+    d_ok = offs_d < HEAD_DIM
+    mask = row_mask & d_ok[None, :]
+    x = tl.load(rows_ptr + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+    w = tl.load(w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    n = round_to(w * (x * r), dtype, FIX_BF16)
+    if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; each product and the sum rounded
+        HALF: tl.constexpr = HEAD_DIM // 2
+        swapped = (offs_d + HALF) % HEAD_DIM
+        x_sw = tl.load(rows_ptr + swapped[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+        w_sw = tl.load(w_ptr + swapped, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        n_sw = round_to(w_sw * (x_sw * r), dtype, FIX_BF16).to(tl.float32)
+        rot = tl.where((offs_d < HALF)[None, :], -n_sw, n_sw)
+        c = tl.load(cos_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        a = round_to(n.to(tl.float32) * c, dtype, FIX_BF16).to(tl.float32)
+        rs = round_to(rot * s, dtype, FIX_BF16).to(tl.float32)
+        n = round_to(a + rs, dtype, FIX_BF16)
+    return n
 
 
 @triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-    HQ, HK, D_HALF, q_blocks,
+    HQ, HK, q_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
     stride_ct, stride_st, eps,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, FIX_BF16: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
+    FIX_BF16: tl.constexpr,
 ):
+    """Program (t, hb): BLOCK_H heads of token t, q's first (hb < q_blocks), then k's."""
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    cos_row = cos_ptr + t * stride_ct
+    sin_row = sin_ptr + t * stride_st
     if hb < q_blocks:
-        _norm_rope_heads(q_ptr, qo_ptr, qw_ptr, cos_ptr, sin_ptr, t, hb * BLOCK_H, HQ, D_HALF,
-                         stride_qt, stride_qh, stride_qot, stride_qoh, stride_ct, stride_st, eps,
-                         BLOCK_H, BLOCK_D, ROPE, FIX_BF16)
+        heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        ok = (heads < HQ)[:, None]
+        n = norm_rope_rows(q_ptr + t * stride_qt + heads[:, None] * stride_qh, ok, 1, qw_ptr, cos_row, sin_row, eps,
+                           HEAD_DIM, BLOCK_D, ROPE, FIX_BF16)
+        tl.store(qo_ptr + t * stride_qot + heads[:, None] * stride_qoh + offs_d[None, :], n, mask=ok & d_ok[None, :])
     else:
-        _norm_rope_heads(k_ptr, ko_ptr, kw_ptr, cos_ptr, sin_ptr, t, (hb - q_blocks) * BLOCK_H, HK, D_HALF,
-                         stride_kt, stride_kh, stride_kot, stride_koh, stride_ct, stride_st, eps,
-                         BLOCK_H, BLOCK_D, ROPE, FIX_BF16)
+        heads = (hb - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        ok = (heads < HK)[:, None]
+        n = norm_rope_rows(k_ptr + t * stride_kt + heads[:, None] * stride_kh, ok, 1, kw_ptr, cos_row, sin_row, eps,
+                           HEAD_DIM, BLOCK_D, ROPE, FIX_BF16)
+        tl.store(ko_ptr + t * stride_kot + heads[:, None] * stride_koh + offs_d[None, :], n, mask=ok & d_ok[None, :])
 
 
 def _heads_view(x: torch.Tensor) -> torch.Tensor:
@@ -234,17 +235,16 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
         cos = sin = q  # unused
     if t == 0:
         return qo, ko
-    d_half = d // 2
-    block_d = triton.next_power_of_2(d_half)
-    block_h = max(1, min(triton.next_power_of_2(max(hq, hk)), max(1, 2048 // (2 * block_d))))
+    block_d = triton.next_power_of_2(d)
+    block_h = max(1, min(triton.next_power_of_2(max(hq, hk)), max(1, 2048 // block_d)))
     q_blocks = triton.cdiv(hq, block_h)
     grid = (t, q_blocks + triton.cdiv(hk, block_h))
     _qk_norm_rope_kernel[grid](
         q, k, qo, ko, q_weight.contiguous(), k_weight.contiguous(), cos, sin,
-        hq, hk, d_half, q_blocks,
+        hq, hk, q_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
         cos.stride(0), sin.stride(0), float(eps),
-        BLOCK_H=block_h, BLOCK_D=block_d, ROPE=bool(apply_rope), FIX_BF16=fix_bf16(q.dtype),
+        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, ROPE=bool(apply_rope), FIX_BF16=fix_bf16(q.dtype),
         num_warps=4,
     )
     return qo, ko
