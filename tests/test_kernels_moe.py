@@ -162,16 +162,28 @@ def _with_shared(x, w, ids, gate_up, down):
     return (routed.float() + shared).to(x.dtype)
 
 
+def _layer_with_shared(x, gate_up, down, k, seed, config=None):
+    """`fused_moe_layer` with the shared expert stacked last (the decode path), from random router logits ->
+    (its output, the reference: the model's routing, `experts_reference` plus the shared expert)."""
+    from trinity.kernels.moe_triton import fused_moe_layer
+    from trinity.model.moe import select_experts
+    routed = gate_up.shape[0] - 1
+    logits = torch.randn(x.shape[0], routed, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    bias = torch.zeros(routed, device=x.device)
+    got = fused_moe_layer(x, logits, bias, k, True, 2.5, gate_up, down, shared=1, config=config)
+    w, ids = select_experts(logits, bias, k, True, 2.5)
+    return got, _with_shared(x, w, ids, gate_up, down)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t", [1, 5, 17])
 def test_fused_moe_with_a_shared_expert_matches_reference(dtype, t):
-    from trinity.kernels.moe_triton import MoEConfig, fused_moe
-    x, w, ids, gate_up, down = _problem(t, 9, 2, 64, 48, dtype, seed=t)  # 8 routed experts + 1 shared
-    ids = ids % 8
+    from trinity.kernels.moe_triton import MoEConfig
+    x, _, _, gate_up, down = _problem(t, 9, 2, 64, 48, dtype, seed=t)  # 8 routed experts + 1 shared
     cfg = MoEConfig(block_m=16, up_n=32, up_k=16, down_n=16, down_k=32)
-    got = fused_moe(x, w, ids, gate_up, down, config=cfg, shared=1)
-    _assert_close(got, _with_shared(x, w, ids, gate_up, down), dtype)
+    got, want = _layer_with_shared(x, gate_up, down, 2, seed=t, config=cfg)
+    _assert_close(got, want, dtype)
 
 
 @needs_triton
@@ -378,12 +390,10 @@ def test_gpu_fused_moe_real_shapes(shape, t):
 @pytest.mark.parametrize("shape", [NANO, MINI], ids=["nano", "mini"])
 @pytest.mark.parametrize("t", [1, 64])
 def test_gpu_fused_moe_with_shared_expert_real_shapes(shape, t):
-    from trinity.kernels.moe_triton import fused_moe
-    x, w, ids, gate_up, down = _problem(t, shape["e"] + 1, shape["k"], shape["h"], shape["inter"],
-                                        torch.bfloat16, device="cuda", seed=t)
-    ids = ids % shape["e"]
-    _assert_close(fused_moe(x, w, ids, gate_up, down, shared=1), _with_shared(x, w, ids, gate_up, down),
-                  torch.bfloat16)
+    x, _, _, gate_up, down = _problem(t, shape["e"] + 1, shape["k"], shape["h"], shape["inter"],
+                                      torch.bfloat16, device="cuda", seed=t)
+    got, want = _layer_with_shared(x, gate_up, down, shape["k"], seed=t)
+    _assert_close(got, want, torch.bfloat16)
 
 
 @needs_gpu

@@ -19,7 +19,10 @@ Pipeline (same contract as `kernels.moe.experts_reference`):
    kernel only choose where inside an expert's run a slot lands).
 
 `fused_route` is `model.moe.select_experts` (fp32 sigmoid scores, bias-selected top-k, normalise, scale) on
-router logits, one launch per batch, one program per token; the logits come from one library GEMM.
+router logits (from one library GEMM), one launch per batch, up to 16 tokens per program. `fused_moe_layer` is the
+layer as inference runs it: routing (with a stacked shared expert as every token's extra choice, and the
+expert-load counts) and alignment in one single-program launch at decode sizes, then steps 2-3, and step 4 or
+not (the next norm kernel can sum the per-choice outputs instead).
 
 Block sizes come from a small table for the Nano (H 1024, I 256) and Mini (H 2048, I 1024) shapes with
 E 128, k 8, keyed by T bucket (1, 8, 32, 64+); other shapes get untuned defaults. The table entries are
@@ -36,7 +39,6 @@ import functools
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -418,18 +420,14 @@ def _launch_config(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
 
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-              down: torch.Tensor, config: MoEConfig | None = None, shared: int = 0) -> torch.Tensor:
+              down: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
     """x [T, H]; weights/ids [T, k]; gate_up [E, 2I, H] (gate rows first); down [E, H, I] -> [T, H] in x's dtype.
 
-    Expert weights are read in place; the combine over k is accumulated in fp32 without atomics.
-    `shared` = 1: the last expert is a shared one that every token also goes through, with weight 1 (ids and
-    weights stay the routed choices, ids < E - 1).
+    Expert weights are read in place; the combine over k is accumulated in fp32 without atomics. (A stacked shared
+    expert goes through `fused_moe_layer`, which routes too.)
     """
     num_experts = gate_up.shape[0]
-    cfg = _launch_config(x, gate_up, down, ids.shape[1], shared, config)
-    if shared:  # one more choice per token: the shared expert (the last one), weight 1
-        ids = F.pad(ids, (0, 1), value=num_experts - 1)
-        weights = F.pad(weights.to(torch.float32), (0, 1), value=1.0)
+    cfg = _launch_config(x, gate_up, down, ids.shape[1], 0, config)
     if x.shape[0] == 0:
         return torch.empty_like(x)
     num_slots = ids.numel()
