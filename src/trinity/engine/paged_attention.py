@@ -96,10 +96,7 @@ class PagedAttention:
         pool, li = self.kv.layer_pool[layer_idx]
         step = self.steps[pool]
         if step.decode_only and kernels_attention.use_fast_path(q):
-            kc, vc = self.kv.k[pool][li], self.kv.v[pool][li]
-            return kernels_attention.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale,
-                                                      gate=gate, new_kv=(k, v, step.dec_slots), table=step.dec_table,
-                                                      qk_norm=qk_norm)
+            return _decode_only_fast(self.kv.k[pool][li], self.kv.v[pool][li], step, q, k, v, scale, gate, qk_norm)
         if qk_norm is not None:
             q, k = kernel_norm.qk_norm_rope(q, k, *qk_norm)
         return kernel_norm.sigmoid_gate(self.attend(layer_idx, q, k, v, window, scale), gate)
@@ -108,9 +105,8 @@ class PagedAttention:
     def _attend_fast(kc, vc, step: PoolStep, q, k, v, window, scale):
         """The same steps through the Triton kernels (kernels/attention.py), chosen on CUDA."""
         ka = kernels_attention
-        if step.decode_only:  # no row gathers or scatters, the new K/V written by the attention kernel
-            return ka.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale,
-                                       new_kv=(k, v, step.dec_slots), table=step.dec_table)
+        if step.decode_only:
+            return _decode_only_fast(kc, vc, step, q, k, v, scale)
         out = torch.empty_like(q)
         if step.dec_rows.numel():
             ka.write_kv(kc, vc, step.dec_slots, k[step.dec_rows], v[step.dec_rows])
@@ -122,6 +118,13 @@ class PagedAttention:
             out[step.packed.rows] = ka.paged_prefill_attention(q, k, v, kc, vc, step.packed, window, scale)
             ka.write_kv(kc, vc, step.prefill_slots, k[step.prefill_rows], v[step.prefill_rows])
         return out
+
+
+def _decode_only_fast(kc, vc, step: PoolStep, q, k, v, scale, gate=None, qk_norm=None):
+    """A decode-only step on the Triton path: one kernel, no row gathers or scatters. It writes the new K/V itself,
+    reads the contexts by slot or by block table, and applies the q/k norm and the output gate when given."""
+    return kernels_attention.decode_attention(q, kc, vc, step.dec_ctx_slots, _lengths(step), scale, gate=gate,
+                                              new_kv=(k, v, step.dec_slots), table=step.dec_table, qk_norm=qk_norm)
 
 
 def _lengths(step: PoolStep) -> torch.Tensor:
