@@ -176,13 +176,10 @@ class ModelRunner:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, dtype=torch.bool, device=dev)
         nb = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.long, device=dev)
-        offs = torch.arange(width, device=dev)[None, :]
-        pos = torch.tensor(lo, device=dev)[:, None] + offs  # [B, L]
-        valid = offs < torch.tensor(lengths, device=dev)[:, None]
-        block_idx = (pos // bs) % self.kv.ring_blocks if sliding else pos // bs
-        block_idx = block_idx.clamp(max=nb - 1)
-        slots = table.gather(1, block_idx) * bs + pos % bs
-        return slots.masked_fill(~valid, 0), valid
+        blocks = kernels_attention.BlockTable(table=table, lo=torch.tensor(lo, device=dev), block_size=bs,
+                                              ring=self.kv.ring_blocks if sliding else 0, width=width)
+        valid = torch.arange(width, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
+        return blocks.slots().masked_fill(~valid, 0), valid
 
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
