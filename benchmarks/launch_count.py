@@ -76,8 +76,7 @@ def decode_counts(name: str) -> dict:
     # the forward a CUDA graph captures for this batch, from the runner's decode table
     table = DecodeTable(engine.runner, args.batch, MAX_MODEL_LEN, engine.runner.scratch_slots)
     host = table.new_host_table(pin=False)
-    table.fill(host.numpy(), engine.scheduler.schedule(), args.batch, tokens_given=False)
-    table.meta.copy_(host)
+    table.load(host, engine.scheduler.schedule(), args.batch)
     with torch.inference_mode():
         table.forward(args.batch)
         counter = count_by_layer(model, lambda: table.forward(args.batch))

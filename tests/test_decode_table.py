@@ -50,8 +50,7 @@ def test_table_forward_equals_the_eager_runner(dtype):
         if all(n == 1 for n in batch.num_tokens) and logits_rows == list(range(len(batch.seqs))):
             n = len(batch.seqs)
             b = next(size for size in buckets_up_to(4) if size >= n)
-            table.fill(host.numpy(), batch, b, tokens_given=False)
-            table.meta[:b].copy_(host[:b])
+            table.load(host, batch, b)
             with torch.inference_mode():
                 got = table.forward(b)[:n].float()
             want = eager_execute(batch, logits_rows, input_tokens)  # rewrites the same K/V: same values
@@ -84,8 +83,7 @@ def test_table_forward_launches():
     engine.step()
     table = DecodeTable(engine.runner, 1, 96, engine.runner.scratch_slots)
     host = table.new_host_table(pin=False)
-    table.fill(host.numpy(), engine.scheduler.schedule(), 1, tokens_given=False)
-    table.meta.copy_(host)
+    table.load(host, engine.scheduler.schedule(), 1)
     with torch.inference_mode():
         table.forward(1)  # compiles and caches
         counter = count_by_layer(engine.model, lambda: table.forward(1))

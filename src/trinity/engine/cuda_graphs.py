@@ -96,6 +96,12 @@ class DecodeTable:
             row[o + _SLOT] = p.scratch_block * self.block_size
             row[o + _LO], row[o + _LEN], row[o + _TABLE] = 0, 1, p.scratch_block
 
+    def load(self, host: torch.Tensor, batch: ScheduledBatch, rows: int, tokens_given: bool = False) -> None:
+        """`fill` the host table, then copy its first `rows` rows to the device table (asynchronous from pinned
+        memory; a pageable or CPU table copies as usual)."""
+        self.fill(host.numpy(), batch, rows, tokens_given)
+        self.meta[:rows].copy_(host[:rows], non_blocking=True)
+
     def fill(self, host, batch: ScheduledBatch, rows: int, tokens_given: bool) -> None:
         """Rows 0..n-1 of the host table (numpy) from the batch's sequences, rows n..rows-1 as padding.
         `tokens_given`: the tokens come from the device instead (look-ahead), left 0 here."""
@@ -206,13 +212,11 @@ class DecodeGraphs:
         if self.copied[turn] is not None:
             self.copied[turn].synchronize()  # this table's previous copy has been read (normally long done)
         host_t = self.hosts[turn]
-        self.table.fill(host_t.numpy(), batch, b, tokens_given=input_tokens is not None)
-        meta = self.table.meta
-        meta[:b].copy_(host_t[:b], non_blocking=True)  # one copy from pinned memory
+        self.table.load(host_t, batch, b, tokens_given=input_tokens is not None)  # one copy from pinned memory
         self.copied[turn] = torch.cuda.Event()
         self.copied[turn].record()
         if input_tokens is not None:
-            meta[:n, _TOKEN].copy_(input_tokens)
+            self.table.meta[:n, _TOKEN].copy_(input_tokens)
         self.graphs[b].replay()
         self.replays += 1
         return self.logits[b][:n]
