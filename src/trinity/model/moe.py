@@ -125,14 +125,15 @@ class MoEBlock(nn.Module):
             cached = self._router_fp32 = (w, w._version, w.detach().float())
         return cached[2]
 
-    def _forward_whole_layer(self, x: torch.Tensor, layer_fn) -> torch.Tensor:
+    def _forward_whole_layer(self, x: torch.Tensor, layer_fn, **options) -> torch.Tensor:
         """Inference through a whole-layer kernel (`moe_layer_native` on the CPU, `moe_layer_triton` where Triton
-        runs): routing, counts, experts and, when it is stacked, the shared expert in its pass (else added after)."""
+        runs): routing, counts, experts and, when it is stacked, the shared expert in its pass (else added after).
+        `options` go to layer_fn."""
         stacked = self.stacked if self.stacked is not None and self.stacked_valid() else None
         gate_up, down = stacked or (self.experts.gate_up_proj, self.experts.down_proj)
         out = layer_fn(x, self.router_weight_fp32(), self.expert_bias, self.top_k, self.route_norm,
                        self.route_scale, gate_up, down, shared=stacked is not None, counts=self.expert_counts,
-                       count_mask=self.count_mask)
+                       count_mask=self.count_mask, **options)
         if stacked is None and self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
@@ -147,9 +148,7 @@ class MoEBlock(nn.Module):
         shared expert included, [T, top_k + 1, H] in fp32; summed over dim 1 they are `forward(x)` before its
         rounding to x's dtype. The decoder layer sums them inside its next norm kernel, saving a launch.
         `x_fp32`: x widened, when the norm that made x wrote it too (saves the router's cast)."""
-        return moe_layer_triton(x, self.router_weight_fp32(), self.expert_bias, self.top_k, self.route_norm,
-                                self.route_scale, *self.stacked, shared=True, counts=self.expert_counts,
-                                count_mask=self.count_mask, x_fp32=x_fp32, combine=False)
+        return self._forward_whole_layer(x, moe_layer_triton, x_fp32=x_fp32, combine=False)
 
     def track_expert_load(self, enabled: bool = True) -> None:
         self.expert_counts = torch.zeros(self.router.gate.weight.shape[0], dtype=torch.long,
