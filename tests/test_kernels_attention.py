@@ -170,6 +170,23 @@ def test_decode_matches_reference(tk, dtype, hq, hkv):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_merge_by_last_split_equals_merge_launch(tk, dtype):
+    """The splits merged by the last one to finish (arrival counters) give exactly the separate merge launch's
+    output (one merge routine, splits added in order), gate included, and leave every counter back at 0."""
+    from trinity.kernels.last_program import arrival_counters
+    q, kc, vc, slots, ctx_lens = decode_case([1, 23, 7, 40, 64], 8, 2, 16, dtype, seed=11)
+    gate = torch.randn(q.shape, device=DEVICE).to(dtype)
+    for splits in (2, 3, 4):
+        for g in (None, gate):
+            last = tk.decode_attention(q, kc, vc, slots, ctx_lens, 0.25, gate=g, num_splits=splits, block_n=16)
+            launch = tk.decode_attention(q, kc, vc, slots, ctx_lens, 0.25, gate=g, num_splits=splits, block_n=16,
+                                         merge_last=False)
+            assert torch.equal(last, launch), (splits, g is None)
+    assert arrival_counters(q.device, 1).abs().sum() == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_head_dim_64_auto_splits(tk, dtype):
     q, kc, vc, slots, ctx_lens = decode_case([70, 1, 33], 8, 2, 64, dtype, seed=3)
     ref = A.decode_attention_reference(*f32(q, kc, vc), slots, ctx_lens, 64 ** -0.5)
@@ -606,14 +623,16 @@ def test_kernels_compile_for_sm90(tk, dtype):
                                       "lens_ptr": "*i32", "qk_scale": "fp32", "new_k_ptr": f"*{dtype}",
                                       "new_v_ptr": f"*{dtype}", "new_slots_ptr": "*i32", "lo_ptr": "*i32",
                                       "qw_ptr": "*fp32", "kw_ptr": "*fp32", "cos_ptr": f"*{dtype}",
-                                      "sin_ptr": f"*{dtype}", "norm_eps": "fp32"},
+                                      "sin_ptr": f"*{dtype}", "norm_eps": "fp32",
+                                      "counter_ptr": "*i32"},
                   dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
                        SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False,
-                       HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, RING=new, QK_NORM=new, ROPE=new), 8)
+                       HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, RING=new, QK_NORM=new, ROPE=new,
+                       MERGE_LAST=split and new), 8)
     for gate in (False, True):
         build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
                                         "gate_ptr": f"*{dtype}"},
-              dict(HEAD_DIM=128, BLOCK_S=16, BLOCK_D=128, HAS_GATE=gate, FIX_BF16=False), 4)
+              dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, HAS_GATE=gate, FIX_BF16=False), 4)
     for window in (False, True):
         build(tk._prefill_kernel, {**act, "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "q_pos_ptr": "*i64",
                                    "k_pos_ptr": "*i64", "qk_scale": "fp32"},

@@ -5,7 +5,8 @@ decode context is never gathered into a copy; prefill takes each sequence's keys
 
 - `decode_attention`: one query token per sequence. A program owns one (sequence, kv head, key split) and
   all the query heads that share that kv head (GQA), so each K/V row is loaded once per kv head. Long
-  contexts are cut into splits (flash-decoding); a second kernel merges the splits by their log-sum-exp.
+  contexts are cut into splits (flash-decoding), merged by their log-sum-exp by the split that finishes last
+  (`kernels.last_program`), or by a second kernel where no arrival counters are available.
 - `prefill_attention`: sequences packed back to back (cu_q / cu_k prefix sums), causal and optional sliding
   window by absolute positions. A program owns BLOCK_M query tokens x all query heads of one kv head (the
   rows of its score tile are token-major, head-minor), walks the sequence's key tiles, and skips a tile
@@ -27,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .last_program import arrival_counters, arrive
 from .norm_triton import fix_bf16, norm_rope_rows, round_to
 
 _LOG2E = 1.4426950408889634
@@ -68,7 +70,7 @@ def _program_target(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, gate_ptr,
-                   new_k_ptr, new_v_ptr, new_slots_ptr, lo_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+                   new_k_ptr, new_v_ptr, new_slots_ptr, lo_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, counter_ptr,
                    qk_scale, keys_per_split, ring, norm_eps,
                    stride_qb, stride_qh, stride_qd,
                    stride_ks, stride_kh, stride_kd,
@@ -84,7 +86,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr, HAS_NEW: tl.constexpr,
                    TABLE: tl.constexpr, BLOCK_SIZE: tl.constexpr, RING: tl.constexpr,
-                   QK_NORM: tl.constexpr, ROPE: tl.constexpr):
+                   QK_NORM: tl.constexpr, ROPE: tl.constexpr, MERGE_LAST: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -186,6 +188,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
         tl.store(lse_ptr + (b * tl.num_programs(1) * GROUP + heads) * tl.num_programs(2) + split, lse,
                  mask=h_mask)
+        if MERGE_LAST:  # the split that finishes last merges them all: no merge launch
+            if arrive(counter_ptr + b * tl.num_programs(1) + kvh, tl.num_programs(2)):
+                _merge_store(part_ptr, lse_ptr, out_ptr, gate_ptr, b, heads, h_mask, tl.num_programs(2),
+                             stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_od, stride_gb, stride_gh,
+                             tl.num_programs(1) * GROUP, HEAD_DIM, BLOCK_D, HAS_GATE, FIX_BF16)
     else:
         o = _gated(o, gate_ptr + b.to(tl.int64) * stride_gb + heads[:, None] * stride_gh + offs_d[None, :],
                    h_mask[:, None] & d_mask[None, :], out_ptr.dtype.element_ty, HAS_GATE, FIX_BF16)
@@ -206,30 +213,48 @@ def _gated(o, gate_ptrs, mask, dtype: tl.constexpr, HAS_GATE: tl.constexpr, FIX_
 
 
 @triton.jit
+def _merge_store(part_ptr, lse_ptr, out_ptr, gate_ptr, b, heads, h_mask, num_splits,
+                 stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_od, stride_gb, stride_gh,
+                 num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr,
+                 FIX_BF16: tl.constexpr):
+    """Merge the key splits of sequence b for `heads` by their log2-sum-exp (splits added in order, so the result
+    does not depend on which program merges), apply the gate and store the output."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    lse_row = lse_ptr + (b * num_heads + heads) * num_splits
+    m = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(lse_row + s, mask=h_mask, other=float("-inf")))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros(heads.shape, dtype=tl.float32)
+    acc = tl.zeros([heads.shape[0], BLOCK_D], dtype=tl.float32)
+    part_rows = part_ptr + b.to(tl.int64) * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
+    mask = h_mask[:, None] & d_mask[None, :]
+    for s in range(0, num_splits):
+        w = tl.exp2(tl.load(lse_row + s, mask=h_mask, other=float("-inf")) - m)  # 0 for an empty split
+        total += w
+        acc += tl.load(part_rows + s * stride_ps, mask=mask, other=0.0) * w[:, None]
+    o = acc / tl.where(total > 0, total, 1.0)[:, None]
+    o = _gated(o, gate_ptr + b.to(tl.int64) * stride_gb + heads[:, None] * stride_gh + offs_d[None, :], mask,
+               out_ptr.dtype.element_ty, HAS_GATE, FIX_BF16)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od, o,
+             mask=mask)
+
+
+@triton.jit
 def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, gate_ptr, num_splits,
                          stride_pb, stride_ph, stride_ps,
                          stride_ob, stride_oh, stride_od,
                          stride_gb, stride_gh,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                          HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr):
+    """The merge as a launch of its own (grid: sequence x kv head), where no arrival counters are available."""
     b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    d_mask = offs_d < HEAD_DIM
-    lse = tl.load(lse_ptr + (b * tl.num_programs(1) + h) * num_splits + offs_s, mask=s_mask,
-                  other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # 0 for empty splits
-    part = tl.load(part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps
-                   + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-    total = tl.sum(w, axis=0)
-    o = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    o = _gated(o, gate_ptr + b.to(tl.int64) * stride_gb + h * stride_gh + offs_d, d_mask, out_ptr.dtype.element_ty,
-               HAS_GATE, FIX_BF16)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d * stride_od, o, mask=d_mask)
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = tl.program_id(1) * GROUP + offs_h
+    _merge_store(part_ptr, lse_ptr, out_ptr, gate_ptr, b, heads, offs_h < GROUP, num_splits,
+                 stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_od, stride_gb, stride_gh,
+                 tl.num_programs(1) * GROUP, HEAD_DIM, BLOCK_D, HAS_GATE, FIX_BF16)
 
 
 def _decode_splits(batch: int, kv_heads: int, width: int, block_n: int, device: torch.device,
@@ -267,7 +292,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      ctx_lens: torch.Tensor, scale: float, *, gate: torch.Tensor | None = None,
                      new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, table=None,
                      qk_norm: tuple | None = None, num_splits: int | None = None,
-                     block_n: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, merge_last: bool = True) -> torch.Tensor:
     """One query token per sequence against its slot-addressed context.
 
     q: [B, Hq, D]; k_cache/v_cache: [S, Hkv, D]; ctx_slots: [B, L] int slots of each context token (the
@@ -283,7 +308,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     - `qk_norm` = (q_weight, k_weight, eps, cos, sin, apply_rope), with `new_kv`: q and the new k come raw from the
       projection and get the per-head RMSNorm and (when apply_rope) RoPE here, exactly as `kernels.norm.qk_norm_rope`
       (cos/sin [B, D] in q's dtype); the cache receives the normed k.
-    `num_splits` / `block_n` override the launch heuristics (tests, tuning).
+    `num_splits` / `block_n` override the launch heuristics (tests, tuning). With key splits, the last split of
+    each (sequence, kv head) to finish merges them (`kernels.last_program`); `merge_last=False` runs the merge as
+    a second launch instead (tests compare the two).
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -325,8 +352,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         new_k = new_v = new_slots = out  # unused
         new_strides = (0, 0, 0, 0)
     qw, kw, norm_eps, cos, sin, rope = _qk_norm_args(qk_norm, new_kv is not None, q, D)
+    # with splits, the last split of each (sequence, kv head) to finish merges them (no merge launch)
+    counters = arrival_counters(q.device, B * Hkv) if splits > 1 and merge_last else None
     _decode_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots, lo, qw, kw, cos, sin,
+        counters if counters is not None else lse,
         scale * _LOG2E, per_split, table.ring if table is not None else 0, norm_eps,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *slots.stride(), *out.stride(),
         *(part.stride()[:3] if splits > 1 else (0, 0, 0)), *gate_strides, *new_strides,
@@ -334,10 +364,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q), **gated,
         HAS_NEW=new_kv is not None, **addressing, QK_NORM=qk_norm is not None, ROPE=rope,
-        num_warps=8 if block_d >= 128 else 4)
-    if splits > 1:
-        _decode_merge_kernel[(B, Hq)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
-                                      HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, **gated, num_warps=4)
+        MERGE_LAST=counters is not None, num_warps=8 if block_d >= 128 else 4)
+    if splits > 1 and counters is None:
+        _decode_merge_kernel[(B, Hkv)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
+                                       GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, **gated,
+                                       num_warps=4)
     return out
 
 
