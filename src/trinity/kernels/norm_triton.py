@@ -72,21 +72,35 @@ def _rms_norm_kernel(
         h = round_to(h, dtype, FIX_BF16).to(tl.float32)
     else:
         h = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    norm_row(h, res_ptr + row * stride_r, pre_w_ptr, w_ptr, out_ptr + row * stride_o, res_out_ptr + row * stride_ro,
+             out32_ptr + row * stride_o32, N, eps, BLOCK, HAS_RES, PRE_NORM, FIX_BF16, FP32_OUT)
+
+
+@triton.jit
+def norm_row(h, res_row, pre_w_ptr, w_ptr, out_row, res_out_row, out32_row, N, eps,
+             BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PRE_NORM: tl.constexpr, FIX_BF16: tl.constexpr,
+             FP32_OUT: tl.constexpr):
+    """The norm family on one row h ([BLOCK] fp32 holding dtype values, N valid): optionally RMSNorm_pre(h), then
+    optionally the residual add (new residual stored), then RMSNorm and the stores. Each intermediate is rounded
+    to the output dtype as the module code rounds it. Shared by the norm kernel and the fused linear's epilogue."""
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    dtype = out_row.dtype.element_ty
     if PRE_NORM:  # h = RMSNorm_pre(x), rounded to the dtype
         r0 = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
         w0 = tl.load(pre_w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         h = round_to(w0 * (h * r0), dtype, FIX_BF16).to(tl.float32)
     if HAS_RES:  # new residual = h + residual, rounded to the dtype
-        res = tl.load(res_ptr + row * stride_r + offs, mask=ok, other=0.0).to(tl.float32)
+        res = tl.load(res_row + offs, mask=ok, other=0.0).to(tl.float32)
         s = round_to(h + res, dtype, FIX_BF16)
-        tl.store(res_out_ptr + row * stride_ro + offs, s, mask=ok)
+        tl.store(res_out_row + offs, s, mask=ok)
         h = s.to(tl.float32)
     r = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     normed = round_to(w * (h * r), dtype, FIX_BF16)
-    tl.store(out_ptr + row * stride_o + offs, normed, mask=ok)
+    tl.store(out_row + offs, normed, mask=ok)
     if FP32_OUT:  # the same values widened: what `normed.float()` would copy (the router's fp32 input)
-        tl.store(out32_ptr + row * stride_o32 + offs, normed.to(tl.float32), mask=ok)
+        tl.store(out32_row + offs, normed.to(tl.float32), mask=ok)
 
 
 def _launch_rms(x, residual, pre_weight, weight, eps, parts: int = 0, fp32_out: bool = False):
