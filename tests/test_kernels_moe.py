@@ -300,19 +300,29 @@ def test_fused_route_with_shared_choice_and_counts(t, masked):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t,single_launch", [(1, True), (5, True), (5, False), (37, False)])
+@pytest.mark.parametrize("t,single_launch,router_in_launch", [(1, True, True), (1, True, False), (5, True, True),
+                                                              (5, True, False), (5, False, False), (37, False, False)])
 @pytest.mark.parametrize("shared", [0, 1])
-def test_fused_moe_layer_matches_reference(monkeypatch, dtype, t, single_launch, shared):
-    """Routing + alignment in one launch (decode-sized batches) or in two, with and without the stacked shared
-    expert: the same output as routing by the model's code and `experts_reference`, and the same counts."""
+def test_fused_moe_layer_matches_reference(monkeypatch, dtype, t, single_launch, router_in_launch, shared):
+    """Routing + alignment in one launch (decode-sized batches; the router GEMM in it too for the smallest, summed
+    by the last of its programs) or in two, with and without the stacked shared expert: the same output as
+    routing by the model's code and `experts_reference`, and the same counts."""
     from trinity.kernels import moe_triton
-    e, k, h, inter = 16, 4, 48, 32
+    e, k, h, inter = 16, 4, 200, 32  # 200: the router GEMM splits its keys, unevenly
     monkeypatch.setattr(moe_triton, "ROUTE_ALIGN_MAX_TOKENS", 64 if single_launch else 0)
+    monkeypatch.setattr(moe_triton, "ROUTER_FUSED_MAX_TOKENS", 8 if router_in_launch else 0)
     x, gate, bias = _router_problem(t, e, h, seed=100 + t, dtype=dtype)
     _, _, _, gate_up, down = _problem(t, e + shared, k, h, inter, dtype, seed=t)
     counts = torch.zeros(e, dtype=torch.long, device=DEVICE)
-    with torch.no_grad():
+    from trinity.kernels.launch_counter import LaunchCounter
+    with torch.no_grad(), LaunchCounter() as launches:
         got = kmoe.moe_layer_triton(x, gate, bias, k, True, 2.0, gate_up, down, bool(shared), counts=counts)
+    gemm = {"aten:linear", "aten:mm", "aten:addmm"}  # the library router GEMM (linear, or mm outside inference mode)
+    routing = {"gemm" if n in gemm else n for n in launches.names("") if "route" in n or n in gemm}
+    assert routing == ({"triton:_router_route_align_kernel"} if router_in_launch
+                       else {"gemm", "triton:_route_align_kernel"} if single_launch
+                       else {"gemm", "triton:_route_kernel"}), launches.names("")
+    with torch.no_grad():
         w, ids = route(x, gate, bias, k, True, 2.0)
         if shared:  # the reference: every token's extra choice, the last expert, weight 1
             ids = torch.cat([ids, torch.full((t, 1), e, device=DEVICE)], dim=1)

@@ -42,7 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
+import torch.nn.functional as F
+
 from . import interpreting
+from .last_program import arrival_counters, arrive
+from .linear_triton import gemm_split_tile, split_plan, sum_splits
 from .norm_triton import fix_bf16, round_to
 
 
@@ -549,6 +553,26 @@ def _route_kernel(
 
 
 @triton.jit
+def _route_align(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
+    route_scale, stride_lt, stride_le,
+    slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+    SHARED: tl.constexpr, COUNT: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_AE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Routing and alignment by one program: each token tile is routed (`_route_rows`), then the choices just
+    written are read back by `_align_slots`."""
+    for t0 in range(0, num_tokens, BLOCK_T):
+        _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, t0, num_tokens, num_experts,
+                    top_k, route_scale, stride_lt, stride_le, BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED)
+    tl.debug_barrier()  # the choices are in memory before any thread reads them
+    _align_slots(ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
+                 BLOCK_M, BLOCK_S, BLOCK_AE, BLOCK_B, BLOCK_P)
+
+
+@triton.jit
 def _route_align_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
     route_scale, stride_lt, stride_le,
@@ -558,14 +582,42 @@ def _route_align_kernel(
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_AE: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Routing and alignment in one single-program launch, for decode-sized batches: each token tile is routed
-    (`_route_rows`), then the choices just written are read back by `_align_slots`."""
-    for t0 in range(0, num_tokens, BLOCK_T):
-        _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, t0, num_tokens, num_experts,
-                    top_k, route_scale, stride_lt, stride_le, BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED)
-    tl.debug_barrier()  # the choices are in memory before any thread reads them
-    _align_slots(ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
+    """Routing and alignment in one single-program launch, for decode-sized batches, from router logits."""
+    _route_align(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
+                 route_scale, stride_lt, stride_le, slots_ptr, block_expert_ptr, cursor_ptr, num_slots,
+                 num_aligned_experts, num_blocks, BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED,
                  BLOCK_M, BLOCK_S, BLOCK_AE, BLOCK_B, BLOCK_P)
+
+
+@triton.jit
+def _router_route_align_kernel(
+    x_ptr, router_ptr, ws_ptr, counter_ptr, hidden, k_per_split, stride_xt, stride_rw, stride_ws, stride_wst,
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
+    route_scale, stride_lt, stride_le,
+    slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
+    BLOCK_GT: tl.constexpr, BLOCK_GE: tl.constexpr, BLOCK_GK: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+    SHARED: tl.constexpr, COUNT: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_AE: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """The router GEMM too: program (expert tile, key split) computes its fp32 share of the logits
+    (`linear_triton.gemm_split_tile`); the last to finish (`last_program.arrive`) sums the splits in order into
+    the logits, then routes and aligns (`_route_align`). One launch where there were two."""
+    gemm_split_tile(x_ptr, router_ptr, ws_ptr, num_tokens, num_experts, hidden, k_per_split, stride_xt, stride_rw,
+                    stride_ws, stride_wst, tl.program_id(0), tl.program_id(1), 0, BLOCK_GT, BLOCK_GE, BLOCK_GK,
+                    UPCAST, PRECISION)
+    if arrive(counter_ptr, tl.num_programs(0) * tl.num_programs(1)):
+        for t in range(0, num_tokens):
+            row = sum_splits(ws_ptr + t * stride_wst, tl.num_programs(1), stride_ws, BLOCK_E, num_experts)
+            offs_e = tl.arange(0, BLOCK_E)
+            tl.store(logits_ptr + t * stride_lt + offs_e * stride_le, row, mask=offs_e < num_experts)
+        tl.debug_barrier()  # the logits are in memory before any thread routes on them
+        _route_align(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts,
+                     top_k, route_scale, stride_lt, stride_le, slots_ptr, block_expert_ptr, cursor_ptr, num_slots,
+                     num_aligned_experts, num_blocks, BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED,
+                     BLOCK_M, BLOCK_S, BLOCK_AE, BLOCK_B, BLOCK_P)
 
 
 def _route_launch(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
@@ -619,20 +671,74 @@ def fused_route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, rou
 # routing goes through the tokens BLOCK_T at a time, so larger batches route in parallel (`_route_kernel`) then
 # align. A first guess, to be measured on a GPU.
 ROUTE_ALIGN_MAX_TOKENS = 32
+# Up to this many tokens the router GEMM joins that launch (`_router_route_align_kernel`): its last program sums
+# splits x tokens rows of logits, so it pays only for few tokens. Also a first guess.
+ROUTER_FUSED_MAX_TOKENS = 8
 
 
-def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+def _route_align_launch(x: torch.Tensor, logits: torch.Tensor | None, router: tuple[torch.Tensor, torch.Tensor] | None,
+                        expert_bias: torch.Tensor, top_k: int, route_norm: bool, route_scale: float, shared: int,
+                        counts: torch.Tensor | None, count_mask: torch.Tensor | None, num_experts: int, block_m: int):
+    """Routing and alignment as one launch, from the logits, or from router = (x in fp32, the fp32 router weight)
+    with the router GEMM in the same launch when the batch is small and arrival counters are to hand.
+    -> (weights [T, kk], slots, block_expert)."""
+    num_tokens = x.shape[0]
+    counters = None
+    if logits is None:
+        x32, weight = router
+        if num_tokens <= ROUTER_FUSED_MAX_TOKENS and weight.stride(-1) == 1 and x32.stride(-1) == 1:
+            counters = arrival_counters(x.device, 1)
+        if counters is None:
+            logits = F.linear(x32, weight)
+    fused_router = counters is not None
+    if fused_router:  # filled by the last program
+        logits = torch.empty(num_tokens, router[1].shape[0], dtype=torch.float32, device=x.device)
+    weights, ids, args, constants = _route_launch(logits, expert_bias, top_k, route_norm, route_scale, shared,
+                                                  counts, count_mask)
+    num_slots = num_tokens * (top_k + shared)
+    slots, block_expert, cursor, num_blocks, align = _align_buffers(num_slots, num_experts, block_m, x.device)
+    tail = (slots, block_expert, cursor, num_slots, num_experts, num_blocks)
+    align_constants = dict(BLOCK_M=align["BLOCK_M"], BLOCK_S=align["BLOCK_S"], BLOCK_AE=align["BLOCK_E"],
+                           BLOCK_B=align["BLOCK_B"], BLOCK_P=align["BLOCK_P"])
+    warps = _route_warps(constants["BLOCK_E"])
+    if not fused_router:
+        _route_align_kernel[(1,)](*args, *tail, **constants, **align_constants, num_warps=warps)
+        return weights, slots, block_expert
+    x32, weight = router
+    routed, hidden = weight.shape
+    block_ge, block_gk = 16, 64  # fp32 tiles (the router is fp32): 16 experts x 64 keys
+    splits, per_split = split_plan(num_tokens, routed, hidden, x.device, block_ge, block_gk, max_split_rows=32)
+    ws = torch.empty(splits, num_tokens, routed, dtype=torch.float32, device=x.device)
+    _router_route_align_kernel[(triton.cdiv(routed, block_ge), splits)](
+        x32, weight, ws, counters, hidden, per_split, x32.stride(0), weight.stride(0), ws.stride(0), ws.stride(1),
+        *args, *tail, BLOCK_GT=16, BLOCK_GE=block_ge, BLOCK_GK=block_gk, UPCAST=False, PRECISION="ieee",
+        **constants, **align_constants, num_warps=warps)
+    return weights, slots, block_expert
+
+
+def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor | None, expert_bias: torch.Tensor, top_k: int,
                     route_norm: bool, route_scale: float, gate_up: torch.Tensor, down: torch.Tensor, shared: int = 0,
                     counts: torch.Tensor | None = None, count_mask: torch.Tensor | None = None,
-                    config: MoEConfig | None = None, combine: bool = True) -> torch.Tensor:
+                    config: MoEConfig | None = None, combine: bool = True,
+                    router: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """A MoE layer from its router logits: `fused_route` (with the stacked shared expert as every token's last
     choice when `shared`, and the expert-load counts), the alignment, and the grouped expert GEMMs. At decode
     the routing, the shared expert's padding, the counting and the alignment are one launch (five before:
-    route, two pads, a scatter_add and the align kernel). -> [T, H] in x's dtype; without `combine`, the
+    route, two pads, a scatter_add and the align kernel). Given `router` = (x in fp32, the fp32 router weight)
+    instead of logits, the router GEMM joins that launch for the smallest batches (`_route_align_launch`). -> [T, H] in x's dtype; without `combine`, the
     weighted per-choice outputs [T, top_k + shared, H] in fp32 (see `_grouped_experts`)."""
     num_tokens = x.shape[0]
     num_experts = gate_up.shape[0]
-    if logits.shape != (num_tokens, num_experts - shared):
+    if logits is None:
+        if router is None:
+            raise ValueError("fused_moe_layer needs the router logits or router = (x in fp32, router weight)")
+        x32, weight = router
+        if x32.shape != x.shape or weight.shape != (num_experts - shared, x.shape[1]) \
+                or x32.dtype != torch.float32 or weight.dtype != torch.float32:
+            raise ValueError(f"router input {tuple(x32.shape)} {x32.dtype} and weight {tuple(weight.shape)} "
+                             f"{weight.dtype}: need fp32 [{num_tokens}, {x.shape[1]}] and "
+                             f"[{num_experts - shared}, {x.shape[1]}]")
+    elif logits.shape != (num_tokens, num_experts - shared):
         raise ValueError(f"router logits {tuple(logits.shape)} for {num_tokens} tokens and "
                          f"{num_experts - shared} routed experts")
     cfg = _launch_config(x, gate_up, down, top_k, shared, config)
@@ -641,15 +747,12 @@ def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor, expert_bias: torch.Te
         return torch.empty_like(x) if combine else x.new_empty(0, kk, x.shape[1], dtype=torch.float32)
     num_slots = num_tokens * kk
     if num_tokens <= ROUTE_ALIGN_MAX_TOKENS and num_slots <= ALIGN_KERNEL_MAX_SLOTS:
-        weights, ids, args, constants = _route_launch(logits, expert_bias, top_k, route_norm, route_scale, shared,
-                                                      counts, count_mask)
-        slots, block_expert, cursor, num_blocks, align = _align_buffers(num_slots, num_experts, cfg.block_m,
-                                                                         x.device)
-        _route_align_kernel[(1,)](
-            *args, slots, block_expert, cursor, num_slots, num_experts, num_blocks, **constants,
-            BLOCK_M=align["BLOCK_M"], BLOCK_S=align["BLOCK_S"], BLOCK_AE=align["BLOCK_E"], BLOCK_B=align["BLOCK_B"],
-            BLOCK_P=align["BLOCK_P"], num_warps=_route_warps(constants["BLOCK_E"]))
+        weights, slots, block_expert = _route_align_launch(x, logits, router, expert_bias, top_k, route_norm,
+                                                           route_scale, shared, counts, count_mask, num_experts,
+                                                           cfg.block_m)
     else:
+        if logits is None:
+            logits = F.linear(*router)
         weights, ids = fused_route(logits, expert_bias, top_k, route_norm, route_scale, shared, counts, count_mask)
         if num_slots <= ALIGN_KERNEL_MAX_SLOTS:
             slots, block_expert = moe_align_triton(ids, num_experts, cfg.block_m)
