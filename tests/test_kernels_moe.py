@@ -469,14 +469,19 @@ def test_moe_kernels_compile_for_sm90(dtype):
             "BLOCK_N": ("c", cfg.up_n), "BLOCK_K": ("c", cfg.up_k), "FIX_BF16": ("c", False), **common},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         assert use["stack"] == 0 and use["shared"] <= H100_SMEM, (cfg, use)
-        use = compile_sm90(mt._down_kernel, {
-            "act_ptr": p, "w_ptr": p, "rw_ptr": "*fp32", "y_ptr": "*fp32", "slots_ptr": "*i32",
-            "block_expert_ptr": "*i32", "num_slots": "i32",
-            **{n: "i32:16" for n in ["N", "K", "num_experts", "stride_as", "stride_we", "stride_wn", "stride_ys"]},
-            **{n: "one" for n in ["stride_ak", "stride_wk", "stride_yn"]},
-            "BLOCK_N": ("c", cfg.down_n), "BLOCK_K": ("c", cfg.down_k), **common},
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        assert use["stack"] == 0 and use["shared"] <= H100_SMEM, (cfg, use)
+        for norm in (False, True):  # with the norm step in the last program (hidden 2048: Mini)
+            use = compile_sm90(mt._down_kernel, {
+                "act_ptr": p, "w_ptr": p, "rw_ptr": "*fp32", "y_ptr": "*fp32", "slots_ptr": "*i32",
+                "block_expert_ptr": "*i32", "num_slots": "i32",
+                **{n: "i32:16" for n in ["N", "K", "num_experts", "stride_as", "stride_we", "stride_wn", "stride_ys",
+                                         "stride_r", "stride_o", "stride_ro"]},
+                **{n: "one" for n in ["stride_ak", "stride_wk", "stride_yn"]},
+                "res_ptr": p, "post_w_ptr": "*fp32", "next_w_ptr": "*fp32", "out_ptr": p, "res_out_ptr": p,
+                "counter_ptr": "*i32", "num_tokens": "i32", "top_k": "i32", "eps": "fp32",
+                "BLOCK_N": ("c", cfg.down_n), "BLOCK_K": ("c", cfg.down_k), "NORM": ("c", norm),
+                "BLOCK_ROW": ("c", 2048), "FIX_BF16": ("c", False), **common},
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            assert use["stack"] == 0 and use["shared"] <= H100_SMEM, (cfg, norm, use)
     use = compile_sm90(mt._combine_kernel, {"y_ptr": "*fp32", "out_ptr": p, "N": "i32:16", "top_k": "i32",
                                             "stride_ys": "i32:16", "stride_ot": "i32:16", "BLOCK_N": ("c", 1024),
                                             "FIX_BF16": ("c", False)})
@@ -525,4 +530,51 @@ def test_align_kernel_compiles_for_sm90(slots):
         "num_slots": "i32", "num_experts": "i32", "num_blocks": "i32", "BLOCK_M": ("c", 16),
         "BLOCK_S": ("c", max(16, triton.next_power_of_2(slots))), "BLOCK_E": ("c", be),
         "BLOCK_B": ("c", max(1, min(64, 8192 // be))), "BLOCK_P": ("c", 1024)})
+    assert use["stack"] == 0, use
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 3, 6])
+def test_fused_moe_layer_with_the_norm_step(dtype, t):
+    """`norm=`: the decoder layer's norm step after the MoE layer, run by the down GEMM's last program (up to
+    DOWN_NORM_MAX_TOKENS tokens) or by the norm kernel after it, equals summing the per-choice outputs then the
+    norm step's reference; and the arrival counter is back at 0."""
+    from trinity.kernels import moe_triton
+    from trinity.kernels.last_program import arrival_counters
+    from trinity.kernels.launch_counter import LaunchCounter
+    from trinity.kernels.norm import sum_norm_add_rms_norm_reference
+    e, k, h, inter = 8, 2, 96, 32
+    x, gate, bias = _router_problem(t, e, h, seed=7 + t, dtype=dtype)
+    _, _, _, gate_up, down = _problem(t, e + 1, k, h, inter, dtype, seed=t)
+    g = torch.Generator().manual_seed(t)
+    residual = torch.randn(t, h, generator=g).to(device=DEVICE, dtype=dtype)
+    post, nxt = (1 + 0.1 * torch.randn(h, generator=g)).to(DEVICE), (1 + 0.1 * torch.randn(h, generator=g)).to(DEVICE)
+    args = (x, None, bias, k, True, 2.0, gate_up, down, 1)
+    router = (x.float(), gate.float())
+    with torch.no_grad():
+        parts = moe_triton.fused_moe_layer(*args, combine=False, router=router)
+        with LaunchCounter() as launches:
+            normed, new_res = moe_triton.fused_moe_layer(*args, router=router, norm=(residual, post, nxt, 1e-5))
+    want, want_res = sum_norm_add_rms_norm_reference(parts, residual, post, nxt, 1e-5)
+    assert torch.equal(new_res, want_res) or dtype == torch.float32 and torch.allclose(new_res, want_res, atol=1e-6)
+    _assert_close(normed, want, dtype)
+    in_down = t <= moe_triton.DOWN_NORM_MAX_TOKENS
+    assert ("triton:_rms_norm_kernel" in launches.names("")) != in_down, launches.names("")
+    assert arrival_counters(x.device, 1).abs().sum() == 0
+
+
+@needs_compile_check
+def test_router_route_align_kernel_compiles_for_sm90():
+    """The router GEMM + routing + alignment launch at the Nano/Mini shape (128 experts, top-8 + shared)."""
+    from trinity.kernels import moe_triton as mt
+    kern = mt._router_route_align_kernel
+    args = {n: "*fp32" if n.endswith("_ptr") else "i32" for n in kern.arg_names}
+    args.update({"ids_ptr": "*i64", "counts_ptr": "*i64", "count_mask_ptr": "*i32", "slots_ptr": "*i32",
+                 "block_expert_ptr": "*i32", "cursor_ptr": "*i32", "counter_ptr": "*i32", "route_scale": "fp32"})
+    constants = dict(BLOCK_GT=16, BLOCK_GE=16, BLOCK_GK=64, UPCAST=False, PRECISION="ieee", BLOCK_T=1, BLOCK_E=128,
+                     BLOCK_K=16, NORM=True, SHARED=1, COUNT=True, MASKED=True, BLOCK_M=16, BLOCK_S=16, BLOCK_AE=256,
+                     BLOCK_B=32, BLOCK_P=1024)
+    args.update({k: ("c", v) for k, v in constants.items()})
+    use = compile_sm90(kern, args, num_warps=4)
     assert use["stack"] == 0, use

@@ -68,13 +68,16 @@ def _nano_structure() -> TrinityForCausalLM:
     return TrinityForCausalLM.random(cfg, dtype=torch.bfloat16, seed=1)
 
 
-# Kernels per layer of a batch-1 decode step on the GPU path (eager; the CUDA graph holds the same). It was 19
+# Kernels per layer of a small-batch decode step on the GPU path (eager; the CUDA graph holds the same). It was 19
 # for a MoE layer before routing, counting and alignment became one kernel, the q/k norm + RoPE, the new K/V
-# write and the output gate moved into the attention kernel, and the MoE combine and the router's fp32 cast into
-# the norm kernels. (Contexts here are short: on a GPU with long `max_model_len` the decode attention also splits
-# its keys, and one merge launch per layer follows; benchmarks/launch_count.py counts that case.)
-MOE_LAYER_BUDGET = 9
-DENSE_LAYER_BUDGET = 8
+# write and the output gate moved into the attention kernel, the MoE combine and the router's fp32 cast into
+# the norm kernels, and then the router GEMM into the routing launch and each norm step into the launch of the
+# projection before it (o_proj, down: their last program runs it). A MoE layer is now q/k/v/gate GEMM,
+# attention, o_proj + norm, router + routing + alignment, gate_up, down + norm; a dense layer q/k/v/gate GEMM,
+# attention, o_proj + norm, gate_up, SwiGLU, down + norm. (With long contexts the decode attention splits its keys;
+# the last split merges them, in the same launch: benchmarks/launch_count.py counts that case.)
+MOE_LAYER_BUDGET = 6
+DENSE_LAYER_BUDGET = 6
 
 
 @needs_interpreter

@@ -148,12 +148,15 @@ class DecodeTable:
         meta = self.meta[:b]
         if not kernels_attention.use_fast_path(meta):
             raise RuntimeError("the table-driven decode forward needs the Triton kernels")
-        count_mask = meta[:, _COUNT].long()  # one cast for every MoE layer
+        # one cast for every MoE layer: the reference routing's scatter_add_ needs the counts' int64, and the
+        # Triton router would copy a strided int32 column per layer
+        count_mask = meta[:, _COUNT].long()
         for block in self._moe_blocks:
             block.count_mask = count_mask
         try:
             attn = PagedAttention(self.runner.cache, {p.name: self._pool_step(p, b) for p in self.pools})
-            return self.runner.model(meta[:, _TOKEN].long(), meta[:, _POSITION].long(), attn)
+            # tokens and positions as int32 columns, no cast: the embedding kernel and the RoPE gather take them
+            return self.runner.model(meta[:, _TOKEN], meta[:, _POSITION], attn)
         finally:
             for block in self._moe_blocks:
                 block.count_mask = None

@@ -89,6 +89,14 @@ class ModelRunner:
         cfg = model.config
         self.device = model.device
         self.window = cfg.sliding_window
+        # RoPE for every position a sequence can reach, precomputed: each step's cos/sin is then one gather (a
+        # CUDA-graph decode step saves six launches). The gather does not check its positions; the engine never
+        # computes one at or past max_model_len (requests are refused when prompt + max_tokens exceeds it, and
+        # a look-ahead row is only queued for a token within max_tokens). The table stays with the model, so it
+        # also covers the model's whole range (max_position_embeddings): a direct call after the engine with a
+        # longer sequence must not index past it (a device assert on a GPU). 64 MiB for 128K positions in bf16.
+        model.model.rotary.reserve(max(max_model_len or 0, cfg.max_position_embeddings), self.device,
+                                   model.model.embed_tokens.weight.dtype)
         sliding = [i for i in range(cfg.num_hidden_layers) if cfg.is_sliding_layer(i)]
         full = [i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding_layer(i)]
         layer_pool = [("sliding", sliding.index(i)) if i in sliding else ("full", full.index(i))

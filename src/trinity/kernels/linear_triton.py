@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .attention_triton import _dot_precision, _mm, _program_target, _upcast_dot
 from .last_program import arrival_counters, arrive
-from .norm_triton import fix_bf16, norm_row, round_to
+from .norm_triton import fix_bf16, norm_row, round_to, sum_rows
 
 # The fused path's row limit: its epilogue runs in one program per BLOCK_M rows, which only pays while rows are few
 # (decode batches); larger batches take the GEMM and the norm kernel as two launches.
@@ -53,17 +53,6 @@ def gemm_split_tile(x_ptr, w_ptr, ws_ptr, M, N, K, k_per_split, stride_xm, strid
 
 
 @triton.jit
-def sum_splits(ws_row, num_splits, stride_ws, BLOCK: tl.constexpr, N):
-    """Row m of y from the workspace (ws_row = ws + m * stride_wsm): its splits added in order, so the result does
-    not depend on which program arrived last. [BLOCK] fp32, zeros past N."""
-    offs = tl.arange(0, BLOCK)
-    y = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, num_splits):
-        y += tl.load(ws_row + s * stride_ws + offs, mask=offs < N, other=0.0)
-    return y
-
-
-@triton.jit
 def _linear_norm_kernel(
     x_ptr, w_ptr, ws_ptr, res_ptr, post_w_ptr, next_w_ptr, out_ptr, res_out_ptr, out32_ptr, counter_ptr,
     M, N, K, k_per_split, eps,
@@ -78,7 +67,7 @@ def _linear_norm_kernel(
     if arrive(counter_ptr + pid_m, tl.num_programs(0) * tl.num_programs(1)):
         dtype = out_ptr.dtype.element_ty
         for m in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)):
-            y = sum_splits(ws_ptr + m * stride_wsm, tl.num_programs(1), stride_ws, BLOCK_ROW, N)
+            y = sum_rows(ws_ptr + m * stride_wsm, tl.num_programs(1), stride_ws, BLOCK_ROW, N)  # splits in order
             y = round_to(y, dtype, FIX_BF16).to(tl.float32)  # the projection's output as it would be stored
             norm_row(y, res_ptr + m * stride_r, post_w_ptr, next_w_ptr, out_ptr + m * stride_o,
                      res_out_ptr + m * stride_ro, out32_ptr + m * stride_o32, N, eps, BLOCK_ROW, True, True,

@@ -233,7 +233,7 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
 def moe_layer_triton(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
                      route_norm: bool, route_scale: float, gate_up: torch.Tensor, down: torch.Tensor, shared: bool,
                      counts: torch.Tensor | None = None, count_mask: torch.Tensor | None = None,
-                     x_fp32: torch.Tensor | None = None, combine: bool = True) -> torch.Tensor:
+                     x_fp32: torch.Tensor | None = None, combine: bool = True, norm: tuple | None = None):
     """A whole MoE layer on the Triton path: `moe_triton.fused_moe_layer` given the router's fp32 input and weight
     (it runs the router GEMM in its routing launch for the smallest batches, split over many programs: a
     one-program-per-token GEMV there took 50-96 us per layer on an H100; else one library GEMM), then routing,
@@ -241,12 +241,13 @@ def moe_layer_triton(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: 
     token's extra choice). `counts` gains the routed tokens, weighted by
     `count_mask` ([T] 0/1) when given. `x_fp32`: x already widened (by the norm that made it), which saves the
     cast. Without `combine`: the weighted per-choice outputs [T, k (+ 1), H] fp32, for
-    `kernels.norm.sum_norm_add_rms_norm` to sum."""
+    `kernels.norm.sum_norm_add_rms_norm` to sum; with `norm` = (residual, post_weight, next_weight, eps) that sum
+    and norm step done here -> (normed, new residual) (at decode in the down GEMM's launch)."""
     from .moe_triton import fused_moe_layer
 
     router = (x_fp32 if x_fp32 is not None else x.float(), router_weight.float())
     return fused_moe_layer(x, None, expert_bias, top_k, route_norm, route_scale, gate_up, down, int(shared),
-                           counts, count_mask, combine=combine, router=router)
+                           counts, count_mask, combine=combine, router=router, norm=norm)
 
 
 def moe_layer_triton_wanted(x: torch.Tensor) -> bool:

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 from . import interpreting
 from .last_program import arrival_counters, arrive
-from .linear_triton import gemm_split_tile, split_plan, sum_splits
-from .norm_triton import fix_bf16, round_to
+from .linear_triton import gemm_split_tile, split_plan
+from .norm_triton import fix_bf16, norm_row, round_to, sum_rows
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -310,42 +310,54 @@ def _down_kernel(
     act_ptr, w_ptr, rw_ptr, y_ptr, slots_ptr, block_expert_ptr,
     num_slots, N, K, num_experts,
     stride_as, stride_ak, stride_we, stride_wn, stride_wk, stride_ys, stride_yn,
+    res_ptr, post_w_ptr, next_w_ptr, out_ptr, res_out_ptr, counter_ptr, num_tokens, top_k, eps,
+    stride_r, stride_o, stride_ro,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_ROW: tl.constexpr, FIX_BF16: tl.constexpr,
 ):
-    """y[slot, n] = routing_weight[slot] * (act[slot] . down[e, n]), in fp32."""
+    """y[slot, n] = routing_weight[slot] * (act[slot] . down[e, n]), in fp32. With NORM, the program that
+    finishes last (`last_program.arrive`) also runs the sandwich-norm step on each token's summed choices (as
+    `norm_triton.sum_norm_add_rms_norm`), so the layer ends without another launch."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
-    if expert >= num_experts:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(slots_ptr + offs_m)
-    row_ok = slots < num_slots
-    safe_slots = tl.where(row_ok, slots, 0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    if expert < num_experts:  # else past the last expert's run: nothing to compute (but still counted in)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slots = tl.load(slots_ptr + offs_m)
+        row_ok = slots < num_slots
+        safe_slots = tl.where(row_ok, slots, 0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = act_ptr + safe_slots[:, None] * stride_as + offs_k[None, :] * stride_ak    # [BM, BK]
-    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
-              + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk)              # [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs = act_ptr + safe_slots[:, None] * stride_as + offs_k[None, :] * stride_ak    # [BM, BK]
+        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we
+                  + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk)              # [BK, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
 
-    rw = tl.load(rw_ptr + safe_slots, mask=row_ok, other=0.0).to(tl.float32)
-    acc = acc * rw[:, None]
-    y_ptrs = y_ptr + slots[:, None] * stride_ys + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+        rw = tl.load(rw_ptr + safe_slots, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * rw[:, None]
+        y_ptrs = y_ptr + slots[:, None] * stride_ys + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+    if NORM:
+        if arrive(counter_ptr, tl.num_programs(0) * tl.num_programs(1)):
+            dtype = out_ptr.dtype.element_ty
+            for t in range(0, num_tokens):
+                h = sum_rows(y_ptr + t * top_k * stride_ys, top_k, stride_ys, BLOCK_ROW, N)  # the choices in order
+                h = round_to(h, dtype, FIX_BF16).to(tl.float32)
+                norm_row(h, res_ptr + t * stride_r, post_w_ptr, next_w_ptr, out_ptr + t * stride_o,
+                         res_out_ptr + t * stride_ro, out_ptr, N, eps, BLOCK_ROW, True, True, FIX_BF16, False)
 
 
 @triton.jit
@@ -443,12 +455,19 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
     return _grouped_experts(x, rw, sorted_slots, block_expert, ids.shape[1], gate_up, down, cfg)
 
 
+# Up to this many tokens the down GEMM's last program runs the norm step after the layer (`_down_kernel` NORM): it
+# reads every token's choices alone, which pays only for few tokens. A first guess, to be measured on a GPU.
+DOWN_NORM_MAX_TOKENS = 4
+
+
 def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tensor, block_expert: torch.Tensor,
                      top_k: int, gate_up: torch.Tensor, down: torch.Tensor, cfg: MoEConfig,
-                     combine: bool = True) -> torch.Tensor:
+                     combine: bool = True, norm: tuple | None = None):
     """The aligned slots through gate_up + SwiGLU, down x routing weight (rw: [T * top_k] fp32, by slot), and the
     combine: three launches. Without `combine`: the weighted per-choice outputs [T, top_k, H] in fp32, for a
-    following kernel to sum (`kernels.norm.sum_norm_add_rms_norm`)."""
+    following kernel to sum (`kernels.norm.sum_norm_add_rms_norm`). With `norm` = (residual, post_weight,
+    next_weight, eps): that sum and norm step, -> (normed, new residual); in the down launch for up to
+    DOWN_NORM_MAX_TOKENS tokens, else as the norm kernel after it."""
     num_tokens, hidden = x.shape
     num_experts, inter = gate_up.shape[0], down.shape[2]
     num_slots = num_tokens * top_k
@@ -469,14 +488,34 @@ def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tens
 
     y = torch.empty(num_slots, hidden, dtype=torch.float32, device=x.device)
     down_n, down_k = cfg.down_n, cfg.down_k
-    _down_kernel[(num_blocks, triton.cdiv(hidden, down_n))](
+    grid = (num_blocks, triton.cdiv(hidden, down_n))
+    counters = arrival_counters(x.device, 1) if norm is not None and num_tokens <= DOWN_NORM_MAX_TOKENS else None
+    if counters is not None:
+        residual, post_weight, next_weight, eps = norm
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match x "
+                             f"{tuple(x.shape)} {x.dtype}")
+        residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+        normed, res_out = torch.empty_like(x), torch.empty_like(x)
+        epilogue = (residual, post_weight.contiguous(), next_weight.contiguous(), normed, res_out, counters,
+                    num_tokens, top_k, float(eps), residual.stride(0), normed.stride(0), res_out.stride(0))
+    else:
+        epilogue = (y, y, y, y, y, y, 0, 0, 0.0, 0, 0, 0)  # unused
+    _down_kernel[grid](
         act, down, rw, y, sorted_slots, block_expert,
         num_slots, hidden, inter, num_experts,
         act.stride(0), act.stride(1), down.stride(0), down.stride(1), down.stride(2),
-        y.stride(0), y.stride(1),
+        y.stride(0), y.stride(1), *epilogue,
         BLOCK_M=bm, BLOCK_N=down_n, BLOCK_K=down_k, UPCAST=upcast, DOT_PREC=prec,
+        NORM=counters is not None, BLOCK_ROW=triton.next_power_of_2(hidden), FIX_BF16=fix_bf16(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if counters is not None:
+        return normed, res_out
+    if norm is not None:
+        residual, post_weight, next_weight, eps = norm
+        from .norm_triton import sum_norm_add_rms_norm
+        return sum_norm_add_rms_norm(y.view(num_tokens, top_k, hidden), residual, post_weight, next_weight, eps)
     if not combine:
         return y.view(num_tokens, top_k, hidden)
 
@@ -610,7 +649,7 @@ def _router_route_align_kernel(
                     UPCAST, PRECISION)
     if arrive(counter_ptr, tl.num_programs(0) * tl.num_programs(1)):
         for t in range(0, num_tokens):
-            row = sum_splits(ws_ptr + t * stride_wst, tl.num_programs(1), stride_ws, BLOCK_E, num_experts)
+            row = sum_rows(ws_ptr + t * stride_wst, tl.num_programs(1), stride_ws, BLOCK_E, num_experts)
             offs_e = tl.arange(0, BLOCK_E)
             tl.store(logits_ptr + t * stride_lt + offs_e * stride_le, row, mask=offs_e < num_experts)
         tl.debug_barrier()  # the logits are in memory before any thread routes on them
@@ -720,12 +759,14 @@ def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor | None, expert_bias: t
                     route_norm: bool, route_scale: float, gate_up: torch.Tensor, down: torch.Tensor, shared: int = 0,
                     counts: torch.Tensor | None = None, count_mask: torch.Tensor | None = None,
                     config: MoEConfig | None = None, combine: bool = True,
-                    router: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    router: tuple[torch.Tensor, torch.Tensor] | None = None, norm: tuple | None = None):
     """A MoE layer from its router logits: `fused_route` (with the stacked shared expert as every token's last
     choice when `shared`, and the expert-load counts), the alignment, and the grouped expert GEMMs. At decode
     the routing, the shared expert's padding, the counting and the alignment are one launch (five before:
     route, two pads, a scatter_add and the align kernel). Given `router` = (x in fp32, the fp32 router weight)
-    instead of logits, the router GEMM joins that launch for the smallest batches (`_route_align_launch`). -> [T, H] in x's dtype; without `combine`, the
+    instead of logits, the router GEMM joins that launch for the smallest batches (`_route_align_launch`). With
+    `norm` = (residual, post_weight, next_weight, eps), the layer's output goes through the decoder layer's
+    sandwich-norm step -> (normed, new residual) (see `_grouped_experts`). -> [T, H] in x's dtype; without `combine`, the
     weighted per-choice outputs [T, top_k + shared, H] in fp32 (see `_grouped_experts`)."""
     num_tokens = x.shape[0]
     num_experts = gate_up.shape[0]
@@ -744,6 +785,8 @@ def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor | None, expert_bias: t
     cfg = _launch_config(x, gate_up, down, top_k, shared, config)
     kk = top_k + shared
     if num_tokens == 0:
+        if norm is not None:
+            return torch.empty_like(x), torch.empty_like(x)
         return torch.empty_like(x) if combine else x.new_empty(0, kk, x.shape[1], dtype=torch.float32)
     num_slots = num_tokens * kk
     if num_tokens <= ROUTE_ALIGN_MAX_TOKENS and num_slots <= ALIGN_KERNEL_MAX_SLOTS:
@@ -758,4 +801,4 @@ def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor | None, expert_bias: t
             slots, block_expert = moe_align_triton(ids, num_experts, cfg.block_m)
         else:
             slots, block_expert = moe_align(ids, num_experts, cfg.block_m)
-    return _grouped_experts(x, weights.view(-1), slots, block_expert, kk, gate_up, down, cfg, combine)
+    return _grouped_experts(x, weights.view(-1), slots, block_expert, kk, gate_up, down, cfg, combine, norm)

@@ -64,16 +64,22 @@ def _rms_norm_kernel(
     ok = offs < N
     dtype = out_ptr.dtype.element_ty
     if PARTS:  # x = the sum of PARTS fp32 rows (a MoE layer's weighted expert outputs), rounded to the dtype
-        h = tl.zeros((BLOCK,), dtype=tl.float32)
-        part = x_ptr + row * stride_x
-        for _ in range(0, PARTS):  # fixed order: the combine kernel's sum
-            h += tl.load(part + offs, mask=ok, other=0.0)
-            part += stride_part
-        h = round_to(h, dtype, FIX_BF16).to(tl.float32)
+        h = round_to(sum_rows(x_ptr + row * stride_x, PARTS, stride_part, BLOCK, N), dtype, FIX_BF16).to(tl.float32)
     else:
         h = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
     norm_row(h, res_ptr + row * stride_r, pre_w_ptr, w_ptr, out_ptr + row * stride_o, res_out_ptr + row * stride_ro,
              out32_ptr + row * stride_o32, N, eps, BLOCK, HAS_RES, PRE_NORM, FIX_BF16, FP32_OUT)
+
+
+@triton.jit
+def sum_rows(first_row, count, stride, BLOCK: tl.constexpr, N):
+    """The sum of `count` fp32 rows spaced `stride` apart, added in order (the combine kernel's order, and a result
+    that does not depend on which program sums): [BLOCK] fp32, zeros past N."""
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, count):
+        total += tl.load(first_row + i * stride + offs, mask=offs < N, other=0.0)
+    return total
 
 
 @triton.jit

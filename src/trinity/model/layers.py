@@ -82,12 +82,19 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding:
-    """Neox-style RoPE tables for arbitrary positions; inverse frequencies in fp32, cached per device."""
+    """Neox-style RoPE tables for arbitrary positions; inverse frequencies in fp32, cached per device.
+
+    `reserve(n, device, dtype)` precomputes cos and sin for positions 0..n-1 as one [n, 2 * head_dim] table
+    (cos in the first half of a row, sin in the second), so `cos_sin` then costs one gather instead of six
+    elementwise launches; the table is made by the very ops `cos_sin` computes with, so the values are the same
+    bits. The gathered cos and sin are views [T, head_dim] with unit stride and a row stride of 2 * head_dim.
+    """
 
     def __init__(self, head_dim: int, theta: float):
         self.head_dim = head_dim
         self.theta = theta
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
@@ -95,11 +102,27 @@ class RotaryEmbedding:
             self._inv_freq[device] = 1.0 / (self.theta ** exponents)
         return self._inv_freq[device]
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, head_dim] in `dtype` (rounded like HF so bf16 results match)."""
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def reserve(self, num_positions: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Precompute the table for positions 0..num_positions-1 on `device` in `dtype`: afterwards `cos_sin` on
+        that device and dtype gathers from it, and its positions must then all be below num_positions (the
+        gather does not check them)."""
+        positions = torch.arange(num_positions, device=device)
+        cos, sin = self._compute(positions, dtype)
+        self._tables[(positions.device, dtype)] = torch.cat((cos, sin), dim=-1)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] (int32 or int64) -> cos, sin [T, head_dim] in `dtype` (rounded like HF so bf16 results
+        match); from the reserved table when there is one for this device and dtype."""
+        table = self._tables.get((positions.device, dtype))
+        if table is None:
+            return self._compute(positions, dtype)
+        rows = table.index_select(0, positions)
+        return rows[:, :self.head_dim], rows[:, self.head_dim:]
 
 
 class SwiGLU(nn.Module):
@@ -115,11 +138,15 @@ class SwiGLU(nn.Module):
     def fuse_projections(self) -> None:
         self.fused = FusedLinears([self.gate_proj, self.up_proj])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x): the input of down_proj (the decoder layer may fuse down_proj with its norm)."""
         if fused_projections_usable(self.fused):
             gate, up = self.fused(x)
-            return self.down_proj(kernel_norm.silu_mul(gate, up))  # one launch on the GPU
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return kernel_norm.silu_mul(gate, up)  # one launch on the GPU
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.hidden(x))
 
 
 class GatedAttention(nn.Module):
@@ -153,6 +180,12 @@ class GatedAttention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.gate_proj(x)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata) -> torch.Tensor:
+        return self.o_proj(self.gated_attention(x, rope, attn))
+
+    def gated_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                        attn: AttentionMetadata) -> torch.Tensor:
+        """Everything before o_proj: [T, hidden] -> the gated attention output [T, heads * head_dim] (the decoder
+        layer may fuse o_proj with the norm after it)."""
         t = x.shape[0]  # x: [T, hidden]
         q, k, v, gate = self._project(x)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -164,8 +197,7 @@ class GatedAttention(nn.Module):
         if gated_attend is not None:  # metadata that can fold the q/k norm and the output gate into its kernel
             o = gated_attend(self.layer_idx, q, k, v, self.window, self.scale,
                              gate.view(t, self.num_heads, self.head_dim), qk_norm)
-            return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+            return o.reshape(t, self.num_heads * self.head_dim)
         q, k = kernel_norm.qk_norm_rope(q, k, *qk_norm)  # one fused op on GPU
         o = attn.attend(self.layer_idx, q, k, v, self.window, self.scale)
-        o = kernel_norm.sigmoid_gate(o.reshape(t, self.num_heads * self.head_dim), gate)
-        return self.o_proj(o)
+        return kernel_norm.sigmoid_gate(o.reshape(t, self.num_heads * self.head_dim), gate)

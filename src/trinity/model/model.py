@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ..config import TrinityConfig
+from ..kernels import embed as kernel_embed
 from ..kernels import norm as kernel_norm
+from ..kernels.linear_norm import linear_norm_add_rms_norm
 from .attention import AttentionMetadata, PackedSequences
 from .layers import Embedding, GatedAttention, Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MoEBlock
@@ -43,17 +45,22 @@ class DecoderLayer(nn.Module):
         each sublayer's post-norm, the residual add and the following pre-norm (the next layer's, or the final
         norm) run as one `norm_add_rms_norm` pass. -> (the next normed input, the new residual stream).
         Identical arithmetic to `forward` (the reference is the same ops); on the GPU four norms and two adds per
-        layer become two launches."""
+        layer become two launches, and at decode sizes each rides in the launch of the projection before it
+        (`kernels.linear_norm`: o_proj, the dense MLP's down_proj)."""
         eps = self.post_attention_layernorm.eps
-        # On the Triton path a MoE layer hands back its per-choice outputs and the next norm sums them (no combine
-        # launch), and the norm before it also writes its output in fp32 for the router (no cast launch).
-        parts = isinstance(self.mlp, MoEBlock) and self.mlp.parts_wanted(h)
-        h, x, *h_fp32 = kernel_norm.norm_add_rms_norm(self.self_attn(h, rope, attn), x,
-                                                      self.post_attention_layernorm.weight,
-                                                      self.pre_mlp_layernorm.weight, eps, fp32_copy=parts)
+        # On the Triton path a MoE layer runs the norm step after it itself (summing its per-choice outputs: no
+        # combine launch; at decode inside its down GEMM's launch), and the norm before it also writes its output in
+        # fp32 for the router (no cast launch).
+        parts = isinstance(self.mlp, MoEBlock) and self.mlp.norm_fusable(h)
+        h, x, *h_fp32 = linear_norm_add_rms_norm(self.self_attn.gated_attention(h, rope, attn),
+                                                 self.self_attn.o_proj.weight, x,
+                                                 self.post_attention_layernorm.weight, self.pre_mlp_layernorm.weight,
+                                                 eps, fp32_copy=parts)
         if parts:
-            return kernel_norm.sum_norm_add_rms_norm(self.mlp.forward_parts(h, h_fp32[0]), x,
-                                                     self.post_mlp_layernorm.weight, next_norm.weight, eps)
+            return self.mlp.forward_norm(h, h_fp32[0], x, self.post_mlp_layernorm.weight, next_norm.weight, eps)
+        if isinstance(self.mlp, SwiGLU):
+            return linear_norm_add_rms_norm(self.mlp.hidden(h), self.mlp.down_proj.weight, x,
+                                            self.post_mlp_layernorm.weight, next_norm.weight, eps)
         return kernel_norm.norm_add_rms_norm(self.mlp(h), x, self.post_mlp_layernorm.weight, next_norm.weight, eps)
 
 
@@ -72,17 +79,22 @@ class TrinityModel(nn.Module):
         self.fused_norms = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
-        if self.embed_scale is not None:  # muP input scaling
-            x = x * self.embed_scale
-        rope = self.rotary.cos_sin(positions, x.dtype)
+        """input_ids, positions: [T] (int64, or int32 as a decode table holds them) -> final-normed hidden
+        states [T, hidden]."""
         if self.fused_norms and not torch.is_grad_enabled() and self.layers:
-            h = self.layers[0].input_layernorm(x)
+            # the embedding, the muP scale and the first input norm: one launch on the Triton path
+            first_norm = self.layers[0].input_layernorm
+            h, x = kernel_embed.embed_rms_norm(input_ids, self.embed_tokens.weight, self.embed_scale,
+                                               first_norm.weight, first_norm.eps)
+            rope = self.rotary.cos_sin(positions, x.dtype)
             for i, layer in enumerate(self.layers):
                 following = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
                 h, x = layer.forward_fused_norms(h, x, rope, attn, following)
             return h
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:  # muP input scaling
+            x = x * self.embed_scale
+        rope = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, attn)
         return self.norm(x)

@@ -138,17 +138,20 @@ class MoEBlock(nn.Module):
             out = out + self.shared_experts(x)
         return out
 
-    def parts_wanted(self, x: torch.Tensor) -> bool:
-        """Whether `forward_parts` can run: inference on the Triton path with the shared expert stacked."""
+    def norm_fusable(self, x: torch.Tensor) -> bool:
+        """Whether `forward_norm` can run: inference on the Triton path with the shared expert stacked."""
         return (not self.record_router and self.stacked is not None and moe_layer_triton_wanted(x)
                 and self.stacked_valid())
 
-    def forward_parts(self, x: torch.Tensor, x_fp32: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer without its final combine (where `parts_wanted`): each token's weighted expert outputs,
-        shared expert included, [T, top_k + 1, H] in fp32; summed over dim 1 they are `forward(x)` before its
-        rounding to x's dtype. The decoder layer sums them inside its next norm kernel, saving a launch.
-        `x_fp32`: x widened, when the norm that made x wrote it too (saves the router's cast)."""
-        return self._forward_whole_layer(x, moe_layer_triton, x_fp32=x_fp32, combine=False)
+    def forward_norm(self, x: torch.Tensor, x_fp32: torch.Tensor | None, residual: torch.Tensor,
+                     post_weight: torch.Tensor, next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+        """The layer and the decoder layer's norm step after it, where `norm_fusable`: -> (normed, new residual), as
+        `kernels.norm.norm_add_rms_norm(forward(x), residual, post_weight, next_weight, eps)` but with each token's
+        weighted expert outputs (shared expert included) summed in fp32 by the norm, not combined first: at decode
+        in the down GEMM's launch, else by the norm kernel. `x_fp32`: x widened, when the norm that made x wrote it
+        too (saves the router's cast)."""
+        return self._forward_whole_layer(x, moe_layer_triton, x_fp32=x_fp32,
+                                         norm=(residual, post_weight, next_weight, eps))
 
     def track_expert_load(self, enabled: bool = True) -> None:
         self.expert_counts = torch.zeros(self.router.gate.weight.shape[0], dtype=torch.long,
