@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py \
-		tests/test_kernels_embed.py tests/test_kernels_linear_norm.py tests/test_launch_count.py tests/test_decode_table.py
+		tests/test_kernels_embed.py tests/test_kernels_linear_norm.py tests/test_last_program.py tests/test_launch_count.py \
+		tests/test_decode_table.py
 
 # The OpenAI-compatible server on the default (built-in) model, at http://127.0.0.1:8000/v1, with reasoning
 # split out and tool calls on (the Hermes parser), so every feature shows with no download.

@@ -6,7 +6,9 @@
 For each model (random weights built on the GPU, no checkpoint): copy bandwidth measured in the same run;
 batch-1 decode tok/s at 1K and 8K context with the fraction of the roofline (bytes read per token / copy
 bandwidth); aggregate decode tok/s at batch 8, 32, 64 (while the whole batch decodes); time to first token for
-2K and 8K prompts; and HF transformers `generate` at batch 1 and 16 on the same weights. Prints a table, then one JSON object last.
+2K and 8K prompts; what the CUDA graphs, the look-ahead and the last-program epilogues (kernels/last_program.py)
+are each worth, by runs without them; and HF transformers `generate` at batch 1 and 16 on the same weights.
+Prints a table, then one JSON object last.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from trinity import TrinityForCausalLM, preset  # noqa: E402
 from trinity.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from trinity.kernels import last_program  # noqa: E402
 
 
 def release(device: torch.device) -> None:
@@ -186,6 +189,18 @@ def bench_model(name: str, cfg, device, args) -> dict:
     out["batch1_eager_1024_tok_s"] = round(rate, 1)
     del eager
     release(device)
+    # the same batch-1 graph decode with each last-program epilogue as a launch of its own (split merge, norm
+    # steps, router GEMM): what those fusions are worth
+    last_program.enable(False)
+    try:
+        separate = LLMEngine(model, None, EngineConfig(max_model_len=2048, max_num_seqs=1,
+                                                       max_num_batched_tokens=2048, seed=0))
+        rate, _ = decode_rate(separate, 1, 1024 if not args.smoke else 64, args.new_tokens, cfg.vocab_size)
+        out["batch1_separate_epilogues_1024_tok_s"] = round(rate, 1)
+        del separate
+    finally:
+        last_program.enable(None)
+    release(device)
     return finish(out, model, device, args)
 
 
@@ -235,6 +250,8 @@ def main() -> None:
             print(f"  batch 1 @ {ctx}: {b1['tok_s']} tok/s = {b1['fraction']:.0%} of {b1['roofline_tok_s']} roofline")
         if "no_lookahead_tok_s" in r:
             print(f"  batch 1 @ 1024 without CUDA graphs: {r['batch1_eager_1024_tok_s']} tok/s")
+            print(f"  batch 1 @ 1024 with the last-program epilogues as separate launches: "
+                  f"{r['batch1_separate_epilogues_1024_tok_s']} tok/s")
             print(f"  without look-ahead, by batch: {r['no_lookahead_tok_s']} tok/s")
         print(f"  batched: {r['batched']} tok/s; TTFT {r['ttft_ms']} ms; HF {r.get('hf_tok_s', r.get('hf_error'))}")
     print(json.dumps({"benchmark": "decode_gpu", "device": torch.cuda.get_device_name(device)

@@ -14,9 +14,14 @@ Why it is safe on a GPU (the pattern of split-K "serial reduction" in CUTLASS an
 - the last arriver puts the counter back to 0, so the next launch (or graph replay) starts from zero. Kernels on
   one stream never overlap, so every launch can share one buffer of counters per device.
 Under Triton's interpreter the programs run one after another, so the last arriver is the group's last program.
+
+`TRINITY_LAST_PROGRAM=0` (or `enable(False)`) turns every such epilogue off: the kernels then run their
+separate second launches, which `benchmarks/decode_gpu.py` times side by side.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -26,13 +31,27 @@ import triton.language as tl
 NUM_COUNTERS = 1 << 14
 
 _counters: dict[tuple[str, int | None], torch.Tensor] = {}
+_enabled: bool | None = None
+
+
+def enable(flag: bool | None) -> None:
+    """True / False: last-program epilogues on or off; None: follow TRINITY_LAST_PROGRAM (on unless "0"). Read
+    when a kernel launches: a CUDA graph keeps what was chosen at its capture."""
+    global _enabled
+    _enabled = flag
+
+
+def enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get("TRINITY_LAST_PROGRAM", "1").strip() != "0"
 
 
 def arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The device's zeroed int32 counters, or None where the epilogue cannot be used: more groups than counters,
-    or the buffer does not exist yet while a CUDA graph is being captured (an allocation there would belong to the
-    graph's pool; the runner's warm-up runs outside the capture make it first)."""
-    if needed > NUM_COUNTERS:
+    """The device's zeroed int32 counters, or None where the epilogue cannot be used: turned off, more groups than
+    counters, or the buffer does not exist yet while a CUDA graph is being captured (an allocation there would
+    belong to the graph's pool; the runner's warm-up runs outside the capture make it first)."""
+    if needed > NUM_COUNTERS or not enabled():
         return None
     key = (device.type, device.index)
     counters = _counters.get(key)
