@@ -477,7 +477,7 @@ def test_moe_kernels_compile_for_sm90(dtype):
                                          "stride_r", "stride_o", "stride_ro"]},
                 **{n: "one" for n in ["stride_ak", "stride_wk", "stride_yn"]},
                 "res_ptr": p, "post_w_ptr": "*fp32", "next_w_ptr": "*fp32", "out_ptr": p, "res_out_ptr": p,
-                "counter_ptr": "*i32", "num_tokens": "i32", "top_k": "i32", "eps": "fp32",
+                "counter_ptr": "*i32", "num_tokens": "i32", "eps": "fp32", "TOP_K": ("c", 9),
                 "BLOCK_N": ("c", cfg.down_n), "BLOCK_K": ("c", cfg.down_k), "NORM": ("c", norm),
                 "BLOCK_ROW": ("c", 2048), "FIX_BF16": ("c", False), **common},
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -572,7 +572,8 @@ def test_router_route_align_kernel_compiles_for_sm90():
     args = {n: "*fp32" if n.endswith("_ptr") else "i32" for n in kern.arg_names}
     args.update({"ids_ptr": "*i64", "counts_ptr": "*i64", "count_mask_ptr": "*i32", "slots_ptr": "*i32",
                  "block_expert_ptr": "*i32", "cursor_ptr": "*i32", "counter_ptr": "*i32", "route_scale": "fp32"})
-    constants = dict(BLOCK_GT=16, BLOCK_GE=16, BLOCK_GK=64, UPCAST=False, PRECISION="ieee", BLOCK_T=1, BLOCK_E=128,
+    constants = dict(BLOCK_GT=16, BLOCK_GE=16, BLOCK_GK=64, SPLITS=16, UPCAST=False, PRECISION="ieee", BLOCK_T=1,
+                     BLOCK_E=128,
                      BLOCK_K=16, NORM=True, SHARED=1, COUNT=True, MASKED=True, BLOCK_M=16, BLOCK_S=16, BLOCK_AE=256,
                      BLOCK_B=32, BLOCK_P=1024)
     args.update({k: ("c", v) for k, v in constants.items()})

@@ -86,7 +86,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr, HAS_NEW: tl.constexpr,
                    TABLE: tl.constexpr, BLOCK_SIZE: tl.constexpr, RING: tl.constexpr,
-                   QK_NORM: tl.constexpr, ROPE: tl.constexpr, MERGE_LAST: tl.constexpr):
+                   QK_NORM: tl.constexpr, ROPE: tl.constexpr, MERGE_LAST: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -190,9 +190,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                  mask=h_mask)
         if MERGE_LAST:  # the split that finishes last merges them all: no merge launch
             if arrive(counter_ptr + b * tl.num_programs(1) + kvh, tl.num_programs(2)):
-                _merge_store(part_ptr, lse_ptr, out_ptr, gate_ptr, b, heads, h_mask, tl.num_programs(2),
-                             stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_od, stride_gb, stride_gh,
-                             tl.num_programs(1) * GROUP, HEAD_DIM, BLOCK_D, HAS_GATE, FIX_BF16)
+                for i in range(0, GROUP):  # a loop, not unrolled: eight heads of 32 splits unrolled spill registers
+                    _merge_head(part_ptr, lse_ptr, out_ptr, gate_ptr, b, kvh * GROUP + i, tl.num_programs(2),
+                                stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_od, stride_gb,
+                                stride_gh, tl.num_programs(1) * GROUP, HEAD_DIM, BLOCK_S, BLOCK_D, HAS_GATE,
+                                FIX_BF16)
     else:
         o = _gated(o, gate_ptr + b.to(tl.int64) * stride_gb + heads[:, None] * stride_gh + offs_d[None, :],
                    h_mask[:, None] & d_mask[None, :], out_ptr.dtype.element_ty, HAS_GATE, FIX_BF16)
@@ -213,32 +215,27 @@ def _gated(o, gate_ptrs, mask, dtype: tl.constexpr, HAS_GATE: tl.constexpr, FIX_
 
 
 @triton.jit
-def _merge_store(part_ptr, lse_ptr, out_ptr, gate_ptr, b, heads, h_mask, num_splits,
-                 stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_od, stride_gb, stride_gh,
-                 num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr,
-                 FIX_BF16: tl.constexpr):
-    """Merge the key splits of sequence b for `heads` by their log2-sum-exp (splits added in order, so the result
-    does not depend on which program merges), apply the gate and store the output."""
+def _merge_head(part_ptr, lse_ptr, out_ptr, gate_ptr, b, head, num_splits,
+                stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_od, stride_gb, stride_gh,
+                num_heads, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr):
+    """Merge the key splits of (sequence b, query head) by their log2-sum-exp, apply the gate and store: every
+    split loaded at once ([BLOCK_S, BLOCK_D]), one wait for memory."""
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
-    lse_row = lse_ptr + (b * num_heads + heads) * num_splits
-    m = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
-    for s in range(0, num_splits):
-        m = tl.maximum(m, tl.load(lse_row + s, mask=h_mask, other=float("-inf")))
+    lse = tl.load(lse_ptr + (b * num_heads + head) * num_splits + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros(heads.shape, dtype=tl.float32)
-    acc = tl.zeros([heads.shape[0], BLOCK_D], dtype=tl.float32)
-    part_rows = part_ptr + b.to(tl.int64) * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
-    mask = h_mask[:, None] & d_mask[None, :]
-    for s in range(0, num_splits):
-        w = tl.exp2(tl.load(lse_row + s, mask=h_mask, other=float("-inf")) - m)  # 0 for an empty split
-        total += w
-        acc += tl.load(part_rows + s * stride_ps, mask=mask, other=0.0) * w[:, None]
-    o = acc / tl.where(total > 0, total, 1.0)[:, None]
-    o = _gated(o, gate_ptr + b.to(tl.int64) * stride_gb + heads[:, None] * stride_gh + offs_d[None, :], mask,
-               out_ptr.dtype.element_ty, HAS_GATE, FIX_BF16)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od, o,
-             mask=mask)
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    part = tl.load(part_ptr + b.to(tl.int64) * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
+                   + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    total = tl.sum(w, axis=0)
+    o = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    o = _gated(o, gate_ptr + b.to(tl.int64) * stride_gb + head * stride_gh + offs_d, d_mask, out_ptr.dtype.element_ty,
+               HAS_GATE, FIX_BF16)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d * stride_od, o, mask=d_mask)
 
 
 @triton.jit
@@ -246,15 +243,12 @@ def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, gate_ptr, num_splits,
                          stride_pb, stride_ph, stride_ps,
                          stride_ob, stride_oh, stride_od,
                          stride_gb, stride_gh,
-                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                          HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr):
-    """The merge as a launch of its own (grid: sequence x kv head), where no arrival counters are available."""
-    b = tl.program_id(0)
-    offs_h = tl.arange(0, BLOCK_H)
-    heads = tl.program_id(1) * GROUP + offs_h
-    _merge_store(part_ptr, lse_ptr, out_ptr, gate_ptr, b, heads, offs_h < GROUP, num_splits,
-                 stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_od, stride_gb, stride_gh,
-                 tl.num_programs(1) * GROUP, HEAD_DIM, BLOCK_D, HAS_GATE, FIX_BF16)
+    """The merge as a launch of its own (grid: sequence x query head), where no arrival counters are available."""
+    _merge_head(part_ptr, lse_ptr, out_ptr, gate_ptr, tl.program_id(0), tl.program_id(1), num_splits,
+                stride_pb, stride_ph, stride_ps, stride_ob, stride_oh, stride_od, stride_gb, stride_gh,
+                tl.num_programs(1), HEAD_DIM, BLOCK_S, BLOCK_D, HAS_GATE, FIX_BF16)
 
 
 def _decode_splits(batch: int, kv_heads: int, width: int, block_n: int, device: torch.device,
@@ -364,11 +358,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q), **gated,
         HAS_NEW=new_kv is not None, **addressing, QK_NORM=qk_norm is not None, ROPE=rope,
-        MERGE_LAST=counters is not None, num_warps=8 if block_d >= 128 else 4)
+        MERGE_LAST=counters is not None, BLOCK_S=_pow2(splits, 2), num_warps=8 if block_d >= 128 else 4)
     if splits > 1 and counters is None:
-        _decode_merge_kernel[(B, Hkv)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
-                                       GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, **gated,
-                                       num_warps=4)
+        _decode_merge_kernel[(B, Hq)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
+                                      HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, **gated, num_warps=4)
     return out
 
 

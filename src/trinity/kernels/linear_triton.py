@@ -22,9 +22,10 @@ from .attention_triton import _dot_precision, _mm, _program_target, _upcast_dot
 from .last_program import arrival_counters, arrive
 from .norm_triton import fix_bf16, norm_row, round_to, sum_rows
 
-# The fused path's row limit: its epilogue runs in one program per BLOCK_M rows, which only pays while rows are few
-# (decode batches); larger batches take the GEMM and the norm kernel as two launches.
-MAX_ROWS = 16
+# The fused path's row limit: its epilogue goes through the rows one after another in a single program (each row
+# waits for its loads: about two memory round trips), which only beats a second launch (parallel over rows) while
+# rows are few; larger batches take the GEMM and the norm kernel as two launches. A first guess, to be timed.
+MAX_ROWS = 8
 
 
 @triton.jit
@@ -58,7 +59,8 @@ def _linear_norm_kernel(
     M, N, K, k_per_split, eps,
     stride_xm, stride_wn, stride_ws, stride_wsm, stride_r, stride_o, stride_ro, stride_o32,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, FIX_BF16: tl.constexpr, FP32_OUT: tl.constexpr,
+    SPLITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
+    FP32_OUT: tl.constexpr,
 ):
     pid_m = tl.program_id(2)
     gemm_split_tile(x_ptr, w_ptr, ws_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_ws, stride_wsm,
@@ -67,7 +69,7 @@ def _linear_norm_kernel(
     if arrive(counter_ptr + pid_m, tl.num_programs(0) * tl.num_programs(1)):
         dtype = out_ptr.dtype.element_ty
         for m in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)):
-            y = sum_rows(ws_ptr + m * stride_wsm, tl.num_programs(1), stride_ws, BLOCK_ROW, N)  # splits in order
+            y = sum_rows(ws_ptr + m * stride_wsm, SPLITS, stride_ws, BLOCK_ROW, N)  # splits in order
             y = round_to(y, dtype, FIX_BF16).to(tl.float32)  # the projection's output as it would be stored
             norm_row(y, res_ptr + m * stride_r, post_w_ptr, next_w_ptr, out_ptr + m * stride_o,
                      res_out_ptr + m * stride_ro, out32_ptr + m * stride_o32, N, eps, BLOCK_ROW, True, True,
@@ -128,7 +130,7 @@ def linear_norm_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: to
         counters, m, n, k, per_split, float(eps),
         x2.stride(0), weight.stride(0), ws.stride(0), ws.stride(1), r2.stride(0), out.stride(0), res_out.stride(0),
         out32.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_ROW=triton.next_power_of_2(n),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_ROW=triton.next_power_of_2(n), SPLITS=splits,
         UPCAST=_upcast_dot(x2), PRECISION=_dot_precision(x.dtype), FIX_BF16=fix_bf16(x.dtype), FP32_OUT=fp32_copy,
         num_warps=4 if n <= 2048 else 8, num_stages=3)  # 8 warps for the epilogue's longer rows (Large: 3072)
     shape = (*x.shape[:-1], n)

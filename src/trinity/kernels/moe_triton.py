@@ -310,11 +310,11 @@ def _down_kernel(
     act_ptr, w_ptr, rw_ptr, y_ptr, slots_ptr, block_expert_ptr,
     num_slots, N, K, num_experts,
     stride_as, stride_ak, stride_we, stride_wn, stride_wk, stride_ys, stride_yn,
-    res_ptr, post_w_ptr, next_w_ptr, out_ptr, res_out_ptr, counter_ptr, num_tokens, top_k, eps,
+    res_ptr, post_w_ptr, next_w_ptr, out_ptr, res_out_ptr, counter_ptr, num_tokens, eps,
     stride_r, stride_o, stride_ro,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    NORM: tl.constexpr, BLOCK_ROW: tl.constexpr, FIX_BF16: tl.constexpr,
+    NORM: tl.constexpr, TOP_K: tl.constexpr, BLOCK_ROW: tl.constexpr, FIX_BF16: tl.constexpr,
 ):
     """y[slot, n] = routing_weight[slot] * (act[slot] . down[e, n]), in fp32. With NORM, the program that
     finishes last (`last_program.arrive`) also runs the sandwich-norm step on each token's summed choices (as
@@ -354,7 +354,7 @@ def _down_kernel(
         if arrive(counter_ptr, tl.num_programs(0) * tl.num_programs(1)):
             dtype = out_ptr.dtype.element_ty
             for t in range(0, num_tokens):
-                h = sum_rows(y_ptr + t * top_k * stride_ys, top_k, stride_ys, BLOCK_ROW, N)  # the choices in order
+                h = sum_rows(y_ptr + t * TOP_K * stride_ys, TOP_K, stride_ys, BLOCK_ROW, N)  # the choices in order
                 h = round_to(h, dtype, FIX_BF16).to(tl.float32)
                 norm_row(h, res_ptr + t * stride_r, post_w_ptr, next_w_ptr, out_ptr + t * stride_o,
                          res_out_ptr + t * stride_ro, out_ptr, N, eps, BLOCK_ROW, True, True, FIX_BF16, False)
@@ -498,16 +498,16 @@ def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tens
         residual = residual if residual.stride(-1) == 1 else residual.contiguous()
         normed, res_out = torch.empty_like(x), torch.empty_like(x)
         epilogue = (residual, post_weight.contiguous(), next_weight.contiguous(), normed, res_out, counters,
-                    num_tokens, top_k, float(eps), residual.stride(0), normed.stride(0), res_out.stride(0))
+                    num_tokens, float(eps), residual.stride(0), normed.stride(0), res_out.stride(0))
     else:
-        epilogue = (y, y, y, y, y, y, 0, 0, 0.0, 0, 0, 0)  # unused
+        epilogue = (y, y, y, y, y, y, 0, 0.0, 0, 0, 0)  # unused
     _down_kernel[grid](
         act, down, rw, y, sorted_slots, block_expert,
         num_slots, hidden, inter, num_experts,
         act.stride(0), act.stride(1), down.stride(0), down.stride(1), down.stride(2),
         y.stride(0), y.stride(1), *epilogue,
         BLOCK_M=bm, BLOCK_N=down_n, BLOCK_K=down_k, UPCAST=upcast, DOT_PREC=prec,
-        NORM=counters is not None, BLOCK_ROW=triton.next_power_of_2(hidden), FIX_BF16=fix_bf16(x.dtype),
+        NORM=counters is not None, TOP_K=top_k, BLOCK_ROW=triton.next_power_of_2(hidden), FIX_BF16=fix_bf16(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if counters is not None:
@@ -634,8 +634,8 @@ def _router_route_align_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
     route_scale, stride_lt, stride_le,
     slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
-    BLOCK_GT: tl.constexpr, BLOCK_GE: tl.constexpr, BLOCK_GK: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_GT: tl.constexpr, BLOCK_GE: tl.constexpr, BLOCK_GK: tl.constexpr, SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
     SHARED: tl.constexpr, COUNT: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_AE: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -649,7 +649,7 @@ def _router_route_align_kernel(
                     UPCAST, PRECISION)
     if arrive(counter_ptr, tl.num_programs(0) * tl.num_programs(1)):
         for t in range(0, num_tokens):
-            row = sum_rows(ws_ptr + t * stride_wst, tl.num_programs(1), stride_ws, BLOCK_E, num_experts)
+            row = sum_rows(ws_ptr + t * stride_wst, SPLITS, stride_ws, BLOCK_E, num_experts)
             offs_e = tl.arange(0, BLOCK_E)
             tl.store(logits_ptr + t * stride_lt + offs_e * stride_le, row, mask=offs_e < num_experts)
         tl.debug_barrier()  # the logits are in memory before any thread routes on them
@@ -746,11 +746,12 @@ def _route_align_launch(x: torch.Tensor, logits: torch.Tensor | None, router: tu
     x32, weight = router
     routed, hidden = weight.shape
     block_ge, block_gk = 16, 64  # fp32 tiles (the router is fp32): 16 experts x 64 keys
-    splits, per_split = split_plan(num_tokens, routed, hidden, x.device, block_ge, block_gk, max_split_rows=32)
+    splits, per_split = split_plan(num_tokens, routed, hidden, x.device, block_ge, block_gk, max_split_rows=16)
     ws = torch.empty(splits, num_tokens, routed, dtype=torch.float32, device=x.device)
     _router_route_align_kernel[(triton.cdiv(routed, block_ge), splits)](
         x32, weight, ws, counters, hidden, per_split, x32.stride(0), weight.stride(0), ws.stride(0), ws.stride(1),
-        *args, *tail, BLOCK_GT=16, BLOCK_GE=block_ge, BLOCK_GK=block_gk, UPCAST=False, PRECISION="ieee",
+        *args, *tail, BLOCK_GT=16, BLOCK_GE=block_ge, BLOCK_GK=block_gk, SPLITS=splits, UPCAST=False,
+        PRECISION="ieee",
         **constants, **align_constants, num_warps=warps)
     return weights, slots, block_expert
 

@@ -72,12 +72,13 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def sum_rows(first_row, count, stride, BLOCK: tl.constexpr, N):
-    """The sum of `count` fp32 rows spaced `stride` apart, added in order (the combine kernel's order, and a result
-    that does not depend on which program sums): [BLOCK] fp32, zeros past N."""
+def sum_rows(first_row, COUNT: tl.constexpr, stride, BLOCK: tl.constexpr, N):
+    """The sum of COUNT fp32 rows spaced `stride` apart, added in order (the combine kernel's order, and a result
+    that does not depend on which program sums): [BLOCK] fp32, zeros past N. Unrolled, so the COUNT loads are
+    independent and issue together: a last-program epilogue then waits for memory once, not COUNT times."""
     offs = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, count):
+    for i in tl.static_range(COUNT):
         total += tl.load(first_row + i * stride + offs, mask=offs < N, other=0.0)
     return total
 
