@@ -121,12 +121,14 @@ def linear_norm_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: to
     block_m = 16  # tl.dot's smallest tile; the rows past M are masked
     m_tiles = triton.cdiv(m, block_m)
     counters = arrival_counters(x.device, m_tiles)
+    if counters is None:
+        raise RuntimeError("the fused projection + norm needs arrival counters (see `usable`)")
     ws = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out)
     out32 = torch.empty(m, n, dtype=torch.float32, device=x.device) if fp32_copy else out
     _linear_norm_kernel[(triton.cdiv(n, block_n), splits, m_tiles)](
-        x2, weight, ws, r2, post_weight.contiguous(), next_weight.contiguous(), out, res_out, out32,  # widened in-kernel
+        x2, weight, ws, r2, post_weight.contiguous(), next_weight.contiguous(), out, res_out, out32,  # any dtype
         counters, m, n, k, per_split, float(eps),
         x2.stride(0), weight.stride(0), ws.stride(0), ws.stride(1), r2.stride(0), out.stride(0), res_out.stride(0),
         out32.stride(0),

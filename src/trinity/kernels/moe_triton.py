@@ -21,8 +21,10 @@ Pipeline (same contract as `kernels.moe.experts_reference`):
 `fused_route` is `model.moe.select_experts` (fp32 sigmoid scores, bias-selected top-k, normalise, scale) on
 router logits (from one library GEMM), one launch per batch, up to 16 tokens per program. `fused_moe_layer` is the
 layer as inference runs it: routing (with a stacked shared expert as every token's extra choice, and the
-expert-load counts) and alignment in one single-program launch at decode sizes, then steps 2-3, and step 4 or
-not (the next norm kernel can sum the per-choice outputs instead).
+expert-load counts) and alignment in one single-program launch at decode sizes (for the smallest batches with the
+router GEMM in the same launch, finished by its last program: `kernels.last_program`), then steps 2-3, and step 4,
+or the per-choice outputs left for the next norm kernel to sum, or that norm step itself run by the down GEMM's
+last program.
 
 Block sizes come from a small table for the Nano (H 1024, I 256) and Mini (H 2048, I 1024) shapes with
 E 128, k 8, keyed by T bucket (1, 8, 32, 64+); other shapes get untuned defaults. The table entries are
@@ -751,8 +753,7 @@ def _route_align_launch(x: torch.Tensor, logits: torch.Tensor | None, router: tu
     _router_route_align_kernel[(triton.cdiv(routed, block_ge), splits)](
         x32, weight, ws, counters, hidden, per_split, x32.stride(0), weight.stride(0), ws.stride(0), ws.stride(1),
         *args, *tail, BLOCK_GT=16, BLOCK_GE=block_ge, BLOCK_GK=block_gk, SPLITS=splits, UPCAST=False,
-        PRECISION="ieee",
-        **constants, **align_constants, num_warps=warps)
+        PRECISION="ieee", **constants, **align_constants, num_warps=warps)
     return weights, slots, block_expert
 
 
@@ -767,8 +768,8 @@ def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor | None, expert_bias: t
     route, two pads, a scatter_add and the align kernel). Given `router` = (x in fp32, the fp32 router weight)
     instead of logits, the router GEMM joins that launch for the smallest batches (`_route_align_launch`). With
     `norm` = (residual, post_weight, next_weight, eps), the layer's output goes through the decoder layer's
-    sandwich-norm step -> (normed, new residual) (see `_grouped_experts`). -> [T, H] in x's dtype; without `combine`, the
-    weighted per-choice outputs [T, top_k + shared, H] in fp32 (see `_grouped_experts`)."""
+    sandwich-norm step -> (normed, new residual). Otherwise -> [T, H] in x's dtype; without `combine`, the weighted
+    per-choice outputs [T, top_k + shared, H] in fp32 (see `_grouped_experts`)."""
     num_tokens = x.shape[0]
     num_experts = gate_up.shape[0]
     if logits is None:

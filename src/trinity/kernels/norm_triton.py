@@ -89,7 +89,8 @@ def norm_row(h, res_row, pre_w_ptr, w_ptr, out_row, res_out_row, out32_row, N, e
              FP32_OUT: tl.constexpr):
     """The norm family on one row h ([BLOCK] fp32 holding dtype values, N valid): optionally RMSNorm_pre(h), then
     optionally the residual add (new residual stored), then RMSNorm and the stores. Each intermediate is rounded
-    to the output dtype as the module code rounds it. Shared by the norm kernel and the fused linear's epilogue."""
+    to the output dtype as the module code rounds it. Shared by the norm kernel, the embedding kernel and the
+    last-program epilogues (`linear_triton`, the MoE down kernel)."""
     offs = tl.arange(0, BLOCK)
     ok = offs < N
     dtype = out_row.dtype.element_ty

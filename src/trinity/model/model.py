@@ -46,7 +46,7 @@ class DecoderLayer(nn.Module):
         norm) run as one `norm_add_rms_norm` pass. -> (the next normed input, the new residual stream).
         Identical arithmetic to `forward` (the reference is the same ops); on the GPU four norms and two adds per
         layer become two launches, and at decode sizes each rides in the launch of the projection before it
-        (`kernels.linear_norm`: o_proj, the dense MLP's down_proj)."""
+        (`kernels.linear_norm` for o_proj and the dense MLP's down_proj; the MoE down GEMM's own launch)."""
         eps = self.post_attention_layernorm.eps
         # On the Triton path a MoE layer runs the norm step after it itself (summing its per-choice outputs: no
         # combine launch; at decode inside its down GEMM's launch), and the norm before it also writes its output in
