@@ -167,31 +167,6 @@ def test_model_with_embed_kernel_matches_module_code(monkeypatch, mup):
     torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
 
 
-# ============================================================================== the decode graph's launches
-@pytest.mark.skipif(not INTERPRET, reason="counts the GPU path under Triton's interpreter (TRITON_INTERPRET=1)")
-def test_decode_table_forward_launches_outside_the_layers(monkeypatch):
-    """Around the layers a CUDA-graph decode step holds the embedding kernel, the RoPE gather, the count-mask cast
-    and the head: the token and position columns go in as int32, uncast."""
-    from trinity.engine import EngineConfig, LLMEngine, SamplingParams
-    from trinity.engine.cuda_graphs import DecodeTable
-    from trinity.kernels.launch_counter import count_by_layer
-    monkeypatch.setenv("TRINITY_KERNELS", "triton")
-    monkeypatch.setenv("TRINITY_CPU_NATIVE", "0")
-    engine = LLMEngine(_tiny(True).bfloat16(), None, EngineConfig(max_model_len=96, max_num_seqs=1, block_size=4,
-                                                                  num_kv_blocks=40, enforce_eager=True,
-                                                                  async_scheduling=False))
-    engine.add_request("a", prompt_token_ids=list(range(10, 30)),
-                       params=SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-    engine.step()
-    table = DecodeTable(engine.runner, 1, 96, engine.runner.scratch_slots)
-    table.load(table.new_host_table(pin=False), engine.scheduler.schedule(), 1)
-    with torch.inference_mode():
-        table.forward(1)
-        counter = count_by_layer(engine.model, lambda: table.forward(1))
-    assert dict(counter.names("")) == {"triton:_embed_rms_norm_kernel": 1, "aten:index_select": 1, "aten:to": 1,
-                                       "aten:linear": 1}
-
-
 # ============================================================================== sm_90 compile check (opt-in)
 @needs_compile_check
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
