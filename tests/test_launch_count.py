@@ -137,3 +137,20 @@ def test_moe_tuning_script_smoke():
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(result["nano"]) == {"1", "2"} and all(r["candidates"] >= 2 for r in result["nano"].values())
+
+
+def test_last_program_benchmark_smoke():
+    """benchmarks/last_program_gpu.py (each last-program epilogue against its two launches, on a GPU) runs end to end
+    in its CPU smoke mode, every user timed both ways, and ends with its JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "last_program_gpu.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ops = {r["op"].split(" [")[0].split(" 4/")[0] for r in result["results"]}
+    assert ops == {"o_proj", "dense down", "decode attention", "router", "MoE layer"}, ops
+    assert all(r["fused_us"] > 0 and r["separate_us"] > 0 for r in result["results"])

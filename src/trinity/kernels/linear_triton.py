@@ -22,10 +22,15 @@ from .attention_triton import _dot_precision, _mm, _program_target, _upcast_dot
 from .last_program import arrival_counters, arrive
 from .norm_triton import fix_bf16, norm_row, round_to, sum_rows
 
-# The fused path's row limit: its epilogue goes through the rows one after another in a single program (each row
-# waits for its loads: about two memory round trips), which only beats a second launch (parallel over rows) while
-# rows are few; larger batches take the GEMM and the norm kernel as two launches. A first guess, to be timed.
-MAX_ROWS = 8
+# The fused path's row limit. Its epilogue goes through the rows one after another in a single program (each row
+# waits for its loads: about two memory round trips), and with more rows fewer key splits are allowed (below), so
+# fewer programs stream the weight. Both only pay while rows are few; larger batches take the library GEMM and the
+# norm kernel as two launches. A first guess from that arithmetic, to be timed (benchmarks/last_program_gpu.py).
+MAX_ROWS = 4
+# Programs per SM the split GEMV aims for. Its loop is not software-pipelined (the sm_90 compile shows no
+# multi-buffering for these tile sizes), so each program has one [16 x BLOCK_K] weight tile in flight per memory
+# round trip (~4 KB per ~0.7 us): the bandwidth has to come from several programs per SM.
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -77,11 +82,13 @@ def _linear_norm_kernel(
 
 
 def split_plan(m: int, n: int, k: int, device: torch.device, block_n: int, block_k: int,
-               max_split_rows: int = 8) -> tuple[int, int]:
+               max_split_rows: int = 16) -> tuple[int, int]:
     """(splits, keys per split; a multiple of block_k) for `gemm_split_tile`: enough programs to stream the weight
-    at small n, but no more splits x rows than `max_split_rows`, the rows the last program sums per output row."""
+    (PROGRAMS_PER_SM) at small n, but at most 8 splits and no more splits x rows than `max_split_rows` (what the
+    last program sums)."""
     k_tiles = triton.cdiv(k, block_k)
-    want = triton.cdiv(_program_target(device), triton.cdiv(n, block_n))
+    target = _program_target(device) * PROGRAMS_PER_SM // 2  # _program_target: two per SM
+    want = min(8, triton.cdiv(target, triton.cdiv(n, block_n)))
     splits = max(1, min(want, k_tiles, max(1, max_split_rows // m)))
     per_split = triton.cdiv(k_tiles, splits) * block_k
     return triton.cdiv(k, per_split), per_split
