@@ -348,6 +348,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     qw, kw, norm_eps, cos, sin, rope = _qk_norm_args(qk_norm, new_kv is not None, q, D)
     # with splits, the last split of each (sequence, kv head) to finish merges them (no merge launch)
     counters = arrival_counters(q.device, B * Hkv) if splits > 1 and merge_last else None
+    # the merge's split block (a constant where the kernel does not merge: no compiled variant per split count)
+    merge_block = _pow2(splits, 2) if counters is not None else 2
     _decode_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots, lo, qw, kw, cos, sin,
         counters if counters is not None else lse,
@@ -358,7 +360,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q), **gated,
         HAS_NEW=new_kv is not None, **addressing, QK_NORM=qk_norm is not None, ROPE=rope,
-        MERGE_LAST=counters is not None, BLOCK_S=_pow2(splits, 2), num_warps=8 if block_d >= 128 else 4)
+        MERGE_LAST=counters is not None, BLOCK_S=merge_block, num_warps=8 if block_d >= 128 else 4)
     if splits > 1 and counters is None:
         _decode_merge_kernel[(B, Hq)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
                                       HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, **gated, num_warps=4)
