@@ -101,6 +101,8 @@ def test_kernel_compiles_for_sm90_without_spills(dtype):
     """At the launch settings `linear_norm_add_rms_norm` picks, for rows of 1024 to 3072 (Nano to Large)."""
     from test_kernels_norm import compile_sm90
 
+    import triton
+
     from trinity.kernels import linear_triton as lt
     for n in (1024, 2048, 3072):
         args = {name: "i32" for name in lt._linear_norm_kernel.arg_names}
@@ -108,12 +110,9 @@ def test_kernel_compiles_for_sm90_without_spills(dtype):
         args.update({"ws_ptr": "*fp32", "post_w_ptr": "*fp32", "next_w_ptr": "*fp32", "out32_ptr": "*fp32",
                      "counter_ptr": "*i32", "eps": "fp32"})
         constants = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128 if dtype == "bf16" else 64,
-                         BLOCK_ROW=triton_next_pow2(n), UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                         FIX_BF16=False, FP32_OUT=True, SPLITS=8)  # the most splits the launch picks
+                         BLOCK_ROW=triton.next_power_of_2(n), UPCAST=False,
+                         PRECISION="ieee" if dtype == "fp32" else "tf32", FIX_BF16=False, FP32_OUT=True,
+                         SPLITS=8)  # the most splits the launch picks
         args.update({k: ("c", v) for k, v in constants.items()})
         use = compile_sm90(lt._linear_norm_kernel, args, num_warps=4 if n <= 2048 else 8)
         assert use["stack"] == 0, (n, use)
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()

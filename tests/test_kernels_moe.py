@@ -565,17 +565,22 @@ def test_fused_moe_layer_with_the_norm_step(dtype, t):
 
 
 @needs_compile_check
-def test_router_route_align_kernel_compiles_for_sm90():
-    """The router GEMM + routing + alignment launch at the Nano/Mini shape (128 experts, top-8 + shared)."""
+@pytest.mark.parametrize("experts,top_k", [(128, 8), (256, 4)])  # Nano/Mini, Large
+def test_router_route_align_kernel_compiles_for_sm90(experts, top_k):
+    """The router GEMM + routing + alignment launch at the model shapes (top-k + the shared expert), at the warps
+    the launch gives it."""
+    import triton
+
     from trinity.kernels import moe_triton as mt
     kern = mt._router_route_align_kernel
     args = {n: "*fp32" if n.endswith("_ptr") else "i32" for n in kern.arg_names}
     args.update({"ids_ptr": "*i64", "counts_ptr": "*i64", "count_mask_ptr": "*i32", "slots_ptr": "*i32",
                  "block_expert_ptr": "*i32", "cursor_ptr": "*i32", "counter_ptr": "*i32", "route_scale": "fp32"})
-    constants = dict(BLOCK_GT=16, BLOCK_GE=16, BLOCK_GK=64, SPLITS=16, UPCAST=False, PRECISION="ieee", BLOCK_T=1,
-                     BLOCK_E=128,
-                     BLOCK_K=16, NORM=True, SHARED=1, COUNT=True, MASKED=True, BLOCK_M=16, BLOCK_S=16, BLOCK_AE=256,
-                     BLOCK_B=32, BLOCK_P=1024)
+    block_ae = triton.next_power_of_2(experts + 2)
+    constants = dict(BLOCK_GT=16, BLOCK_GE=16, BLOCK_GK=64, SPLITS=8, UPCAST=False, PRECISION="ieee", BLOCK_T=1,
+                     BLOCK_E=experts, BLOCK_K=triton.next_power_of_2(top_k + 1), NORM=True, SHARED=1, COUNT=True,
+                     MASKED=True, BLOCK_M=16, BLOCK_S=16, BLOCK_AE=block_ae, BLOCK_B=max(1, min(64, 8192 // block_ae)),
+                     BLOCK_P=1024)
     args.update({k: ("c", v) for k, v in constants.items()})
-    use = compile_sm90(kern, args, num_warps=4)
+    use = compile_sm90(kern, args, num_warps=mt._route_warps(experts))
     assert use["stack"] == 0, use
