@@ -190,12 +190,13 @@ def bench_model(name: str, cfg, device, args) -> dict:
     del eager
     release(device)
     # the same batch-1 graph decode with each last-program epilogue as a launch of its own (split merge, norm
-    # steps, router GEMM): what those fusions are worth
+    # steps, router GEMM): what those fusions are worth, against batch1 at 1024. Sized like the main engine (its
+    # max_model_len sets the decode attention's key splits), one sequence.
     last_program.enable(False)
     try:
-        separate = LLMEngine(model, None, EngineConfig(max_model_len=2048, max_num_seqs=1,
-                                                       max_num_batched_tokens=2048, seed=0))
-        rate, _ = decode_rate(separate, 1, 1024 if not args.smoke else 64, args.new_tokens, cfg.vocab_size)
+        separate = LLMEngine(model, None, EngineConfig(max_model_len=longest, max_num_seqs=1,
+                                                       max_num_batched_tokens=max(8192, longest), seed=0))
+        rate, _ = decode_rate(separate, 1, contexts[0], args.new_tokens, cfg.vocab_size)
         out["batch1_separate_epilogues_1024_tok_s"] = round(rate, 1)
         del separate
     finally:
@@ -250,7 +251,7 @@ def main() -> None:
             print(f"  batch 1 @ {ctx}: {b1['tok_s']} tok/s = {b1['fraction']:.0%} of {b1['roofline_tok_s']} roofline")
         if "no_lookahead_tok_s" in r:
             print(f"  batch 1 @ 1024 without CUDA graphs: {r['batch1_eager_1024_tok_s']} tok/s")
-            print(f"  batch 1 @ 1024 with the last-program epilogues as separate launches: "
+            print(f"  batch 1 @ {next(iter(r['batch1']))} with the last-program epilogues as separate launches: "
                   f"{r['batch1_separate_epilogues_1024_tok_s']} tok/s")
             print(f"  without look-ahead, by batch: {r['no_lookahead_tok_s']} tok/s")
         print(f"  batched: {r['batched']} tok/s; TTFT {r['ttft_ms']} ms; HF {r.get('hf_tok_s', r.get('hf_error'))}")
