@@ -182,12 +182,13 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
 
 
 @triton.jit
-def _align_slots(
+def _align_kernel(
     ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_experts, num_blocks,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """`moe_align` in one program (decode-sized T*k <= BLOCK_S; BLOCK_E > num_experts).
+    """`moe_align` in one program (decode-sized T*k <= BLOCK_S; BLOCK_E > num_experts). Launched on its own, and
+    called by `_route_align_kernel` after routing.
 
     Within an expert's run the slots land in atomic order (not sorted); each slot still appears exactly
     once, and every output row is computed independently, so results do not depend on that order.
@@ -214,16 +215,6 @@ def _align_slots(
     tl.store(slots_ptr + dest, offs_s, mask=ok)
 
 
-@triton.jit
-def _align_kernel(
-    ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_experts, num_blocks,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    _align_slots(ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_experts, num_blocks,
-                 BLOCK_M, BLOCK_S, BLOCK_E, BLOCK_B, BLOCK_P)
-
-
 # T*k up to this many slots are aligned by `_align_kernel` (one launch); more go to the torch `moe_align`.
 ALIGN_KERNEL_MAX_SLOTS = 4096
 
@@ -234,7 +225,7 @@ def num_align_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
 
 
 def _align_buffers(num_slots: int, num_experts: int, block_m: int, device: torch.device):
-    """The align outputs, its cursor scratch, and its launch constants (`_align_slots`'s constexprs)."""
+    """The align outputs, its cursor scratch, and its launch constants (`_align_kernel`'s constexprs)."""
     num_blocks = num_align_blocks(num_slots, num_experts, block_m)
     slots = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
@@ -594,26 +585,6 @@ def _route_kernel(
 
 
 @triton.jit
-def _route_align(
-    logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
-    route_scale, stride_lt, stride_le,
-    slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-    SHARED: tl.constexpr, COUNT: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_AE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """Routing and alignment by one program: each token tile is routed (`_route_rows`), then the choices just
-    written are read back by `_align_slots`."""
-    for t0 in range(0, num_tokens, BLOCK_T):
-        _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, t0, num_tokens, num_experts,
-                    top_k, route_scale, stride_lt, stride_le, BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED)
-    tl.debug_barrier()  # the choices are in memory before any thread reads them
-    _align_slots(ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
-                 BLOCK_M, BLOCK_S, BLOCK_AE, BLOCK_B, BLOCK_P)
-
-
-@triton.jit
 def _route_align_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
     route_scale, stride_lt, stride_le,
@@ -623,11 +594,15 @@ def _route_align_kernel(
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_AE: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Routing and alignment in one single-program launch, for decode-sized batches, from router logits."""
-    _route_align(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts, top_k,
-                 route_scale, stride_lt, stride_le, slots_ptr, block_expert_ptr, cursor_ptr, num_slots,
-                 num_aligned_experts, num_blocks, BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED,
-                 BLOCK_M, BLOCK_S, BLOCK_AE, BLOCK_B, BLOCK_P)
+    """Routing and alignment by one program: each token tile is routed (`_route_rows`), then the choices just
+    written are read back by `_align_kernel`. Launched on its own (one program, decode-sized batches, from router
+    logits), and called by the last program of `_router_route_align_kernel`."""
+    for t0 in range(0, num_tokens, BLOCK_T):
+        _route_rows(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, t0, num_tokens, num_experts,
+                    top_k, route_scale, stride_lt, stride_le, BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED)
+    tl.debug_barrier()  # the choices are in memory before any thread reads them
+    _align_kernel(ids_ptr, slots_ptr, block_expert_ptr, cursor_ptr, num_slots, num_aligned_experts, num_blocks,
+                  BLOCK_M, BLOCK_S, BLOCK_AE, BLOCK_B, BLOCK_P)
 
 
 @triton.jit
@@ -645,7 +620,7 @@ def _router_route_align_kernel(
 ):
     """The router GEMM too: program (expert tile, key split) computes its fp32 share of the logits
     (`linear_triton.gemm_split_tile`); the last to finish (`last_program.arrive`) sums the splits in order into
-    the logits, then routes and aligns (`_route_align`). One launch where there were two."""
+    the logits, then routes and aligns (`_route_align_kernel`). One launch where there were two."""
     gemm_split_tile(x_ptr, router_ptr, ws_ptr, num_tokens, num_experts, hidden, k_per_split, stride_xt, stride_rw,
                     stride_ws, stride_wst, tl.program_id(0), tl.program_id(1), 0, BLOCK_GT, BLOCK_GE, BLOCK_GK,
                     UPCAST, PRECISION)
@@ -655,10 +630,10 @@ def _router_route_align_kernel(
             offs_e = tl.arange(0, BLOCK_E)
             tl.store(logits_ptr + t * stride_lt + offs_e * stride_le, row, mask=offs_e < num_experts)
         tl.debug_barrier()  # the logits are in memory before any thread routes on them
-        _route_align(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens, num_experts,
-                     top_k, route_scale, stride_lt, stride_le, slots_ptr, block_expert_ptr, cursor_ptr, num_slots,
-                     num_aligned_experts, num_blocks, BLOCK_T, BLOCK_E, BLOCK_K, NORM, SHARED, COUNT, MASKED,
-                     BLOCK_M, BLOCK_S, BLOCK_AE, BLOCK_B, BLOCK_P)
+        _route_align_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, counts_ptr, count_mask_ptr, num_tokens,
+                            num_experts, top_k, route_scale, stride_lt, stride_le, slots_ptr, block_expert_ptr,
+                            cursor_ptr, num_slots, num_aligned_experts, num_blocks, BLOCK_T, BLOCK_E, BLOCK_K, NORM,
+                            SHARED, COUNT, MASKED, BLOCK_M, BLOCK_S, BLOCK_AE, BLOCK_B, BLOCK_P)
 
 
 def _route_launch(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
