@@ -241,7 +241,7 @@ def moe_layer_triton(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: 
     token's extra choice). `counts` gains the routed tokens, weighted by
     `count_mask` ([T] 0/1) when given. `x_fp32`: x already widened (by the norm that made it), which saves the
     cast. Without `combine`: the weighted per-choice outputs [T, k (+ 1), H] fp32, for
-    `kernels.norm.sum_norm_add_rms_norm` to sum; with `norm` = (residual, post_weight, next_weight, eps) that sum
+    `norm_triton.sum_norm_add_rms_norm` to sum; with `norm` = (residual, post_weight, next_weight, eps) that sum
     and norm step done here -> (normed, new residual) (at decode in the down GEMM's launch)."""
     from .moe_triton import fused_moe_layer
 

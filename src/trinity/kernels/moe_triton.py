@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from . import interpreting
 from .last_program import arrival_counters, arrive
 from .linear_triton import gemm_split_tile, split_plan
-from .norm_triton import fix_bf16, norm_row, round_to, sum_rows
+from .norm_triton import fix_bf16, norm_row, round_to, sum_norm_add_rms_norm, sum_rows
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -458,7 +458,7 @@ def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tens
                      combine: bool = True, norm: tuple | None = None):
     """The aligned slots through gate_up + SwiGLU, down x routing weight (rw: [T * top_k] fp32, by slot), and the
     combine: three launches. Without `combine`: the weighted per-choice outputs [T, top_k, H] in fp32, for a
-    following kernel to sum (`kernels.norm.sum_norm_add_rms_norm`). With `norm` = (residual, post_weight,
+    following kernel to sum (`norm_triton.sum_norm_add_rms_norm`). With `norm` = (residual, post_weight,
     next_weight, eps): that sum and norm step, -> (normed, new residual); in the down launch for up to
     DOWN_NORM_MAX_TOKENS tokens, else as the norm kernel after it."""
     num_tokens, hidden = x.shape
@@ -507,7 +507,6 @@ def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tens
         return normed, res_out
     if norm is not None:
         residual, post_weight, next_weight, eps = norm
-        from .norm_triton import sum_norm_add_rms_norm
         return sum_norm_add_rms_norm(y.view(num_tokens, top_k, hidden), residual, post_weight, next_weight, eps)
     if not combine:
         return y.view(num_tokens, top_k, hidden)

@@ -174,15 +174,6 @@ def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torc
     return (*out, out[0].float()) if fp32_copy else out
 
 
-def sum_norm_add_rms_norm(parts: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,
-                          next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`norm_add_rms_norm` of the sum over dim 1 of parts [T, k, H] fp32 (a MoE layer's weighted expert outputs,
-    combined here: on the Triton path in the norm's launch)."""
-    if use_triton(parts, residual, post_weight, next_weight):
-        from . import norm_triton
-        return norm_triton.sum_norm_add_rms_norm(parts, residual, post_weight, next_weight, eps)
-    return sum_norm_add_rms_norm_reference(parts, residual, post_weight, next_weight, eps)
-
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                  cos: torch.Tensor | None, sin: torch.Tensor | None,
