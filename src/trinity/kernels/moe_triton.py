@@ -567,7 +567,9 @@ def _route_rows(
             weight = tl.load(count_mask_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)
         else:
             weight = tl.full((BLOCK_T,), 1, tl.int64)
-        tl.atomic_add(counts_ptr + chosen_id, tl.broadcast_to(weight[:, None], (BLOCK_T, BLOCK_K)),
+        # the weights as a full tile, not a broadcast view: Triton 3.6's interpreter (the device's) adds a
+        # broadcast [1, K] operand from the wrong addresses
+        tl.atomic_add(counts_ptr + chosen_id, weight[:, None] + tl.zeros((BLOCK_T, BLOCK_K), tl.int64),
                       mask=t_ok[:, None] & (offs_k < top_k))
 
 
