@@ -25,6 +25,7 @@ from trinity import kernels
 from trinity.engine.paged_attention import PagedAttention, PagedKV, PoolStep, _decode_attention
 from trinity.kernels import attention as A
 from trinity.model.attention import reference_attention, visibility_mask
+from test_kernels_norm import compile_sm90, needs_compile_check
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -637,5 +638,30 @@ def test_kernels_compile_for_sm90(tk, dtype):
         build(tk._prefill_kernel, {**act, "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "q_pos_ptr": "*i64",
                                    "k_pos_ptr": "*i64", "qk_scale": "fp32"},
               dict(GROUP=8, GROUP_P2=8, HEAD_DIM=128, BLOCK_M=rows // 8, BLOCK_N=32, BLOCK_D=128,
-                   HAS_WINDOW=window, DOT_PRECISION=prec, UPCAST=False, CONTIGUOUS=window), 8)
+                   HAS_WINDOW=window, DOT_PRECISION=prec, UPCAST=False, CONTIGUOUS=False, SKIP_MASKS=False), 8)
     build(tk._write_kv_kernel, {**act, "slots_ptr": "*i64"}, dict(HEADS=4, HEAD_DIM=128, BLOCK_H=4, BLOCK_D=128), 4)
+
+
+@needs_compile_check
+@pytest.mark.parametrize("dtype,elem", [("bf16", 2), ("fp16", 2), ("fp32", 4)])
+@pytest.mark.parametrize("group", [8, 6])  # Mini / Large (48 / 8 heads)
+def test_prefill_default_tile_compiles_without_spills(tk, dtype, elem, group):
+    """The engine's prefill tile (contiguous keys, with and without a window) at head_dim 128 lowers to sm_90 with
+    no register spills, on the tensor cores (wgmma) where its inputs are 16-bit."""
+    tile = tk.prefill_launch_settings(elem, 128, group, on_cuda=True)
+    group_p2 = 1 << (group - 1).bit_length()
+    p = "*" + dtype
+    for window in (False, True):
+        use = compile_sm90(tk._prefill_kernel, {
+            "q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
+            "q_pos_ptr": "*i64", "k_pos_ptr": "*i64", "qk_scale": "fp32", "window": "i32",
+            **{n: "i32:16" for n in ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                                     "stride_ot", "stride_oh"]},
+            **{n: "one" for n in ["stride_qd", "stride_kd", "stride_vd", "stride_od"]},
+            "GROUP": ("c", group), "GROUP_P2": ("c", group_p2), "HEAD_DIM": ("c", 128),
+            "BLOCK_M": ("c", tile["block_m"]), "BLOCK_N": ("c", tile["block_n"]), "BLOCK_D": ("c", 128),
+            "HAS_WINDOW": ("c", window), "DOT_PRECISION": ("c", "ieee" if elem == 4 else "tf32"),
+            "UPCAST": ("c", False), "CONTIGUOUS": ("c", True), "SKIP_MASKS": ("c", elem == 2)},
+            num_warps=8 if tile["block_m"] * group_p2 >= 32 else 4)
+        assert use["stack"] == 0, (tile, window, use)
+        assert elem == 4 or use["wgmma"] > 0, use

@@ -334,7 +334,8 @@ def compile_sm90(kernel, args: dict, num_warps: int = 4, num_stages: int = 3) ->
     """Compile a @triton.jit kernel for an H100 (sm_90) without a device, with the specialisations a real
     launch would get. args: name -> "*bf16"-style pointer (16-byte aligned), "i32", "i32:16" (a multiple
     of 16), "one" (an int equal to 1, which Triton turns into a constant) or ("c", value) for a constexpr.
-    Returns the resource usage reported by cuobjdump (registers, stack bytes) and the dynamic shared memory."""
+    Returns the resource usage reported by cuobjdump (registers, stack bytes), the dynamic shared memory and how
+    many Hopper tensor-core instructions (wgmma) the PTX holds."""
     import re
     import subprocess
     import tempfile
@@ -361,7 +362,8 @@ def compile_sm90(kernel, args: dict, num_warps: int = 4, num_stages: int = 3) ->
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return {"regs": int(m.group(1)), "stack": int(m.group(2)), "shared": compiled.metadata.shared}
+    return {"regs": int(m.group(1)), "stack": int(m.group(2)), "shared": compiled.metadata.shared,
+            "wgmma": compiled.asm["ptx"].count("wgmma.mma_async")}
 
 
 @needs_compile_check

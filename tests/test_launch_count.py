@@ -154,3 +154,20 @@ def test_last_program_benchmark_smoke():
     ops = {r["op"].split(" [")[0].split(" 4/")[0] for r in result["results"]}
     assert ops == {"o_proj", "dense down", "decode attention", "router", "MoE layer"}, ops
     assert all(r["fused_us"] > 0 and r["separate_us"] > 0 for r in result["results"])
+
+
+def test_prefill_tuning_script_smoke():
+    """benchmarks/tune_prefill.py (the prefill attention's tiles against torch's attention, on a GPU) runs end to end
+    in its CPU smoke mode, every case timed with both candidates checked, and ends with its JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "tune_prefill.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--models", "nano"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [(c["tokens"], c["window"]) for c in result["cases"]] == [(24, None), (24, 16), (40, None), (40, 16)]
+    assert all(c["candidates"] == 2 and c["default_ms"] > 0 and c["torch_sdpa_ms"] > 0 for c in result["cases"])

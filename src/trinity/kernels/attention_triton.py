@@ -378,7 +378,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
                     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    CONTIGUOUS: tl.constexpr):
+                    CONTIGUOUS: tl.constexpr, SKIP_MASKS: tl.constexpr):
     BLOCK_R: tl.constexpr = BLOCK_M * GROUP_P2
     seq = tl.program_id(0)
     tile = tl.program_id(1)
@@ -402,9 +402,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
 
     q = tl.load(q_ptr + tok[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
                 + offs_d[None, :] * stride_qd, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-    qp = tl.load(q_pos_ptr + tok, mask=r_mask, other=0).to(tl.int64)
-    q_lo = tl.min(tl.where(r_mask, qp, 2**62), axis=0)
-    q_hi = tl.max(tl.where(r_mask, qp, -2**62), axis=0)
+    # positions in int32 (a context is far below 2**30 tokens): int64 vectors would cost registers in the loop
+    qp = tl.load(q_pos_ptr + tok, mask=r_mask, other=0).to(tl.int32)
+    q_lo = tl.min(tl.where(r_mask, qp, 2**30), axis=0)
+    q_hi = tl.max(tl.where(r_mask, qp, -2**30), axis=0)
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -415,31 +416,48 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
     if CONTIGUOUS:
         # key j of the sequence has position p0 + (j - k_start): the keys this block can see are one index range,
         # walked without per-tile visibility branches (which keep Triton from pipelining the K/V loads)
-        p0 = tl.load(k_pos_ptr + k_start, mask=k_start < k_end, other=0).to(tl.int64)
+        p0 = tl.load(k_pos_ptr + k_start, mask=k_start < k_end, other=0).to(tl.int32)
         hi = tl.minimum(k_start + (q_hi - p0 + 1), k_end).to(tl.int32)
         lo = k_start
+        # [full_lo, full_hi): the keys every row of the block sees (at or before its first query, inside its
+        # last query's window); whole tiles of them skip the visibility mask, as flash attention does off the
+        # diagonal. Tiles start at lo, so the walk is: masked tiles up to full_lo, unmasked whole tiles, masked
+        # tiles to hi (the diagonal).
+        full_lo = lo
         if HAS_WINDOW:
             lo = tl.maximum(k_start + (q_lo - window + 1 - p0), k_start).to(tl.int32)
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < hi
-            kp = p0 + (offs_n - k_start).to(tl.int64)
-            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, offs_n, n_mask, kp, offs_d, d_mask,
-                                          qk_scale, window, stride_kt, stride_kd, stride_vt, stride_vd,
-                                          HAS_WINDOW, DOT_PRECISION, UPCAST)
+            full_lo = tl.maximum(k_start + (q_hi - window + 1 - p0), lo).to(tl.int32)
+        full_hi = tl.minimum(k_start + (q_lo - p0 + 1), hi).to(tl.int32)
+        a = tl.minimum(lo + tl.cdiv(full_lo - lo, BLOCK_N) * BLOCK_N, hi)
+        b = a + tl.maximum(full_hi - a, 0) // BLOCK_N * BLOCK_N
+        if not SKIP_MASKS:  # one masked walk: fp32's FMA dots spill in three loops (74 -> 255 registers on sm_90)
+            a = hi
+            b = hi
+        for start in range(lo, a, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, hi, p0 - k_start, k_pos_ptr,
+                                          offs_d, d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt,
+                                          stride_vd, HAS_WINDOW, DOT_PRECISION, UPCAST, True, True, BLOCK_N)
+        for start in range(a, b, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, hi, p0 - k_start, k_pos_ptr,
+                                          offs_d, d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt,
+                                          stride_vd, HAS_WINDOW, DOT_PRECISION, UPCAST, True, False, BLOCK_N)
+        for start in range(b, hi, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, hi, p0 - k_start, k_pos_ptr,
+                                          offs_d, d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt,
+                                          stride_vd, HAS_WINDOW, DOT_PRECISION, UPCAST, True, True, BLOCK_N)
     else:
         for start in range(k_start, k_end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_mask = offs_n < k_end
-            kp = tl.load(k_pos_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+            kp = tl.load(k_pos_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
             # skip tiles that no query of this block can see (works for any key order)
-            visible = tl.min(tl.where(n_mask, kp, 2**62), axis=0) <= q_hi
+            visible = tl.min(tl.where(n_mask, kp, 2**30), axis=0) <= q_hi
             if HAS_WINDOW:
-                visible = visible & (tl.max(tl.where(n_mask, kp, -2**62), axis=0) > q_lo - window)
+                visible = visible & (tl.max(tl.where(n_mask, kp, -2**30), axis=0) > q_lo - window)
             if visible:
-                m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, offs_n, n_mask, kp, offs_d,
-                                              d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt, stride_vd,
-                                              HAS_WINDOW, DOT_PRECISION, UPCAST)
+                m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, k_end, 0, k_pos_ptr,
+                                              offs_d, d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt,
+                                              stride_vd, HAS_WINDOW, DOT_PRECISION, UPCAST, False, True, BLOCK_N)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
@@ -448,21 +466,37 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
 
 
 @triton.jit
-def _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, offs_n, n_mask, kp, offs_d, d_mask, qk_scale, window,
-                  stride_kt, stride_kd, stride_vt, stride_vd,
-                  HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile into the block's online softmax: -> (m_i, l_i, acc)."""
-    kv_mask = n_mask[:, None] & d_mask[None, :]
+def _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, end, pos_shift, k_pos_ptr, offs_d, d_mask, qk_scale,
+                  window, stride_kt, stride_kd, stride_vt, stride_vd,
+                  HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  CONTIGUOUS: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys start .. start + BLOCK_N - 1 (those before `end`) into the block's online softmax: -> (m_i, l_i, acc).
+    Key positions are index + pos_shift when CONTIGUOUS, else read from k_pos. MASKED=False: a whole tile that
+    every row sees (no bounds, no visibility test, no empty rows)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_mask = offs_n < end
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
     k = tl.load(k_head + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
                 mask=kv_mask, other=0.0)
     s = _mm(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
-    see = n_mask[None, :] & (kp[None, :] <= qp[:, None])
-    if HAS_WINDOW:
-        see = see & (kp[None, :] > qp[:, None] - window)
-    s = tl.where(see, s, float("-inf"))
+    if MASKED:
+        if CONTIGUOUS:
+            kp = offs_n + pos_shift
+        else:
+            kp = tl.load(k_pos_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
+        see = n_mask[None, :] & (kp[None, :] <= qp[:, None])
+        if HAS_WINDOW:
+            see = see & (kp[None, :] > qp[:, None] - window)
+        s = tl.where(see, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not nan
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASKED:
+        # a row that has seen nothing yet keeps m = -inf; shift by 0 so exp2 gives 0, not nan
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new  # finite: every score of the tile is
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -475,7 +509,8 @@ def _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, offs_n, n_mask, kp, offs
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                       q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, scale: float, *,
                       max_q_len: int | None = None, contiguous_keys: bool = False, block_m: int | None = None,
-                      block_n: int | None = None) -> torch.Tensor:
+                      block_n: int | None = None, num_warps: int | None = None,
+                      num_stages: int | None = None) -> torch.Tensor:
     """Varlen causal attention over sequences packed back to back.
 
     q: [Tq, Hq, D]; k/v: [Tk, Hkv, D]; cu_q/cu_k: [B+1] int prefix sums (sequence b owns q rows
@@ -485,7 +520,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
     sequence's query count, known to the caller on the host) sizes the grid; without it the grid assumes
     Tq and the surplus programs exit at once. `contiguous_keys`: the caller guarantees each sequence's key
     positions run p0, p0 + 1, ... in order (the engine packs context then chunk so): a query block then walks only
-    the keys it can see, as one range (any key order is handled without it).
+    the keys it can see, as one range (any key order is handled without it). block_m (tokens per program),
+    block_n (keys per step), num_warps and num_stages override `prefill_launch_settings` (for tuning).
     """
     Tq, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -498,14 +534,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
     group = Hq // Hkv
     group_p2 = triton.next_power_of_2(group)
     block_d = _pow2(D)
-    if block_m is None:
-        # score rows (tokens x heads of the group) per program: settings that compile without register
-        # spills on sm_90 for head_dim 128 (ptxas -v), scaled down for larger heads; not tuned by timings
-        rows = (128 if q.element_size() == 2 else 32) if q.is_cuda else 64
-        rows = max(16, rows * 128 // max(block_d, 128))
-        block_m = max(1, rows // group_p2)
-    block_m = max(block_m, triton.cdiv(16, group_p2))  # tl.dot needs >= 16 rows
-    block_n = block_n or 32
+    auto = prefill_launch_settings(q.element_size(), D, group, q.is_cuda)
+    block_m = max(block_m or auto["block_m"], triton.cdiv(16, group_p2))  # tl.dot needs >= 16 rows
+    block_n = block_n or auto["block_n"]
+    num_warps = num_warps or (8 if block_m * group_p2 * block_d >= 32 * 128 else 4)
     grid = (B, triton.cdiv(max_q_len if max_q_len is not None else Tq, block_m), Hkv)
     _prefill_kernel[grid](
         q, k, v, out, cu_q, cu_k, q_pos, k_pos,
@@ -513,8 +545,20 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_WINDOW=window is not None, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q),
-        CONTIGUOUS=bool(contiguous_keys), num_warps=8 if block_m * group_p2 * block_d >= 32 * 128 else 4)
+        CONTIGUOUS=bool(contiguous_keys), SKIP_MASKS=q.element_size() <= 2, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}))
     return out
+
+
+def prefill_launch_settings(elem_size: int, head_dim: int, group: int, on_cuda: bool) -> dict:
+    """The prefill kernel's default tile: score rows (tokens x heads of the group) per program and keys per step.
+    On sm_90 with head_dim 128 and 16-bit inputs, 128 rows x 64 keys at 8 warps compile to wgmma without register
+    spills (222 registers, `test_kernels_compile_for_sm90`); 128 keys spill. Scaled down for larger heads and fp32.
+    Chosen by compiling, not yet by timing (`benchmarks/tune_prefill.py` times the alternatives on a GPU)."""
+    block_d = _pow2(head_dim)
+    rows = (128 if elem_size == 2 else 32) if on_cuda else 64
+    rows = max(16, rows * 128 // max(block_d, 128))
+    block_n = 64 if on_cuda and elem_size == 2 and block_d <= 128 else 32
+    return {"block_m": max(1, rows // triton.next_power_of_2(group)), "block_n": block_n}
 
 
 # -------------------------------------------------------------------------------------------- write_kv
@@ -558,4 +602,4 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
         num_warps=4 if Hkv * D >= 512 else 1)
 
 
-__all__ = ["decode_attention", "prefill_attention", "write_kv"]
+__all__ = ["decode_attention", "prefill_attention", "prefill_launch_settings", "write_kv"]
