@@ -57,3 +57,20 @@ tiny-model: install
 tiny-eval: install
 	@test -f $(TINY)/data/heldout.jsonl || $(PY) -m trinity.synthetic --out $(TINY)/data $(TINY_CORPUS)
 	$(PY) benchmarks/tiny_eval.py --model $(TINY_ASSETS) --heldout $(TINY)/data/heldout.jsonl
+
+# The GPU kernels against the lent device's Triton (3.6, older than ours), without a GPU: a second venv with that
+# Triton runs the kernels' interpreter tests and the sm_90 compile checks (registers, spills, barrier order).
+# numpy < 2.3: Triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses.
+DEVICE_VENV   := .venv-device-triton
+DEVICE_TRITON := triton==3.6.0
+.PHONY: device-compat
+
+device-compat:
+	@test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv $(DEVICE_VENV) || python3 -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q torch==2.13.0 $(DEVICE_TRITON) "numpy<2.3" pytest safetensors
+	TRINITY_COMPILE_CHECK=1 TRINITY_KERNEL_AOT=1 PYTHONPATH=src:tests $(DEVICE_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_embed.py \
+		tests/test_kernels_linear_norm.py tests/test_last_program.py -k "compile or barrier"
+	TRITON_INTERPRET=1 PYTHONPATH=src:tests $(DEVICE_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_embed.py \
+		tests/test_kernels_linear_norm.py tests/test_last_program.py tests/test_launch_count.py tests/test_decode_table.py

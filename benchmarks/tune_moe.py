@@ -11,7 +11,9 @@ shared memory. The sweep is in two passes: the gate_up tiles with the table's do
 the best gate_up tiles (each pass per row-block size). Each candidate is timed as a CUDA graph of `--calls` layer
 calls replayed `--replays` times (kernel time, no host launch cost), median per call; its output is checked
 against the table's configuration. Prints, per model and bucket, the table's time, the best time, the expert
-weights' effective bandwidth, then the table literal, then one JSON object last.
+weights' effective bandwidth, then the table literal. Then, at prefill-sized batches (`--crossover`), the routed
+experts through the Triton kernels against F.grouped_mm (the two ways `kernels.moe.FUSED_MOE_MAX_TOKENS` picks
+between), with the token count from which F.grouped_mm wins. One JSON object last.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ parser.add_argument("--models", default="nano,mini")
 parser.add_argument("--tokens", default="1,8,32,64")
 parser.add_argument("--calls", type=int, default=20, help="layer calls per captured graph")
 parser.add_argument("--replays", type=int, default=5)
+parser.add_argument("--crossover", default="64,128,256,512,1024,2048,8192",
+                    help="token counts at which to time the Triton experts against F.grouped_mm ('' to skip)")
 parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, two candidates")
 args = parser.parse_args()
 
@@ -40,6 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from trinity.kernels import moe as kmoe  # noqa: E402
 from trinity.kernels import moe_triton as mt  # noqa: E402
 
 SHAPES = {"nano": (1024, 256), "mini": (2048, 1024)}  # hidden, moe_intermediate
@@ -152,6 +157,49 @@ def tune(name: str, hidden: int, inter: int, tokens: int, device: torch.device) 
     return out
 
 
+def crossover(name: str, hidden: int, inter: int, tokens: int, device: torch.device) -> dict:
+    """The routed experts of a prefill-sized batch two ways, as `kernels.moe.routed_experts` would pick between
+    them by `FUSED_MOE_MAX_TOKENS`: the Triton fused kernels (`fused_moe`, the table's or the load-sized tiles) and
+    `experts_grouped` (F.grouped_mm, with its grouping and combine). Eager calls (F.grouped_mm cannot be captured),
+    CUDA events, median of `--replays`; the outputs must agree. TFLOP/s over the routed tokens' expert GEMMs."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x, logits, bias, gate_up, down = problem(hidden, inter, tokens, device, dtype)
+    weights, ids = mt.fused_route(logits, bias, TOP_K, True, 2.826)
+    gate_up, down = gate_up[:EXPERTS], down[:EXPERTS]  # routed experts only
+    ways = {"triton": lambda: mt.fused_moe(x, weights, ids, gate_up, down),
+            "grouped_mm": lambda: kmoe.experts_grouped(x, weights, ids, gate_up, down)}
+    if not kmoe.grouped_mm_available(device, dtype):
+        ways.pop("grouped_mm")
+    outs = {k: f() for k, f in ways.items()}
+    if len(outs) == 2:
+        a, b = outs["triton"].float(), outs["grouped_mm"].float()
+        err = ((a - b).norm() / b.norm()).item()
+        if err > 2e-2:
+            raise SystemExit(f"[{name} T={tokens}] Triton and grouped_mm experts disagree: relative error {err:.3g}")
+    result = {"tokens": tokens}
+    flops = 2 * 3 * hidden * inter * tokens * TOP_K
+    for k, f in ways.items():
+        times = []
+        for _ in range(args.replays):
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                f()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            else:
+                start = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - start)
+        t = statistics.median(times)
+        result[f"{k}_us"] = round(t * 1e6, 1)
+        result[f"{k}_tflops"] = round(flops / t / 1e12, 1)
+    print(f"[{name} T={tokens}] experts: " + ", ".join(f"{k} {result[f'{k}_us']} us ({result[f'{k}_tflops']} "
+                                                     "TFLOP/s)" for k in ways), file=sys.stderr, flush=True)
+    return result
+
+
 def main() -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     tokens = [1, 2] if args.smoke else [int(t) for t in args.tokens.split(",")]
@@ -165,6 +213,13 @@ def main() -> None:
             cfg = ", ".join(f"{f}={r['best'][f]}" for f in fields)
             print(f"    {mt._bucket(int(t))}: MoEConfig({cfg}),  # {r['best_us']} us vs {r['table_us']} us")
         print("}")
+        cross = [16, 64] if args.smoke else [int(t) for t in args.crossover.split(",") if t]
+        if cross:
+            rows = [crossover(name, hidden, inter, t, device) for t in cross]
+            results[f"{name}_crossover"] = rows
+            wins = [r["tokens"] for r in rows if r.get("grouped_mm_us", float("inf")) < r["triton_us"]]
+            print(f"{name}: F.grouped_mm beats the Triton experts from {min(wins) if wins else 'no'} tokens "
+                  f"(kernels.moe.FUSED_MOE_MAX_TOKENS is {kmoe.FUSED_MOE_MAX_TOKENS})")
     print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, **results}))
 

@@ -2,6 +2,7 @@
 kernels match the references (run under TRITON_INTERPRET=1 on the CPU, or on a CUDA device)."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -334,9 +335,8 @@ def compile_sm90(kernel, args: dict, num_warps: int = 4, num_stages: int = 3) ->
     """Compile a @triton.jit kernel for an H100 (sm_90) without a device, with the specialisations a real
     launch would get. args: name -> "*bf16"-style pointer (16-byte aligned), "i32", "i32:16" (a multiple
     of 16), "one" (an int equal to 1, which Triton turns into a constant) or ("c", value) for a constexpr.
-    Returns the resource usage reported by cuobjdump (registers, stack bytes), the dynamic shared memory and how
-    many Hopper tensor-core instructions (wgmma) the PTX holds."""
-    import re
+    Returns the resource usage reported by cuobjdump (registers, stack bytes), the dynamic shared memory, how
+    many Hopper tensor-core instructions (wgmma) the PTX holds and how many stack accesses sit inside loops."""
     import subprocess
     import tempfile
 
@@ -361,9 +361,26 @@ def compile_sm90(kernel, args: dict, num_warps: int = 4, num_stages: int = 3) ->
         f.flush()
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     return {"regs": int(m.group(1)), "stack": int(m.group(2)), "shared": compiled.metadata.shared,
-            "wgmma": compiled.asm["ptx"].count("wgmma.mma_async")}
+            "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"), "loop_spills": _local_accesses_in_loops(sass)}
+
+
+def _local_accesses_in_loops(sass: str) -> int:
+    """Stack loads/stores (LDL/STL) that sit inside a loop of the SASS: between a backward branch's target and
+    the branch. ptxas may park a register or two on the stack across a loop (stored before, loaded after), which
+    costs nothing per iteration; a spill inside the loop costs every iteration."""
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    loops = [(int(t, 16), a) for a, op in code for t in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)", op) if int(t, 16) < a]
+    local = [a for a, op in code if re.search(r"\b(LDL|STL)\b", op)]
+    return sum(any(lo <= a <= hi for lo, hi in loops) for a in local)
+
+
+def spill_free(use: dict, parked_bytes: int = 16) -> bool:
+    """No register spills, or (some ptxas versions, e.g. Triton 3.6's) at most `parked_bytes` of registers parked
+    on the stack outside every loop."""
+    return use["stack"] == 0 or (use["stack"] <= parked_bytes and use["loop_spills"] == 0)
 
 
 @needs_compile_check

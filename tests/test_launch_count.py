@@ -137,6 +137,9 @@ def test_moe_tuning_script_smoke():
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(result["nano"]) == {"1", "2"} and all(r["candidates"] >= 2 for r in result["nano"].values())
+    # the prefill-sized crossover: both ways timed (their outputs checked against each other by the script)
+    assert [r["tokens"] for r in result["nano_crossover"]] == [16, 64]
+    assert all(r["triton_us"] > 0 and r["grouped_mm_us"] > 0 for r in result["nano_crossover"])
 
 
 def test_last_program_benchmark_smoke():
