@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from timing import median_seconds  # noqa: E402
 from trinity.kernels import moe as kmoe  # noqa: E402
 from trinity.kernels import moe_triton as mt  # noqa: E402
 
@@ -179,20 +180,7 @@ def crossover(name: str, hidden: int, inter: int, tokens: int, device: torch.dev
     result = {"tokens": tokens}
     flops = 2 * 3 * hidden * inter * tokens * TOP_K
     for k, f in ways.items():
-        times = []
-        for _ in range(args.replays):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                f()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            else:
-                start = time.perf_counter()
-                f()
-                times.append(time.perf_counter() - start)
-        t = statistics.median(times)
+        t = median_seconds(f, args.replays, device.type == "cuda")
         result[f"{k}_us"] = round(t * 1e6, 1)
         result[f"{k}_tflops"] = round(flops / t / 1e12, 1)
     print(f"[{name} T={tokens}] experts: " + ", ".join(f"{k} {result[f'{k}_us']} us ({result[f'{k}_tflops']} "

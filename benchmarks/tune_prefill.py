@@ -19,9 +19,7 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--models", default="mini")
@@ -38,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from timing import median_seconds  # noqa: E402
 from trinity.kernels import attention_triton as tk  # noqa: E402
 
 SHAPES = {"nano": (8, 2, 2048), "mini": (32, 4, 2048), "large": (48, 8, 4096)}  # heads, kv heads, window
@@ -90,19 +89,9 @@ def torch_call(p: dict, window: int | None):
 def seconds(fn) -> float:
     fn()  # compile / warm up
     if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+        return median_seconds(fn, 1, cuda=False)
     torch.cuda.synchronize()
-    times = []
-    for _ in range(args.reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, args.reps, cuda=True)
 
 
 def pairs(tokens: int, window: int | None) -> int:
