@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import os
+import statistics
 import sys
 import tempfile
 import time

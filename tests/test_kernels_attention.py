@@ -648,8 +648,10 @@ def test_kernels_compile_for_sm90(tk, dtype):
 def test_prefill_default_tile_compiles_without_spills(tk, dtype, elem, group):
     """The engine's prefill tile (contiguous keys, with and without a window) at head_dim 128 lowers to sm_90 with
     no register spills, on the tensor cores (wgmma) where its inputs are 16-bit."""
+    import triton
+
     tile = tk.prefill_launch_settings(elem, 128, group, on_cuda=True)
-    group_p2 = 1 << (group - 1).bit_length()
+    group_p2 = triton.next_power_of_2(group)
     p = "*" + dtype
     for window in (False, True):
         use = compile_sm90(tk._prefill_kernel, {
@@ -662,6 +664,6 @@ def test_prefill_default_tile_compiles_without_spills(tk, dtype, elem, group):
             "BLOCK_M": ("c", tile["block_m"]), "BLOCK_N": ("c", tile["block_n"]), "BLOCK_D": ("c", 128),
             "HAS_WINDOW": ("c", window), "DOT_PRECISION": ("c", "ieee" if elem == 4 else "tf32"),
             "UPCAST": ("c", False), "CONTIGUOUS": ("c", True), "SKIP_MASKS": ("c", elem == 2)},
-            num_warps=8 if tile["block_m"] * group_p2 >= 32 else 4)
+            num_warps=tile["num_warps"])
         assert use["stack"] == 0, (tile, window, use)
         assert elem == 4 or use["wgmma"] > 0, use

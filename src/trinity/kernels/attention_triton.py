@@ -537,7 +537,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: t
     auto = prefill_launch_settings(q.element_size(), D, group, q.is_cuda)
     block_m = max(block_m or auto["block_m"], triton.cdiv(16, group_p2))  # tl.dot needs >= 16 rows
     block_n = block_n or auto["block_n"]
-    num_warps = num_warps or (8 if block_m * group_p2 * block_d >= 32 * 128 else 4)
+    num_warps = num_warps or _prefill_warps(block_m * group_p2, block_d)
     grid = (B, triton.cdiv(max_q_len if max_q_len is not None else Tq, block_m), Hkv)
     _prefill_kernel[grid](
         q, k, v, out, cu_q, cu_k, q_pos, k_pos,
@@ -558,7 +558,14 @@ def prefill_launch_settings(elem_size: int, head_dim: int, group: int, on_cuda: 
     rows = (128 if elem_size == 2 else 32) if on_cuda else 64
     rows = max(16, rows * 128 // max(block_d, 128))
     block_n = 64 if on_cuda and elem_size == 2 and block_d <= 128 else 32
-    return {"block_m": max(1, rows // triton.next_power_of_2(group)), "block_n": block_n}
+    block_m = max(1, rows // triton.next_power_of_2(group))
+    return {"block_m": block_m, "block_n": block_n,
+            "num_warps": _prefill_warps(block_m * triton.next_power_of_2(group), block_d)}
+
+
+def _prefill_warps(rows: int, block_d: int) -> int:
+    """8 warps for tiles of 32+ score rows at head_dim 128 (or the same area), else 4."""
+    return 8 if rows * block_d >= 32 * 128 else 4
 
 
 # -------------------------------------------------------------------------------------------- write_kv
