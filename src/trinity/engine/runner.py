@@ -216,6 +216,7 @@ class ModelRunner:
         attn = PagedAttention(self.cache, steps)
         dev = self.device
         ids = input_tokens if input_tokens is not None else torch.tensor(ids, device=dev)
-        logits = self.model(ids, torch.tensor(positions, device=dev), attn,
-                            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev))
+        # every row in order (a decode step): no gather; otherwise the model drops the other rows in its last layer
+        keep = None if logits_rows == list(range(row)) else torch.tensor(logits_rows, dtype=torch.long, device=dev)
+        logits = self.model(ids, torch.tensor(positions, device=dev), attn, logits_indices=keep)
         return logits.float()

@@ -35,12 +35,20 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = MoEBlock(config) if config.is_moe_layer(layer_idx) \
             else SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, attn))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows`: keep only these rows after the attention (see `TrinityModel.forward`)."""
+        a = self.self_attn(self.input_layernorm(x), rope, attn)
+        if rows is not None:
+            if rows.numel() == 0:
+                return x[rows]
+            a, x = a[rows], x[rows]
+        x = x + self.post_attention_layernorm(a)
         return x + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(x)))
 
     def forward_fused_norms(self, h: torch.Tensor, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                            attn: AttentionMetadata, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+                            attn: AttentionMetadata, next_norm: RMSNorm,
+                            rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The same layer for inference, given its input already normed (h) beside the residual stream (x):
         each sublayer's post-norm, the residual add and the following pre-norm (the next layer's, or the final
         norm) run as one `norm_add_rms_norm` pass. -> (the next normed input, the new residual stream).
@@ -48,12 +56,16 @@ class DecoderLayer(nn.Module):
         layer become two launches, and at decode sizes each rides in the launch of the projection before it
         (`kernels.linear_norm` for o_proj and the dense MLP's down_proj; the MoE down GEMM's own launch)."""
         eps = self.post_attention_layernorm.eps
+        a = self.self_attn.gated_attention(h, rope, attn)
+        if rows is not None:
+            if rows.numel() == 0:  # a chunk that samples nothing: only its K/V (written above) were wanted
+                return h[rows], x[rows]
+            a, x = a[rows], x[rows]
         # On the Triton path a MoE layer runs the norm step after it itself (summing its per-choice outputs: no
         # combine launch; at decode inside its down GEMM's launch), and the norm before it also writes its output in
         # fp32 for the router (no cast launch).
-        parts = isinstance(self.mlp, MoEBlock) and self.mlp.norm_fusable(h)
-        h, x, *h_fp32 = linear_norm_add_rms_norm(self.self_attn.gated_attention(h, rope, attn),
-                                                 self.self_attn.o_proj.weight, x,
+        parts = isinstance(self.mlp, MoEBlock) and self.mlp.norm_fusable(a)
+        h, x, *h_fp32 = linear_norm_add_rms_norm(a, self.self_attn.o_proj.weight, x,
                                                  self.post_attention_layernorm.weight, self.pre_mlp_layernorm.weight,
                                                  eps, fp32_copy=parts)
         if parts:
@@ -78,9 +90,17 @@ class TrinityModel(nn.Module):
         # layer's weights (FSDP gathers each layer's parameters only inside its own forward).
         self.fused_norms = False
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [T] (int64, or int32 as a decode table holds them) -> final-normed hidden
-        states [T, hidden]."""
+        states [T, hidden], or [N, hidden] at `rows` ([N] indices into the batch).
+
+        With `rows`, the last layer keeps only those rows once its attention has run: every row's keys and values
+        are in the cache by then, and nothing after that attention mixes rows, so the other rows' o_proj, MLP and
+        norms in that layer only make hidden states no logit reads. A prefill that samples one token per prompt
+        skips most of a layer (1/8 of the built-in model's, 1/32 of Mini's); a chunk that samples none, all of it
+        after the attention. The last MoE layer's expert counts then cover only the kept rows."""
+        last = len(self.layers) - 1
         if self.fused_norms and not torch.is_grad_enabled() and self.layers:
             # the embedding, the muP scale and the first input norm: one launch on the Triton path
             first_norm = self.layers[0].input_layernorm
@@ -88,16 +108,16 @@ class TrinityModel(nn.Module):
                                                first_norm.weight, first_norm.eps)
             rope = self.rotary.cos_sin(positions, x.dtype)
             for i, layer in enumerate(self.layers):
-                following = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-                h, x = layer.forward_fused_norms(h, x, rope, attn, following)
+                following = self.layers[i + 1].input_layernorm if i < last else self.norm
+                h, x = layer.forward_fused_norms(h, x, rope, attn, following, rows if i == last else None)
             return h
         x = self.embed_tokens(input_ids)
         if self.embed_scale is not None:  # muP input scaling
             x = x * self.embed_scale
         rope = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, attn)
-        return self.norm(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, attn, rows if i == last else None)
+        return self.norm(x if rows is None or self.layers else x[rows])
 
 
 class TrinityForCausalLM(nn.Module):
@@ -127,10 +147,7 @@ class TrinityForCausalLM(nn.Module):
             return self.lm_head(hidden).view(b, t, -1)
         if positions is None or attn is None:
             raise ValueError("a flat batch (input_ids of shape [T]) needs positions and attention metadata")
-        hidden = self.model(input_ids, positions, attn)
-        if logits_indices is not None:
-            hidden = hidden[logits_indices]
-        return self.lm_head(hidden)
+        return self.lm_head(self.model(input_ids, positions, attn, logits_indices))
 
     # ------------------------------------------------------------------ properties
     @property

@@ -1,0 +1,73 @@
+"""The last layer keeps only the rows whose logits are asked for (`TrinityModel.forward(rows=...)`): the same
+logits as computing every row and picking afterwards, the same K/V in the cache for every row, and nothing lost
+for the steps after it, on the layer-by-layer code and on the chained-norm inference code."""
+
+import pytest
+import torch
+
+from trinity import TrinityForCausalLM, preset
+from trinity.model import ContiguousKVCache
+
+PROMPT_LENS = [13, 9]
+
+
+def _model(chained: bool) -> TrinityForCausalLM:
+    model = TrinityForCausalLM.random(preset("tiny"), seed=7).eval()
+    if chained:
+        model.fuse_projections()
+    return model
+
+
+def _cache(model) -> ContiguousKVCache:
+    cfg = model.config
+    return ContiguousKVCache(cfg.num_hidden_layers, len(PROMPT_LENS), 32, cfg.num_key_value_heads, cfg.head_dim,
+                             torch.float32, "cpu")
+
+
+def _prefill(model, cache, ids, keep):
+    step = cache.step(PROMPT_LENS)
+    logits = model(ids, cache.positions(PROMPT_LENS, "cpu"), step, logits_indices=keep)
+    cache.advance(step)
+    return logits
+
+
+@pytest.mark.parametrize("chained", [False, True])
+@pytest.mark.parametrize("keep", [[12, 21], [21], [0, 5, 12, 13, 21], []])
+def test_kept_rows_give_the_picked_logits_and_the_whole_cache(chained, keep):
+    model = _model(chained)
+    ids = torch.randint(0, model.config.vocab_size, (sum(PROMPT_LENS),), generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor(keep, dtype=torch.long)
+    with torch.inference_mode():
+        full_cache, kept_cache = _cache(model), _cache(model)
+        want = _prefill(model, full_cache, ids, None)[keep]
+        got = _prefill(model, kept_cache, ids, keep)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # every row's keys and values were written, the dropped rows' too, and by the same arithmetic
+        assert torch.equal(kept_cache.k, full_cache.k) and torch.equal(kept_cache.v, full_cache.v)
+        # so the next step (a decode for each sequence) sees the same context
+        nxt = torch.tensor([3, 4])
+        after_full = _prefill_decode(model, full_cache, nxt)
+        after_kept = _prefill_decode(model, kept_cache, nxt)
+    assert torch.equal(after_kept, after_full)
+
+
+def _prefill_decode(model, cache, tokens):
+    step = cache.step([1, 1])
+    logits = model(tokens, cache.positions([1, 1], "cpu"), step)
+    cache.advance(step)
+    return logits
+
+
+def test_the_last_layer_runs_only_the_kept_rows():
+    """What saves the time: the last layer's MLP sees only the kept rows, every earlier layer's sees all."""
+    model = _model(chained=True)
+    seen: dict[int, int] = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].shape[0]))
+    ids = torch.randint(0, model.config.vocab_size, (sum(PROMPT_LENS),), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        _prefill(model, _cache(model), ids, torch.tensor([12, 21]))
+    last = len(model.model.layers) - 1
+    assert seen[last] == 2  # the last layer is a MoE layer; the dense ones run their MLP without a module call
+    assert len(seen) > 2 and all(n == sum(PROMPT_LENS) for i, n in seen.items() if i != last)
