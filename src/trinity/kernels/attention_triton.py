@@ -417,6 +417,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
         # key j of the sequence has position p0 + (j - k_start): the keys this block can see are one index range,
         # walked without per-tile visibility branches (which keep Triton from pipelining the K/V loads)
         p0 = tl.load(k_pos_ptr + k_start, mask=k_start < k_end, other=0).to(tl.int32)
+        shift = p0 - k_start  # key index -> position
         hi = tl.minimum(k_start + (q_hi - p0 + 1), k_end).to(tl.int32)
         lo = k_start
         # [full_lo, full_hi): the keys every row of the block sees (at or before its first query, inside its
@@ -434,17 +435,20 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
             a = hi
             b = hi
         for start in range(lo, a, BLOCK_N):
-            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, hi, p0 - k_start, k_pos_ptr,
-                                          offs_d, d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt,
-                                          stride_vd, HAS_WINDOW, DOT_PRECISION, UPCAST, True, True, BLOCK_N)
+            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, hi,
+                                          start + tl.arange(0, BLOCK_N) + shift, offs_d, d_mask, qk_scale, window,
+                                          stride_kt, stride_kd, stride_vt, stride_vd, HAS_WINDOW, DOT_PRECISION,
+                                          UPCAST, True, BLOCK_N)
         for start in range(a, b, BLOCK_N):
-            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, hi, p0 - k_start, k_pos_ptr,
-                                          offs_d, d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt,
-                                          stride_vd, HAS_WINDOW, DOT_PRECISION, UPCAST, True, False, BLOCK_N)
+            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, hi,
+                                          start + tl.arange(0, BLOCK_N) + shift, offs_d, d_mask, qk_scale, window,
+                                          stride_kt, stride_kd, stride_vt, stride_vd, HAS_WINDOW, DOT_PRECISION,
+                                          UPCAST, False, BLOCK_N)
         for start in range(b, hi, BLOCK_N):
-            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, hi, p0 - k_start, k_pos_ptr,
-                                          offs_d, d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt,
-                                          stride_vd, HAS_WINDOW, DOT_PRECISION, UPCAST, True, True, BLOCK_N)
+            m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, hi,
+                                          start + tl.arange(0, BLOCK_N) + shift, offs_d, d_mask, qk_scale, window,
+                                          stride_kt, stride_kd, stride_vt, stride_vd, HAS_WINDOW, DOT_PRECISION,
+                                          UPCAST, True, BLOCK_N)
     else:
         for start in range(k_start, k_end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
@@ -455,9 +459,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
             if HAS_WINDOW:
                 visible = visible & (tl.max(tl.where(n_mask, kp, -2**30), axis=0) > q_lo - window)
             if visible:
-                m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, k_end, 0, k_pos_ptr,
-                                              offs_d, d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt,
-                                              stride_vd, HAS_WINDOW, DOT_PRECISION, UPCAST, False, True, BLOCK_N)
+                m_i, l_i, acc = _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, k_end, kp, offs_d,
+                                              d_mask, qk_scale, window, stride_kt, stride_kd, stride_vt, stride_vd,
+                                              HAS_WINDOW, DOT_PRECISION, UPCAST, True, BLOCK_N)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
@@ -466,13 +470,14 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cu_k_ptr, q_pos_ptr,
 
 
 @triton.jit
-def _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, end, pos_shift, k_pos_ptr, offs_d, d_mask, qk_scale,
+def _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, end, kp, offs_d, d_mask, qk_scale,
                   window, stride_kt, stride_kd, stride_vt, stride_vd,
                   HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  CONTIGUOUS: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys start .. start + BLOCK_N - 1 (those before `end`) into the block's online softmax: -> (m_i, l_i, acc).
-    Key positions are index + pos_shift when CONTIGUOUS, else read from k_pos. MASKED=False: a whole tile that
-    every row sees (no bounds, no visibility test, no empty rows)."""
+    kp: the tile's key positions [BLOCK_N] (computed from the index by a contiguous caller, loaded once by the
+    any-order walk, which also tests them for visibility). MASKED=False: a whole tile that every row sees (no
+    bounds, no visibility test, no empty rows; kp unused)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     if MASKED:
         n_mask = offs_n < end
@@ -483,10 +488,6 @@ def _prefill_tile(q, qp, m_i, l_i, acc, k_head, v_head, start, end, pos_shift, k
                 mask=kv_mask, other=0.0)
     s = _mm(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
     if MASKED:
-        if CONTIGUOUS:
-            kp = offs_n + pos_shift
-        else:
-            kp = tl.load(k_pos_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)
         see = n_mask[None, :] & (kp[None, :] <= qp[:, None])
         if HAS_WINDOW:
             see = see & (kp[None, :] > qp[:, None] - window)
