@@ -7,7 +7,8 @@ For each model (random weights built on the GPU, no checkpoint): copy bandwidth 
 batch-1 decode tok/s at 1K and 8K context with the fraction of the roofline (bytes read per token / copy
 bandwidth); aggregate decode tok/s at batch 8, 32, 64 (while the whole batch decodes); time to first token for
 2K and 8K prompts; what the CUDA graphs, the look-ahead and the last-program epilogues (kernels/last_program.py)
-are each worth, by runs without them; and HF transformers `generate` at batch 1 and 16 on the same weights.
+are each worth, by runs without them, and what programmatic dependent launch (kernels/pdl.py) is worth, by a run
+with it; and HF transformers `generate` at batch 1 and 16 on the same weights.
 Prints a table, then one JSON object last.
 """
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from trinity import TrinityForCausalLM, preset  # noqa: E402
 from trinity.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from trinity.kernels import last_program  # noqa: E402
+from trinity.kernels import last_program, pdl  # noqa: E402
 
 
 def release(device: torch.device) -> None:
@@ -194,19 +195,29 @@ def bench_model(name: str, cfg, device, args) -> dict:
     del eager
     release(device)
     # the same batch-1 graph decode with each last-program epilogue as a launch of its own (split merge, norm
-    # steps, router GEMM): what those fusions are worth, against batch1 at 1024. Sized like the main engine (its
-    # max_model_len sets the decode attention's key splits), one sequence.
-    last_program.enable(False)
-    try:
-        separate = LLMEngine(model, None, EngineConfig(max_model_len=longest, max_num_seqs=1,
-                                                       max_num_batched_tokens=max(8192, longest), seed=0))
-        rate, _ = decode_rate(separate, 1, contexts[0], args.new_tokens, cfg.vocab_size)
-        out["batch1_separate_epilogues_1024_tok_s"] = round(rate, 1)
-        del separate
-    finally:
-        last_program.enable(None)
-    release(device)
+    # steps, router GEMM): what those fusions are worth, against batch1 at 1024
+    out["batch1_separate_epilogues_1024_tok_s"] = batch1_with(last_program.enable, False, model, longest,
+                                                               contexts[0], args)
+    # and with programmatic dependent launch (kernels/pdl.py; off by default until this figure says it pays)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        out["batch1_pdl_1024_tok_s"] = batch1_with(pdl.enable, True, model, longest, contexts[0], args)
     return finish(out, model, device, args)
+
+
+def batch1_with(switch, setting: bool, model: TrinityForCausalLM, longest: int, context: int, args) -> float:
+    """Batch-1 graph decode tok/s with one kernel switch set (`last_program.enable`, `pdl.enable`), then back to
+    its default. The engine is sized like the main one (its max_model_len sets the decode attention's key
+    splits), for one sequence."""
+    switch(setting)
+    try:
+        engine = LLMEngine(model, None, EngineConfig(max_model_len=longest, max_num_seqs=1,
+                                                     max_num_batched_tokens=max(8192, longest), seed=0))
+        rate, _ = decode_rate(engine, 1, context, args.new_tokens, model.config.vocab_size)
+        del engine
+    finally:
+        switch(None)
+    release(model.device)
+    return round(rate, 1)
 
 
 def finish(out: dict, model: TrinityForCausalLM, device: torch.device, args) -> dict:
@@ -257,6 +268,9 @@ def main() -> None:
             print(f"  batch 1 @ 1024 without CUDA graphs: {r['batch1_eager_1024_tok_s']} tok/s")
             print(f"  batch 1 @ {next(iter(r['batch1']))} with the last-program epilogues as separate launches: "
                   f"{r['batch1_separate_epilogues_1024_tok_s']} tok/s")
+            if "batch1_pdl_1024_tok_s" in r:
+                print(f"  batch 1 @ {next(iter(r['batch1']))} with programmatic dependent launch: "
+                      f"{r['batch1_pdl_1024_tok_s']} tok/s")
             print(f"  without look-ahead, by batch: {r['no_lookahead_tok_s']} tok/s")
         print(f"  batched: {r['batched']} tok/s; TTFT {r['ttft_ms']} ms; HF {r.get('hf_tok_s', r.get('hf_error'))}")
     print(json.dumps({"benchmark": "decode_gpu", "device": torch.cuda.get_device_name(device)

@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=src:tests
 
 part1=(
-  "gpu_tests|$PY -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_last_program.py tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_linear_norm.py tests/test_kernels_embed.py"
+  "gpu_tests|$PY -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_last_program.py tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_linear_norm.py tests/test_kernels_embed.py tests/test_pdl.py"
   "last_program|$PY benchmarks/last_program_gpu.py"
   "launch_count|$PY benchmarks/launch_count.py --device cuda"
 )

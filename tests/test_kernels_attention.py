@@ -629,7 +629,7 @@ def test_kernels_compile_for_sm90(tk, dtype):
                   dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
                        SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False,
                        HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, RING=new, QK_NORM=new, ROPE=new,
-                       MERGE_LAST=split and new, BLOCK_S=32), 8)
+                       MERGE_LAST=split and new, BLOCK_S=32, PDL=False), 8)
     for gate in (False, True):
         build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
                                         "gate_ptr": f"*{dtype}"},

@@ -112,7 +112,7 @@ def test_kernel_compiles_for_sm90_without_spills(dtype):
         constants = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128 if dtype == "bf16" else 64,
                          BLOCK_ROW=triton.next_power_of_2(n), UPCAST=False,
                          PRECISION="ieee" if dtype == "fp32" else "tf32", FIX_BF16=False, FP32_OUT=True,
-                         SPLITS=8)  # the most splits the launch picks
+                         SPLITS=8, PDL=False)  # the most splits the launch picks
         args.update({k: ("c", v) for k, v in constants.items()})
         use = compile_sm90(lt._linear_norm_kernel, args, num_warps=4 if n <= 2048 else 8)
         assert use["stack"] == 0, (n, use)

@@ -584,7 +584,7 @@ def test_router_route_align_kernel_compiles_for_sm90(experts, top_k):
     constants = dict(BLOCK_GT=16, BLOCK_GE=16, BLOCK_GK=64, SPLITS=8, UPCAST=False, PRECISION="ieee", BLOCK_T=1,
                      BLOCK_E=experts, BLOCK_K=triton.next_power_of_2(top_k + 1), NORM=True, SHARED=1, COUNT=True,
                      MASKED=True, BLOCK_M=16, BLOCK_S=16, BLOCK_AE=block_ae, BLOCK_B=max(1, min(64, 8192 // block_ae)),
-                     BLOCK_P=1024)
+                     BLOCK_P=1024, PDL=False)
     args.update({k: ("c", v) for k, v in constants.items()})
     use = compile_sm90(kern, args, num_warps=mt._route_warps(experts))
     assert use["stack"] == 0, use

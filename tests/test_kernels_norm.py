@@ -345,7 +345,7 @@ def compile_sm90(kernel, args: dict, num_warps: int = 4, num_stages: int = 3) ->
 
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
-        v = args[name]
+        v = args.get(name, ("c", False)) if name == "PDL" else args[name]  # the variant launched without PDL
         if isinstance(v, tuple):
             sig[name], consts[name] = "constexpr", v[1]
         elif v == "one":
@@ -365,6 +365,25 @@ def compile_sm90(kernel, args: dict, num_warps: int = 4, num_stages: int = 3) ->
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     return {"regs": int(m.group(1)), "stack": int(m.group(2)), "shared": compiled.metadata.shared,
             "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"), "loop_spills": _local_accesses_in_loops(sass)}
+
+
+def ptx_sm90(kernel, types: dict, constants: dict, num_warps: int = 4) -> str:
+    """The sm_90 PTX of a @triton.jit kernel: `constants` its constexprs, `types` the other arguments' types
+    where they are not the default ("*fp32" for a name ending in _ptr, else "i32")."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: "constexpr" if n in constants else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+           for n in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps})
+    return compiled.asm["ptx"]
+
+
+def ptx_instructions(ptx: str) -> list[str]:
+    """The PTX's instructions alone (no directives, labels, comments or blank lines)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    return [line for line in lines if line and not line.startswith((".", "//", "$"))]
 
 
 def _local_accesses_in_loops(sass: str) -> int:

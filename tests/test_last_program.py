@@ -177,44 +177,15 @@ def test_every_user_compiles_to_barrier_then_acquire_release_atomic():
     barrier, and only then the loads of the combine."""
     import re
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from test_kernels_norm import ptx_instructions, ptx_sm90
+    from test_pdl import decode_chain
 
-    from trinity.kernels import attention_triton, linear_triton, moe_triton
-
-    def ptx(kernel, types: dict, constants: dict) -> str:
-        sig = {n: "constexpr" if n in constants else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
-               for n in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs=constants), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 4})
-        return compiled.asm["ptx"]
-
-    scalars = {"qk_scale": "fp32", "norm_eps": "fp32", "eps": "fp32", "route_scale": "fp32", "counter_ptr": "*i32"}
-    users = {
-        "decode attention": ptx(attention_triton._decode_kernel, {**scalars, "slots_ptr": "*i32", "lens_ptr": "*i32",
-                                                                  "new_slots_ptr": "*i32", "lo_ptr": "*i32"},
-                                dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=32, SPLIT=True,
-                                     DOT_PRECISION="ieee", UPCAST=False, HAS_GATE=True, FIX_BF16=False, HAS_NEW=False,
-                                     TABLE=False, BLOCK_SIZE=1, RING=False, QK_NORM=False, ROPE=False,
-                                     MERGE_LAST=True, BLOCK_S=8)),
-        "projection + norm": ptx(linear_triton._linear_norm_kernel, scalars,
-                                 dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, BLOCK_ROW=1024, SPLITS=4, UPCAST=False,
-                                      PRECISION="ieee", FIX_BF16=False, FP32_OUT=False)),
-        "router + routing": ptx(moe_triton._router_route_align_kernel,
-                                {**scalars, "ids_ptr": "*i64", "counts_ptr": "*i64", "count_mask_ptr": "*i64",
-                                 "slots_ptr": "*i32", "block_expert_ptr": "*i32", "cursor_ptr": "*i32"},
-                                dict(BLOCK_GT=16, BLOCK_GE=16, BLOCK_GK=64, SPLITS=8, UPCAST=False, PRECISION="ieee",
-                                     BLOCK_T=1, BLOCK_E=128, BLOCK_K=16, NORM=True, SHARED=1, COUNT=False,
-                                     MASKED=False, BLOCK_M=16, BLOCK_S=16, BLOCK_AE=256, BLOCK_B=32, BLOCK_P=1024)),
-        "down + norm": ptx(moe_triton._down_kernel, {**scalars, "slots_ptr": "*i32", "block_expert_ptr": "*i32"},
-                           dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, UPCAST=False, DOT_PREC="ieee", NORM=True, TOP_K=9,
-                                BLOCK_ROW=1024, FIX_BF16=False)),
-    }
-    for name, code in users.items():
-        # instructions only (no .loc directives, labels, comments or blank lines)
-        lines = [line.strip() for line in code.splitlines()]
-        lines = [line for line in lines if line and not line.startswith((".", "//", "$"))]
+    users = {"decode attention": "_decode_kernel", "projection + norm": "_linear_norm_kernel",
+             "router + routing": "_router_route_align_kernel", "down + norm": "_down_kernel"}
+    chain = decode_chain(pdl=False)
+    for name, kernel_name in users.items():
+        kernel, types, constants = chain[kernel_name]
+        lines = ptx_instructions(ptx_sm90(kernel, types, constants))
         atomics = [i for i, line in enumerate(lines) if re.search(r"atom\.global\.gpu\.acq_rel\.add", line)]
         assert atomics, name
         at = atomics[0]  # the count comes first (the routing launch's alignment adds atomics of its own after it)

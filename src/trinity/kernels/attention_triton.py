@@ -30,6 +30,7 @@ import triton.language as tl
 
 from .last_program import arrival_counters, arrive
 from .norm_triton import fix_bf16, norm_rope_rows, round_to
+from .pdl import launch_options, wait_then_release
 
 _LOG2E = 1.4426950408889634
 
@@ -86,7 +87,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr, HAS_NEW: tl.constexpr,
                    TABLE: tl.constexpr, BLOCK_SIZE: tl.constexpr, RING: tl.constexpr,
-                   QK_NORM: tl.constexpr, ROPE: tl.constexpr, MERGE_LAST: tl.constexpr, BLOCK_S: tl.constexpr):
+                   QK_NORM: tl.constexpr, ROPE: tl.constexpr, MERGE_LAST: tl.constexpr, BLOCK_S: tl.constexpr,
+                   PDL: tl.constexpr):
+    wait_then_release(PDL)  # before any memory access (kernels/pdl.py)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -360,7 +363,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q), **gated,
         HAS_NEW=new_kv is not None, **addressing, QK_NORM=qk_norm is not None, ROPE=rope,
-        MERGE_LAST=counters is not None, BLOCK_S=merge_block, num_warps=8 if block_d >= 128 else 4)
+        MERGE_LAST=counters is not None, BLOCK_S=merge_block, num_warps=8 if block_d >= 128 else 4,
+        **launch_options(q.device))
     if splits > 1 and counters is None:
         _decode_merge_kernel[(B, Hq)](part, lse, out, gate, splits, *part.stride()[:3], *out.stride(), *gate_strides,
                                       HEAD_DIM=D, BLOCK_S=_pow2(splits, 2), BLOCK_D=block_d, **gated, num_warps=4)

@@ -12,7 +12,9 @@ Why it is safe on a GPU (the pattern of split-K "serial reduction" in CUTLASS an
   atomic and broadcasts its result): the release publishes this program's stores, and the acquire in the last
   arriver makes every earlier program's published stores visible to the loads that follow it;
 - the last arriver puts the counter back to 0, so the next launch (or graph replay) starts from zero. Kernels on
-  one stream never overlap, so every launch can share one buffer of counters per device.
+  one stream never overlap in their memory accesses (with programmatic dependent launch, `kernels/pdl.py`, a kernel
+  may start early but touches memory only once the one before it has completed), so every launch can share one
+  buffer of counters per device.
 Under Triton's interpreter the programs run one after another, so the last arriver is the group's last program.
 
 `TRINITY_LAST_PROGRAM=0` (or `enable(False)`) turns every such epilogue off: the kernels then run their

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .attention_triton import _dot_precision, _mm, _program_target, _upcast_dot
 from .last_program import arrival_counters, arrive
+from .pdl import launch_options, wait_then_release
 from .norm_triton import fix_bf16, norm_row, round_to, sum_rows
 
 # The fused path's row limit. Its epilogue goes through the rows one after another in a single program (each row
@@ -65,8 +66,9 @@ def _linear_norm_kernel(
     stride_xm, stride_wn, stride_ws, stride_wsm, stride_r, stride_o, stride_ro, stride_o32,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
     SPLITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, FIX_BF16: tl.constexpr,
-    FP32_OUT: tl.constexpr,
+    FP32_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)  # before any memory access (kernels/pdl.py)
     pid_m = tl.program_id(2)
     gemm_split_tile(x_ptr, w_ptr, ws_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_ws, stride_wsm,
                     tl.program_id(0), tl.program_id(1), pid_m, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
@@ -141,7 +143,8 @@ def linear_norm_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: to
         out32.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_ROW=triton.next_power_of_2(n), SPLITS=splits,
         UPCAST=_upcast_dot(x2), PRECISION=_dot_precision(x.dtype), FIX_BF16=fix_bf16(x.dtype), FP32_OUT=fp32_copy,
-        num_warps=4 if n <= 2048 else 8, num_stages=3)  # 8 warps for the epilogue's longer rows (Large: 3072)
+        num_warps=4 if n <= 2048 else 8, num_stages=3,  # 8 warps for the epilogue's longer rows (Large: 3072)
+        **launch_options(x.device))
     shape = (*x.shape[:-1], n)
     results = (out.view(shape), res_out.view(shape))
     return (*results, out32.view(shape)) if fp32_copy else results

@@ -50,6 +50,7 @@ from . import interpreting
 from .last_program import arrival_counters, arrive
 from .linear_triton import gemm_split_tile, split_plan
 from .norm_triton import fix_bf16, norm_row, round_to, sum_norm_add_rms_norm, sum_rows
+from .pdl import launch_options, wait_then_release
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -254,9 +255,10 @@ def _gate_up_swiglu_kernel(
     num_slots, top_k, N, K, num_experts,
     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_as, stride_an,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FIX_BF16: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FIX_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
     """act[slot, n] = silu(x[t] . gate_up[e, n]) * (x[t] . gate_up[e, N + n]) for the block's slots."""
+    wait_then_release(PDL)  # before any memory access (kernels/pdl.py)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -307,11 +309,12 @@ def _down_kernel(
     stride_r, stride_o, stride_ro,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    NORM: tl.constexpr, TOP_K: tl.constexpr, BLOCK_ROW: tl.constexpr, FIX_BF16: tl.constexpr,
+    NORM: tl.constexpr, TOP_K: tl.constexpr, BLOCK_ROW: tl.constexpr, FIX_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[slot, n] = routing_weight[slot] * (act[slot] . down[e, n]), in fp32. With NORM, the program that
     finishes last (`last_program.arrive`) also runs the sandwich-norm step on each token's summed choices (as
     `norm_triton.sum_norm_add_rms_norm`), so the layer ends without another launch."""
+    wait_then_release(PDL)  # before any memory access (kernels/pdl.py)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -476,7 +479,7 @@ def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tens
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
         act.stride(0), act.stride(1),
         BLOCK_M=bm, BLOCK_N=up_n, BLOCK_K=up_k, UPCAST=upcast, DOT_PREC=prec, FIX_BF16=fix_bf16(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device),
     )
 
     y = torch.empty(num_slots, hidden, dtype=torch.float32, device=x.device)
@@ -501,7 +504,7 @@ def _grouped_experts(x: torch.Tensor, rw: torch.Tensor, sorted_slots: torch.Tens
         y.stride(0), y.stride(1), *epilogue,
         BLOCK_M=bm, BLOCK_N=down_n, BLOCK_K=down_k, UPCAST=upcast, DOT_PREC=prec,
         NORM=counters is not None, TOP_K=top_k, BLOCK_ROW=triton.next_power_of_2(hidden), FIX_BF16=fix_bf16(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device),
     )
     if counters is not None:
         return normed, res_out
@@ -617,11 +620,12 @@ def _router_route_align_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
     SHARED: tl.constexpr, COUNT: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_AE: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, PDL: tl.constexpr,
 ):
     """The router GEMM too: program (expert tile, key split) computes its fp32 share of the logits
     (`linear_triton.gemm_split_tile`); the last to finish (`last_program.arrive`) sums the splits in order into
     the logits, then routes and aligns (`_route_align_kernel`). One launch where there were two."""
+    wait_then_release(PDL)  # before any memory access (kernels/pdl.py)
     gemm_split_tile(x_ptr, router_ptr, ws_ptr, num_tokens, num_experts, hidden, k_per_split, stride_xt, stride_rw,
                     stride_ws, stride_wst, tl.program_id(0), tl.program_id(1), 0, BLOCK_GT, BLOCK_GE, BLOCK_GK,
                     UPCAST, PRECISION)
@@ -729,7 +733,7 @@ def _route_align_launch(x: torch.Tensor, logits: torch.Tensor | None, router: tu
     _router_route_align_kernel[(triton.cdiv(routed, block_ge), splits)](
         x32, weight, ws, counters, hidden, per_split, x32.stride(0), weight.stride(0), ws.stride(0), ws.stride(1),
         *args, *tail, BLOCK_GT=16, BLOCK_GE=block_ge, BLOCK_GK=block_gk, SPLITS=splits, UPCAST=False,
-        PRECISION="ieee", **constants, **align_constants, num_warps=warps)
+        PRECISION="ieee", **constants, **align_constants, num_warps=warps, **launch_options(x.device))
     return weights, slots, block_expert
 
 
