@@ -73,7 +73,9 @@ def generate_stream(model: TrinityForCausalLM, prompts: Sequence[Sequence[int]],
         step = cache.step(lens)
         ids = torch.tensor([t for d, p in zip(done, pending) if not d for t in p], device=device)
         positions = cache.positions(lens, device)
-        last = torch.tensor(lens, device=device).cumsum(0)[[b for b, n in enumerate(lens) if n]] - 1
+        # each sequence's last row; none to pick when every row is one (a decode step)
+        last = None if ids.numel() == sum(n > 0 for n in lens) else \
+            torch.tensor(lens, device=device).cumsum(0)[[b for b, n in enumerate(lens) if n]] - 1
         logits = model(ids, positions, step, logits_indices=last)
         cache.advance(step)
         new = sample(logits, params, generator).tolist()

@@ -20,8 +20,8 @@ import triton.language as tl
 
 from .attention_triton import _dot_precision, _mm, _program_target, _upcast_dot
 from .last_program import arrival_counters, arrive
-from .pdl import launch_options, wait_then_release
 from .norm_triton import fix_bf16, norm_row, round_to, sum_rows
+from .pdl import launch_options, wait_then_release
 
 # The fused path's row limit. Its epilogue goes through the rows one after another in a single program (each row
 # waits for its loads: about two memory round trips), and with more rows fewer key splits are allowed (below), so
