@@ -63,12 +63,24 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes * 10 / (time.perf_counter() - start)
 
 
-def bytes_per_token(cfg, dtype_bytes: int, context: int) -> int:
-    """Weights one decode step reads at batch 1 (active experts only) plus the KV cache it attends over."""
-    weights = cfg.num_parameters(active_only=True) - cfg.vocab_size * cfg.hidden_size  # embedding: one row
+def bytes_per_step(cfg, dtype_bytes: int, context: int, batch: int = 1) -> float:
+    """The least a decode step of `batch` sequences at `context` must read: every weight it uses once (the embedding
+    aside: one row per token) and each sequence's KV. The routed experts are those any token chose: with the
+    uniform routing of random weights, E * (1 - (1 - k/E)^B) distinct experts per MoE layer (k at batch 1, nearly
+    all of them at 64), so the roofline of a batch is `batch` tokens per this many bytes."""
+    e, k = cfg.num_experts, cfg.num_experts_per_tok
+    distinct = e * (1 - (1 - k / e) ** batch)
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    weights = cfg.num_parameters(active_only=True) - cfg.vocab_size * cfg.hidden_size \
+        + cfg.num_moe_layers * (distinct - k) * expert
     kv_layers = sum(min(context, cfg.sliding_window) if cfg.is_sliding_layer(i) else context
                     for i in range(cfg.num_hidden_layers))
-    return weights * dtype_bytes + kv_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+    return weights * dtype_bytes + batch * kv_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+
+def bytes_per_token(cfg, dtype_bytes: int, context: int) -> float:
+    """Batch 1: the active weights plus the KV cache the token attends over."""
+    return bytes_per_step(cfg, dtype_bytes, context, 1)
 
 
 def decode_rate(engine: LLMEngine, batch: int, context: int, new_tokens: int, vocab: int,
@@ -165,10 +177,15 @@ def bench_model(name: str, cfg, device, args) -> dict:
         out["batch1"][str(ctx)] = {"tok_s": round(rate, 1), "roofline_tok_s": round(roofline, 1),
                                    "fraction": round(rate / roofline, 3)}
         progress(name, f"batch 1 @ {ctx}", out["batch1"][str(ctx)])
+    out["batched_roofline_tok_s"] = {}
     for batch in batches:
-        rate, _ = decode_rate(engine, batch, 1024 if not args.smoke else 64, args.new_tokens, cfg.vocab_size)
+        ctx = 1024 if not args.smoke else 64
+        rate, _ = decode_rate(engine, batch, ctx, args.new_tokens, cfg.vocab_size)
         out["batched"][str(batch)] = round(rate, 1)
-        progress(name, f"batch {batch} tok/s", out["batched"][str(batch)])
+        out["batched_roofline_tok_s"][str(batch)] = round(batch * bw / bytes_per_step(cfg, model.dtype.itemsize, ctx,
+                                                                                      batch), 1)
+        progress(name, f"batch {batch} tok/s (roofline)", (out["batched"][str(batch)],
+                                                            out["batched_roofline_tok_s"][str(batch)]))
     for prompt in ttft_prompts:
         # the median of 3 fresh prompts: one prefill is a single ~0.1 s sample, open to a stray host hiccup
         ttft = statistics.median(decode_rate(engine, 1, prompt, 2, cfg.vocab_size, trial)[1]
@@ -272,7 +289,7 @@ def main() -> None:
                 print(f"  batch 1 @ {next(iter(r['batch1']))} with programmatic dependent launch: "
                       f"{r['batch1_pdl_1024_tok_s']} tok/s")
             print(f"  without look-ahead, by batch: {r['no_lookahead_tok_s']} tok/s")
-        print(f"  batched: {r['batched']} tok/s; TTFT {r['ttft_ms']} ms; HF {r.get('hf_tok_s', r.get('hf_error'))}")
+        print(f"  batched: {r['batched']} tok/s (rooflines {r['batched_roofline_tok_s']}); TTFT {r['ttft_ms']} ms; HF {r.get('hf_tok_s', r.get('hf_error'))}")
     print(json.dumps({"benchmark": "decode_gpu", "device": torch.cuda.get_device_name(device)
                       if device.type == "cuda" else "cpu", "torch": torch.__version__, "results": results}))
 
