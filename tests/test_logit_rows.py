@@ -71,3 +71,19 @@ def test_the_last_layer_runs_only_the_kept_rows():
     last = len(model.model.layers) - 1
     assert seen[last] == 2  # the last layer is a MoE layer; the dense ones run their MLP without a module call
     assert len(seen) > 2 and all(n == sum(PROMPT_LENS) for i, n in seen.items() if i != last)
+
+
+def test_benchmark_script_runs_and_agrees():
+    """benchmarks/cpu_prefill_rows.py at a small size: both ways give the same logits."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "benchmarks/cpu_prefill_rows.py", "--tokens", "48", "--repeats", "1",
+                          "--threads", "1"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(out["results"]) == 2
+    assert all(r["max_logit_diff"] < 1e-4 and r["every_row_ms"] > 0 for r in out["results"])
