@@ -231,3 +231,19 @@ def test_sliding_ring_keeps_last_window_distinct(block_size, window, n):
     for end in range(1, n + 1):
         w = [kv.sliding_slot(table, p) for p in range(max(0, end - window), end)]
         assert len(set(w)) == len(w)
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(block_size=st.integers(1, 8), window=st.integers(1, 40), n=st.integers(1, 150), data=st.data())
+def test_slot_ranges_equal_the_slot_of_each_position(block_size, window, n, data):
+    """`slots(table, lo, hi)` (a block at a time, what the runner uses for prefills) is `full_slot` /
+    `sliding_slot` of each position, for any range: inside a block, across blocks, around the ring."""
+    kv = KVCacheManager(block_size, 64, 64, window)
+    assume(kv.fits_ever(n) is None)
+    kv.allocate("x", data.draw(st.integers(0, 5 * block_size)))  # the sequence's blocks do not start at 0
+    assert kv.allocate("s", n)
+    t = kv.tables("s")
+    lo = data.draw(st.integers(0, n))
+    hi = data.draw(st.integers(lo, n))
+    assert kv.slots(t.full, lo, hi, sliding=False) == [kv.full_slot(t.full, p) for p in range(lo, hi)]
+    assert kv.slots(t.sliding, lo, hi, sliding=True) == [kv.sliding_slot(t.sliding, p) for p in range(lo, hi)]

@@ -128,6 +128,19 @@ class KVCacheManager:
     def sliding_slot(self, table: list[int], pos: int) -> int:
         return table[(pos // self.block_size) % self.ring_blocks] * self.block_size + pos % self.block_size
 
+    def slots(self, table: list[int], lo: int, hi: int, sliding: bool) -> list[int]:
+        """The slots of positions lo..hi-1 (`sliding_slot` or `full_slot` of each), a block at a time: a
+        2048-token prompt costs 128 range copies instead of 2048 calls (about 1 ms of host time per pool before
+        its prefill could start)."""
+        bs, out, p = self.block_size, [], lo
+        while p < hi:
+            block = p // bs
+            end = min(hi, (block + 1) * bs)
+            first = table[block % self.ring_blocks if sliding else block] * bs + p % bs
+            out.extend(range(first, first + end - p))
+            p = end
+        return out
+
     def usage(self) -> dict[str, float]:
         return {"full": self.full.usage, "sliding": self.sliding.usage}
 

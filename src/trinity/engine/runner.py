@@ -163,11 +163,11 @@ class ModelRunner:
             # and would put two tokens in one slot.
             first_written = max(s, s + n - capacity) if sliding else s
             prefill_rows += range(row + first_written - s, row + n)
-            prefill_slots += [slot(table, p) for p in range(first_written, s + n)]
+            prefill_slots += kv.slots(table, first_written, s + n, sliding)
             lo = max(0, s - (self.window - 1)) if sliding else 0
             prefills.append(PrefillMeta(
                 start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
-                ctx_slots=torch.tensor([slot(table, p) for p in range(lo, s)], dtype=torch.long, device=dev),
+                ctx_slots=torch.tensor(kv.slots(table, lo, s, sliding), dtype=torch.long, device=dev),
                 ctx_pos=torch.arange(lo, s, device=dev)))
         ctx_slots, ctx_valid = self._decode_context(dec_tables, dec_lo, dec_len, sliding)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
