@@ -37,8 +37,17 @@ def _launches_kernel(name: str, args, kwargs, out) -> bool:
     outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     if not outs:
         return False
-    inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-    return not all(t.untyped_storage().data_ptr() in inputs for t in outs)
+    inputs = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    return not all(_storage(t) in inputs and _storage(t) is not None for t in outs)
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """The tensor's storage address; None for a tensor without one (oneDNN's packed weights and their outputs on
+    the CPU), whose op then counts as a launch."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
