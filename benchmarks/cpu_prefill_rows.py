@@ -1,13 +1,16 @@
-"""A prefill that keeps only its logit rows in the last layer against one that computes every row, on the CPU.
+"""A prefill that keeps only its logit rows in the last layer against one that computes every row, on the CPU,
+through the engine's paged attention.
 
     .venv/bin/python benchmarks/cpu_prefill_rows.py [--tokens 1024] [--repeats 7] [--threads 2]
 
-`TrinityModel.forward(rows=...)` drops the rows no logit reads once the last layer's attention has run (their K/V
-are written by then). Both ways run in the same process on the same random weights, through the inference path
-(`fuse_projections`): every row (`model.model(...)` then the head on the last row, as before) and kept rows
-(`model(..., logits_indices=last)`), alternating, median of `--repeats`. Models: the built-in `trinity-tiny` (its
-trained weights, 8 layers) and `cpu_generate.py`'s 134M shape (random weights, 8 layers). Prints one line per
-model, then one JSON object last.
+`TrinityModel.forward(rows=...)` drops the rows no logit reads in the last layer: the engine's paged attention
+computes only those rows' queries there (every row's K/V is still written), and the o_proj, MLP and norms after it
+run on those rows alone. One prompt is scheduled in an `LLMEngine` and its first step's attention metadata built as
+the runner builds it; both ways then run on the same weights in the same process, alternating, median of
+`--repeats`: every row (`model.model(...)`, then the head on the last row, as before) and kept rows
+(`model(..., logits_indices=last)`). Both write the same K/V, so repeating the step is harmless. Models: the
+built-in `trinity-tiny` (its trained weights, 8 layers) and `cpu_generate.py`'s 134M shape (random weights, 8
+layers). Prints one line per model, then one JSON object last.
 """
 
 from __future__ import annotations
@@ -26,19 +29,29 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from cpu_generate import bench_config  # noqa: E402
 
 from trinity import TrinityForCausalLM  # noqa: E402
+from trinity.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from trinity.engine.paged_attention import PagedAttention  # noqa: E402
 from trinity.loading import builtin_model_path  # noqa: E402
-from trinity.model import ContiguousKVCache  # noqa: E402
 
 
-def prefill_seconds(model: TrinityForCausalLM, ids: torch.Tensor, kept: bool) -> tuple[float, torch.Tensor]:
-    cfg, n = model.config, ids.numel()
-    cache = ContiguousKVCache(cfg.num_hidden_layers, 1, n, cfg.num_key_value_heads, cfg.head_dim, model.dtype, "cpu")
-    step, positions, last = cache.step([n]), cache.positions([n], "cpu"), torch.tensor([n - 1])
+def first_step(model: TrinityForCausalLM, ids: list[int]):
+    """An engine with the prompt scheduled: (the engine, its first batch), the whole prompt in one chunk."""
+    n = len(ids)
+    engine = LLMEngine(model, None, EngineConfig(max_model_len=n + 16, max_num_seqs=1, max_num_batched_tokens=n,
+                                                 num_kv_blocks=n // 16 + 4))
+    engine.add_request("p", prompt_token_ids=ids, params=SamplingParams(max_tokens=1, temperature=0))
+    return engine, engine.scheduler.schedule()
+
+
+def prefill_seconds(engine: LLMEngine, batch, ids: torch.Tensor, kept: bool) -> tuple[float, torch.Tensor]:
+    runner, model, n = engine.runner, engine.runner.model, ids.numel()
+    positions, last = torch.arange(n), torch.tensor([n - 1])
     start = time.perf_counter()
+    attn = PagedAttention(runner.cache, {pool: runner._pool_step(pool, batch, [0]) for pool in runner.cache.k})
     if kept:
-        logits = model(ids, positions, step, logits_indices=last)
+        logits = model(ids, positions, attn, logits_indices=last)
     else:
-        logits = model.lm_head(model.model(ids, positions, step)[last])
+        logits = model.lm_head(model.model(ids, positions, attn)[last])
     return time.perf_counter() - start, logits
 
 
@@ -56,12 +69,13 @@ def main() -> None:
         model = build().float().eval().fuse_projections()
         cfg = model.config
         ids = torch.randint(0, cfg.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(0))
+        engine, batch = first_step(model, ids.tolist())
         times: dict[bool, list[float]] = {False: [], True: []}
         with torch.inference_mode():
-            outputs = {kept: prefill_seconds(model, ids, kept)[1] for kept in (False, True)}  # warm-up
+            outputs = {kept: prefill_seconds(engine, batch, ids, kept)[1] for kept in (False, True)}  # warm-up
             for _ in range(args.repeats):
                 for kept in (False, True):
-                    times[kept].append(prefill_seconds(model, ids, kept)[0])
+                    times[kept].append(prefill_seconds(engine, batch, ids, kept)[0])
         every, kept = statistics.median(times[False]), statistics.median(times[True])
         diff = (outputs[True] - outputs[False]).abs().max().item()
         results.append({"model": name, "layers": cfg.num_hidden_layers, "tokens": args.tokens,

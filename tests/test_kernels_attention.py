@@ -514,7 +514,7 @@ def check_engine_step(window):
     step_d = type(step)(**{f: dev(getattr(step, f)) if isinstance(getattr(step, f), torch.Tensor)
                            else getattr(step, f) for f in step.__slots__})
     step_d.prefills = [type(p)(**{f: getattr(p, f) if f in ("start", "num") else dev(getattr(p, f))
-                                  for f in p.__slots__}) for p in step.prefills]
+                                  for f in p.__slots__ if f != "masks"}) for p in step.prefills]
     kc_d, vc_d = dev(kc.clone()), dev(vc.clone())
     # the engine's own fast-path wiring, on whatever the dispatcher picks here
     out = PagedAttention._attend_fast(kc_d, vc_d, step_d, dev(q), dev(k), dev(v), window, 0.25)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..kernels import attention as kernels_attention
 from ..kernels import norm as kernel_norm
-from ..model.attention import reference_attention, visibility_mask
+from ..model.attention import reference_attention, shared_mask
 
 
 @dataclass(slots=True)
@@ -30,6 +30,7 @@ class PrefillMeta:
     q_pos: torch.Tensor  # [num]
     ctx_slots: torch.Tensor  # [Lc] cached context this chunk sees
     ctx_pos: torch.Tensor  # [Lc]
+    masks: dict = field(default_factory=dict)  # the reference path's visibility masks, by window (`shared_mask`)
 
 
 @dataclass(slots=True)
@@ -66,40 +67,52 @@ class PagedAttention:
     kv: PagedKV
     steps: dict[str, PoolStep]
 
-    def attend(self, layer_idx, q, k, v, window, scale):
+    def attend(self, layer_idx, q, k, v, window, scale, rows=None):
+        """With `rows` ([N] indices): only those rows' output [N, Hq, D], every row's K/V still written. The CPU
+        reference path then computes only those rows' queries of each prefill chunk (the model's last layer needs
+        one per sampling prompt); elsewhere every row is computed and the rows picked."""
         pool, li = self.kv.layer_pool[layer_idx]
         kc, vc, step = self.kv.k[pool][li], self.kv.v[pool][li], self.steps[pool]
         if kernels_attention.use_fast_path(q):
-            return self._attend_fast(kc, vc, step, q, k, v, window, scale)
+            return _pick(self._attend_fast(kc, vc, step, q, k, v, window, scale), rows)
         ka = kernels_attention
         if step.decode_only and ka.native_decode_wanted(q, kc):  # the whole batch, without row gathers
-            return ka.decode_attention_native(q, kc, vc, step.dec_ctx_slots, step.dec_ctx_valid, scale, k, v,
-                                              step.dec_slots)
+            return _pick(ka.decode_attention_native(q, kc, vc, step.dec_ctx_slots, step.dec_ctx_valid, scale, k, v,
+                                                    step.dec_slots), rows)
+        kept = rows.tolist() if rows is not None and rows.device.type == "cpu" else None  # no sync: CPU only
         out = torch.empty_like(q)
         if step.dec_rows.numel():
             out[step.dec_rows] = _decode_rows(kc, vc, step, q, k, v, scale)
         for p in step.prefills:
-            rows = slice(p.start, p.start + p.num)
-            keys, values = torch.cat([kc[p.ctx_slots], k[rows]]), torch.cat([vc[p.ctx_slots], v[rows]])
-            mask = visibility_mask(p.q_pos, torch.cat([p.ctx_pos, p.q_pos]), window)
-            out[rows] = reference_attention(q[rows], keys, values, mask, scale)
+            chunk = slice(p.start, p.start + p.num)
+            queries = range(p.num) if kept is None else sorted({r - p.start for r in kept if 0 <= r - p.start < p.num})
+            if not queries:
+                continue  # nobody reads this chunk's outputs here: only its K/V (written below)
+            keys, values = torch.cat([kc[p.ctx_slots], k[chunk]]), torch.cat([vc[p.ctx_slots], v[chunk]])
+            mask = shared_mask(p.masks, "chunk", p.q_pos, torch.cat([p.ctx_pos, p.q_pos]), window)
+            if len(queries) == p.num:
+                out[chunk] = reference_attention(q[chunk], keys, values, mask, scale)
+            else:
+                local = torch.tensor(queries, device=q.device)
+                out[p.start + local] = reference_attention(q[chunk][local], keys, values, mask[local], scale)
         if step.prefill_rows.numel():
             kc[step.prefill_slots] = k[step.prefill_rows]
             vc[step.prefill_slots] = v[step.prefill_rows]
-        return out
+        return _pick(out, rows)
 
-    def attend_gated(self, layer_idx, q, k, v, window, scale, gate, qk_norm=None):
+    def attend_gated(self, layer_idx, q, k, v, window, scale, gate, qk_norm=None, rows=None):
         """`attend`, then times sigmoid(gate) ([T, Hq, D]); with `qk_norm` = (q_weight, k_weight, eps, cos, sin,
-        apply_rope), q and k arrive un-normed and `kernels.norm.qk_norm_rope` comes first. On the fast path a
-        decode step is one launch: the attention kernel norms q and the new k, writes the new K/V and applies the
-        gate. Otherwise the separate ops around `attend`."""
+        apply_rope), q and k arrive un-normed and `kernels.norm.qk_norm_rope` comes first; with `rows`, only those
+        rows' result (see `attend`). On the fast path a decode step is one launch: the attention kernel norms q and
+        the new k, writes the new K/V and applies the gate. Otherwise the separate ops around `attend`."""
         pool, li = self.kv.layer_pool[layer_idx]
         step = self.steps[pool]
         if step.decode_only and kernels_attention.use_fast_path(q):
-            return _decode_only_fast(self.kv.k[pool][li], self.kv.v[pool][li], step, q, k, v, scale, gate, qk_norm)
+            return _pick(_decode_only_fast(self.kv.k[pool][li], self.kv.v[pool][li], step, q, k, v, scale, gate,
+                                           qk_norm), rows)
         if qk_norm is not None:
             q, k = kernel_norm.qk_norm_rope(q, k, *qk_norm)
-        return kernel_norm.sigmoid_gate(self.attend(layer_idx, q, k, v, window, scale), gate)
+        return kernel_norm.sigmoid_gate(self.attend(layer_idx, q, k, v, window, scale, rows), _pick(gate, rows))
 
     @staticmethod
     def _attend_fast(kc, vc, step: PoolStep, q, k, v, window, scale):
@@ -118,6 +131,10 @@ class PagedAttention:
             out[step.packed.rows] = ka.paged_prefill_attention(q, k, v, kc, vc, step.packed, window, scale)
             ka.write_kv(kc, vc, step.prefill_slots, k[step.prefill_rows], v[step.prefill_rows])
         return out
+
+
+def _pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
 
 
 def _decode_only_fast(kc, vc, step: PoolStep, q, k, v, scale, gate=None, qk_norm=None):

@@ -179,13 +179,15 @@ class GatedAttention(nn.Module):
             return self.fused(x)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.gate_proj(x)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata) -> torch.Tensor:
-        return self.o_proj(self.gated_attention(x, rope, attn))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.o_proj(self.gated_attention(x, rope, attn, rows))
 
     def gated_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                        attn: AttentionMetadata) -> torch.Tensor:
+                        attn: AttentionMetadata, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Everything before o_proj: [T, hidden] -> the gated attention output [T, heads * head_dim] (the decoder
-        layer may fuse o_proj with the norm after it)."""
+        layer may fuse o_proj with the norm after it). With `rows` ([N] indices), only those rows' output [N, ...]:
+        every row's K/V still reaches the cache, and metadata with `attend_gated` computes only those queries."""
         t = x.shape[0]  # x: [T, hidden]
         q, k, v, gate = self._project(x)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -196,8 +198,11 @@ class GatedAttention(nn.Module):
         gated_attend = getattr(attn, "attend_gated", None)
         if gated_attend is not None:  # metadata that can fold the q/k norm and the output gate into its kernel
             o = gated_attend(self.layer_idx, q, k, v, self.window, self.scale,
-                             gate.view(t, self.num_heads, self.head_dim), qk_norm)
-            return o.reshape(t, self.num_heads * self.head_dim)
+                             gate.view(t, self.num_heads, self.head_dim), qk_norm,
+                             **({} if rows is None else {"rows": rows}))
+            return o.reshape(o.shape[0], self.num_heads * self.head_dim)
         q, k = kernel_norm.qk_norm_rope(q, k, *qk_norm)  # one fused op on GPU
-        o = attn.attend(self.layer_idx, q, k, v, self.window, self.scale)
-        return kernel_norm.sigmoid_gate(o.reshape(t, self.num_heads * self.head_dim), gate)
+        o = attn.attend(self.layer_idx, q, k, v, self.window, self.scale).reshape(t, self.num_heads * self.head_dim)
+        if rows is not None:
+            o, gate = o[rows], gate[rows]
+        return kernel_norm.sigmoid_gate(o, gate)

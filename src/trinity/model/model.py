@@ -38,11 +38,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """`rows`: keep only these rows after the attention (see `TrinityModel.forward`)."""
-        a = self.self_attn(self.input_layernorm(x), rope, attn)
+        a = self.self_attn(self.input_layernorm(x), rope, attn, rows)
         if rows is not None:
+            x = x[rows]
             if rows.numel() == 0:
-                return x[rows]
-            a, x = a[rows], x[rows]
+                return x
         x = x + self.post_attention_layernorm(a)
         return x + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(x)))
 
@@ -56,11 +56,11 @@ class DecoderLayer(nn.Module):
         layer become two launches, and at decode sizes each rides in the launch of the projection before it
         (`kernels.linear_norm` for o_proj and the dense MLP's down_proj; the MoE down GEMM's own launch)."""
         eps = self.post_attention_layernorm.eps
-        a = self.self_attn.gated_attention(h, rope, attn)
+        a = self.self_attn.gated_attention(h, rope, attn, rows)
         if rows is not None:
             if rows.numel() == 0:  # a chunk that samples nothing: only its K/V (written above) were wanted
                 return h[rows], x[rows]
-            a, x = a[rows], x[rows]
+            x = x[rows]
         # On the Triton path a MoE layer runs the norm step after it itself (summing its per-choice outputs: no
         # combine launch; at decode inside its down GEMM's launch), and the norm before it also writes its output in
         # fp32 for the router (no cast launch).
