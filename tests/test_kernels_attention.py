@@ -667,3 +667,31 @@ def test_prefill_default_tile_compiles_without_spills(tk, dtype, elem, group):
             num_warps=tile["num_warps"])
         assert use["stack"] == 0, (tile, window, use)
         assert elem == 4 or use["wgmma"] > 0, use
+
+
+# ------------------------------------------------------------------------- CPU prefill, block by block
+@pytest.mark.parametrize("context,n,window,block", [
+    (0, 50, None, 16),  # no context, full layer: SDPA's causal kernel
+    (0, 50, 7, 16),  # sliding, the window far shorter than the chunk
+    (0, 50, 64, 16),  # sliding, the window longer than the chunk
+    (33, 40, None, 16),  # a later chunk of a full layer: its cached context first
+    (6, 40, 7, 16),  # a later chunk of a sliding layer, the context cut to the window
+    (20, 37, 9, 8),  # blocks that do not divide the chunk
+    (5, 1, 4, 16),  # one query
+])
+def test_chunk_attention_blocked_equals_the_masked_reference(context, n, window, block):
+    g = torch.Generator().manual_seed(context * 100 + n)
+    q_start = context + 3  # positions need not start at 0
+    k_start = q_start - context
+    q = torch.randn(n, 4, 16, generator=g)
+    k, v = torch.randn(context + n, 2, 16, generator=g), torch.randn(context + n, 2, 16, generator=g)
+    q_pos, k_pos = torch.arange(q_start, q_start + n), torch.arange(k_start, q_start + n)
+    want = reference_attention(q, k, v, visibility_mask(q_pos, k_pos, window), 0.25)
+    got = A.chunk_attention_blocked(q, k, v, q_start, k_start, window, 0.25, block=block)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_attention_blocked_refuses_keys_that_do_not_end_with_the_queries():
+    q, k = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
+    with pytest.raises(ValueError, match="must end where the queries"):
+        A.chunk_attention_blocked(q, k, k, 10, 5, None, 0.3)

@@ -89,6 +89,11 @@ class PagedAttention:
             if not queries:
                 continue  # nobody reads this chunk's outputs here: only its K/V (written below)
             keys, values = torch.cat([kc[p.ctx_slots], k[chunk]]), torch.cat([vc[p.ctx_slots], v[chunk]])
+            if len(queries) == p.num and ka.blocked_prefill_wanted(q):
+                q_start = int(p.q_pos[0])  # a CPU tensor: no sync
+                out[chunk] = ka.chunk_attention_blocked(q[chunk], keys, values, q_start, q_start - p.ctx_pos.numel(),
+                                                        window, scale)
+                continue
             mask = shared_mask(p.masks, "chunk", p.q_pos, torch.cat([p.ctx_pos, p.q_pos]), window)
             if len(queries) == p.num:
                 out[chunk] = reference_attention(q[chunk], keys, values, mask, scale)

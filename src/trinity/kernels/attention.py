@@ -224,6 +224,46 @@ def decode_attention_native(q, k_cache, v_cache, ctx_slots, ctx_valid, scale, ne
     return out.to(q.dtype)
 
 
+# ----------------------------------------------------------------------------- CPU prefill, block by block
+# Queries per block of `chunk_attention_blocked`: with the built-in model's 128-token window a block then reads at
+# most 255 keys (a 2000-token sliding layer: 6.2 ms against 23.4 ms for one masked SDPA over every key).
+CHUNK_BLOCK = 128
+
+
+def blocked_prefill_wanted(q: torch.Tensor) -> bool:
+    """CPU inference (the references not forced): the engine's prefill chunks take `chunk_attention_blocked`."""
+    from . import reference_forced
+
+    return q.device.type == "cpu" and not reference_forced() and not torch.is_grad_enabled()
+
+
+def chunk_attention_blocked(q, k, v, q_start: int, k_start: int, window: int | None, scale: float,
+                            block: int = CHUNK_BLOCK):
+    """One prefill chunk's attention in blocks of queries, as `reference_attention` with `visibility_mask` gives it:
+    q [n, Hq, D] at positions q_start.., k/v [L, Hkv, D] at positions k_start.. (the chunk's cached context, then
+    its own keys: k_start + L == q_start + n). Each block of queries attends only to the keys it can see: up to its
+    last query, and in a sliding layer from its first query's window on (a masked SDPA over every key computes
+    them all, most masked out). A chunk with no context in a full layer takes SDPA's causal kernel instead (no
+    mask: 12 ms against 25 ms for 2000 tokens)."""
+    n, length = q.shape[0], k.shape[0]
+    if k_start + length != q_start + n:
+        raise ValueError(f"keys at {k_start}..{k_start + length - 1} must end where the queries "
+                         f"({q_start}..{q_start + n - 1}) end")
+    if window is None and length == n:
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                             is_causal=True, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+    out = torch.empty_like(q)
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        first, end = q_start + i0, q_start + i1  # the block's query positions: first .. end - 1
+        lo = k_start if window is None else max(k_start, first - window + 1)
+        keys = slice(lo - k_start, end - k_start)
+        mask = visibility_mask(torch.arange(first, end), torch.arange(lo, end), window)
+        out[i0:i1] = reference_attention(q[i0:i1], k[keys], v[keys], mask, scale)
+    return out
+
+
 __all__ = ["decode_attention", "prefill_attention", "write_kv", "triton_available", "BlockTable", "PackedPrefills",
            "pack_prefills", "paged_prefill_attention",
            "decode_attention_reference", "prefill_attention_reference", "write_kv_reference"]
