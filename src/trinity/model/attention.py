@@ -44,7 +44,8 @@ def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None
 def shared_mask(masks: dict, key, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """`visibility_mask`, built once per step: every layer of a kind (full, or sliding with its window) sees the
     same mask, so the step's metadata keeps it in `masks` under `key` (which must name what the positions are) and
-    the window. Building it per layer took 7% of a 1024-token CPU prefill of the built-in model."""
+    the window. (One build of a 1024 x 1024 mask took 0.35-0.5 ms on 2 CPU cores; per layer that was 8 of them in a
+    prefill of the built-in model.)"""
     full_key = (key, window, q_pos.device)
     mask = masks.get(full_key)
     if mask is None:
