@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..kernels import attention as kernels_attention
 from ..kernels import norm as kernel_norm
-from ..model.attention import reference_attention, shared_mask
+from ..model.attention import reference_attention, shared_mask, visibility_mask
 
 
 @dataclass(slots=True)
@@ -94,12 +94,14 @@ class PagedAttention:
                 out[chunk] = ka.chunk_attention_blocked(q[chunk], keys, values, q_start, q_start - p.ctx_pos.numel(),
                                                         window, scale)
                 continue
-            mask = shared_mask(p.masks, "chunk", p.q_pos, torch.cat([p.ctx_pos, p.q_pos]), window)
+            k_pos = torch.cat([p.ctx_pos, p.q_pos])
             if len(queries) == p.num:
+                mask = shared_mask(p.masks, "chunk", p.q_pos, k_pos, window)
                 out[chunk] = reference_attention(q[chunk], keys, values, mask, scale)
-            else:
+            else:  # only the last layer asks for a few rows: their mask rows alone, not the chunk's whole mask
                 local = torch.tensor(queries, device=q.device)
-                out[p.start + local] = reference_attention(q[chunk][local], keys, values, mask[local], scale)
+                mask = visibility_mask(p.q_pos[local], k_pos, window)
+                out[p.start + local] = reference_attention(q[chunk][local], keys, values, mask, scale)
         if step.prefill_rows.numel():
             kc[step.prefill_slots] = k[step.prefill_rows]
             vc[step.prefill_slots] = v[step.prefill_rows]
