@@ -38,7 +38,7 @@ def _launches_kernel(name: str, args, kwargs, out) -> bool:
     if not outs:
         return False
     inputs = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-    return not all(_storage(t) in inputs and _storage(t) is not None for t in outs)
+    return not all((storage := _storage(t)) is not None and storage in inputs for t in outs)
 
 
 def _storage(t: torch.Tensor) -> int | None:

@@ -95,9 +95,10 @@ class TrinityModel(nn.Module):
         """input_ids, positions: [T] (int64, or int32 as a decode table holds them) -> final-normed hidden
         states [T, hidden], or [N, hidden] at `rows` ([N] indices into the batch).
 
-        With `rows`, the last layer keeps only those rows once its attention has run: every row's keys and values
-        are in the cache by then, and nothing after that attention mixes rows, so the other rows' o_proj, MLP and
-        norms in that layer only make hidden states no logit reads. A prefill that samples one token per prompt
+        With `rows`, the last layer keeps only those rows: every row's keys and values still reach the cache, the
+        attention computes only those rows' queries where the metadata can (the engine's paged attention on the
+        CPU; elsewhere it picks them after), and nothing after the attention mixes rows, so the other rows' o_proj,
+        MLP and norms in that layer would only make hidden states no logit reads. A prefill that samples one token per prompt
         skips most of a layer (1/8 of the built-in model's, 1/32 of Mini's); a chunk that samples none, all of it
         after the attention. The last MoE layer's expert counts then cover only the kept rows."""
         last = len(self.layers) - 1
