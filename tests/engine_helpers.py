@@ -63,7 +63,7 @@ def assert_pools_free(engine) -> None:
     kv = engine.kv
     assert kv.full.num_free == kv.full.num_blocks, (kv.full.num_free, kv.full.num_blocks)
     assert kv.sliding.num_free == kv.sliding.num_blocks, (kv.sliding.num_free, kv.sliding.num_blocks)
-    assert kv.full._owner == {} and kv.sliding._owner == {}
+    assert kv.full._holders == {} and kv.sliding._holders == {}
     assert kv._tables == {}
     stats = engine.stats()
     assert stats["kv_blocks"]["full"]["used"] == 0

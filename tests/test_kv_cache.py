@@ -31,10 +31,10 @@ def test_block_pool_allocate_free_and_owner():
 def test_block_pool_rejects_foreign_free_and_double_free():
     pool = BlockPool("sliding", 3)
     a = pool.allocate(2, "a")
-    with pytest.raises(RuntimeError, match="owned by 'a'"):
+    with pytest.raises(RuntimeError, match=r"freed by 'b' but held by \['a'\]"):
         pool.free(a[:1], "b")
     pool.free(a, "a")
-    with pytest.raises(RuntimeError, match="owned by None"):
+    with pytest.raises(RuntimeError, match="held by None"):
         pool.free(a[:1], "a")
     assert pool.num_free == 3
 
@@ -133,7 +133,7 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     def _snapshot(self):
         kv = self.kv
-        return (kv.full.num_free, kv.sliding.num_free, dict(kv.full._owner), dict(kv.sliding._owner),
+        return (kv.full.num_free, kv.sliding.num_free, {b: set(h) for b, h in kv.full._holders.items()}, {b: set(h) for b, h in kv.sliding._holders.items()},
                 {s: (list(t.full), list(t.sliding)) for s, t in kv._tables.items() if t.full or t.sliding})
 
     @rule(seq=st.sampled_from(["a", "b", "c", "d"]), num_tokens=st.integers(0, 120))
@@ -169,7 +169,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.tokens.clear()
         kv = self.kv
         assert kv.full.num_free == kv.full.num_blocks and kv.sliding.num_free == kv.sliding.num_blocks
-        assert kv.full._owner == {} and kv.sliding._owner == {}
+        assert kv.full._holders == {} and kv.sliding._holders == {}
         assert sorted(kv.full._free) == list(range(kv.full.num_blocks))
         assert sorted(kv.sliding._free) == list(range(kv.sliding.num_blocks))
 

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="look-ahead decoding: queue the next decode step before reading this one's tokens "
                           "(default: on for CUDA)")
     srv.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
+    srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                     help="take the K/V of prompt blocks computed before (shared system prompts, earlier chat "
+                          "turns) from the cache (default: on)")
     srv.add_argument("--seed", type=int, default=0)
     srv.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     srv.add_argument("--chat-template", default=None, help="a jinja file replacing the model's chat template")
@@ -294,7 +297,8 @@ def _cmd_serve(args) -> int:
                                  num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                  enforce_eager=args.enforce_eager, seed=args.seed,
-                                 async_scheduling=args.async_scheduling)
+                                 async_scheduling=args.async_scheduling,
+                                 enable_prefix_caching=args.enable_prefix_caching)
     serve(args.model or args.model_flag, settings, engine_config, args.host, args.port, dtype=args.dtype,
           device=args.device, log_level=args.log_level.lower())
     return 0

@@ -35,6 +35,9 @@ class EngineConfig:
     # Look-ahead decoding: launch the next decode step before reading this one's tokens, so the host's work on a
     # step overlaps the device's. None: on where the model runs asynchronously (CUDA); True forces it anywhere.
     async_scheduling: bool | None = None
+    # Automatic prefix caching: a prompt whose leading blocks were computed before (a shared system prompt, the
+    # earlier turns of a chat) takes their K/V from the cache instead of computing them again.
+    enable_prefix_caching: bool = True
 
 
 @dataclass(slots=True)
@@ -65,13 +68,13 @@ class LLMEngine:
         cfg = model.config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         plan = plan_cache(model, config.block_size, config.max_num_seqs, self.max_model_len, config.num_kv_blocks,
-                          config.kv_cache_memory, config.gpu_memory_utilization)
+                          config.kv_cache_memory, config.gpu_memory_utilization, config.enable_prefix_caching)
         sliding = [cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers)]
         self.kv = KVCacheManager(config.block_size, plan.num_full_blocks, plan.num_sliding_blocks,
                                  cfg.sliding_window, has_full_layers=not all(sliding), has_sliding_layers=any(sliding))
         self.cache_plan = plan
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len), self.kv)
+                                                   self.max_model_len, config.enable_prefix_caching), self.kv)
         self.runner = ModelRunner(model, self.kv, plan, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, enforce_eager=config.enforce_eager)
         self.sampler = Sampler(model.device, config.seed)
@@ -211,6 +214,7 @@ class LLMEngine:
                 seq.first_scheduled_time = time.monotonic()
             self.num_prompt_tokens += max(0, min(n, len(seq.prompt_token_ids) - seq.num_computed_tokens))
             seq.num_computed_tokens += n
+        self.scheduler.cache_computed(batch.seqs)
         self._update_expert_load()
         self._record_prompt_logprobs(logits[len(sample_rows):], prompt_rows)
         pending = self.sampler.launch(logits[:len(sample_rows)], sample_seqs) if sample_seqs else None
@@ -249,9 +253,13 @@ class LLMEngine:
         if not keep:
             return None
         seqs = [launched.sample_seqs[i] for i in keep]
-        for seq in seqs:  # room for the pending token's K/V (what the scheduler would allocate next step)
-            if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + 1):
-                return None
+        self.kv.new_step()  # `launched` is queued: what only it reads may be handed out
+        try:
+            for seq in seqs:  # room for the pending token's K/V (what the scheduler would allocate next step)
+                if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + 1):
+                    return None
+        finally:
+            self.kv.commit_step()
         tokens = launched.pending.tokens
         if len(keep) < len(launched.sample_seqs):
             tokens = tokens.index_select(0, torch.tensor(keep, device=tokens.device))
@@ -408,7 +416,8 @@ class LLMEngine:
                 metrics[key] = min(times)
         return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                              prompt_logprobs=first.prompt_logprobs, outputs=outs, finished=finished,
-                             error=next((s.error for s in req.seqs if s.error), None), metrics=metrics)
+                             error=next((s.error for s in req.seqs if s.error), None), metrics=metrics,
+                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs))
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict:
@@ -426,7 +435,19 @@ class LLMEngine:
                           "sliding": {"used": kv.sliding.num_used, "total": kv.sliding.num_blocks}},
             "block_size": kv.block_size,
             "sliding_ring_blocks": kv.ring_blocks,
+            "prefix_cache": self.prefix_cache_stats(),
         }
+
+    def prefix_cache_stats(self) -> dict:
+        sched, kv = self.scheduler, self.kv
+        queried, hits = sched.prefix_queried_tokens, sched.prefix_hit_tokens
+        return {"enabled": sched.config.enable_prefix_caching, "queried_tokens": queried, "hit_tokens": hits,
+                "hit_rate": hits / queried if queried else 0.0,
+                "cached_blocks": {"full": kv.full.num_cached, "sliding": kv.sliding.num_cached}}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (running requests keep theirs); later prompts compute from scratch."""
+        self.kv.reset_prefix_cache()
 
     def kv_tokens_held(self, request_id: str) -> dict[str, int]:
         """Token slots per layer each pool holds for a running request (its first sequence)."""

@@ -1,69 +1,201 @@
-"""Block pools for the paged KV cache (plain Python, no torch).
+"""Block pools for the paged KV cache, with automatic prefix caching (plain Python, no torch).
 
 Trinity has two kinds of attention layer, so two pools:
 - the *full* pool serves full-attention layers: a sequence holds ceil(len / block_size) blocks;
 - the *sliding* pool serves sliding-window layers: a sequence holds a ring of at most
-  ceil(window / block_size) + 1 blocks, reused as the sequence grows (position p lives in ring entry
-  (p // block_size) % ring_blocks), so a sliding layer never holds more than
-  (ceil(window / block_size) + 1) * block_size token slots: window + block_size when the block size divides
-  the window, under window + 2 * block_size otherwise.
+  ceil(window / block_size) + 1 blocks (position p lives in ring entry (p // block_size) % ring_blocks), so a
+  sliding layer never holds more than (ceil(window / block_size) + 1) * block_size token slots: window +
+  block_size when the block size divides the window, under window + 2 * block_size otherwise.
 All layers of one kind share a sequence's block table; each layer has its own tensor in that pool.
+
+Prefix caching. Once every token of a block is computed, the block can be *registered* under a key naming
+its tokens and all tokens before it (a SHA-256 chain: a prompt cannot be built to collide with another
+user's and read their cache). A registered block is never written again. When nobody holds it any more it
+stays in the pool, *evictable*, until an allocation runs out of never-registered free blocks and takes the
+least recently released one. A new sequence whose tokens start with registered blocks adopts them instead of
+computing them. A hit needs both pools: the full layers need every block of the prefix, the sliding layers
+only the last ring_blocks - 1 blocks of it (the window the next token sees).
+
+The ring and the cache: when a sequence's ring entry moves on to a new block, the block it held leaves the
+sequence. A registered block then goes to the cache (the entry gets a new block) so that a later prompt
+can still hit there; an unregistered one is reused in place, as without caching. A block that left a ring
+in this step may still be read this step (a long prefill chunk reads its context before writing), so it is
+*held back*: not handed out again until `new_step()`, called before the next step's allocations.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections import deque
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
+def extend_block_keys(keys: list[bytes], token_at, block_size: int, num_blocks: int) -> list[bytes]:
+    """Extend `keys` in place to the keys of the first `num_blocks` blocks; `token_at(i)` is token i.
+    Key j is SHA-256(key j-1 + tokens of block j): it names the whole prefix, not only the block."""
+    parent = keys[-1] if keys else b""
+    for j in range(len(keys), num_blocks):
+        tokens = array("q", (token_at(i) for i in range(j * block_size, (j + 1) * block_size)))
+        parent = hashlib.sha256(parent + tokens.tobytes()).digest()
+        keys.append(parent)
+    return keys
+
+
 class BlockPool:
-    """A fixed set of block ids with a free list; every block is either free or owned by exactly one sequence."""
+    """A fixed set of block ids. Each block is held by one or more sequences (shared only through the prefix
+    cache), or nobody holds it and it is free, evictable (registered), or held back until the next step."""
 
     def __init__(self, name: str, num_blocks: int):
         if num_blocks < 0:
             raise ValueError(f"{name} pool: num_blocks = {num_blocks} must be >= 0")
         self.name = name
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._owner: dict[int, str] = {}
+        self._free: deque[int] = deque(range(num_blocks))  # nobody holds them, never registered
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # nobody holds them, registered; oldest first
+        self._holders: dict[int, set[str]] = {}
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self._held_back: set[int] = set()  # left a ring this step: not handed out before `new_step`
+        self._hidden: set[int] = set()  # registered, but not to be adopted (see `KVCacheManager.commit_step`)
+
+    # ------------------------------------------------------------------ counts
+    @property
+    def num_used(self) -> int:
+        """Blocks some sequence holds."""
+        return len(self._holders)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks nobody holds (free, evictable or held back until the next step)."""
+        return self.num_blocks - len(self._holders)
 
     @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+    def num_allocatable(self) -> int:
+        """Blocks an allocation can take now: the free ones, then the evictable ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Registered blocks, held or not."""
+        return len(self._key_of)
 
     @property
     def usage(self) -> float:
         return self.num_used / self.num_blocks if self.num_blocks else 0.0
 
+    # ------------------------------------------------------------------ holding
     def allocate(self, n: int, owner: str) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"{self.name} pool: {n} blocks wanted, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
-            self._owner[b] = owner
+        if n > self.num_allocatable:
+            raise MemoryError(f"{self.name} pool: {n} blocks wanted, {self.num_allocatable} free")
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.popleft()
+            else:  # the least recently released cached block gives up its key
+                b, _ = self._evictable.popitem(last=False)
+                self.unregister(b)
+            self._holders[b] = {owner}
+            blocks.append(b)
         return blocks
 
-    def free(self, blocks: list[int], owner: str) -> None:
+    def share(self, block: int, owner: str) -> None:
+        """`owner` holds a registered block too (a prefix-cache hit)."""
+        if block not in self._key_of:
+            raise RuntimeError(f"{self.name} pool: block {block} is not cached and cannot be shared")
+        holders = self._holders.setdefault(block, set())
+        if owner in holders:
+            raise RuntimeError(f"{self.name} pool: {owner!r} already holds block {block}")
+        self._evictable.pop(block, None)
+        holders.add(owner)
+
+    def free(self, blocks: Sequence[int], owner: str, hold_back: bool = False) -> None:
+        """`owner` lets go of the blocks. With `hold_back`, none of them is handed out again this step."""
         for b in blocks:
-            if self._owner.get(b) != owner:
-                raise RuntimeError(f"{self.name} pool: block {b} freed by {owner!r} but owned by "
-                                   f"{self._owner.get(b)!r}")
-            del self._owner[b]
+            holders = self._holders.get(b)
+            if not holders or owner not in holders:
+                raise RuntimeError(f"{self.name} pool: block {b} freed by {owner!r} but held by "
+                                   f"{sorted(holders) if holders else None!r}")
+            if hold_back:
+                self._held_back.add(b)
+            holders.remove(owner)
+            if not holders:
+                del self._holders[b]
+                self._park(b)
+
+    def _park(self, b: int) -> None:
+        """Where a block nobody holds waits."""
+        if b in self._held_back:
+            return  # until new_step
+        if b in self._key_of:
+            self._evictable[b] = None
+        else:
             self._free.append(b)
 
+    def new_step(self) -> None:
+        """The step that may still read the held-back blocks has been launched: they may be handed out."""
+        held, self._held_back = self._held_back, set()
+        for b in held:
+            if b not in self._holders:
+                self._park(b)
+
+    def holders(self, block: int) -> frozenset[str]:
+        return frozenset(self._holders.get(block, ()))
+
     def owner(self, block: int) -> str | None:
-        return self._owner.get(block)
+        """The one sequence holding a block (None when nobody, or several, hold it)."""
+        holders = self._holders.get(block)
+        return next(iter(holders)) if holders and len(holders) == 1 else None
+
+    # ------------------------------------------------------------------ the cache
+    def register(self, block: int, key: bytes) -> None:
+        """Name a held, fully computed block by its key. If another block already has that key (two sequences
+        computed the same prefix at once) the first one keeps it and this one stays private."""
+        if block not in self._holders:
+            raise RuntimeError(f"{self.name} pool: block {block} is registered but nobody holds it")
+        if key in self._block_of or block in self._key_of:
+            return
+        self._block_of[key] = block
+        self._key_of[block] = key
+
+    def unregister(self, block: int) -> None:
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._block_of[key]
+
+    def lookup(self, key: bytes) -> int | None:
+        block = self._block_of.get(key)
+        return None if block in self._hidden else block
+
+    def hide(self, block: int) -> None:
+        """Not found by `lookup` until `unhide`: its holder may overwrite it this step."""
+        self._hidden.add(block)
+
+    def unhide(self, block: int) -> None:
+        self._hidden.discard(block)
+
+    def is_registered(self, block: int) -> bool:
+        return block in self._key_of
+
+    def reset_cache(self) -> None:
+        """Forget every key. Held blocks stay with their sequences (they become private); the others are free."""
+        for b in list(self._key_of):
+            self.unregister(b)
+        self._free.extend(self._evictable)
+        self._evictable.clear()
 
 
 @dataclass(slots=True)
 class BlockTables:
     full: list[int] = field(default_factory=list)
-    sliding: list[int] = field(default_factory=list)
+    sliding: list[int] = field(default_factory=list)  # by ring entry
+    sliding_logical: list[int] = field(default_factory=list)  # the block index (position // block_size) of each
+    registered: int = 0  # blocks below this index were offered to the cache (in the sliding pool: those in the ring)
+    # The ring before the last allocation, when that moved an entry to a new block: a prefill chunk reads its
+    # context (positions before it) through this, since its old blocks still hold it during the step.
+    sliding_context: list[int] | None = None
 
 
 class KVCacheManager:
@@ -79,6 +211,7 @@ class KVCacheManager:
         self.full = BlockPool("full", num_full_blocks if has_full_layers else 0)
         self.sliding = BlockPool("sliding", num_sliding_blocks if has_sliding_layers else 0)
         self._tables: dict[str, BlockTables] = {}
+        self._pending_moves: dict[str, set[int]] = {}  # seq -> ring entries `commit_step` decides
 
     # ------------------------------------------------------------------ sizing
     def blocks_for(self, num_tokens: int) -> tuple[int, int]:
@@ -101,25 +234,161 @@ class KVCacheManager:
     def tables(self, seq_id: str) -> BlockTables:
         return self._tables.setdefault(seq_id, BlockTables())
 
-    def allocate(self, seq_id: str, num_tokens: int) -> bool:
-        """Grow the sequence's tables to hold `num_tokens` tokens; all or nothing. False when blocks run out."""
-        t = self.tables(seq_id)
-        full, sliding = self.blocks_for(num_tokens)
-        need_full, need_sliding = max(0, full - len(t.full)), max(0, sliding - len(t.sliding))
-        if need_full > self.full.num_free or need_sliding > self.sliding.num_free:
+    def new_step(self) -> None:
+        """Call before allocating for a step, once the previous step has been launched."""
+        self.full.new_step()
+        self.sliding.new_step()
+
+    def allocate(self, seq_id: str, num_tokens: int, cached_prefix: Sequence[bytes] = ()) -> bool:
+        """Grow the sequence's tables to hold `num_tokens` tokens; all or nothing. False when blocks run out.
+
+        `cached_prefix`: keys (from `cached_prefix`) of blocks the sequence adopts from the cache instead of
+        computing them; only for a sequence that holds nothing yet."""
+        t = self._tables.get(seq_id)
+        if cached_prefix and t is not None and (t.full or t.sliding):
+            raise RuntimeError(f"{seq_id!r} already holds blocks: it cannot adopt a cached prefix")
+        if cached_prefix and num_tokens <= len(cached_prefix) * self.block_size:
+            raise ValueError("a sequence adopting a cached prefix must compute at least one token after it")
+        bs, ring = self.block_size, self.ring_blocks
+        n_blocks = math.ceil(num_tokens / bs)
+        n_prefix = len(cached_prefix)
+        adopt_full = [self._cached(self.full, k) for k in cached_prefix] if self.has_full else []
+        adopt_sliding = ([(j, self._cached(self.sliding, cached_prefix[j]))
+                          for j in range(max(0, n_prefix - (ring - 1)), n_prefix)] if self.has_sliding else [])
+        if t is not None:
+            blocks, logical = list(t.sliding), list(t.sliding_logical)
+        else:  # the adopted ring; an entry it does not fill is -1 until filled below
+            blocks, logical = [-1] * min(ring, n_prefix), [-1] * min(ring, n_prefix)
+            for j, b in adopt_sliding:
+                blocks[j % ring], logical[j % ring] = b, j
+
+        # The sliding ring must hold blocks last - ring + 1 .. last, block j in entry j % ring. An entry holding an
+        # older block (or none) gets a new block when the old one is not ours alone. When it is ours alone and
+        # registered, `commit_step` decides (moved to the cache if a block is left); otherwise it is reused in place.
+        last = max(n_blocks - 1, max(logical, default=-1)) if self.has_sliding else -1
+        changes: dict[int, tuple[int, str]] = {}  # ring entry -> (block index it will hold, "new" | "cache" | "reuse")
+        for j in range(max(0, last - ring + 1), last + 1):
+            e = j % ring
+            if e < len(logical) and logical[e] == j:
+                continue
+            old = blocks[e] if e < len(blocks) else -1
+            if old < 0 or self.sliding.holders(old) - {seq_id}:
+                changes[e] = (j, "new")
+            else:
+                changes[e] = (j, "cache" if self.sliding.is_registered(old) else "reuse")
+        num_new = sum(1 for _, how in changes.values() if how == "new")
+        need_full = max(0, n_blocks - (len(t.full) if t is not None else len(adopt_full))) if self.has_full else 0
+        if (need_full > self.full.num_allocatable - self._evictable_among(self.full, adopt_full)
+                or num_new > self.sliding.num_allocatable - self._evictable_among(self.sliding,
+                                                                                 [b for _, b in adopt_sliding])):
             return False
+
+        t = self.tables(seq_id)
+        if cached_prefix:
+            for b in adopt_full:
+                self.full.share(b, seq_id)
+            for _, b in adopt_sliding:
+                self.sliding.share(b, seq_id)
+            t.full, t.registered = list(adopt_full), n_prefix
         t.full += self.full.allocate(need_full, seq_id)
-        t.sliding += self.sliding.allocate(need_sliding, seq_id)
+        # a prefill chunk reads its context through the ring as it was: the old blocks still hold it this step
+        moving = any(e < len(blocks) and blocks[e] >= 0 for e in changes)
+        t.sliding_context = list(blocks) if moving else None
+        for e, (j, how) in sorted(changes.items(), key=lambda item: item[1][1] != "new"):
+            while len(blocks) <= e:
+                blocks.append(-1)
+                logical.append(-1)
+            old = blocks[e]
+            if how == "new":
+                blocks[e] = self.sliding.allocate(1, seq_id)[0]
+                if old >= 0:  # this step's prefill may still read it: not handed out before the next step
+                    self.sliding.free([old], seq_id, hold_back=True)
+            elif how == "cache":  # decided in commit_step, once every sequence of the step has what it needs
+                self.sliding.hide(old)
+                self._pending_moves.setdefault(seq_id, set()).add(e)
+            logical[e] = j
+        t.sliding, t.sliding_logical = blocks, logical
         return True
+
+    def commit_step(self) -> None:
+        """After a step's allocations: each ring entry that moved on from a registered block of its own (see
+        `allocate`) gets a new block if one is left, and the old block goes to the cache; otherwise the old block
+        is reused in place and leaves the cache. Done last so that keeping a cache entry never takes a block a
+        sequence of this step needs."""
+        pending, self._pending_moves = self._pending_moves, {}
+        for seq_id, entries in pending.items():
+            t = self._tables[seq_id]
+            for e in sorted(entries):
+                old = t.sliding[e]
+                self.sliding.unhide(old)
+                if self.sliding.num_allocatable:
+                    t.sliding[e] = self.sliding.allocate(1, seq_id)[0]
+                    self.sliding.free([old], seq_id, hold_back=True)
+                else:
+                    self.sliding.unregister(old)  # reused in place: its old tokens leave the cache
+
+    @staticmethod
+    def _cached(pool: BlockPool, key: bytes) -> int:
+        block = pool.lookup(key)
+        if block is None:
+            raise RuntimeError(f"{pool.name} pool: a block of the cached prefix is no longer cached")
+        return block
+
+    @staticmethod
+    def _evictable_among(pool: BlockPool, blocks) -> int:
+        """How many of the blocks to adopt an allocation could otherwise take (nobody holds them now)."""
+        return sum(1 for b in blocks if b in pool._evictable)
 
     def free(self, seq_id: str) -> None:
         t = self._tables.pop(seq_id, None)
+        for e in self._pending_moves.pop(seq_id, ()):
+            self.sliding.unhide(t.sliding[e])  # never overwritten: its block stays cached
         if t is not None:
             self.full.free(t.full, seq_id)
             self.sliding.free(t.sliding, seq_id)
 
     def has(self, seq_id: str) -> bool:
         return seq_id in self._tables
+
+    # ------------------------------------------------------------------ the prefix cache
+    def cached_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading blocks of `keys` a new sequence can adopt: every one of them cached in the full pool,
+        and the last ring_blocks - 1 of them (the window the next token sees) in the sliding pool."""
+        n = len(keys)
+        if self.has_full:
+            n = next((i for i, k in enumerate(keys) if self.full.lookup(k) is None), n)
+        if not self.has_sliding:
+            return n
+        best, run, need = 0, 0, self.ring_blocks - 1
+        for i in range(n):
+            run = run + 1 if self.sliding.lookup(keys[i]) is not None else 0
+            if run >= min(i + 1, need):
+                best = i + 1
+        return best
+
+    def register(self, seq_id: str, keys: Sequence[bytes], num_blocks: int) -> None:
+        """Offer the sequence's first `num_blocks` blocks (every token computed; `keys` names them) to the cache."""
+        t = self._tables.get(seq_id)
+        if t is None or num_blocks <= t.registered:
+            return
+        if self.has_full:
+            for j in range(t.registered, num_blocks):
+                self.full.register(t.full[j], keys[j])
+        if self.has_sliding:
+            ring = self.ring_blocks
+            for j in range(max(t.registered, num_blocks - ring), num_blocks):
+                e = j % ring
+                if e < len(t.sliding_logical) and t.sliding_logical[e] == j:
+                    self.sliding.register(t.sliding[e], keys[j])
+        t.registered = num_blocks
+
+    def needs_registering(self, seq_id: str, num_blocks: int) -> bool:
+        t = self._tables.get(seq_id)
+        return t is not None and num_blocks > t.registered
+
+    def reset_prefix_cache(self) -> None:
+        self.full.reset_cache()
+        self.sliding.reset_cache()
 
     # ------------------------------------------------------------------ addressing
     def full_slot(self, table: list[int], pos: int) -> int:

@@ -21,7 +21,7 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, seed: int | None = 0,
-                 async_scheduling: bool | None = None):
+                 async_scheduling: bool | None = None, enable_prefix_caching: bool = True):
         from ..model.model import TrinityForCausalLM
 
         if not isinstance(model, TrinityForCausalLM):
@@ -33,12 +33,15 @@ class LLM:
                               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                               num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, seed=seed,
-                              async_scheduling=async_scheduling)
+                              async_scheduling=async_scheduling, enable_prefix_caching=enable_prefix_caching)
         self.engine = LLMEngine(model, tokenizer, config)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
 
     def generate(self, prompts=None, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  prompt_token_ids: Seq[Seq[int]] | None = None, priority: Seq[int] | None = None) \

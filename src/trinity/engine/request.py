@@ -51,6 +51,8 @@ class Sequence:
     stop_reason: int | str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its leading blocks, as computed
     # outputs gathered as it runs
     text: str = ""
     logprobs: list[PositionLogprobs] | None = None
@@ -121,3 +123,4 @@ class RequestOutput:
     finished: bool
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed

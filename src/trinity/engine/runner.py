@@ -32,14 +32,15 @@ class CachePlan:
 
 def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, max_model_len: int,
                num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-               gpu_memory_utilization: float = 0.9) -> CachePlan:
+               gpu_memory_utilization: float = 0.9, prefix_caching: bool = False) -> CachePlan:
     """How many blocks each pool gets.
 
-    `num_kv_blocks`: exactly that many full-pool blocks, and as many sliding blocks (capped at what
-    `max_num_seqs` rings can ever use). Otherwise a byte budget (`kv_cache_memory`; on a GPU by default
-    `gpu_memory_utilization` of the device minus what is already allocated and an activation reserve) is
-    split: the sliding pool first (it is bounded: a ring per running sequence), the rest to the full pool,
-    never more than `max_num_seqs` sequences of `max_model_len` tokens can use.
+    `num_kv_blocks`: exactly that many full-pool blocks, and as many sliding blocks (without prefix caching
+    capped at what `max_num_seqs` rings can ever use). Otherwise a byte budget (`kv_cache_memory`; on a GPU by
+    default `gpu_memory_utilization` of the device minus what is already allocated and an activation reserve) is
+    split: the sliding pool first (a ring per running sequence), the rest to the full pool, never more than
+    `max_num_seqs` sequences of `max_model_len` tokens can use. With prefix caching, budget the full pool cannot
+    use goes to the sliding pool, where cached prefixes keep the blocks of their windows.
     """
     cfg = model.config
     n_sliding = sum(cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers))
@@ -52,13 +53,17 @@ def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, ma
     if num_kv_blocks is not None:
         if num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks = {num_kv_blocks} must be >= 1")
-        return CachePlan(block_size, num_kv_blocks if n_full else 0,
-                         min(num_kv_blocks, sliding_cap) if n_sliding else 0, full_bytes, sliding_bytes)
+        sliding_blocks = num_kv_blocks if prefix_caching else min(num_kv_blocks, sliding_cap)
+        return CachePlan(block_size, num_kv_blocks if n_full else 0, sliding_blocks if n_sliding else 0, full_bytes,
+                         sliding_bytes)
     if kv_cache_memory is None:
         kv_cache_memory = _default_kv_budget(model, gpu_memory_utilization, max_num_seqs)
     num_sliding = min(sliding_cap, kv_cache_memory // sliding_bytes) if n_sliding else 0
     rest = kv_cache_memory - num_sliding * sliding_bytes
     num_full = min(full_cap, rest // full_bytes) if n_full else 0
+    if prefix_caching and n_sliding:  # room for the cache: at most one block per token the full pool can hold
+        rest -= num_full * full_bytes
+        num_sliding += min(full_cap, rest // sliding_bytes)
     if (n_full and num_full < 1) or (n_sliding and num_sliding < 1):
         raise ValueError(f"KV cache budget of {kv_cache_memory / 2**20:.1f} MiB leaves no room for a single block "
                          f"(full block {full_bytes} B, sliding block {sliding_bytes} B)")
@@ -149,7 +154,8 @@ class ModelRunner:
         slot = kv.sliding_slot if sliding else kv.full_slot
         for seq, n, row in zip(batch.seqs, batch.num_tokens, starts):
             s = seq.num_computed_tokens
-            table = getattr(kv.tables(seq.seq_id), pool)
+            tables = kv.tables(seq.seq_id)
+            table = getattr(tables, pool)
             if n == 1:
                 # context: the window's last `window` tokens in a sliding layer (the new one included), else all
                 lo = max(0, s + 1 - self.window) if sliding else 0
@@ -165,9 +171,11 @@ class ModelRunner:
             prefill_rows += range(row + first_written - s, row + n)
             prefill_slots += kv.slots(table, first_written, s + n, sliding)
             lo = max(0, s - (self.window - 1)) if sliding else 0
+            # when this step's allocation moved ring entries to new blocks, the context is still in the old ones
+            context = tables.sliding_context if sliding and tables.sliding_context is not None else table
             prefills.append(PrefillMeta(
                 start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
-                ctx_slots=torch.tensor(kv.slots(table, lo, s, sliding), dtype=torch.long, device=dev),
+                ctx_slots=torch.tensor(kv.slots(context, lo, s, sliding), dtype=torch.long, device=dev),
                 ctx_pos=torch.arange(lo, s, device=dev)))
         ctx_slots, ctx_valid = self._decode_context(dec_tables, dec_lo, dec_len, sliding)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731

@@ -5,6 +5,10 @@ each), then chunks of prompts still being prefilled, then new sequences from the
 `max_num_seqs` and a token budget `max_num_batched_tokens`. A decode, a whole prompt, and a piece of one
 are the same thing to the runner: `n` tokens of a sequence, starting at `num_computed_tokens`.
 
+With prefix caching on, a sequence admitted from the waiting queue first adopts the longest run of its leading
+blocks the KV cache already holds (`KVCacheManager.cached_prefix`) and starts computing after it; after each
+step the blocks a sequence completed are offered to the cache (`cache_computed`).
+
 When blocks run out, the newest running sequence (lowest priority, latest arrival) is preempted: its
 blocks are freed and it goes back to the waiting queue to be recomputed from scratch later (prompt plus
 the tokens it already generated), which gives identical results.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from .kv_cache import KVCacheManager
+from .kv_cache import KVCacheManager, extend_block_keys
 from .request import Sequence, Status
 
 
@@ -24,6 +28,7 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -57,6 +62,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0  # tokens of sequences admitted with prefix caching on
+        self.prefix_hit_tokens = 0  # of those, tokens taken from the cache
 
     # ------------------------------------------------------------------ queue management
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
@@ -97,6 +104,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the step
     def schedule(self) -> ScheduledBatch:
+        self.kv.new_step()
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()
@@ -120,13 +128,45 @@ class Scheduler:
         # 2. Waiting sequences, in priority order, while nothing had to be preempted this step.
         while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n):
+            prefix = self._cached_prefix(seq)
+            start = len(prefix) * self.kv.block_size
+            n = min(seq.num_tokens - start, budget)
+            if not self.kv.allocate(seq.seq_id, start + n, prefix):
                 break
+            seq.num_computed_tokens = start
+            if self.config.enable_prefix_caching:
+                self.prefix_queried_tokens += seq.num_tokens
+                self.prefix_hit_tokens += start
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = start
             self.waiting.pop(0)
             seq.status = Status.RUNNING
             bisect.insort(self.running, seq, key=Sequence.sort_key)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
+        self.kv.commit_step()
         return batch
+
+    # ------------------------------------------------------------------ prefix caching
+    def _cached_prefix(self, seq: Sequence) -> list[bytes]:
+        """Keys of the leading blocks `seq` can take from the cache: never its last token (its logits are
+        needed), and nothing for a request that wants prompt logprobs (they need every prompt position)."""
+        if not self.config.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []
+        n = (seq.num_tokens - 1) // self.kv.block_size
+        keys = self._block_keys(seq, n)[:n]
+        return keys[:self.kv.cached_prefix(keys)]
+
+    def _block_keys(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        return extend_block_keys(seq.block_keys, seq.token_at, self.kv.block_size, num_blocks)
+
+    def cache_computed(self, seqs: list[Sequence]) -> None:
+        """Offer the blocks these sequences have now computed in full to the cache. Call once their step is
+        launched: a later step that adopts a block reads it after the writes, in stream order."""
+        if not self.config.enable_prefix_caching:
+            return
+        for seq in seqs:
+            n = min(seq.num_computed_tokens, seq.num_tokens) // self.kv.block_size  # tokens known, K/V computed
+            if self.kv.needs_registering(seq.seq_id, n):
+                self.kv.register(seq.seq_id, self._block_keys(seq, n), n)

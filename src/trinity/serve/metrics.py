@@ -110,6 +110,10 @@ class ServerMetrics:
         self.lookahead_steps = Gauge(p + "num_lookahead_steps_total",
                                      "Decode steps queued before the previous step's tokens were read.", "counter")
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens of finished requests.")
+        self.prefix_queries = Gauge(p + "prefix_cache_queries_total",
+                                    "Tokens of sequences looked up in the prefix cache.", "counter")
+        self.prefix_hits = Gauge(p + "prefix_cache_hits_total", "Of those, tokens found in the prefix cache.",
+                                 "counter")
         self.generation_tokens = Counter(p + "generation_tokens_total", "Tokens generated for finished requests.")
         self.request_success = Counter(p + "request_success_total", "Finished requests by finish reason.")
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from arrival to the first token.")
@@ -121,7 +125,7 @@ class ServerMetrics:
         self.expert_imbalance = Gauge(p + "moe_load_imbalance",
                                       "Recent expert load per MoE layer: max over mean (1 = perfectly balanced).")
         self._all = [self.running, self.waiting, self.kv_usage, self.preemptions, self.lookahead_steps,
-                     self.prompt_tokens,
+                     self.prompt_tokens, self.prefix_queries, self.prefix_hits,
                      self.generation_tokens, self.request_success, self.ttft, self.itl, self.e2e, self.queue,
                      self.expert_tokens, self.expert_imbalance]
 
@@ -132,6 +136,8 @@ class ServerMetrics:
             self.kv_usage.set(usage, pool=pool)
         self.preemptions.set(stats["num_preemptions"])
         self.lookahead_steps.set(stats["num_lookahead_steps"])
+        self.prefix_queries.set(stats["prefix_cache"]["queried_tokens"])
+        self.prefix_hits.set(stats["prefix_cache"]["hit_tokens"])
         if expert_load:
             for layer, tokens, imbalance in zip(expert_load["layers"], expert_load["tokens"],
                                                 expert_load["imbalance"]):
