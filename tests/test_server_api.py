@@ -42,9 +42,10 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def alt_server():
-    """qwen3_coder tool parser, no reasoning parser, a served name of its own."""
+    """qwen3_coder tool parser, no reasoning parser, a served name of its own, no prefix caching."""
     with ServerProcess("--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder", "--reasoning-parser",
                        "none", "--served-model-name", "trinity-test", "--max-model-len", str(MAX_MODEL_LEN),
+                       "--no-enable-prefix-caching",
                        api_key=API_KEY, name="qwen3-none") as s:
         yield s
 
@@ -307,6 +308,37 @@ def test_metrics(server, client):
     for name in ("prompt_tokens_total", "generation_tokens_total"):
         assert m[f"trinity:{name}"] > 0
     assert "# TYPE trinity:time_to_first_token_seconds histogram" in r.text
+
+
+def test_repeated_prompt_reports_cached_tokens(server, client):
+    """The second identical prompt takes every whole block but its last token's from the prefix cache, and
+    says so in usage (as OpenAI does) and in /metrics."""
+    messages = [{"role": "system", "content": "Answer in one word. " * 15 + "Ticket 5821-prefix."},
+                {"role": "user", "content": "Which colour is the sky?"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    n = first.usage.prompt_tokens
+    assert n > 64 and first.usage.prompt_tokens_details.cached_tokens < n // 2  # its text is new
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert second.usage.prompt_tokens == n
+    assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16  # the block size is 16
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+    for _ in range(2):  # the completions API reports it too
+        done = client.completions.create(model=MODEL, prompt="Reply with a number. " * 12, max_tokens=1)
+    assert done.usage.prompt_tokens_details.cached_tokens == (done.usage.prompt_tokens - 1) // 16 * 16 > 0
+    m = parse_metrics(server.http.get("/metrics").text)
+    assert m["trinity:prefix_cache_hits_total"] >= 2 * ((n - 1) // 16 * 16)
+    assert m["trinity:prefix_cache_queries_total"] >= 3 * n
+
+
+def test_prefix_caching_can_be_turned_off(alt_server):
+    messages = [{"role": "user", "content": "Name a colour. " * 10}]
+    for _ in range(2):
+        r = alt_server.client.chat.completions.create(model="trinity-test", messages=messages, max_tokens=1)
+        assert r.usage.prompt_tokens > 32 and r.usage.prompt_tokens_details.cached_tokens == 0
+    m = parse_metrics(alt_server.http.get("/metrics").text)
+    assert m["trinity:prefix_cache_hits_total"] == 0
 
 
 def test_openapi(server):

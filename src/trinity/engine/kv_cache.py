@@ -258,7 +258,8 @@ class KVCacheManager:
         if t is not None:
             blocks, logical = list(t.sliding), list(t.sliding_logical)
         else:  # the adopted ring; an entry it does not fill is -1 until filled below
-            blocks, logical = [-1] * min(ring, n_prefix), [-1] * min(ring, n_prefix)
+            size = min(ring, n_prefix) if self.has_sliding else 0
+            blocks, logical = [-1] * size, [-1] * size
             for j, b in adopt_sliding:
                 blocks[j % ring], logical[j % ring] = b, j
 

@@ -1,0 +1,422 @@
+"""Automatic prefix caching: the KV manager's shared blocks, and the engine's outputs with hits.
+
+The manager tests drive `KVCacheManager` the way the scheduler and runner do (new_step, allocate, commit_step,
+writes, register) with a model of what every slot holds, so a block that is adopted, evicted, moved out of a
+ring or reused in place is checked by its contents. The engine tests compare the log-probabilities of what a
+cached run generates with the whole-sequence forward of the same tokens.
+"""
+
+import random
+
+import pytest
+from engine_helpers import assert_pools_free, random_prompts, reference_logprobs, tiny_model
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from trinity.engine import LLM, SamplingParams
+from trinity.engine.kv_cache import KVCacheManager, extend_block_keys
+
+
+def keys_of(tokens, block_size, n=None):
+    return extend_block_keys([], tokens.__getitem__, block_size, len(tokens) // block_size if n is None else n)
+
+
+class Driver:
+    """The scheduler's and runner's use of the manager, with every slot's contents modelled: a slot holds
+    `tuple(tokens[:p + 1])` once position p of a sequence with those tokens was written there."""
+
+    def __init__(self, kv: KVCacheManager):
+        self.kv = kv
+        self.slots = {"full": {}, "sliding": {}}
+        self.tokens: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+
+    def admit(self, seq, tokens, n, use_cache=True):
+        """A waiting sequence's first step: adopt what the cache has, then compute n tokens (fewer if the hit
+        leaves fewer). Returns the tokens taken from the cache, or None when blocks ran out."""
+        kv = self.kv
+        kv.new_step()
+        keys = keys_of(tokens, kv.block_size, (len(tokens) - 1) // kv.block_size)
+        prefix = keys[:kv.cached_prefix(keys)] if use_cache else []
+        start = len(prefix) * kv.block_size
+        ok = kv.allocate(seq, start + min(n, len(tokens) - start), prefix)
+        kv.commit_step()
+        if not ok:
+            return None
+        self.tokens[seq], self.computed[seq] = tokens, start
+        self.run(seq, min(n, len(tokens) - start))
+        return start
+
+    def step(self, seq, n):
+        kv = self.kv
+        kv.new_step()
+        ok = kv.allocate(seq, self.computed[seq] + n)
+        kv.commit_step()
+        if ok:
+            self.run(seq, n)
+        return ok
+
+    def run(self, seq, n):
+        """Read the context as the runner does (checked against the model), then write, then register."""
+        kv, bs = self.kv, self.kv.block_size
+        s, tokens = self.computed[seq], self.tokens[seq]
+        t = kv.tables(seq)
+        for pool in ("full", "sliding"):
+            if not (kv.has_full if pool == "full" else kv.has_sliding):
+                continue
+            sliding = pool == "sliding"
+            table = t.sliding if sliding else t.full
+            context = t.sliding_context if sliding and t.sliding_context is not None and n > 1 else table
+            lo = max(0, s - (kv.sliding_window - 1)) if sliding else 0
+            if n == 1 and sliding:
+                lo = max(0, s + 1 - kv.sliding_window)
+            for p, slot in zip(range(lo, s), kv.slots(context, lo, s, sliding)):
+                assert self.slots[pool].get(slot) == tuple(tokens[:p + 1]), f"{pool} context of {seq} at {p}"
+            first = max(s, s + n - kv.ring_blocks * bs) if sliding and n > 1 else s
+            for p, slot in zip(range(first, s + n), kv.slots(table, first, s + n, sliding)):
+                assert getattr(kv, pool).holders(slot // bs) >= {seq}
+                self.slots[pool][slot] = tuple(tokens[:p + 1])
+        self.computed[seq] = s + n
+        done = (s + n) // bs
+        kv.register(seq, keys_of(tokens, bs, done), done)
+
+    def free(self, seq):
+        self.kv.free(seq)
+        del self.tokens[seq], self.computed[seq]
+
+    def check_cached_blocks(self, all_tokens):
+        """Every registered block holds exactly the tokens its key names."""
+        kv, bs = self.kv, self.kv.block_size
+        named = {}
+        for tokens in all_tokens:
+            for j, k in enumerate(keys_of(tokens, bs)):
+                named[k] = (tokens, j)
+        for pool_name in ("full", "sliding"):
+            pool = getattr(kv, pool_name)
+            for block, key in pool._key_of.items():
+                tokens, j = named[key]
+                for o in range(bs):
+                    assert self.slots[pool_name].get(block * bs + o) == tuple(tokens[:j * bs + o + 1])
+
+
+# ---------------------------------------------------------------------- keys
+def test_block_keys_name_the_whole_prefix():
+    a = [1, 2, 3, 4, 5, 6, 7, 8]
+    b = [9, 9, 9, 9, 5, 6, 7, 8]  # the same second block after a different first one
+    ka, kb = keys_of(a, 4), keys_of(b, 4)
+    assert len(ka) == 2 and len(set(ka)) == 2 and all(len(k) == 32 for k in ka)
+    assert ka[1] != kb[1] and ka[0] != kb[0]
+    assert keys_of(a + [1, 2, 3, 4], 4)[:2] == ka
+    grown = extend_block_keys(list(ka[:1]), a.__getitem__, 4, 2)  # extended in place, from the last key
+    assert grown == ka
+    assert keys_of([1, 2, 3, 5], 4) != keys_of([1, 2, 3, 4], 4)
+
+
+# ---------------------------------------------------------------------- the manager
+def test_hit_adopts_blocks_of_both_pools_and_shares_them():
+    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=8)  # ring of 3
+    d = Driver(kv)
+    tokens = list(range(100, 122))  # 22 tokens: 5 whole blocks
+    assert d.admit("a", tokens, 22) == 0
+    full_a, sliding_a = list(kv.tables("a").full), list(kv.tables("a").sliding)
+    assert (kv.full.num_cached, kv.sliding.num_cached) == (5, 2)  # the ring holds blocks 3, 4 and the partial 5
+    assert d.admit("b", tokens + [7], 23) == 20  # 5 blocks cached; the window tail (blocks 3, 4) in the ring
+    tb = kv.tables("b")
+    assert tb.full[:5] == full_a[:5] and tb.full[5] != full_a[5]
+    assert tb.sliding[0] == sliding_a[0] and tb.sliding[1] == sliding_a[1] and tb.sliding[2] != sliding_a[2]
+    assert kv.full.holders(full_a[0]) == {"a", "b"} and kv.full.holders(tb.full[5]) == {"b"}
+    used = kv.full.num_used
+    d.free("a")
+    assert kv.full.num_used == used - 1  # only a's partial last block was a's alone
+    d.free("b")
+    assert kv.full.num_free == kv.full.num_blocks and kv.full._holders == {} and kv.sliding._holders == {}
+    assert kv.full.num_cached == 5  # cached blocks stay, evictable
+    d.check_cached_blocks([tokens + [7]])
+
+
+def test_hit_needs_the_window_tail_in_the_sliding_pool():
+    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=8)
+    d = Driver(kv)
+    tokens = list(range(100, 122))
+    d.admit("a", tokens, 22)
+    d.free("a")
+    keys = keys_of(tokens, 4)
+    assert kv.cached_prefix(keys) == 5
+    kv.sliding.unregister(kv.sliding.lookup(keys[4]))  # block 4 of the window tail is gone: no hit
+    assert kv.full.lookup(keys[4]) is not None and kv.cached_prefix(keys) == 0
+    kv.full.unregister(kv.full.lookup(keys[2]))  # the full pool bounds the prefix as well
+    assert kv.cached_prefix(keys) == 0
+
+
+def test_short_prefixes_hit_without_a_full_window():
+    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=32)
+    d = Driver(kv)
+    tokens = list(range(50, 60))  # 2 whole blocks, shorter than the window
+    d.admit("a", tokens, 10)
+    assert d.admit("b", tokens[:8] + [1, 2, 3], 11) == 8
+    assert d.admit("c", tokens[:4] + [1, 2, 3, 4, 5], 9) == 4
+    assert d.admit("d", [1] + tokens[1:], 10) == 0  # the first token differs: every key differs
+
+
+def test_ring_moves_registered_blocks_to_the_cache_and_holds_them_back_for_the_step():
+    kv = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=6, sliding_window=8,
+                        has_full_layers=False)
+    d = Driver(kv)
+    tokens = list(range(30, 60))
+    d.admit("a", tokens, 12)  # blocks 0-2 fill the ring, registered
+    old = kv.tables("a").sliding[0]
+    assert kv.sliding.is_registered(old)
+    kv.new_step()
+    assert kv.allocate("a", 16)  # block 3 goes into entry 0
+    kv.commit_step()
+    t = kv.tables("a")
+    assert t.sliding[0] != old and t.sliding_logical[0] == 3
+    assert t.sliding_context[0] == old  # this step's context is read through the ring as it was
+    assert kv.sliding.holders(old) == frozenset() and kv.sliding.is_registered(old)
+    assert kv.sliding.num_free == 3 and kv.sliding.num_allocatable == 2  # `old` is held back until the next step
+    kv.new_step()
+    assert kv.sliding.num_allocatable == 3 and kv.sliding.lookup(keys_of(tokens, 4)[0]) == old
+
+
+def test_moving_to_the_cache_never_takes_a_block_another_sequence_needs():
+    kv = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=6, sliding_window=8,
+                        has_full_layers=False)  # two rings of 3 exactly
+    d = Driver(kv)
+    a, b = list(range(30, 60)), list(range(60, 90))
+    d.admit("a", a, 12)
+    d.admit("b", b, 8)
+    kv.new_step()
+    assert kv.allocate("a", 13)  # a's entry 0 moves on from a registered block: decided at commit
+    assert kv.allocate("b", 9)  # b takes the last free block
+    kv.commit_step()
+    assert kv.sliding.num_allocatable == 0 and kv.sliding.num_used == 6
+    ka = keys_of(a, 4)
+    assert kv.sliding.lookup(ka[0]) is None  # a's block 0 was reused in place and left the cache
+    assert kv.sliding.lookup(ka[1]) is not None
+
+
+def test_a_shared_block_is_never_written():
+    kv = KVCacheManager(block_size=4, num_full_blocks=30, num_sliding_blocks=30, sliding_window=8)
+    d = Driver(kv)
+    tokens = list(range(10, 40))
+    d.admit("a", tokens, 17)  # 4 whole blocks
+    assert d.admit("b", tokens[:17], 17) == 16
+    shared = kv.tables("b").sliding[2]  # block 2, held by a and b
+    assert kv.sliding.holders(shared) == {"a", "b"}
+    for _ in range(8):  # b decodes past it: the entry gets a new block, a keeps the shared one
+        d.tokens["b"] = d.tokens["b"] + [random.Random(0).randrange(100)]
+        assert d.step("b", 1)
+    assert kv.sliding.holders(shared) == {"a"} and shared not in kv.tables("b").sliding
+    d.check_cached_blocks([tokens, d.tokens["b"]])
+    assert d.admit("c", tokens[:17], 17) == 16  # a's blocks are intact: a new sequence still hits them
+
+
+def test_a_shared_block_is_not_reused_in_place_when_no_block_is_left():
+    kv = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=4, sliding_window=8,
+                        has_full_layers=False)
+    d = Driver(kv)
+    tokens = list(range(10, 30))
+    d.admit("a", tokens[:12], 12)  # ring: blocks 0-2
+    assert d.admit("b", tokens[:13], 13) == 12  # adopts blocks 1 and 2; block 3 takes the last free block
+    assert kv.sliding.num_allocatable == 0
+    d.tokens["b"] = list(tokens)  # b decodes on with the same tokens
+    for _ in range(13, 16):
+        assert d.step("b", 1)
+    assert not d.step("b", 1)  # block 4 goes where the shared block 1 is: it needs a block of its own
+    assert kv.sliding.holders(kv.tables("a").sliding[1]) == {"a", "b"}
+    d.free("b")
+    d.tokens["a"] = list(tokens)
+    assert d.step("a", 1) and d.step("a", 4)  # a goes on, reading its blocks 1 and 2 (checked by the model)
+    d.check_cached_blocks([tokens])
+
+
+def test_least_recently_released_blocks_are_evicted_first():
+    kv = KVCacheManager(block_size=4, num_full_blocks=6, num_sliding_blocks=6, sliding_window=4)
+    d = Driver(kv)
+    a, b = list(range(10, 19)), list(range(40, 49))  # 2 whole blocks each
+    d.admit("a", a, 9)
+    d.admit("b", b, 9)
+    d.free("a")
+    d.free("b")
+    assert kv.full.num_cached == 4
+    d.admit("c", list(range(70, 82)), 12)  # 3 blocks: the two never cached (a's and b's last), then a's first
+    ka, kb = keys_of(a, 4), keys_of(b, 4)
+    assert kv.full.lookup(ka[0]) is None and kv.full.lookup(kb[0]) is not None
+    assert kv.cached_prefix(ka) == 0 and kv.cached_prefix(kb) == 2
+
+
+def test_failed_allocation_with_a_prefix_changes_nothing():
+    kv = KVCacheManager(block_size=4, num_full_blocks=4, num_sliding_blocks=10, sliding_window=8)
+    d = Driver(kv)
+    tokens = list(range(10, 19))
+    d.admit("a", tokens, 9)
+    d.free("a")
+    before = (kv.full.num_allocatable, kv.full.num_cached, dict(kv.full._evictable))
+    keys = keys_of(tokens, 4)
+    kv.new_step()
+    assert kv.allocate("b", 8 + 9, keys[:2]) is False  # 5 blocks > 4
+    assert (kv.full.num_allocatable, kv.full.num_cached, dict(kv.full._evictable)) == before
+    assert not kv.has("b") or kv.tables("b").full == []
+    with pytest.raises(ValueError, match="at least one token"):
+        kv.allocate("b", 8, keys[:2])
+
+
+def test_reset_forgets_every_key():
+    kv = KVCacheManager(block_size=4, num_full_blocks=10, num_sliding_blocks=10, sliding_window=8)
+    d = Driver(kv)
+    tokens = list(range(10, 19))
+    d.admit("a", tokens, 9)
+    d.admit("b", tokens, 9)
+    d.free("a")
+    kv.reset_prefix_cache()
+    assert kv.full.num_cached == kv.sliding.num_cached == 0 and kv.cached_prefix(keys_of(tokens, 4)) == 0
+    d.free("b")
+    kv.new_step()
+    assert kv.full.num_allocatable == kv.full.num_blocks and kv.sliding.num_allocatable == kv.sliding.num_blocks
+
+
+class PrefixCacheMachine(RuleBasedStateMachine):
+    """Random sequences over a few shared prefixes, computed in random chunks, freed at random; every context
+    read is checked against what was written, every registered block against its key."""
+
+    @initialize(block_size=st.integers(1, 5), window=st.integers(1, 20), num_full=st.integers(8, 40),
+                num_sliding=st.integers(4, 30), kinds=st.sampled_from([(True, True), (True, False), (False, True)]))
+    def setup(self, block_size, window, num_full, num_sliding, kinds):
+        self.kv = KVCacheManager(block_size, num_full, num_sliding, window, has_full_layers=kinds[0],
+                                 has_sliding_layers=kinds[1])
+        self.d = Driver(self.kv)
+        rng = random.Random(block_size * 1000 + window)
+        self.stems = [[rng.randrange(4) for _ in range(40)] for _ in range(3)]
+        self.seen: list[list[int]] = []
+        self.count = 0
+        self.hits = 0
+
+    @rule(stem=st.integers(0, 2), cut=st.integers(0, 40), tail=st.lists(st.integers(0, 3), max_size=12),
+          chunk=st.integers(1, 30))
+    def admit(self, stem, cut, tail, chunk):
+        tokens = self.stems[stem][:cut] + tail
+        if not tokens or self.kv.fits_ever(len(tokens)) is not None:
+            return
+        seq = f"s{self.count}"
+        self.count += 1
+        got = self.d.admit(seq, tokens, chunk)
+        if got is not None:
+            self.seen.append(tokens)
+            self.hits += got
+
+    @precondition(lambda self: self.d.tokens)
+    @rule(data=st.data(), n=st.integers(1, 12))
+    def compute(self, data, n):
+        seq = data.draw(st.sampled_from(sorted(self.d.tokens)))
+        tokens = self.d.tokens[seq]
+        if self.d.computed[seq] + n > len(tokens):  # decode past the prompt: new tokens from a tiny alphabet
+            tokens.extend(data.draw(st.lists(st.integers(0, 3), min_size=self.d.computed[seq] + n - len(tokens),
+                                             max_size=self.d.computed[seq] + n - len(tokens))))
+        if self.kv.fits_ever(len(tokens)) is not None:
+            return
+        self.d.step(seq, n)
+        self.seen.append(list(tokens))
+
+    @precondition(lambda self: self.d.tokens)
+    @rule(data=st.data())
+    def free(self, data):
+        self.d.free(data.draw(st.sampled_from(sorted(self.d.tokens))))
+
+    @invariant()
+    def blocks_accounted_and_cache_truthful(self):
+        kv = self.kv
+        for pool_name in ("full", "sliding"):
+            pool = getattr(kv, pool_name)
+            held = {b for t in kv._tables.values() for b in getattr(t, pool_name)}
+            assert set(pool._holders) == held
+            idle = set(range(pool.num_blocks)) - held
+            parked = set(pool._free) | set(pool._evictable)
+            assert parked <= idle and not set(pool._free) & set(pool._evictable)
+            assert idle - parked <= pool._held_back
+            assert set(pool._evictable) <= set(pool._key_of) and not set(pool._free) & set(pool._key_of)
+            assert {pool._block_of[k] for k in pool._key_of.values()} == set(pool._key_of)
+            assert pool.num_used + pool.num_free == pool.num_blocks
+        self.d.check_cached_blocks(self.seen)
+
+    def teardown(self):
+        if hasattr(self, "kv"):
+            for seq in list(self.d.tokens):
+                self.d.free(seq)
+            self.kv.new_step()
+            for pool in (self.kv.full, self.kv.sliding):
+                assert pool.num_allocatable == pool.num_blocks and pool._holders == {}
+
+
+PrefixCacheMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None,
+                                                database=None, suppress_health_check=[HealthCheck.too_slow])
+TestPrefixCacheMachine = PrefixCacheMachine.TestCase
+
+
+# ---------------------------------------------------------------------- the engine
+def check_against_reference(model, prompts, outputs, tol=1e-4):
+    """Each generated token's logprob equals the whole-sequence forward's at that position."""
+    for prompt, out in zip(prompts, outputs):
+        c = out.outputs[0]
+        ref = reference_logprobs(model, prompt + c.token_ids)
+        for i, (token, lps) in enumerate(zip(c.token_ids, c.logprobs)):
+            assert lps[token].logprob == pytest.approx(ref[len(prompt) + i - 1, token].item(), abs=tol)
+
+
+@pytest.mark.parametrize("block_size,budget,num_kv_blocks,lookahead", [
+    (4, 7, None, False),  # chunked prefill: rings wrap inside a prompt, context read through the old ring
+    (2, 2048, 80, True),  # tight pools: evictions, preemptions, look-ahead decoding
+    (3, 16, 100, False),  # a block size that divides neither the window nor the chunks
+])
+def test_cached_runs_give_the_reference_logprobs(block_size, budget, num_kv_blocks, lookahead):
+    model = tiny_model(sliding_window=16)
+    rng = random.Random(block_size)
+    stem = random_prompts([70], seed=block_size)[0]
+    prompts = [stem[:rng.randrange(10, 70)] + random_prompts([rng.randrange(1, 12)], seed=100 + i)[0]
+               for i in range(10)]
+    sp = SamplingParams(max_tokens=10, temperature=0, logprobs=0, ignore_eos=True)
+    llm = LLM(model, block_size=block_size, max_num_batched_tokens=budget, num_kv_blocks=num_kv_blocks,
+              async_scheduling=lookahead, max_num_seqs=4, max_model_len=160)
+    outs = []
+    for i in range(0, len(prompts), 3):  # in groups: a later group hits what an earlier one computed
+        outs += llm.generate(prompt_token_ids=prompts[i:i + 3], sampling_params=sp)
+    # the next turn of three conversations: the whole earlier turn (prompt and answer) is a prefix
+    follow = [p + o.outputs[0].token_ids + [17, 18, 19] for p, o in zip(prompts[-3:], outs[-3:])]
+    follow_outs = llm.generate(prompt_token_ids=follow, sampling_params=sp)
+    stats = llm.engine.stats()["prefix_cache"]
+    assert stats["hit_tokens"] > 0 and 0 < stats["hit_rate"] < 1
+    if num_kv_blocks is None or num_kv_blocks >= 100:  # room to keep them: each next turn hits its earlier turn
+        assert all(o.num_cached_tokens > len(p) // 2 for p, o in zip(prompts[-3:], follow_outs))
+    else:  # 160 token slots for four running sequences of up to 80: the cache is evicted, sequences preempted
+        assert llm.engine.stats()["num_preemptions"] > 0
+    check_against_reference(model, prompts + follow, outs + follow_outs)
+    off = LLM(model, block_size=block_size, max_num_batched_tokens=budget, num_kv_blocks=num_kv_blocks,
+              enable_prefix_caching=False, max_num_seqs=4, max_model_len=160)
+    plain = off.generate(prompt_token_ids=prompts + follow, sampling_params=sp)
+    assert [o.outputs[0].token_ids for o in plain] == [o.outputs[0].token_ids for o in outs + follow_outs]
+    assert off.engine.stats()["prefix_cache"]["hit_tokens"] == 0 and off.engine.kv.full.num_cached == 0
+    assert_pools_free(llm.engine)
+
+
+def test_prompt_logprobs_and_n_with_a_cached_prompt():
+    model = tiny_model(sliding_window=16)
+    prompt = random_prompts([40], seed=3)[0]
+    llm = LLM(model, block_size=4, max_num_seqs=8)
+    llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=2))
+    # prompt logprobs need every position: no hit, and the values are the reference's
+    (out,) = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0))
+    assert out.num_cached_tokens == 0
+    ref = reference_logprobs(model, prompt)
+    for p in range(1, len(prompt)):
+        assert out.prompt_logprobs[p][prompt[p]].logprob == pytest.approx(ref[p - 1, prompt[p]].item(), abs=1e-4)
+    # n = 3 samples of a cached prompt: each sequence adopts the prefix
+    (many,) = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(n=3, max_tokens=6, seed=5,
+                                                                                    temperature=1.0))
+    assert many.num_cached_tokens == 36 and len(many.outputs) == 3
+    (alone,) = LLM(model, block_size=4, enable_prefix_caching=False).generate(
+        prompt_token_ids=[prompt], sampling_params=SamplingParams(n=3, max_tokens=6, seed=5, temperature=1.0))
+    assert [c.token_ids for c in many.outputs] == [c.token_ids for c in alone.outputs]
+    llm.reset_prefix_cache()
+    (again,) = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=1))
+    assert again.num_cached_tokens == 0
+    assert_pools_free(llm.engine)
