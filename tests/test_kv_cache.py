@@ -133,7 +133,8 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     def _snapshot(self):
         kv = self.kv
-        return (kv.full.num_free, kv.sliding.num_free, {b: set(h) for b, h in kv.full._holders.items()}, {b: set(h) for b, h in kv.sliding._holders.items()},
+        holders = [{b: set(h) for b, h in pool._holders.items()} for pool in (kv.full, kv.sliding)]
+        return (kv.full.num_free, kv.sliding.num_free, *holders,
                 {s: (list(t.full), list(t.sliding)) for s, t in kv._tables.items() if t.full or t.sliding})
 
     @rule(seq=st.sampled_from(["a", "b", "c", "d"]), num_tokens=st.integers(0, 120))

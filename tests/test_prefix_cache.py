@@ -74,7 +74,10 @@ class Driver:
             for p, slot in zip(range(lo, s), kv.slots(context, lo, s, sliding)):
                 assert self.slots[pool].get(slot) == tuple(tokens[:p + 1]), f"{pool} context of {seq} at {p}"
             first = max(s, s + n - kv.ring_blocks * bs) if sliding and n > 1 else s
-            for p, slot in zip(range(first, s + n), kv.slots(table, first, s + n, sliding)):
+            writes = list(zip(range(first, s + n), kv.slots(table, first, s + n, sliding)))
+            for j, block in t.sliding_spill if sliding else ():  # whole blocks the ring does not keep
+                writes += zip(range(j * bs, (j + 1) * bs), range(block * bs, (block + 1) * bs))
+            for p, slot in writes:
                 assert getattr(kv, pool).holders(slot // bs) >= {seq}
                 self.slots[pool][slot] = tuple(tokens[:p + 1])
         self.computed[seq] = s + n
@@ -115,12 +118,14 @@ def test_block_keys_name_the_whole_prefix():
 
 # ---------------------------------------------------------------------- the manager
 def test_hit_adopts_blocks_of_both_pools_and_shares_them():
-    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=8)  # ring of 3
+    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=8,
+                        prefix_caching=True)  # a ring of 3 blocks
     d = Driver(kv)
     tokens = list(range(100, 122))  # 22 tokens: 5 whole blocks
     assert d.admit("a", tokens, 22) == 0
     full_a, sliding_a = list(kv.tables("a").full), list(kv.tables("a").sliding)
-    assert (kv.full.num_cached, kv.sliding.num_cached) == (5, 2)  # the ring holds blocks 3, 4 and the partial 5
+    # the ring holds blocks 3, 4 and the partial 5; blocks 0-2, which it does not keep, were spilled for the cache
+    assert (kv.full.num_cached, kv.sliding.num_cached) == (5, 5)
     assert d.admit("b", tokens + [7], 23) == 20  # 5 blocks cached; the window tail (blocks 3, 4) in the ring
     tb = kv.tables("b")
     assert tb.full[:5] == full_a[:5] and tb.full[5] != full_a[5]
@@ -136,21 +141,24 @@ def test_hit_adopts_blocks_of_both_pools_and_shares_them():
 
 
 def test_hit_needs_the_window_tail_in_the_sliding_pool():
-    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=8)
+    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=8, prefix_caching=True)
     d = Driver(kv)
     tokens = list(range(100, 122))
     d.admit("a", tokens, 22)
     d.free("a")
     keys = keys_of(tokens, 4)
     assert kv.cached_prefix(keys) == 5
-    kv.sliding.unregister(kv.sliding.lookup(keys[4]))  # block 4 of the window tail is gone: no hit
-    assert kv.full.lookup(keys[4]) is not None and kv.cached_prefix(keys) == 0
-    kv.full.unregister(kv.full.lookup(keys[2]))  # the full pool bounds the prefix as well
-    assert kv.cached_prefix(keys) == 0
+    # a hit after m blocks needs blocks m - 2 and m - 1 (ring of 3) in the sliding pool
+    kv.sliding.unregister(kv.sliding.lookup(keys[4]))
+    assert kv.full.lookup(keys[4]) is not None and kv.cached_prefix(keys) == 4
+    kv.sliding.unregister(kv.sliding.lookup(keys[2]))
+    assert kv.cached_prefix(keys) == 2
+    kv.full.unregister(kv.full.lookup(keys[1]))  # the full pool bounds the prefix as well
+    assert kv.cached_prefix(keys) == 1
 
 
 def test_short_prefixes_hit_without_a_full_window():
-    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=32)
+    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=32, prefix_caching=True)
     d = Driver(kv)
     tokens = list(range(50, 60))  # 2 whole blocks, shorter than the window
     d.admit("a", tokens, 10)
@@ -161,7 +169,7 @@ def test_short_prefixes_hit_without_a_full_window():
 
 def test_ring_moves_registered_blocks_to_the_cache_and_holds_them_back_for_the_step():
     kv = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=6, sliding_window=8,
-                        has_full_layers=False)
+                        has_full_layers=False, prefix_caching=True)
     d = Driver(kv)
     tokens = list(range(30, 60))
     d.admit("a", tokens, 12)  # blocks 0-2 fill the ring, registered
@@ -179,9 +187,26 @@ def test_ring_moves_registered_blocks_to_the_cache_and_holds_them_back_for_the_s
     assert kv.sliding.num_allocatable == 3 and kv.sliding.lookup(keys_of(tokens, 4)[0]) == old
 
 
+def test_a_long_chunk_spills_the_blocks_its_ring_does_not_keep():
+    kv = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=6, sliding_window=8,
+                        has_full_layers=False, prefix_caching=True)
+    d = Driver(kv)
+    tokens = list(range(100, 132))  # 8 whole blocks in one chunk; the ring keeps blocks 5-7
+    d.admit("a", tokens, 32)  # 3 blocks are left for spills: the latest ones, 2-4
+    keys = keys_of(tokens, 4)
+    assert [kv.sliding.lookup(k) is not None for k in keys] == [False, False, True, True, True, True, True, True]
+    assert kv.sliding.num_used == 3 and kv.tables("a").sliding_spill == []  # let go once registered
+    d.check_cached_blocks([tokens])
+    assert d.admit("b", tokens[:21], 21) == 20  # a hit after 5 blocks reads the spilled blocks 3 and 4
+    off = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=6, sliding_window=8,
+                         has_full_layers=False)
+    Driver(off).admit("a", tokens, 32)
+    assert off.sliding.num_cached == 3 and off.tables("a").sliding_spill == []  # no spills without caching
+
+
 def test_moving_to_the_cache_never_takes_a_block_another_sequence_needs():
     kv = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=6, sliding_window=8,
-                        has_full_layers=False)  # two rings of 3 exactly
+                        has_full_layers=False, prefix_caching=True)  # two rings of 3 exactly
     d = Driver(kv)
     a, b = list(range(30, 60)), list(range(60, 90))
     d.admit("a", a, 12)
@@ -197,7 +222,7 @@ def test_moving_to_the_cache_never_takes_a_block_another_sequence_needs():
 
 
 def test_a_shared_block_is_never_written():
-    kv = KVCacheManager(block_size=4, num_full_blocks=30, num_sliding_blocks=30, sliding_window=8)
+    kv = KVCacheManager(block_size=4, num_full_blocks=30, num_sliding_blocks=30, sliding_window=8, prefix_caching=True)
     d = Driver(kv)
     tokens = list(range(10, 40))
     d.admit("a", tokens, 17)  # 4 whole blocks
@@ -214,7 +239,7 @@ def test_a_shared_block_is_never_written():
 
 def test_a_shared_block_is_not_reused_in_place_when_no_block_is_left():
     kv = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=4, sliding_window=8,
-                        has_full_layers=False)
+                        has_full_layers=False, prefix_caching=True)
     d = Driver(kv)
     tokens = list(range(10, 30))
     d.admit("a", tokens[:12], 12)  # ring: blocks 0-2
@@ -232,7 +257,7 @@ def test_a_shared_block_is_not_reused_in_place_when_no_block_is_left():
 
 
 def test_least_recently_released_blocks_are_evicted_first():
-    kv = KVCacheManager(block_size=4, num_full_blocks=6, num_sliding_blocks=6, sliding_window=4)
+    kv = KVCacheManager(block_size=4, num_full_blocks=6, num_sliding_blocks=6, sliding_window=4, prefix_caching=True)
     d = Driver(kv)
     a, b = list(range(10, 19)), list(range(40, 49))  # 2 whole blocks each
     d.admit("a", a, 9)
@@ -247,7 +272,7 @@ def test_least_recently_released_blocks_are_evicted_first():
 
 
 def test_failed_allocation_with_a_prefix_changes_nothing():
-    kv = KVCacheManager(block_size=4, num_full_blocks=4, num_sliding_blocks=10, sliding_window=8)
+    kv = KVCacheManager(block_size=4, num_full_blocks=4, num_sliding_blocks=10, sliding_window=8, prefix_caching=True)
     d = Driver(kv)
     tokens = list(range(10, 19))
     d.admit("a", tokens, 9)
@@ -263,7 +288,7 @@ def test_failed_allocation_with_a_prefix_changes_nothing():
 
 
 def test_reset_forgets_every_key():
-    kv = KVCacheManager(block_size=4, num_full_blocks=10, num_sliding_blocks=10, sliding_window=8)
+    kv = KVCacheManager(block_size=4, num_full_blocks=10, num_sliding_blocks=10, sliding_window=8, prefix_caching=True)
     d = Driver(kv)
     tokens = list(range(10, 19))
     d.admit("a", tokens, 9)
@@ -284,7 +309,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
                 num_sliding=st.integers(4, 30), kinds=st.sampled_from([(True, True), (True, False), (False, True)]))
     def setup(self, block_size, window, num_full, num_sliding, kinds):
         self.kv = KVCacheManager(block_size, num_full, num_sliding, window, has_full_layers=kinds[0],
-                                 has_sliding_layers=kinds[1])
+                                 has_sliding_layers=kinds[1], prefix_caching=True)
         self.d = Driver(self.kv)
         rng = random.Random(block_size * 1000 + window)
         self.stems = [[rng.randrange(4) for _ in range(40)] for _ in range(3)]
@@ -365,7 +390,7 @@ def check_against_reference(model, prompts, outputs, tol=1e-4):
 
 @pytest.mark.parametrize("block_size,budget,num_kv_blocks,lookahead", [
     (4, 7, None, False),  # chunked prefill: rings wrap inside a prompt, context read through the old ring
-    (2, 2048, 80, True),  # tight pools: evictions, preemptions, look-ahead decoding
+    (2, 2048, 60, True),  # tight pools: evictions, preemptions, look-ahead decoding
     (3, 16, 100, False),  # a block size that divides neither the window nor the chunks
 ])
 def test_cached_runs_give_the_reference_logprobs(block_size, budget, num_kv_blocks, lookahead):
@@ -387,7 +412,7 @@ def test_cached_runs_give_the_reference_logprobs(block_size, budget, num_kv_bloc
     assert stats["hit_tokens"] > 0 and 0 < stats["hit_rate"] < 1
     if num_kv_blocks is None or num_kv_blocks >= 100:  # room to keep them: each next turn hits its earlier turn
         assert all(o.num_cached_tokens > len(p) // 2 for p, o in zip(prompts[-3:], follow_outs))
-    else:  # 160 token slots for four running sequences of up to 80: the cache is evicted, sequences preempted
+    else:  # 120 token slots for four running sequences of up to 100: the cache is evicted, sequences preempted
         assert llm.engine.stats()["num_preemptions"] > 0
     check_against_reference(model, prompts + follow, outs + follow_outs)
     off = LLM(model, block_size=block_size, max_num_batched_tokens=budget, num_kv_blocks=num_kv_blocks,

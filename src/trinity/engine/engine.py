@@ -71,7 +71,8 @@ class LLMEngine:
                           config.kv_cache_memory, config.gpu_memory_utilization, config.enable_prefix_caching)
         sliding = [cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers)]
         self.kv = KVCacheManager(config.block_size, plan.num_full_blocks, plan.num_sliding_blocks,
-                                 cfg.sliding_window, has_full_layers=not all(sliding), has_sliding_layers=any(sliding))
+                                 cfg.sliding_window, has_full_layers=not all(sliding), has_sliding_layers=any(sliding),
+                                 prefix_caching=config.enable_prefix_caching)
         self.cache_plan = plan
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_prefix_caching), self.kv)

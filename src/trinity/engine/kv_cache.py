@@ -196,11 +196,14 @@ class BlockTables:
     # The ring before the last allocation, when that moved an entry to a new block: a prefill chunk reads its
     # context (positions before it) through this, since its old blocks still hold it during the step.
     sliding_context: list[int] | None = None
+    # (block index, block) of this step's spill blocks: whole blocks of a long prefill chunk that the ring does
+    # not keep, written to blocks of their own for the cache; registered and let go after the step
+    sliding_spill: list[tuple[int, int]] = field(default_factory=list)
 
 
 class KVCacheManager:
     def __init__(self, block_size: int, num_full_blocks: int, num_sliding_blocks: int, sliding_window: int,
-                 has_full_layers: bool = True, has_sliding_layers: bool = True):
+                 has_full_layers: bool = True, has_sliding_layers: bool = True, prefix_caching: bool = False):
         if block_size < 1:
             raise ValueError(f"block_size = {block_size} must be >= 1")
         self.block_size = block_size
@@ -211,7 +214,9 @@ class KVCacheManager:
         self.full = BlockPool("full", num_full_blocks if has_full_layers else 0)
         self.sliding = BlockPool("sliding", num_sliding_blocks if has_sliding_layers else 0)
         self._tables: dict[str, BlockTables] = {}
+        self.prefix_caching = prefix_caching  # spill blocks are made only for the cache
         self._pending_moves: dict[str, set[int]] = {}  # seq -> ring entries `commit_step` decides
+        self._pending_spills: dict[str, range] = {}  # seq -> block indices `commit_step` may spill
 
     # ------------------------------------------------------------------ sizing
     def blocks_for(self, num_tokens: int) -> tuple[int, int]:
@@ -266,7 +271,8 @@ class KVCacheManager:
         # The sliding ring must hold blocks last - ring + 1 .. last, block j in entry j % ring. An entry holding an
         # older block (or none) gets a new block when the old one is not ours alone. When it is ours alone and
         # registered, `commit_step` decides (moved to the cache if a block is left); otherwise it is reused in place.
-        last = max(n_blocks - 1, max(logical, default=-1)) if self.has_sliding else -1
+        held_last = max(logical, default=-1)
+        last = max(n_blocks - 1, held_last) if self.has_sliding else -1
         changes: dict[int, tuple[int, str]] = {}  # ring entry -> (block index it will hold, "new" | "cache" | "reuse")
         for j in range(max(0, last - ring + 1), last + 1):
             e = j % ring
@@ -309,6 +315,10 @@ class KVCacheManager:
                 self._pending_moves.setdefault(seq_id, set()).add(e)
             logical[e] = j
         t.sliding, t.sliding_logical = blocks, logical
+        # Whole blocks this call adds that the ring will not hold (a chunk longer than the ring): without a spill
+        # their sliding K/V is never stored, and no later prompt could hit at a point within a window after them.
+        if self.prefix_caching and self.has_sliding and last - ring > held_last:
+            self._pending_spills[seq_id] = range(held_last + 1, last - ring + 1)
         return True
 
     def commit_step(self) -> None:
@@ -317,6 +327,7 @@ class KVCacheManager:
         is reused in place and leaves the cache. Done last so that keeping a cache entry never takes a block a
         sequence of this step needs."""
         pending, self._pending_moves = self._pending_moves, {}
+        spills, self._pending_spills = self._pending_spills, {}
         for seq_id, entries in pending.items():
             t = self._tables[seq_id]
             for e in sorted(entries):
@@ -327,6 +338,12 @@ class KVCacheManager:
                     self.sliding.free([old], seq_id, hold_back=True)
                 else:
                     self.sliding.unregister(old)  # reused in place: its old tokens leave the cache
+        for seq_id, spill in spills.items():  # best effort, the latest blocks first (hits near the chunk's end)
+            t = self._tables[seq_id]
+            for j in reversed(spill):
+                if not self.sliding.num_allocatable:
+                    break
+                t.sliding_spill.append((j, self.sliding.allocate(1, seq_id)[0]))
 
     @staticmethod
     def _cached(pool: BlockPool, key: bytes) -> int:
@@ -344,9 +361,11 @@ class KVCacheManager:
         t = self._tables.pop(seq_id, None)
         for e in self._pending_moves.pop(seq_id, ()):
             self.sliding.unhide(t.sliding[e])  # never overwritten: its block stays cached
+        self._pending_spills.pop(seq_id, None)
         if t is not None:
             self.full.free(t.full, seq_id)
             self.sliding.free(t.sliding, seq_id)
+            self.sliding.free([b for _, b in t.sliding_spill], seq_id)
 
     def has(self, seq_id: str) -> bool:
         return seq_id in self._tables
@@ -370,7 +389,14 @@ class KVCacheManager:
     def register(self, seq_id: str, keys: Sequence[bytes], num_blocks: int) -> None:
         """Offer the sequence's first `num_blocks` blocks (every token computed; `keys` names them) to the cache."""
         t = self._tables.get(seq_id)
-        if t is None or num_blocks <= t.registered:
+        if t is None:
+            return
+        for j, b in t.sliding_spill:  # written by the step just launched: cached, then let go
+            if j < num_blocks:
+                self.sliding.register(b, keys[j])
+            self.sliding.free([b], seq_id)
+        t.sliding_spill = []
+        if num_blocks <= t.registered:
             return
         if self.has_full:
             for j in range(t.registered, num_blocks):
@@ -385,7 +411,7 @@ class KVCacheManager:
 
     def needs_registering(self, seq_id: str, num_blocks: int) -> bool:
         t = self._tables.get(seq_id)
-        return t is not None and num_blocks > t.registered
+        return t is not None and (num_blocks > t.registered or bool(t.sliding_spill))
 
     def reset_prefix_cache(self) -> None:
         self.full.reset_cache()

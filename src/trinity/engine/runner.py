@@ -170,6 +170,10 @@ class ModelRunner:
             first_written = max(s, s + n - capacity) if sliding else s
             prefill_rows += range(row + first_written - s, row + n)
             prefill_slots += kv.slots(table, first_written, s + n, sliding)
+            if sliding:  # whole blocks the ring does not keep, stored for the prefix cache (`sliding_spill`)
+                for j, block in tables.sliding_spill:
+                    prefill_rows += range(row + j * bs - s, row + (j + 1) * bs - s)
+                    prefill_slots += range(block * bs, (block + 1) * bs)
             lo = max(0, s - (self.window - 1)) if sliding else 0
             # when this step's allocation moved ring entries to new blocks, the context is still in the old ones
             context = tables.sliding_context if sliding and tables.sliding_context is not None else table
