@@ -16,10 +16,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from trinity.engine import LLM, SamplingParams
 from trinity.engine.kv_cache import KVCacheManager, extend_block_keys
+from trinity.engine.request import Sequence
 
 
 def keys_of(tokens, block_size, n=None):
-    return extend_block_keys([], tokens.__getitem__, block_size, len(tokens) // block_size if n is None else n)
+    return extend_block_keys([], lambda lo, hi: tokens[lo:hi], block_size, len(tokens) // block_size if n is None else n)
 
 
 class Driver:
@@ -111,9 +112,17 @@ def test_block_keys_name_the_whole_prefix():
     assert len(ka) == 2 and len(set(ka)) == 2 and all(len(k) == 32 for k in ka)
     assert ka[1] != kb[1] and ka[0] != kb[0]
     assert keys_of(a + [1, 2, 3, 4], 4)[:2] == ka
-    grown = extend_block_keys(list(ka[:1]), a.__getitem__, 4, 2)  # extended in place, from the last key
+    grown = extend_block_keys(list(ka[:1]), lambda lo, hi: a[lo:hi], 4, 2)  # extended in place, from the last key
     assert grown == ka
     assert keys_of([1, 2, 3, 5], 4) != keys_of([1, 2, 3, 4], 4)
+
+
+def test_sequence_token_ranges_cross_the_prompt_output_boundary():
+    seq = Sequence("s", "r", 0, [5, 6, 7], SamplingParams(), max_tokens=4, output_token_ids=[8, 9])
+    every = seq.all_token_ids
+    for lo in range(6):
+        for hi in range(lo, 6):
+            assert seq.token_ids_between(lo, hi) == every[lo:hi]
 
 
 # ---------------------------------------------------------------------- the manager

@@ -431,6 +431,7 @@ class LLMEngine:
             "num_lookahead_steps": self.num_lookahead_steps,
             "num_generated_tokens": self.num_generated_tokens,
             "num_prompt_tokens": self.num_prompt_tokens,
+            "num_cached_prompt_tokens": self.scheduler.cached_prompt_tokens,  # taken from the prefix cache instead
             "kv_cache_usage": kv.usage(),
             "kv_blocks": {"full": {"used": kv.full.num_used, "total": kv.full.num_blocks},
                           "sliding": {"used": kv.sliding.num_used, "total": kv.sliding.num_blocks}},

@@ -33,12 +33,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
-def extend_block_keys(keys: list[bytes], token_at, block_size: int, num_blocks: int) -> list[bytes]:
-    """Extend `keys` in place to the keys of the first `num_blocks` blocks; `token_at(i)` is token i.
-    Key j is SHA-256(key j-1 + tokens of block j): it names the whole prefix, not only the block."""
+def extend_block_keys(keys: list[bytes], tokens_between, block_size: int, num_blocks: int) -> list[bytes]:
+    """Extend `keys` in place to the keys of the first `num_blocks` blocks; `tokens_between(lo, hi)` gives tokens
+    lo..hi-1. Key j is SHA-256(key j-1 + tokens of block j): it names the whole prefix, not only the block."""
     parent = keys[-1] if keys else b""
     for j in range(len(keys), num_blocks):
-        tokens = array("q", (token_at(i) for i in range(j * block_size, (j + 1) * block_size)))
+        tokens = array("q", tokens_between(j * block_size, (j + 1) * block_size))
         parent = hashlib.sha256(parent + tokens.tobytes()).digest()
         keys.append(parent)
     return keys

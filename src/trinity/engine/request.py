@@ -73,6 +73,15 @@ class Sequence:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
+    def token_ids_between(self, lo: int, hi: int) -> list[int]:
+        """Tokens lo..hi-1 of prompt + output, without building `all_token_ids`."""
+        prompt, n = self.prompt_token_ids, len(self.prompt_token_ids)
+        if hi <= n:
+            return prompt[lo:hi]
+        if lo >= n:
+            return self.output_token_ids[lo - n:hi - n]
+        return prompt[lo:] + self.output_token_ids[:hi - n]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

@@ -64,6 +64,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queried_tokens = 0  # tokens of sequences admitted with prefix caching on
         self.prefix_hit_tokens = 0  # of those, tokens taken from the cache
+        self.cached_prompt_tokens = 0  # of those, prompt tokens (not earlier output recomputed after a preemption)
 
     # ------------------------------------------------------------------ queue management
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
@@ -137,6 +138,7 @@ class Scheduler:
             if self.config.enable_prefix_caching:
                 self.prefix_queried_tokens += seq.num_tokens
                 self.prefix_hit_tokens += start
+                self.cached_prompt_tokens += min(start, len(seq.prompt_token_ids))
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = start
             self.waiting.pop(0)
@@ -159,7 +161,7 @@ class Scheduler:
         return keys[:self.kv.cached_prefix(keys)]
 
     def _block_keys(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        return extend_block_keys(seq.block_keys, seq.token_at, self.kv.block_size, num_blocks)
+        return extend_block_keys(seq.block_keys, seq.token_ids_between, self.kv.block_size, num_blocks)
 
     def cache_computed(self, seqs: list[Sequence]) -> None:
         """Offer the blocks these sequences have now computed in full to the cache. Call once their step is

@@ -95,8 +95,9 @@ class DashboardSampler:
         engine = state.engine
         stats = engine.stats if engine is not None else {}
         load = engine.expert_load if engine is not None else None
-        current = _Sample(now, int(stats.get("num_generated_tokens", 0)), int(stats.get("num_prompt_tokens", 0)),
-                          load["tokens"] if load else None)
+        # prompt tokens served: computed, or taken from the prefix cache
+        prompt = int(stats.get("num_prompt_tokens", 0)) + int(stats.get("num_cached_prompt_tokens", 0))
+        current = _Sample(now, int(stats.get("num_generated_tokens", 0)), prompt, load["tokens"] if load else None)
 
         ref = self._reference(now, RATE_WINDOW_S)
         if ref is None:
