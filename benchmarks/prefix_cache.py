@@ -8,7 +8,9 @@ given the same requests one after another, alternating:
 - shared prefix: `--requests` prompts made of one `--system`-token system prompt and a different `--question`-token
   question each. The cached engine saw the system prompt once before (a warm-up request), as a server has;
 - multi-turn chat: `--turns` turns of one conversation; each prompt is the last one, its answer and a new
-  `--question`-token message.
+  `--question`-token message;
+- no reuse: `--requests` fresh `--system`-token prompts, nothing to hit: what caching costs on a miss (the keys,
+  the blocks kept for the cache).
 Each request is timed from `add_request` to the step that returns its first token; it generates `--answer` greedy
 tokens, which must be the same on both engines. Prints a table, then one JSON object last.
 """
@@ -106,9 +108,12 @@ def main() -> None:
                    next_prompt=lambda prompt, answer: prompt + answer + draw(args.question))
     print(f"{args.turns}-turn chat: cached {chat['cached_ttft_ms']} ms, uncached {chat['uncached_ttft_ms']} ms "
           f"({chat['speedup']}x), same answers {chat['same_answers']}")
+    fresh = compare(engines, [draw(args.system) for _ in range(args.requests)], "fresh", args.answer)
+    print(f"no reuse, {args.requests} fresh {args.system}-token prompts: cached {fresh['cached_ttft_ms']} ms, "
+          f"uncached {fresh['uncached_ttft_ms']} ms ({fresh['speedup']}x), same answers {fresh['same_answers']}")
     print(json.dumps({"benchmark": "prefix_cache", "model": "trinity-tiny (built-in)", "dtype": "float32",
                       "threads": args.threads, "torch": torch.__version__, "shared_prefix": shared,
-                      "multi_turn": chat}))
+                      "multi_turn": chat, "no_reuse": fresh}))
 
 
 if __name__ == "__main__":

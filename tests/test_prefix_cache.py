@@ -454,3 +454,23 @@ def test_prompt_logprobs_and_n_with_a_cached_prompt():
     (again,) = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=1))
     assert again.num_cached_tokens == 0
     assert_pools_free(llm.engine)
+
+
+def test_benchmark_script_runs_and_agrees():
+    """benchmarks/prefix_cache.py at a small size: hits where the prompts share blocks, none where they do not,
+    and the same answers with and without the cache."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "benchmarks/prefix_cache.py", "--system", "300", "--question", "8",
+                          "--answer", "2", "--requests", "2", "--turns", "2", "--threads", "1"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["shared_prefix"]["cached_tokens"] == [288, 288]  # 300 // 16 blocks of the system prompt
+    assert out["multi_turn"]["cached_tokens"][1] == 512
+    assert out["no_reuse"]["cached_tokens"] == [0, 0]
+    assert all(out[k]["same_answers"] == "2/2" for k in ("shared_prefix", "multi_turn", "no_reuse"))
