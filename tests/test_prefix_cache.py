@@ -149,6 +149,18 @@ def test_hit_adopts_blocks_of_both_pools_and_shares_them():
     d.check_cached_blocks([tokens + [7]])
 
 
+def test_an_empty_table_looked_at_before_admission_adopts_like_none():
+    kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=8,
+                        prefix_caching=True)
+    d = Driver(kv)
+    tokens = list(range(100, 122))
+    d.admit("a", tokens, 22)
+    kv.tables("b")  # e.g. asked for its capacity while it waited
+    assert d.admit("b", tokens + [7], 23) == 20
+    t = kv.tables("b")
+    assert len(t.full) == 6 and len(t.sliding) == 3 and -1 not in t.sliding and t.sliding_last == 5
+
+
 def test_hit_needs_the_window_tail_in_the_sliding_pool():
     kv = KVCacheManager(block_size=4, num_full_blocks=20, num_sliding_blocks=20, sliding_window=8, prefix_caching=True)
     d = Driver(kv)

@@ -192,6 +192,7 @@ class BlockTables:
     full: list[int] = field(default_factory=list)
     sliding: list[int] = field(default_factory=list)  # by ring entry
     sliding_logical: list[int] = field(default_factory=list)  # the block index (position // block_size) of each
+    sliding_last: int = -1  # the highest block index the ring holds (it holds the ring_blocks - 1 before it too)
     registered: int = 0  # blocks below this index were offered to the cache (in the sliding pool: those in the ring)
     # The ring before the last allocation, when that moved an entry to a new block: a prefill chunk reads its
     # context (positions before it) through this, since its old blocks still hold it during the step.
@@ -256,25 +257,30 @@ class KVCacheManager:
             raise ValueError("a sequence adopting a cached prefix must compute at least one token after it")
         bs, ring = self.block_size, self.ring_blocks
         n_blocks = math.ceil(num_tokens / bs)
+        if (t is not None and not cached_prefix and (not self.has_full or n_blocks <= len(t.full))
+                and (not self.has_sliding or n_blocks <= t.sliding_last + 1)):
+            t.sliding_context = None  # most decode steps: the blocks are there already
+            return True
         n_prefix = len(cached_prefix)
         adopt_full = [self._cached(self.full, k) for k in cached_prefix] if self.has_full else []
         adopt_sliding = ([(j, self._cached(self.sliding, cached_prefix[j]))
                           for j in range(max(0, n_prefix - (ring - 1)), n_prefix)] if self.has_sliding else [])
-        if t is not None:
-            blocks, logical = list(t.sliding), list(t.sliding_logical)
+        grows = t is not None and not cached_prefix  # else a new ring, maybe adopted
+        if grows:
+            blocks, logical, held_last = t.sliding, t.sliding_logical, t.sliding_last
         else:  # the adopted ring; an entry it does not fill is -1 until filled below
             size = min(ring, n_prefix) if self.has_sliding else 0
-            blocks, logical = [-1] * size, [-1] * size
+            blocks, logical, held_last = [-1] * size, [-1] * size, n_prefix - 1
             for j, b in adopt_sliding:
                 blocks[j % ring], logical[j % ring] = b, j
 
-        # The sliding ring must hold blocks last - ring + 1 .. last, block j in entry j % ring. An entry holding an
-        # older block (or none) gets a new block when the old one is not ours alone. When it is ours alone and
-        # registered, `commit_step` decides (moved to the cache if a block is left); otherwise it is reused in place.
-        held_last = max(logical, default=-1)
+        # The sliding ring must hold blocks last - ring + 1 .. last, block j in entry j % ring; it holds those up to
+        # `held_last` already. An entry holding an older block (or none) gets a new block when the old one is not
+        # ours alone. When it is ours alone and registered, `commit_step` decides (moved to the cache if a block is
+        # left); otherwise it is reused in place. A decode step looks at one entry at most.
         last = max(n_blocks - 1, held_last) if self.has_sliding else -1
         changes: dict[int, tuple[int, str]] = {}  # ring entry -> (block index it will hold, "new" | "cache" | "reuse")
-        for j in range(max(0, last - ring + 1), last + 1):
+        for j in range(max(held_last + 1 if grows else 0, last - ring + 1, 0), last + 1):
             e = j % ring
             if e < len(logical) and logical[e] == j:
                 continue
@@ -284,7 +290,7 @@ class KVCacheManager:
             else:
                 changes[e] = (j, "cache" if self.sliding.is_registered(old) else "reuse")
         num_new = sum(1 for _, how in changes.values() if how == "new")
-        need_full = max(0, n_blocks - (len(t.full) if t is not None else len(adopt_full))) if self.has_full else 0
+        need_full = max(0, n_blocks - (len(t.full) if grows else len(adopt_full))) if self.has_full else 0
         if (need_full > self.full.num_allocatable - self._evictable_among(self.full, adopt_full)
                 or num_new > self.sliding.num_allocatable - self._evictable_among(self.sliding,
                                                                                  [b for _, b in adopt_sliding])):
@@ -301,6 +307,7 @@ class KVCacheManager:
         # a prefill chunk reads its context through the ring as it was: the old blocks still hold it this step
         moving = any(e < len(blocks) and blocks[e] >= 0 for e in changes)
         t.sliding_context = list(blocks) if moving else None
+        t.sliding_last = last
         for e, (j, how) in sorted(changes.items(), key=lambda item: item[1][1] != "new"):
             while len(blocks) <= e:
                 blocks.append(-1)
