@@ -130,6 +130,47 @@ def test_engine_triton_path_gives_the_reference_tokens(monkeypatch):
     assert fast == ref
 
 
+@needs_interpreter
+def test_engine_triton_path_with_prefix_hits_gives_the_reference_tokens(monkeypatch):
+    """Prefix-cache hits through the Triton prefill attention, against the reference path without the cache: a
+    16-token window, a ring of 5 blocks of 4. The first prompt, in one chunk, spills the blocks its ring does not
+    keep; the second hits after 8 blocks (reading spilled block 4); the third hits after 9 and its ring moves on from
+    an adopted block whose context it still reads through the old ring."""
+    model = TrinityForCausalLM.random(preset("tiny", sliding_window=16), seed=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0)
+    stem = [(7 * i) % 200 + 10 for i in range(40)]
+    prompts = [stem[:37], stem[:33] + [3, 4, 5], stem + [9]]
+
+    def run(caching: bool) -> tuple[list[list[int]], int]:
+        engine = LLMEngine(model, None, EngineConfig(max_model_len=128, max_num_seqs=2, block_size=4,
+                                                     max_num_batched_tokens=40, enforce_eager=True,
+                                                     async_scheduling=False, enable_prefix_caching=caching))
+        tokens, logprobs = [], []
+        for i, ids in enumerate(prompts):  # one after another, so each later one can hit
+            engine.add_request(str(i), prompt_token_ids=ids,
+                               params=SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0))
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished:
+                        c = out.outputs[0]
+                        tokens.append(c.token_ids)
+                        logprobs += [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
+        return tokens, torch.tensor(logprobs), engine.stats()["prefix_cache"]["hit_tokens"]
+
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    fast, fast_lp, hits = run(True)
+    use_reference(True)
+    try:
+        ref, ref_lp, _ = run(False)
+    finally:
+        use_reference(None)
+    assert hits == 32 + 36 and fast == ref
+    torch.testing.assert_close(fast_lp, ref_lp, atol=1e-4, rtol=0)
+
+
 def _run(engine: LLMEngine) -> list[list[int]]:
     done = {}
     while engine.has_unfinished():
