@@ -3,7 +3,8 @@
 #
 #     bash benchmarks/gpu_session.sh 1      # correctness on the GPU, the epilogues, the launch count
 #     bash benchmarks/gpu_session.sh 2      # decode_gpu.py: Nano and Mini (the table), HF at batch 1/16
-#     bash benchmarks/gpu_session.sh 3      # the tuners (MoE tiles and crossover, prefill tiles), the profile
+#     bash benchmarks/gpu_session.sh 3      # the tuners (MoE tiles and crossover, prefill tiles), the profile,
+#                                           # Mini's TTFT with and without prefix caching
 #     bash benchmarks/gpu_session.sh list   # print each part's commands and check that every script exists
 #
 # Run from the repository root on the device machine (its own python3: torch with CUDA, Triton). Each step's whole
@@ -28,6 +29,7 @@ part3=(
   "tune_moe|$PY benchmarks/tune_moe.py"
   "tune_prefill|$PY benchmarks/tune_prefill.py"
   "profile|$PY benchmarks/profile_gpu.py --out ${OUT:-out/gpu}/part3"
+  "prefix_cache_mini|$PY benchmarks/prefix_cache.py --preset mini --device cuda --kv-gb 4"
 )
 
 run_part() {

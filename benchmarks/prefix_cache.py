@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/prefix_cache.py [--system 1500] [--question 32] [--requests 8] [--turns 6]
                                                 [--threads 2]
+    PYTHONPATH=src python3 benchmarks/prefix_cache.py --preset mini --device cuda   # a random bf16 Mini on a GPU
 
 Two engines over the same weights (fp32, what `make serve` runs on a CPU), one with prefix caching and one without,
 given the same requests one after another, alternating:
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from trinity import TrinityForCausalLM  # noqa: E402
+from trinity import TrinityForCausalLM, preset  # noqa: E402
 from trinity.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from trinity.loading import builtin_model_path  # noqa: E402
 
@@ -81,14 +82,22 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", default=None, help="a random-weight model of this preset instead of the built-in one")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kv-gb", type=float, default=2.0, help="KV cache budget of each of the two engines")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = TrinityForCausalLM.from_pretrained(builtin_model_path()).float().eval()
-    max_len = model.config.max_position_embeddings
+    if args.preset:  # bf16 on a GPU, fp32 on the CPU
+        dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
+        model = TrinityForCausalLM.random(preset(args.preset), dtype=dtype, device=args.device, seed=0).eval()
+    else:
+        model = TrinityForCausalLM.from_pretrained(builtin_model_path()).to(args.device).float().eval()
+    max_len = min(model.config.max_position_embeddings, 8192)
     longest = max(args.system + args.question, 512 + (args.turns - 1) * (args.answer + args.question))
     if longest + args.answer > max_len:
         raise SystemExit(f"these sizes reach {longest + args.answer} tokens; the model holds {max_len}")
-    config = dict(max_model_len=max_len, max_num_seqs=4, max_num_batched_tokens=max_len)
+    config = dict(max_model_len=max_len, max_num_seqs=4, max_num_batched_tokens=max_len,
+                  kv_cache_memory=int(args.kv_gb * 2**30))
     engines = {"cached": LLMEngine(model, None, EngineConfig(**config)),
                "uncached": LLMEngine(model, None, EngineConfig(**config, enable_prefix_caching=False))}
     vocab = model.config.vocab_size
@@ -111,7 +120,8 @@ def main() -> None:
     fresh = compare(engines, [draw(args.system) for _ in range(args.requests)], "fresh", args.answer)
     print(f"no reuse, {args.requests} fresh {args.system}-token prompts: cached {fresh['cached_ttft_ms']} ms, "
           f"uncached {fresh['uncached_ttft_ms']} ms ({fresh['speedup']}x), same answers {fresh['same_answers']}")
-    print(json.dumps({"benchmark": "prefix_cache", "model": "trinity-tiny (built-in)", "dtype": "float32",
+    print(json.dumps({"benchmark": "prefix_cache", "model": args.preset or "trinity-tiny (built-in)",
+                      "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
                       "threads": args.threads, "torch": torch.__version__, "shared_prefix": shared,
                       "multi_turn": chat, "no_reuse": fresh}))
 
