@@ -468,6 +468,26 @@ def test_prompt_logprobs_and_n_with_a_cached_prompt():
     assert_pools_free(llm.engine)
 
 
+def test_cache_salt_keeps_requests_apart():
+    from trinity.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(tiny_model(sliding_window=16), None, EngineConfig(block_size=4))
+    prompt = random_prompts([30], seed=4)[0]
+
+    def cached(request_id, salt):
+        engine.add_request(request_id, prompt_token_ids=prompt, params=SamplingParams(max_tokens=1),
+                           cache_salt=salt)
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    return out.num_cached_tokens
+
+    assert cached("a1", "tenant-a") == 0
+    assert cached("b1", "tenant-b") == 0  # the same tokens under another salt: nothing shared
+    assert cached("none", None) == 0
+    assert cached("a2", "tenant-a") == 28 and cached("b2", "tenant-b") == 28 and cached("none2", None) == 28
+
+
 def test_benchmark_script_runs_and_agrees():
     """benchmarks/prefix_cache.py at a small size: hits where the prompts share blocks, none where they do not,
     and the same answers with and without the cache."""

@@ -332,6 +332,21 @@ def test_repeated_prompt_reports_cached_tokens(server, client):
     assert m["trinity:prefix_cache_queries_total"] >= 3 * n
 
 
+def test_cache_salt_separates_tenants(server, client):
+    messages = [{"role": "user", "content": "Summarise the ticket. " * 8 + "Ticket 9913-salt."}]
+
+    def cached(**extra):
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens
+
+    first, n = cached(cache_salt="tenant-a")
+    assert n > 48 and first < n // 2
+    assert cached(cache_salt="tenant-b")[0] < n // 2  # another tenant does not see tenant a's blocks
+    assert cached(cache_salt="tenant-a")[0] == (n - 1) // 16 * 16
+    r = server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "cache_salt": ""})
+    assert_error(r, 400, "invalid_request_error")
+
+
 def test_prefix_caching_can_be_turned_off(alt_server):
     messages = [{"role": "user", "content": "Name a colour. " * 10}]
     for _ in range(2):

@@ -66,13 +66,13 @@ class AsyncEngine:
     # ------------------------------------------------------------------ the API
     async def generate(self, prompt: str | None = None, params: SamplingParams | None = None,
                        request_id: str | None = None, prompt_token_ids: list[int] | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields cumulative RequestOutputs as tokens arrive; the last one has `finished` set.
         Raises ValueError at once for a request that cannot run."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.prepare_request(request_id, prompt, params, prompt_token_ids, priority)
+        request = self.engine.prepare_request(request_id, prompt, params, prompt_token_ids, priority, cache_salt)
         async for out in self.submit(request):
             yield out
 

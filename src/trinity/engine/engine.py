@@ -94,8 +94,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def prepare_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
-                        prompt_token_ids: list[int] | None = None, priority: int = 0) -> _Request:
-        """Validate and build a request without touching engine state (safe from any thread)."""
+                        prompt_token_ids: list[int] | None = None, priority: int = 0,
+                        cache_salt: str | None = None) -> _Request:
+        """Validate and build a request without touching engine state (safe from any thread). `cache_salt`: the
+        request shares prefix-cache blocks only with requests that give the same salt (tenants apart)."""
         params = params or SamplingParams()
         if prompt_token_ids is None:
             if prompt is None:
@@ -127,7 +129,8 @@ class LLMEngine:
             seed = params.seed if params.n == 1 or params.seed is None else hash((params.seed, i)) % (1 << 62)
             seqs.append(Sequence(seq_id=request_id if params.n == 1 else f"{request_id}#{i}", request_id=request_id,
                                  index=i, prompt_token_ids=list(prompt_token_ids), params=params,
-                                 max_tokens=max_tokens, priority=priority, sampling_seed=seed, arrival_time=now))
+                                 max_tokens=max_tokens, priority=priority, sampling_seed=seed, arrival_time=now,
+                                 cache_salt=cache_salt))
         return _Request(request_id, prompt, list(prompt_token_ids), seqs, now)
 
     def enqueue(self, request: _Request) -> None:
@@ -146,8 +149,9 @@ class LLMEngine:
         self.requests[request.request_id] = request
 
     def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
-                    prompt_token_ids: list[int] | None = None, priority: int = 0) -> None:
-        self.enqueue(self.prepare_request(request_id, prompt, params, prompt_token_ids, priority))
+                    prompt_token_ids: list[int] | None = None, priority: int = 0,
+                    cache_salt: str | None = None) -> None:
+        self.enqueue(self.prepare_request(request_id, prompt, params, prompt_token_ids, priority, cache_salt))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""

@@ -33,10 +33,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
-def extend_block_keys(keys: list[bytes], tokens_between, block_size: int, num_blocks: int) -> list[bytes]:
+def extend_block_keys(keys: list[bytes], tokens_between, block_size: int, num_blocks: int,
+                      salt: str | None = None) -> list[bytes]:
     """Extend `keys` in place to the keys of the first `num_blocks` blocks; `tokens_between(lo, hi)` gives tokens
-    lo..hi-1. Key j is SHA-256(key j-1 + tokens of block j): it names the whole prefix, not only the block."""
-    parent = keys[-1] if keys else b""
+    lo..hi-1. Key j is SHA-256(key j-1 + tokens of block j): it names the whole prefix, not only the block. A
+    `salt` starts the chain elsewhere: only requests with the same salt share blocks."""
+    parent = keys[-1] if keys else (b"" if salt is None else hashlib.sha256(b"salt\0" + salt.encode()).digest())
     for j in range(len(keys), num_blocks):
         tokens = array("q", tokens_between(j * block_size, (j + 1) * block_size))
         parent = hashlib.sha256(parent + tokens.tobytes()).digest()

@@ -53,6 +53,7 @@ class Sequence:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its leading blocks, as computed
+    cache_salt: str | None = None  # shares cached blocks only with requests of the same salt
     # outputs gathered as it runs
     text: str = ""
     logprobs: list[PositionLogprobs] | None = None

@@ -161,7 +161,8 @@ class Scheduler:
         return keys[:self.kv.cached_prefix(keys)]
 
     def _block_keys(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        return extend_block_keys(seq.block_keys, seq.token_ids_between, self.kv.block_size, num_blocks)
+        return extend_block_keys(seq.block_keys, seq.token_ids_between, self.kv.block_size, num_blocks,
+                                 seq.cache_salt)
 
     def cache_computed(self, seqs: list[Sequence]) -> None:
         """Offer the blocks these sequences have now computed in full to the cache. Call once their step is

@@ -75,7 +75,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                  settings.reasoning_parser != "none" and prompt.endswith("<think>\n"), body.top_logprobs or 0,
                  bool(body.stream_options and body.stream_options.include_usage))
     prepared = state.prepare(engine, plan.request_id, state.tokenizer.encode(prompt), params, body.priority,
-                             "messages")
+                             "messages", body.cache_salt)
     if body.stream:
         events = _stream_events(state, plan, state.run(engine, prepared), body.n)
         return StreamingResponse(sse_stream(events), media_type="text/event-stream")

@@ -37,7 +37,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     params = state.sampling_params(body, body.max_tokens, body.logprobs, constraint)
     base_id = state.new_id("cmpl")
     prompts = _prompts(state, body.prompt)
-    prepared = [state.prepare(engine, f"{base_id}-{i}", ids, params, body.priority, "prompt")
+    prepared = [state.prepare(engine, f"{base_id}-{i}", ids, params, body.priority, "prompt", body.cache_salt)
                 for i, (_, ids) in enumerate(prompts)]
     created, name = int(time.time()), state.settings.served_model_name
     top = body.logprobs or 0

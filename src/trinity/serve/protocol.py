@@ -74,6 +74,8 @@ class SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     priority: int = 0
+    # vLLM's: prefix-cache blocks are shared only between requests with the same salt
+    cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

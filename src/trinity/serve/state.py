@@ -118,9 +118,9 @@ class ServerState:
             raise APIError(400, str(e), param=e.param) from None
 
     def prepare(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                priority: int, prompt_param: str):
+                priority: int, prompt_param: str, cache_salt: str | None = None):
         try:
-            return engine.engine.prepare_request(request_id, None, params, prompt_ids, priority)
+            return engine.engine.prepare_request(request_id, None, params, prompt_ids, priority, cache_salt)
         except ValueError as e:
             message = str(e)
             param = "max_tokens" if "max_tokens" in message and params.max_tokens is not None else prompt_param
