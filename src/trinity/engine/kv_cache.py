@@ -17,10 +17,13 @@ computing them. A hit needs both pools: the full layers need every block of the 
 only the last ring_blocks - 1 blocks of it (the window the next token sees).
 
 The ring and the cache: when a sequence's ring entry moves on to a new block, the block it held leaves the
-sequence. A registered block then goes to the cache (the entry gets a new block) so that a later prompt
-can still hit there; an unregistered one is reused in place, as without caching. A block that left a ring
-in this step may still be read this step (a long prefill chunk reads its context before writing), so it is
-*held back*: not handed out again until `new_step()`, called before the next step's allocations.
+sequence. A registered block then goes to the cache, if a block is left for the entry once every sequence of
+the step has what it needs (`commit_step`), so that a later prompt can still hit there; otherwise, and for an
+unregistered block, the block is reused in place, as without caching. A prefill chunk longer than the ring
+writes the whole blocks the ring would never hold into blocks of their own ("spills", also in `commit_step`),
+registered and let go after the step. A block that left a ring in this step may still be read this step (a
+prefill chunk reads its context before writing, through `BlockTables.sliding_context`), so it is *held back*:
+not handed out again until `new_step()`, called before the next step's allocations.
 """
 
 from __future__ import annotations
