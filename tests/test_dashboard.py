@@ -170,6 +170,8 @@ def test_dashboard_live_in_chromium(server, browser, tmp_path):
         assert re.search(r"(ms|s)$", page.inner_text("#itl-p90")), page.inner_text("#itl-p90")
         for pool in ("full", "sliding"):
             assert re.search(r"\d+ / \d+ blocks \(\d+\.\d%\)", page.inner_text(f"#kv-{pool}")), pool
+        hits = re.fullmatch(r"(\d+\.\d)% of (\d+) tokens", page.inner_text("#prefix-hits"))
+        assert hits and 0 <= float(hits.group(1)) <= 100 and int(hits.group(2)) > 0, page.inner_text("#prefix-hits")
 
         # The heatmap: one cell per (MoE layer, expert) as /metrics counts them, painted in several colours.
         page.wait_for_function("() => Number(document.getElementById('expert-heatmap').dataset.cells || 0) > 0",

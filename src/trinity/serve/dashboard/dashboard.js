@@ -222,6 +222,9 @@ function render(s) {
   renderLatency("ttft", s.ttft);
   renderLatency("itl", s.itl);
   renderKv(s.kv);
+  const pc = s.prefix_cache;  // tokens of admitted sequences found in the cache, since start
+  setText("prefix-hits", !pc ? "–" : !pc.enabled ? "off"
+    : `${(100 * pc.hit_rate).toFixed(1)}% of ${pc.queried_tokens} tokens`);
   renderGpus(s.gpus);
   tpsHistory.push(s.tokens_per_s);
   if (tpsHistory.length > HISTORY) tpsHistory.shift();

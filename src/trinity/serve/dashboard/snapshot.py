@@ -122,6 +122,7 @@ class DashboardSampler:
             "preemptions": int(stats.get("num_preemptions", 0)),
             "steps": int(stats.get("num_steps", 0)),
             "kv": self._kv(stats),
+            "prefix_cache": stats.get("prefix_cache"),
             "ttft": self._latency(state.metrics.ttft.recent, now),
             "itl": self._latency(state.metrics.itl.recent, now),
             "experts": self._experts(now, current, load),
