@@ -252,9 +252,13 @@ def test_random_aborts_free_everything_and_others_are_unaffected(model, seed):
             if specs[rid][2] == 2:
                 kinds.add("n2")
             seq_ids = [s.seq_id for s in engine.requests[rid].seqs]
+            # a sample of an n = 2 request may have finished already (with prefix caching the second one starts
+            # once the first has computed the prompt's blocks); it keeps its reason, the others are aborted
+            done = {s.index: s.finish_reason for s in engine.requests[rid].seqs if s.finished}
             out = engine.abort(rid)
             assert out.finished and out.request_id == rid
-            assert {c.finish_reason for c in out.outputs} == {"abort"}
+            assert [c.finish_reason for c in out.outputs] == [done.get(c.index, "abort") for c in out.outputs]
+            assert len(done) < len(out.outputs)
             assert [c.index for c in out.outputs] == list(range(specs[rid][2]))
             assert all(engine.kv.tokens_capacity(s) == {"full": 0, "sliding": 0} for s in seq_ids)
             assert engine.abort(rid) is None

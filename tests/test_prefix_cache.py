@@ -33,20 +33,24 @@ class Driver:
         self.tokens: dict[str, list[int]] = {}
         self.computed: dict[str, int] = {}
 
-    def admit(self, seq, tokens, n, use_cache=True):
+    def admit(self, seq, tokens, n, use_cache=True, within_step=False):
         """A waiting sequence's first step: adopt what the cache has, then compute n tokens (fewer if the hit
-        leaves fewer). Returns the tokens taken from the cache, or None when blocks ran out."""
+        leaves fewer). Returns the tokens taken from the cache, or None when blocks ran out. `within_step`: only
+        the allocation, inside a step the caller began and will commit and run (`run(seq, n)`)."""
         kv = self.kv
-        kv.new_step()
+        if not within_step:
+            kv.new_step()
         keys = keys_of(tokens, kv.block_size, (len(tokens) - 1) // kv.block_size)
         prefix = keys[:kv.cached_prefix(keys)] if use_cache else []
         start = len(prefix) * kv.block_size
         ok = kv.allocate(seq, start + min(n, len(tokens) - start), prefix)
-        kv.commit_step()
+        if not within_step:
+            kv.commit_step()
         if not ok:
             return None
         self.tokens[seq], self.computed[seq] = tokens, start
-        self.run(seq, min(n, len(tokens) - start))
+        if not within_step:
+            self.run(seq, min(n, len(tokens) - start))
         return start
 
     def step(self, seq, n):
@@ -240,6 +244,36 @@ def test_moving_to_the_cache_never_takes_a_block_another_sequence_needs():
     ka = keys_of(a, 4)
     assert kv.sliding.lookup(ka[0]) is None  # a's block 0 was reused in place and left the cache
     assert kv.sliding.lookup(ka[1]) is not None
+
+
+@pytest.mark.parametrize("num_sliding", [8, 4])
+def test_adopting_a_block_its_holder_moves_on_from_in_the_same_step(num_sliding):
+    """b adopts block 0 in the step in which a's ring moves on from it: a must get its new block then, not reuse
+    block 0 in place at commit. With 4 blocks there is no block for both, and b waits."""
+    kv = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=num_sliding, sliding_window=8,
+                        has_full_layers=False, prefix_caching=True)
+    d = Driver(kv)
+    tokens = list(range(30, 60))
+    d.admit("a", tokens[:12], 12)  # ring: blocks 0-2, registered
+    d.tokens["a"] = list(tokens)
+    first = kv.tables("a").sliding[0]
+    kv.new_step()
+    assert kv.allocate("a", 13)  # a's entry 0 moves on from block 0: to the cache, decided at commit
+    admitted = d.admit("b", tokens[:5], 5, within_step=True)  # b would adopt block 0 in the same step
+    kv.commit_step()
+    d.run("a", 1)  # a reads its context through the old ring (block 0 included), writes its entry 0
+    if num_sliding == 4:
+        assert admitted is None and not kv.has("b")
+        d.check_cached_blocks([tokens])
+        return
+    assert admitted == 4
+    assert kv.tables("a").sliding[0] != first and kv.tables("b").sliding[0] == first
+    assert kv.sliding.holders(first) == {"b"} and kv.sliding.is_registered(first)
+    d.run("b", 1)  # reads block 0 as context: a did not write into it
+    d.tokens["b"] = list(tokens)  # b goes on with the same tokens
+    d.check_cached_blocks([tokens])
+    assert d.step("a", 3) and d.step("b", 3)
+    d.check_cached_blocks([tokens])
 
 
 def test_a_shared_block_is_never_written():
@@ -466,6 +500,21 @@ def test_prompt_logprobs_and_n_with_a_cached_prompt():
     (again,) = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=1))
     assert again.num_cached_tokens == 0
     assert_pools_free(llm.engine)
+
+
+def test_the_samples_of_one_request_compute_its_prompt_once():
+    """n = 4: the first sequence computes the prompt, the three others wait for its blocks and adopt them."""
+    model = tiny_model(sliding_window=16)
+    prompt = random_prompts([200], seed=3)[0]
+    sp = SamplingParams(n=4, max_tokens=8, seed=7, temperature=1.0)
+    outs, computed = {}, {}
+    for caching in (True, False):
+        llm = LLM(model, block_size=4, enable_prefix_caching=caching, max_num_batched_tokens=64)
+        (outs[caching],) = llm.generate(prompt_token_ids=[prompt], sampling_params=sp)
+        computed[caching] = llm.engine.stats()["num_prompt_tokens"]
+    assert computed == {True: 200 + 3 * 4, False: 4 * 200}  # each other sample computes only the partial block
+    assert outs[True].num_cached_tokens == 196
+    assert [c.token_ids for c in outs[True].outputs] == [c.token_ids for c in outs[False].outputs]
 
 
 def test_cache_salt_keeps_requests_apart():

@@ -27,6 +27,8 @@ def fake_run(sched: Scheduler, batch) -> list[Sequence]:
     for seq, n in zip(batch.seqs, batch.num_tokens):
         seq.num_computed_tokens += n
         assert seq.num_computed_tokens <= seq.num_tokens
+    sched.cache_computed(batch.seqs)  # with prefix caching: the blocks now computed go to the cache
+    for seq, n in zip(batch.seqs, batch.num_tokens):
         if seq.num_computed_tokens == seq.num_tokens:
             seq.output_token_ids.append(DUMMY)
             if len(seq.output_token_ids) >= seq.max_tokens:
@@ -182,10 +184,11 @@ def test_remove_waiting_and_running():
 # ---------------------------------------------------------------------- randomized state machine
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(bs=st.integers(1, 5), window=st.integers(1, 12), blocks=st.integers(4, 30),
-                max_num_seqs=st.integers(1, 5), budget=st.integers(1, 24))
-    def setup(self, bs, window, blocks, max_num_seqs, budget):
-        self.kv = KVCacheManager(bs, blocks, blocks, window)
-        self.sched = Scheduler(SchedulerConfig(max_num_seqs, budget, 64), self.kv)
+                max_num_seqs=st.integers(1, 5), budget=st.integers(1, 24), caching=st.booleans())
+    def setup(self, bs, window, blocks, max_num_seqs, budget, caching):
+        # every prompt is [1] * length: with prefix caching on, later ones hit what earlier ones computed
+        self.kv = KVCacheManager(bs, blocks, blocks, window, prefix_caching=caching)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs, budget, 64, enable_prefix_caching=caching), self.kv)
         self.live: dict[str, Sequence] = {}
         self.finished: list[Sequence] = []
         self.count = 0
@@ -257,7 +260,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert kv.tokens_capacity(seq.seq_id) == {"full": 0, "sliding": 0}
         keys = [s.sort_key() for s in sched.waiting]
         assert keys == sorted(keys)
-        held = sum(len(kv.tables(s.seq_id).full) for s in sched.running)
+        held = len({b for s in sched.running for b in kv.tables(s.seq_id).full})  # shared blocks count once
         assert kv.full.num_used == held
         assert kv.full.num_used + kv.full.num_free == kv.full.num_blocks
         assert kv.sliding.num_used + kv.sliding.num_free == kv.sliding.num_blocks

@@ -64,7 +64,6 @@ class BlockPool:
         self._key_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
         self._held_back: set[int] = set()  # left a ring this step: not handed out before `new_step`
-        self._hidden: set[int] = set()  # registered, but not to be adopted (see `KVCacheManager.commit_step`)
 
     # ------------------------------------------------------------------ counts
     @property
@@ -171,15 +170,7 @@ class BlockPool:
             del self._block_of[key]
 
     def lookup(self, key: bytes) -> int | None:
-        block = self._block_of.get(key)
-        return None if block in self._hidden else block
-
-    def hide(self, block: int) -> None:
-        """Not found by `lookup` until `unhide`: its holder may overwrite it this step."""
-        self._hidden.add(block)
-
-    def unhide(self, block: int) -> None:
-        self._hidden.discard(block)
+        return self._block_of.get(key)
 
     def is_registered(self, block: int) -> bool:
         return block in self._key_of
@@ -221,7 +212,7 @@ class KVCacheManager:
         self.sliding = BlockPool("sliding", num_sliding_blocks if has_sliding_layers else 0)
         self._tables: dict[str, BlockTables] = {}
         self.prefix_caching = prefix_caching  # spill blocks are made only for the cache
-        self._pending_moves: dict[str, set[int]] = {}  # seq -> ring entries `commit_step` decides
+        self._pending_moves: dict[int, tuple[str, int]] = {}  # block -> (seq, ring entry): `commit_step` decides
         self._pending_spills: dict[str, range] = {}  # seq -> block indices `commit_step` may spill
 
     # ------------------------------------------------------------------ sizing
@@ -295,6 +286,9 @@ class KVCacheManager:
             else:
                 changes[e] = (j, "cache" if self.sliding.is_registered(old) else "reuse")
         num_new = sum(1 for _, how in changes.values() if how == "new")
+        # an adopted block whose holder's ring moved on from it this step: the holder gets its new block now
+        moving_on = [b for _, b in adopt_sliding if b in self._pending_moves]
+        num_new += len(moving_on)
         need_full = max(0, n_blocks - (len(t.full) if grows else len(adopt_full))) if self.has_full else 0
         if (need_full > self.full.num_allocatable - self._evictable_among(self.full, adopt_full)
                 or num_new > self.sliding.num_allocatable - self._evictable_among(self.sliding,
@@ -302,12 +296,16 @@ class KVCacheManager:
             return False
 
         t = self.tables(seq_id)
-        if cached_prefix:
+        if cached_prefix:  # shared first: no allocation below may evict them
             for b in adopt_full:
                 self.full.share(b, seq_id)
             for _, b in adopt_sliding:
                 self.sliding.share(b, seq_id)
             t.full, t.registered = list(adopt_full), n_prefix
+        for b in moving_on:
+            owner, e = self._pending_moves.pop(b)
+            self._tables[owner].sliding[e] = self.sliding.allocate(1, owner)[0]
+            self.sliding.free([b], owner, hold_back=True)
         t.full += self.full.allocate(need_full, seq_id)
         # a prefill chunk reads its context through the ring as it was: the old blocks still hold it this step
         moving = any(e < len(blocks) and blocks[e] >= 0 for e in changes)
@@ -323,8 +321,7 @@ class KVCacheManager:
                 if old >= 0:  # this step's prefill may still read it: not handed out before the next step
                     self.sliding.free([old], seq_id, hold_back=True)
             elif how == "cache":  # decided in commit_step, once every sequence of the step has what it needs
-                self.sliding.hide(old)
-                self._pending_moves.setdefault(seq_id, set()).add(e)
+                self._pending_moves[old] = (seq_id, e)
             logical[e] = j
         t.sliding, t.sliding_logical = blocks, logical
         # Whole blocks this call adds that the ring will not hold (a chunk longer than the ring): without a spill
@@ -340,16 +337,13 @@ class KVCacheManager:
         sequence of this step needs."""
         pending, self._pending_moves = self._pending_moves, {}
         spills, self._pending_spills = self._pending_spills, {}
-        for seq_id, entries in pending.items():
+        for old, (seq_id, e) in pending.items():
             t = self._tables[seq_id]
-            for e in sorted(entries):
-                old = t.sliding[e]
-                self.sliding.unhide(old)
-                if self.sliding.num_allocatable:
-                    t.sliding[e] = self.sliding.allocate(1, seq_id)[0]
-                    self.sliding.free([old], seq_id, hold_back=True)
-                else:
-                    self.sliding.unregister(old)  # reused in place: its old tokens leave the cache
+            if self.sliding.num_allocatable:
+                t.sliding[e] = self.sliding.allocate(1, seq_id)[0]
+                self.sliding.free([old], seq_id, hold_back=True)
+            else:
+                self.sliding.unregister(old)  # reused in place: its old tokens leave the cache
         for seq_id, spill in spills.items():  # best effort, the latest blocks first (hits near the chunk's end)
             t = self._tables[seq_id]
             for j in reversed(spill):
@@ -371,8 +365,8 @@ class KVCacheManager:
 
     def free(self, seq_id: str) -> None:
         t = self._tables.pop(seq_id, None)
-        for e in self._pending_moves.pop(seq_id, ()):
-            self.sliding.unhide(t.sliding[e])  # never overwritten: its block stays cached
+        for b in [b for b, (owner, _) in self._pending_moves.items() if owner == seq_id]:
+            del self._pending_moves[b]  # never overwritten: its block stays cached
         self._pending_spills.pop(seq_id, None)
         if t is not None:
             self.full.free(t.full, seq_id)

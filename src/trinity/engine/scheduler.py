@@ -129,6 +129,8 @@ class Scheduler:
         # 2. Waiting sequences, in priority order, while nothing had to be preempted this step.
         while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if self._sibling_prefilling(seq):
+                break  # it waits for its sibling's prompt blocks instead of computing them again (first come first)
             prefix = self._cached_prefix(seq)
             start = len(prefix) * self.kv.block_size
             n = min(seq.num_tokens - start, budget)
@@ -159,6 +161,14 @@ class Scheduler:
         n = (seq.num_tokens - 1) // self.kv.block_size
         keys = self._block_keys(seq, n)[:n]
         return keys[:self.kv.cached_prefix(keys)]
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        """With prefix caching, the sequences of a request with n > 1 share its prompt: while one of them computes
+        it, the others wait, then take its blocks from the cache (n prefills become one)."""
+        if seq.params.n == 1 or not self.config.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return False
+        adoptable = (len(seq.prompt_token_ids) - 1) // self.kv.block_size * self.kv.block_size  # whole blocks
+        return any(s.request_id == seq.request_id and s.num_computed_tokens < adoptable for s in self.running)
 
     def _block_keys(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         return extend_block_keys(seq.block_keys, seq.token_ids_between, self.kv.block_size, num_blocks,
