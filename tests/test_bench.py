@@ -75,6 +75,9 @@ def test_sustained_run_produces_every_figure(default_server, capsys, tmp_path):
     tp = result["throughput"]
     assert tp["output_tokens"] == sum(r["output_tokens"] for r in records) == generated_tokens(server) - before
     assert tp["prompt_tokens"] == sum(r["prompt_tokens"] for r in records)
+    # and what the prefix cache served of the prompts, as the server reports it in usage
+    assert tp["cached_prompt_tokens"] == sum(r["cached_prompt_tokens"] for r in records)
+    assert all(0 <= r["cached_prompt_tokens"] < r["prompt_tokens"] for r in records)
     assert tp["output_tokens_per_s"] == pytest.approx(tp["output_tokens"] / result["duration_s"])
     assert 0 < tp["output_tokens_per_s"] <= tp["output_tokens_per_s_under_load"]
     assert tp["peak_output_tokens_per_s"] > 0
@@ -253,6 +256,11 @@ def test_stream_reader_counts_reasoning_and_tool_calls_not_role_chunks():
              'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}', "data: [DONE]"]
     assert [reader.feed(line) for line in lines] == [False, False, True, False, True, True, False, False, False]
     assert reader.done and reader.chunk_tokens == 3 and reader.output_tokens == 9 and reader.prompt_tokens == 5
+    assert reader.cached_prompt_tokens is None  # a server that does not report it
+    cached = StreamReader()
+    cached.feed('data: {"choices":[],"usage":{"prompt_tokens":40,"completion_tokens":2,'
+                '"prompt_tokens_details":{"cached_tokens":32}}}')
+    assert (cached.prompt_tokens, cached.cached_prompt_tokens) == (40, 32)
     with pytest.raises(StreamError, match="boom"):
         StreamReader().feed('data: {"error": {"message": "boom"}}')
     with pytest.raises(StreamError):

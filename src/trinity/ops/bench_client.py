@@ -28,6 +28,7 @@ class RequestRecord:
     e2e: float | None = None
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    cached_prompt_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server says
     token_times: list[float] = field(default_factory=list)  # arrival of each chunk that carried output
     error: str | None = None
     error_message: str | None = None
@@ -55,7 +56,8 @@ class RequestRecord:
     def to_json(self) -> dict:
         return {"index": self.index, "prompt_index": self.prompt_index, "level": self.level, "start": self.start,
                 "ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e, "output_tokens": self.output_tokens,
-                "prompt_tokens": self.prompt_tokens, "chunks": len(self.token_times), "error": self.error,
+                "prompt_tokens": self.prompt_tokens, "cached_prompt_tokens": self.cached_prompt_tokens,
+                "chunks": len(self.token_times), "error": self.error,
                 "error_message": self.error_message}
 
 
@@ -70,6 +72,7 @@ class StreamReader:
         self.chunk_tokens = 0  # chunks that carried output (content, reasoning or tool-call text)
         self.usage_tokens: int | None = None
         self.prompt_tokens: int | None = None
+        self.cached_prompt_tokens: int | None = None
         self.done = False
 
     def feed(self, line: str) -> bool:
@@ -93,6 +96,9 @@ class StreamReader:
         if isinstance(usage, dict):
             self.usage_tokens = usage.get("completion_tokens", self.usage_tokens)
             self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                self.cached_prompt_tokens = details["cached_tokens"]
         carried = any(_has_output(choice.get("delta") or {}) for choice in event.get("choices") or ())
         self.chunk_tokens += carried
         return carried
@@ -140,6 +146,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict, record: R
         record.e2e = time.perf_counter() - sent
         record.output_tokens = reader.output_tokens
         record.prompt_tokens = reader.prompt_tokens
+        record.cached_prompt_tokens = reader.cached_prompt_tokens
     except StreamError as e:
         record.error, record.error_message = "stream_error", str(e)
     except httpx.TimeoutException as e:

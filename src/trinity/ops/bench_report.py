@@ -34,7 +34,8 @@ def _summary_table(result: dict) -> Table:
         d = result["latency_s"][key]
         table.add_row(f"{name} (ms)", f"mean {_ms(d['mean'])} · median {_ms(d['median'])} · p90 {_ms(d['p90'])} · "
                                       f"p99 {_ms(d['p99'])}")
-    table.add_row("output tokens", f"{tp['output_tokens']:,} (prompt {tp['prompt_tokens']:,})")
+    cached = "" if tp.get("cached_prompt_tokens") is None else f", {tp['cached_prompt_tokens']:,} of it cached"
+    table.add_row("output tokens", f"{tp['output_tokens']:,} (prompt {tp['prompt_tokens']:,}{cached})")
     table.add_row("output tok/s", f"average {tp['output_tokens_per_s']:.1f} · under load "
                                   f"{tp['output_tokens_per_s_under_load']:.1f} · peak (1 s) "
                                   f"{tp['peak_output_tokens_per_s']:.1f}")

@@ -144,6 +144,9 @@ def summarize(records: Sequence[RequestRecord], t0: float, t1: float, slo: dict[
         "throughput": {
             "output_tokens": total_out,
             "prompt_tokens": sum(r.prompt_tokens or 0 for r in ok),
+            # from the prefix cache (None when the server does not report it)
+            "cached_prompt_tokens": (sum(r.cached_prompt_tokens or 0 for r in ok)
+                                     if any(r.cached_prompt_tokens is not None for r in ok) else None),
             "output_tokens_per_s": total_out / duration,
             "output_tokens_per_s_under_load": total_out / busy if busy > 0 else 0.0,
             "peak_output_tokens_per_s": peak_rate(records, duration),
