@@ -311,7 +311,7 @@ class KVCacheManager:
         moving = any(e < len(blocks) and blocks[e] >= 0 for e in changes)
         t.sliding_context = list(blocks) if moving else None
         t.sliding_last = last
-        for e, (j, how) in sorted(changes.items(), key=lambda item: item[1][1] != "new"):
+        for e, (j, how) in changes.items():
             while len(blocks) <= e:
                 blocks.append(-1)
                 logical.append(-1)
