@@ -81,6 +81,11 @@ class BlockPool:
         """Blocks an allocation can take now: the free ones, then the evictable ones."""
         return len(self._free) + len(self._evictable)
 
+    def num_evictable_among(self, blocks) -> int:
+        """How many of these blocks an allocation could take now (cached, nobody holds them): adopting them takes
+        them out of `num_allocatable`."""
+        return sum(1 for b in blocks if b in self._evictable)
+
     @property
     def num_cached(self) -> int:
         """Registered blocks, held or not."""
@@ -290,9 +295,9 @@ class KVCacheManager:
         moving_on = [b for _, b in adopt_sliding if b in self._pending_moves]
         num_new += len(moving_on)
         need_full = max(0, n_blocks - (len(t.full) if grows else len(adopt_full))) if self.has_full else 0
-        if (need_full > self.full.num_allocatable - self._evictable_among(self.full, adopt_full)
-                or num_new > self.sliding.num_allocatable - self._evictable_among(self.sliding,
-                                                                                 [b for _, b in adopt_sliding])):
+        if (need_full > self.full.num_allocatable - self.full.num_evictable_among(adopt_full)
+                or num_new > self.sliding.num_allocatable - self.sliding.num_evictable_among(
+                    b for _, b in adopt_sliding)):
             return False
 
         t = self.tables(seq_id)
@@ -357,11 +362,6 @@ class KVCacheManager:
         if block is None:
             raise RuntimeError(f"{pool.name} pool: a block of the cached prefix is no longer cached")
         return block
-
-    @staticmethod
-    def _evictable_among(pool: BlockPool, blocks) -> int:
-        """How many of the blocks to adopt an allocation could otherwise take (nobody holds them now)."""
-        return sum(1 for b in blocks if b in pool._evictable)
 
     def free(self, seq_id: str) -> None:
         t = self._tables.pop(seq_id, None)
