@@ -40,14 +40,16 @@ def first_step(model: TrinityForCausalLM, ids: list[int]):
     engine = LLMEngine(model, None, EngineConfig(max_model_len=n + 16, max_num_seqs=1, max_num_batched_tokens=n,
                                                  num_kv_blocks=n // 16 + 4))
     engine.add_request("p", prompt_token_ids=ids, params=SamplingParams(max_tokens=1, temperature=0))
-    return engine, engine.scheduler.schedule()
+    step = engine.scheduler.schedule().step
+    engine.runner.apply_changes(step)
+    return engine, step
 
 
-def prefill_seconds(engine: LLMEngine, batch, ids: torch.Tensor, kept: bool) -> tuple[float, torch.Tensor]:
+def prefill_seconds(engine: LLMEngine, step, ids: torch.Tensor, kept: bool) -> tuple[float, torch.Tensor]:
     runner, model, n = engine.runner, engine.runner.model, ids.numel()
     positions, last = torch.arange(n), torch.tensor([n - 1])
     start = time.perf_counter()
-    attn = PagedAttention(runner.cache, {pool: runner._pool_step(pool, batch, [0]) for pool in runner.cache.k})
+    attn = PagedAttention(runner.cache, {pool: runner._pool_step(pool, step, [0]) for pool in runner.cache.k})
     if kept:
         logits = model(ids, positions, attn, logits_indices=last)
     else:

@@ -76,7 +76,9 @@ def decode_counts(name: str) -> dict:
     # the forward a CUDA graph captures for this batch, from the runner's decode table
     table = DecodeTable(engine.runner, args.batch, MAX_MODEL_LEN, engine.runner.scratch_slots)
     host = table.new_host_table(pin=False)
-    table.load(host, engine.scheduler.schedule(), args.batch)
+    step = engine.scheduler.schedule().step
+    engine.runner.apply_changes(step)
+    table.load(host, step, args.batch)
     with torch.inference_mode():
         table.forward(args.batch)
         counter = count_by_layer(model, lambda: table.forward(args.batch))

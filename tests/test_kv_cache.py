@@ -112,12 +112,12 @@ def test_slots_addressing():
     kv.allocate("x", 3)  # take blocks so the sequence's blocks are not 0, 1, 2
     assert kv.allocate("a", 30)
     t = kv.tables("a")
-    assert [kv.full_slot(t.full, p) for p in range(30)] == \
+    assert [kv.layout.slot(t.full, p, False) for p in range(30)] == \
         [t.full[p // 4] * 4 + p % 4 for p in range(30)]
     # position p lives in ring entry (p // 4) % 3
-    assert kv.sliding_slot(t.sliding, 0) == kv.sliding_slot(t.sliding, 12) == t.sliding[0] * 4
-    assert kv.sliding_slot(t.sliding, 13) == t.sliding[0] * 4 + 1
-    assert kv.sliding_slot(t.sliding, 29) == t.sliding[(29 // 4) % 3] * 4 + 1
+    assert kv.layout.slot(t.sliding, 0, True) == kv.layout.slot(t.sliding, 12, True) == t.sliding[0] * 4
+    assert kv.layout.slot(t.sliding, 13, True) == t.sliding[0] * 4 + 1
+    assert kv.layout.slot(t.sliding, 29, True) == t.sliding[(29 // 4) % 3] * 4 + 1
 
 
 # ---------------------------------------------------------------------- KVCacheManager: property tests
@@ -196,11 +196,11 @@ class KVCacheMachine(RuleBasedStateMachine):
             assert len(t.sliding) <= kv.ring_blocks
             if kv.has_full:
                 assert len(t.full) * kv.block_size >= n
-                slots = [kv.full_slot(t.full, p) for p in range(n)]
+                slots = [kv.layout.slot(t.full, p, False) for p in range(n)]
                 assert len(set(slots)) == n
                 assert all(kv.full.owner(s // kv.block_size) == seq for s in slots)
             if kv.has_sliding and n:
-                slots = [kv.sliding_slot(t.sliding, p) for p in range(n)]
+                slots = [kv.layout.slot(t.sliding, p, True) for p in range(n)]
                 assert all(kv.sliding.owner(s // kv.block_size) == seq for s in slots)
                 last = slots[-kv.sliding_window:]
                 assert len(set(last)) == len(last), "two of the last `window` positions share a slot"
@@ -225,12 +225,12 @@ def test_sliding_ring_keeps_last_window_distinct(block_size, window, n):
     assert kv.allocate("s", n)
     table = kv.tables("s").sliding
     assert len(table) == min(math.ceil(n / block_size), kv.ring_blocks) <= math.ceil(window / block_size) + 1
-    slots = [kv.sliding_slot(table, p) for p in range(max(0, n - window), n)]
+    slots = [kv.layout.slot(table, p, True) for p in range(max(0, n - window), n)]
     assert len(set(slots)) == len(slots)
     assert {s // block_size for s in slots} <= set(table)
     # every window of `window` consecutive positions (what a decode at its last position reads) is distinct too
     for end in range(1, n + 1):
-        w = [kv.sliding_slot(table, p) for p in range(max(0, end - window), end)]
+        w = [kv.layout.slot(table, p, True) for p in range(max(0, end - window), end)]
         assert len(set(w)) == len(w)
 
 
@@ -245,5 +245,5 @@ def test_slot_ranges_equal_the_slot_of_each_position(block_size, window, n, data
     t = kv.tables("s")
     lo = data.draw(st.integers(0, n))
     hi = data.draw(st.integers(lo, n))
-    assert kv.slots(t.full, lo, hi, sliding=False) == [kv.full_slot(t.full, p) for p in range(lo, hi)]
-    assert kv.slots(t.sliding, lo, hi, sliding=True) == [kv.sliding_slot(t.sliding, p) for p in range(lo, hi)]
+    assert kv.layout.slots(t.full, lo, hi, sliding=False) == [kv.layout.slot(t.full, p, False) for p in range(lo, hi)]
+    assert kv.layout.slots(t.sliding, lo, hi, sliding=True) == [kv.layout.slot(t.sliding, p, True) for p in range(lo, hi)]

@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from trinity.engine import LLM, SamplingParams
 from trinity.engine.kv_cache import KVCacheManager, extend_block_keys
 from trinity.engine.request import Sequence
+from trinity.engine.step import SeqTables
 
 
 def keys_of(tokens, block_size, n=None):
@@ -25,13 +26,26 @@ def keys_of(tokens, block_size, n=None):
 
 class Driver:
     """The scheduler's and runner's use of the manager, with every slot's contents modelled: a slot holds
-    `tuple(tokens[:p + 1])` once position p of a sequence with those tokens was written there."""
+    `tuple(tokens[:p + 1])` once position p of a sequence with those tokens was written there. Reads and writes
+    go through the worker's copy of the tables, kept only from the manager's changes (`take_changes`), as the
+    runner keeps them; that copy is checked against the manager's own tables."""
 
     def __init__(self, kv: KVCacheManager):
         self.kv = kv
         self.slots = {"full": {}, "sliding": {}}
         self.tokens: dict[str, list[int]] = {}
         self.computed: dict[str, int] = {}
+        self.worker: dict[str, SeqTables] = {}
+
+    def sync_worker(self):
+        changes, freed = self.kv.take_changes()
+        for seq in freed:
+            self.worker.pop(seq, None)
+        for seq, change in changes.items():
+            self.worker.setdefault(seq, SeqTables()).apply(change)
+        for seq, t in self.worker.items():
+            held = self.kv.tables(seq)
+            assert (t.full, t.sliding) == (held.full, held.sliding), f"worker tables of {seq}"
 
     def admit(self, seq, tokens, n, use_cache=True, within_step=False):
         """A waiting sequence's first step: adopt what the cache has, then compute n tokens (fewer if the hit
@@ -66,25 +80,27 @@ class Driver:
         """Read the context as the runner does (checked against the model), then write, then register."""
         kv, bs = self.kv, self.kv.block_size
         s, tokens = self.computed[seq], self.tokens[seq]
-        t = kv.tables(seq)
+        self.sync_worker()
+        t = self.worker[seq]
         for pool in ("full", "sliding"):
             if not (kv.has_full if pool == "full" else kv.has_sliding):
                 continue
             sliding = pool == "sliding"
             table = t.sliding if sliding else t.full
-            context = t.sliding_context if sliding and t.sliding_context is not None and n > 1 else table
+            context = t.context if sliding and t.context is not None and n > 1 else table
             lo = max(0, s - (kv.sliding_window - 1)) if sliding else 0
             if n == 1 and sliding:
                 lo = max(0, s + 1 - kv.sliding_window)
-            for p, slot in zip(range(lo, s), kv.slots(context, lo, s, sliding)):
+            for p, slot in zip(range(lo, s), kv.layout.slots(context, lo, s, sliding)):
                 assert self.slots[pool].get(slot) == tuple(tokens[:p + 1]), f"{pool} context of {seq} at {p}"
             first = max(s, s + n - kv.ring_blocks * bs) if sliding and n > 1 else s
-            writes = list(zip(range(first, s + n), kv.slots(table, first, s + n, sliding)))
-            for j, block in t.sliding_spill if sliding else ():  # whole blocks the ring does not keep
+            writes = list(zip(range(first, s + n), kv.layout.slots(table, first, s + n, sliding)))
+            for j, block in t.spill if sliding else ():  # whole blocks the ring does not keep
                 writes += zip(range(j * bs, (j + 1) * bs), range(block * bs, (block + 1) * bs))
             for p, slot in writes:
                 assert getattr(kv, pool).holders(slot // bs) >= {seq}
                 self.slots[pool][slot] = tuple(tokens[:p + 1])
+        t.end_step()
         self.computed[seq] = s + n
         done = (s + n) // bs
         kv.register(seq, keys_of(tokens, bs, done), done)

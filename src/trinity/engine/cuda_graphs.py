@@ -19,7 +19,6 @@ and reading only a scratch block past the blocks the KV manager hands out (the r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from ..kernels import attention as kernels_attention
 from ..kernels import graph_mode
 from ..kernels.attention import BlockTable
 from .paged_attention import PagedAttention, PoolStep
-from .scheduler import ScheduledBatch
+from .step import StepInput
 
 # Batch sizes captured, as in the common engines: small sizes one by one, then coarser steps.
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -65,15 +64,16 @@ class DecodeTable:
 
     def __init__(self, runner, max_batch: int, max_model_len: int, scratch_slots: dict[str, int]):
         self.runner = runner
-        self.block_size = bs = runner.kv.block_size
+        layout = runner.layout
+        self.block_size = bs = layout.block_size
         self.max_batch = max_batch
         self.pools: list[_Pool] = []
         offset = 3
         for name, scratch in scratch_slots.items():
             sliding = name == "sliding"
-            ring = runner.kv.ring_blocks if sliding else None
-            pool = _Pool(name, offset, ring if sliding else math.ceil(max_model_len / bs),
-                         runner.window if sliding else max_model_len, ring, scratch // bs)
+            ring = layout.ring_blocks if sliding else None
+            pool = _Pool(name, offset, ring if sliding else layout.num_blocks(max_model_len),
+                         layout.window if sliding else max_model_len, ring, scratch // bs)
             self.pools.append(pool)
             offset += pool.columns
         self.columns = offset
@@ -96,34 +96,30 @@ class DecodeTable:
             row[o + _SLOT] = p.scratch_block * self.block_size
             row[o + _LO], row[o + _LEN], row[o + _TABLE] = 0, 1, p.scratch_block
 
-    def load(self, host: torch.Tensor, batch: ScheduledBatch, rows: int, tokens_given: bool = False) -> None:
+    def load(self, host: torch.Tensor, step: StepInput, rows: int) -> None:
         """`fill` the host table, then copy its first `rows` rows to the device table (asynchronous from pinned
-        memory; a pageable or CPU table copies as usual)."""
-        self.fill(host.numpy(), batch, rows, tokens_given)
+        memory; a pageable or CPU table copies as usual). The runner has applied the step's table changes."""
+        self.fill(host.numpy(), step, rows)
         self.meta[:rows].copy_(host[:rows], non_blocking=True)
 
-    def fill(self, host, batch: ScheduledBatch, rows: int, tokens_given: bool) -> None:
-        """Rows 0..n-1 of the host table (numpy) from the batch's sequences, rows n..rows-1 as padding.
-        `tokens_given`: the tokens come from the device instead (look-ahead), left 0 here."""
-        kv, bs, window = self.runner.kv, self.block_size, self.runner.window
-        n = len(batch.seqs)
-        for i, seq in enumerate(batch.seqs):
-            s = seq.num_computed_tokens  # the new token's position
+    def fill(self, host, step: StepInput, rows: int) -> None:
+        """Rows 0..n-1 of the host table (numpy) from the step's sequences, rows n..rows-1 as padding. A look-ahead
+        row has no token on the host (it comes from the device): 0 here."""
+        layout, tables = self.runner.layout, self.runner.tables
+        n = len(step.seqs)
+        for i, seq in enumerate(step.seqs):
+            s = seq.start  # the new token's position
             row = host[i]
-            row[_TOKEN] = 0 if tokens_given else seq.token_at(s)
+            row[_TOKEN] = seq.token_ids[0] if seq.token_ids else 0
             row[_POSITION], row[_COUNT] = s, 1
-            tables = kv.tables(seq.seq_id)
+            held = tables[seq.seq_id]
             for p in self.pools:
                 o = p.offset
-                if p.ring is None:
-                    table = tables.full
-                    row[o + _SLOT] = table[s // bs] * bs + s % bs
-                    row[o + _LO], row[o + _LEN] = 0, s + 1
-                else:
-                    table = tables.sliding
-                    lo = max(0, s + 1 - window)
-                    row[o + _SLOT] = table[(s // bs) % p.ring] * bs + s % bs
-                    row[o + _LO], row[o + _LEN] = lo, s + 1 - lo
+                sliding = p.ring is not None
+                table = held.sliding if sliding else held.full
+                lo = layout.context_start(s, sliding)
+                row[o + _SLOT] = layout.slot(table, s, sliding)
+                row[o + _LO], row[o + _LEN] = lo, s + 1 - lo
                 row[o + _TABLE:o + _TABLE + len(table)] = table
         for i in range(n, rows):
             self.pad_row(host, i)
@@ -200,22 +196,20 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.runner.device)
 
     # ------------------------------------------------------------------ per step
-    def fits(self, batch: ScheduledBatch, logits_rows: list[int]) -> bool:
-        n = len(batch.seqs)
-        return (0 < n <= self.max_batch and all(t == 1 for t in batch.num_tokens)
-                and logits_rows == list(range(n)))
+    def fits(self, step: StepInput) -> bool:
+        return step.decode_only and len(step.seqs) <= self.max_batch
 
-    def run(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay the bucket for this decode batch; -> logits [n, V] (a view of the graph's output buffer).
-        `input_tokens`: the batch's tokens as a device tensor, when they are not in the sequences yet."""
-        n = len(batch.seqs)
+    def run(self, step: StepInput, input_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the bucket for this decode step; -> logits [n, V] (a view of the graph's output buffer).
+        `input_tokens`: the step's tokens as a device tensor, when they are not known on the host yet."""
+        n = len(step.seqs)
         b = next(size for size in self.buckets if size >= n)
         turn = self.turn
         self.turn ^= 1
         if self.copied[turn] is not None:
             self.copied[turn].synchronize()  # this table's previous copy has been read (normally long done)
         host_t = self.hosts[turn]
-        self.table.load(host_t, batch, b, tokens_given=input_tokens is not None)  # one copy from pinned memory
+        self.table.load(host_t, step, b)  # one copy from pinned memory
         self.copied[turn] = torch.cuda.Event()
         self.copied[turn].record()
         if input_tokens is not None:

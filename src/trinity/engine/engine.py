@@ -76,7 +76,7 @@ class LLMEngine:
         self.cache_plan = plan
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_prefix_caching), self.kv)
-        self.runner = ModelRunner(model, self.kv, plan, max_num_seqs=config.max_num_seqs,
+        self.runner = ModelRunner(model, plan, self.kv.layout, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, enforce_eager=config.enforce_eager)
         self.sampler = Sampler(model.device, config.seed)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
@@ -86,8 +86,6 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         self.num_lookahead_steps = 0  # steps queued before the previous step's tokens were read
-        self.num_generated_tokens = 0
-        self.num_prompt_tokens = 0  # prompt tokens computed (recomputation after preemption included)
         # Expert load per MoE layer: cumulative token counts and a moving average of each step's share.
         self.expert_tokens_total = None
         self.expert_load_ema = None
@@ -160,12 +158,20 @@ class LLMEngine:
             return None
         for seq in req.seqs:
             if not seq.finished:
-                self.scheduler.remove(seq)
-                seq.finish("abort")
+                self.scheduler.finish(seq, "abort")
         return self._output(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return self.scheduler.num_generated_tokens
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens computed (recomputation after a preemption included; cached ones not)."""
+        return self.scheduler.num_prompt_tokens
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
@@ -208,33 +214,32 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> _Launched:
         """Queue the forward and the sampling of a step; `input_tokens` (device) for a look-ahead step."""
-        if input_tokens is None:
-            sample_rows, sample_seqs, prompt_rows = self._logits_rows(batch)
-        else:  # a look-ahead step: decodes only, every row samples
-            sample_rows, sample_seqs, prompt_rows = list(enumerate(batch.seqs)), list(batch.seqs), []
-        rows = [r for r, _ in sample_rows] + [r for r, _, _ in prompt_rows]
-        logits = self.runner.execute(batch, rows, input_tokens)
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
-            self.num_prompt_tokens += max(0, min(n, len(seq.prompt_token_ids) - seq.num_computed_tokens))
-            seq.num_computed_tokens += n
-        self.scheduler.cache_computed(batch.seqs)
+        logits = self.runner.execute(batch.step, input_tokens)
+        self.scheduler.on_launched(batch)
         self._update_expert_load()
-        self._record_prompt_logprobs(logits[len(sample_rows):], prompt_rows)
-        pending = self.sampler.launch(logits[:len(sample_rows)], sample_seqs) if sample_seqs else None
-        return _Launched(batch, sample_seqs, pending)
+        num_sampled = len(batch.sample_seqs)
+        self._record_prompt_logprobs(logits[num_sampled:], batch.prompt_rows)
+        pending = self.sampler.launch(logits[:num_sampled], batch.sample_seqs) if num_sampled else None
+        return _Launched(batch, batch.sample_seqs, pending)
 
     def _complete(self, launched: _Launched) -> list[RequestOutput]:
         """Read a launched step's tokens and apply them: append, stop checks, outputs."""
         if launched.pending is None:
             return []
         result = launched.pending.result()
-        touched: dict[str, _Request] = {}
         for i, seq in enumerate(launched.sample_seqs):
-            if seq.finished:  # aborted, or finished by the step before this look-ahead one
-                continue
-            self._append_token(seq, result.token_ids[i], result.logprobs[i], result.token_logprobs[i])
+            lps = result.logprobs[i]
+            if lps is not None and not seq.finished:
+                # the same special-token rule as the text, so that the tokens' strings add up to the text
+                self._decode_logprob_tokens(lps, seq.params.skip_special_tokens)
+                seq.logprobs.append(lps)
+                seq.cumulative_logprob += result.token_logprobs[i]
+        appended = self.scheduler.update_from_output(launched.sample_seqs, result.token_ids, self._add_text)
+        touched: dict[str, _Request] = {}
+        for seq in appended:
+            if (seq.finished and seq.detokenizer is not None and seq.finish_reason in ("length", "stop")
+                    and seq.stop_reason is None):
+                seq.text += seq.detokenizer.flush()
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for req in touched.values():
@@ -257,18 +262,13 @@ class LLMEngine:
         keep = [i for i, seq in enumerate(launched.sample_seqs) if len(seq.output_token_ids) + 1 < seq.max_tokens]
         if not keep:
             return None
-        seqs = [launched.sample_seqs[i] for i in keep]
-        self.kv.new_step()  # `launched` is queued: what only it reads may be handed out
-        try:
-            for seq in seqs:  # room for the pending token's K/V (what the scheduler would allocate next step)
-                if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + 1):
-                    return None
-        finally:
-            self.kv.commit_step()
+        batch = self.scheduler.schedule_lookahead([launched.sample_seqs[i] for i in keep])
+        if batch is None:
+            return None
         tokens = launched.pending.tokens
         if len(keep) < len(launched.sample_seqs):
             tokens = tokens.index_select(0, torch.tensor(keep, device=tokens.device))
-        return ScheduledBatch(seqs, [1] * len(seqs)), tokens
+        return batch, tokens
 
     def _admissible_waiting(self) -> bool:
         """Whether a waiting sequence could start next step (then the scheduler, not the look-ahead, runs it)."""
@@ -306,65 +306,29 @@ class LLMEngine:
         return {"layers": list(self.runner.moe_layers), "tokens": self.expert_tokens_total.tolist(),
                 "imbalance": imbalance.tolist()}
 
-    def _logits_rows(self, batch: ScheduledBatch):
-        """Rows whose logits are needed: the last row of each sequence that has now computed every token it
-        knows (it samples the next one), and prompt rows for prompt_logprobs."""
-        sample_rows, sample_seqs, prompt_rows = [], [], []
-        row = 0
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            s = seq.num_computed_tokens
-            if s + n == seq.num_tokens:
-                sample_rows.append((row + n - 1, seq))
-                sample_seqs.append(seq)
-            prompt_len = len(seq.prompt_token_ids)
-            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs or ()) < prompt_len:
-                for p in range(s, min(s + n, prompt_len - 1)):  # logits at p score prompt token p + 1
-                    prompt_rows.append((row + p - s, seq, p + 1))
-            row += n
-        return sample_rows, sample_seqs, prompt_rows
-
     def _record_prompt_logprobs(self, logits, prompt_rows) -> None:
         if not prompt_rows:
             return
         raw = torch.log_softmax(logits, dim=-1)
-        for i, (_, seq, position) in enumerate(prompt_rows):
+        for i, (seq, position) in enumerate(prompt_rows):
             if len(seq.prompt_logprobs) == position:  # skip positions recomputed after a preemption
                 lps = position_logprobs(raw[i], seq.prompt_token_ids[position], seq.params.prompt_logprobs)
                 self._decode_logprob_tokens(lps)
                 seq.prompt_logprobs.append(lps)
 
-    def _append_token(self, seq: Sequence, token: int, lps, token_logprob) -> None:
-        p = seq.params
-        seq.output_token_ids.append(token)
-        self.num_generated_tokens += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        if lps is not None:
-            # the same special-token rule as the text, so that the tokens' strings add up to the text
-            self._decode_logprob_tokens(lps, p.skip_special_tokens)
-            seq.logprobs.append(lps)
-            seq.cumulative_logprob += token_logprob
-        if seq.constraint is not None:
-            seq.constraint.accept(token)
-        if token in p.stop_ids():
-            seq.finish("stop", None if token in p.eos_token_ids and token not in p.stop_token_ids else token)
-        else:
-            if seq.detokenizer is not None:
-                before = len(seq.text)
-                seq.text += seq.detokenizer.add(token)
-                if p.stop and len(seq.output_token_ids) >= p.min_tokens:  # min_tokens holds stop strings back too
-                    self._check_stop_strings(seq, before)
-            if not seq.finished and seq.constraint is not None and seq.constraint.is_finished():
-                seq.finish("stop")
-            if not seq.finished and len(seq.output_token_ids) >= seq.max_tokens:
-                seq.finish("length")
-        if seq.finished:
-            if seq.detokenizer is not None and seq.finish_reason in ("length", "stop") and seq.stop_reason is None:
-                seq.text += seq.detokenizer.flush()
-            self.scheduler.remove(seq)
+    def _add_text(self, seq: Sequence, token: int) -> str | None:
+        """Detokenize a sampled token (not a stop token); -> the stop string it completed, if any."""
+        if seq.detokenizer is None:
+            return None
+        before = len(seq.text)
+        seq.text += seq.detokenizer.add(token)
+        if seq.params.stop and len(seq.output_token_ids) >= seq.params.min_tokens:  # min_tokens holds them back too
+            return self._check_stop_strings(seq, before)
+        return None
 
-    def _check_stop_strings(self, seq: Sequence, new_from: int) -> bool:
-        """Finish when a stop string appears; the text ends before it (or after it, if asked).
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, new_from: int) -> str | None:
+        """The stop string that now appears (the text is cut to end before it, or after it if asked), or None.
         A new match must end in the text added since `new_from`, so the search starts just before it."""
         p = seq.params
         longest = max(len(s) for s in p.stop)
@@ -372,11 +336,10 @@ class LLMEngine:
         hits = [(seq.text.find(s, window_start), s) for s in p.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
-            return False
+            return None
         i, s = min(hits)
         seq.text = seq.text[:i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
-        seq.finish("stop", s)
-        return True
+        return s
 
     def _decode_logprob_tokens(self, lps, skip_special_tokens: bool = False) -> None:
         if self.tokenizer is not None:
@@ -391,8 +354,7 @@ class LLMEngine:
                 continue
             for seq in req.seqs:
                 if not seq.finished:
-                    self.scheduler.remove(seq)
-                    seq.finish("error")
+                    self.scheduler.finish(seq, "error")
                     seq.error = message
             out = self._output(req)
             out.error = message
@@ -433,8 +395,8 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
             "num_lookahead_steps": self.num_lookahead_steps,
-            "num_generated_tokens": self.num_generated_tokens,
-            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_generated_tokens": self.scheduler.num_generated_tokens,
+            "num_prompt_tokens": self.scheduler.num_prompt_tokens,
             "num_cached_prompt_tokens": self.scheduler.cached_prompt_tokens,  # taken from the prefix cache instead
             "kv_cache_usage": kv.usage(),
             "kv_blocks": {"full": {"used": kv.full.num_used, "total": kv.full.num_blocks},

@@ -29,11 +29,13 @@ not handed out again until `new_step()`, called before the next step's allocatio
 from __future__ import annotations
 
 import hashlib
-import math
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from .kv_layout import KVLayout
+from .step import TableChanges
 
 
 def extend_block_keys(keys: list[bytes], tokens_between, block_size: int, num_blocks: int,
@@ -206,11 +208,10 @@ class BlockTables:
 class KVCacheManager:
     def __init__(self, block_size: int, num_full_blocks: int, num_sliding_blocks: int, sliding_window: int,
                  has_full_layers: bool = True, has_sliding_layers: bool = True, prefix_caching: bool = False):
-        if block_size < 1:
-            raise ValueError(f"block_size = {block_size} must be >= 1")
+        self.layout = KVLayout(block_size, sliding_window)
         self.block_size = block_size
         self.sliding_window = sliding_window
-        self.ring_blocks = math.ceil(sliding_window / block_size) + 1
+        self.ring_blocks = self.layout.ring_blocks
         self.has_full = has_full_layers
         self.has_sliding = has_sliding_layers
         self.full = BlockPool("full", num_full_blocks if has_full_layers else 0)
@@ -219,11 +220,14 @@ class KVCacheManager:
         self.prefix_caching = prefix_caching  # spill blocks are made only for the cache
         self._pending_moves: dict[int, tuple[str, int]] = {}  # block -> (seq, ring entry): `commit_step` decides
         self._pending_spills: dict[str, range] = {}  # seq -> block indices `commit_step` may spill
+        # What changed since `take_changes`, for the runner's own copy of the tables (the step contract)
+        self._changes: dict[str, TableChanges] = {}
+        self._freed: list[str] = []
 
     # ------------------------------------------------------------------ sizing
     def blocks_for(self, num_tokens: int) -> tuple[int, int]:
         """(full, sliding) blocks a sequence of `num_tokens` tokens holds."""
-        n = math.ceil(num_tokens / self.block_size)
+        n = self.layout.num_blocks(num_tokens)
         return (n if self.has_full else 0, min(n, self.ring_blocks) if self.has_sliding else 0)
 
     def fits_ever(self, num_tokens: int) -> str | None:
@@ -257,7 +261,7 @@ class KVCacheManager:
         if cached_prefix and num_tokens <= len(cached_prefix) * self.block_size:
             raise ValueError("a sequence adopting a cached prefix must compute at least one token after it")
         bs, ring = self.block_size, self.ring_blocks
-        n_blocks = math.ceil(num_tokens / bs)
+        n_blocks = self.layout.num_blocks(num_tokens)
         if (t is not None and not cached_prefix and (not self.has_full or n_blocks <= len(t.full))
                 and (not self.has_sliding or n_blocks <= t.sliding_last + 1)):
             t.sliding_context = None  # most decode steps: the blocks are there already
@@ -301,17 +305,23 @@ class KVCacheManager:
             return False
 
         t = self.tables(seq_id)
+        change = self._change(seq_id)
+        if not grows:  # the worker's tables start from nothing, or from the adopted prefix
+            change.new, change.full, change.ring, change.ring_set = True, [], list(blocks), []
         if cached_prefix:  # shared first: no allocation below may evict them
             for b in adopt_full:
                 self.full.share(b, seq_id)
             for _, b in adopt_sliding:
                 self.sliding.share(b, seq_id)
             t.full, t.registered = list(adopt_full), n_prefix
+            change.full += adopt_full
         for b in moving_on:
             owner, e = self._pending_moves.pop(b)
-            self._tables[owner].sliding[e] = self.sliding.allocate(1, owner)[0]
+            self._move_entry(owner, e, self.sliding.allocate(1, owner)[0])
             self.sliding.free([b], owner, hold_back=True)
-        t.full += self.full.allocate(need_full, seq_id)
+        new_full = self.full.allocate(need_full, seq_id)
+        t.full += new_full
+        change.full += new_full
         # a prefill chunk reads its context through the ring as it was: the old blocks still hold it this step
         moving = any(e < len(blocks) and blocks[e] >= 0 for e in changes)
         t.sliding_context = list(blocks) if moving else None
@@ -323,6 +333,7 @@ class KVCacheManager:
             old = blocks[e]
             if how == "new":
                 blocks[e] = self.sliding.allocate(1, seq_id)[0]
+                change.ring_set.append((e, blocks[e]))
                 if old >= 0:  # this step's prefill may still read it: not handed out before the next step
                     self.sliding.free([old], seq_id, hold_back=True)
             elif how == "cache":  # decided in commit_step, once every sequence of the step has what it needs
@@ -343,9 +354,8 @@ class KVCacheManager:
         pending, self._pending_moves = self._pending_moves, {}
         spills, self._pending_spills = self._pending_spills, {}
         for old, (seq_id, e) in pending.items():
-            t = self._tables[seq_id]
             if self.sliding.num_allocatable:
-                t.sliding[e] = self.sliding.allocate(1, seq_id)[0]
+                self._move_entry(seq_id, e, self.sliding.allocate(1, seq_id)[0])
                 self.sliding.free([old], seq_id, hold_back=True)
             else:
                 self.sliding.unregister(old)  # reused in place: its old tokens leave the cache
@@ -355,6 +365,22 @@ class KVCacheManager:
                 if not self.sliding.num_allocatable:
                     break
                 t.sliding_spill.append((j, self.sliding.allocate(1, seq_id)[0]))
+                self._change(seq_id).spill.append(t.sliding_spill[-1])
+
+    def _change(self, seq_id: str) -> TableChanges:
+        return self._changes.setdefault(seq_id, TableChanges())
+
+    def _move_entry(self, seq_id: str, entry: int, block: int) -> None:
+        """A ring entry of `seq_id` moves to `block` (its old block is freed by the caller)."""
+        self._tables[seq_id].sliding[entry] = block
+        self._change(seq_id).ring_set.append((entry, block))
+
+    def take_changes(self) -> tuple[dict[str, TableChanges], list[str]]:
+        """The block-table changes since the last call, by sequence, and the sequences freed meanwhile (freed
+        first: a sequence freed and admitted again comes back as `new`). The step contract carries them."""
+        changes, freed = self._changes, self._freed
+        self._changes, self._freed = {}, []
+        return changes, freed
 
     @staticmethod
     def _cached(pool: BlockPool, key: bytes) -> int:
@@ -365,6 +391,8 @@ class KVCacheManager:
 
     def free(self, seq_id: str) -> None:
         t = self._tables.pop(seq_id, None)
+        if self._changes.pop(seq_id, None) is not None or t is not None:
+            self._freed.append(seq_id)
         for b in [b for b, (owner, _) in self._pending_moves.items() if owner == seq_id]:
             del self._pending_moves[b]  # never overwritten: its block stays cached
         self._pending_spills.pop(seq_id, None)
@@ -422,26 +450,6 @@ class KVCacheManager:
     def reset_prefix_cache(self) -> None:
         self.full.reset_cache()
         self.sliding.reset_cache()
-
-    # ------------------------------------------------------------------ addressing
-    def full_slot(self, table: list[int], pos: int) -> int:
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
-
-    def sliding_slot(self, table: list[int], pos: int) -> int:
-        return table[(pos // self.block_size) % self.ring_blocks] * self.block_size + pos % self.block_size
-
-    def slots(self, table: list[int], lo: int, hi: int, sliding: bool) -> list[int]:
-        """The slots of positions lo..hi-1 (`sliding_slot` or `full_slot` of each), a block at a time: a
-        2048-token prompt costs 128 range copies instead of 2048 calls, host time on the path to its first token
-        (the runner's metadata for one 2K prompt, both pools: 1.00 -> 0.71 ms on a 2-core CI machine)."""
-        bs, out, p = self.block_size, [], lo
-        while p < hi:
-            block = p // bs
-            end = min(hi, (block + 1) * bs)
-            first = table[block % self.ring_blocks if sliding else block] * bs + p % bs
-            out.extend(range(first, first + end - p))
-            p = end
-        return out
 
     def usage(self) -> dict[str, float]:
         return {"full": self.full.usage, "sliding": self.sliding.usage}

@@ -1,8 +1,9 @@
-"""The model runner: owns the device, the KV pools' tensors, and turns a ScheduledBatch into logits."""
+"""The model runner: owns the device and the KV pools' tensors, keeps its own block tables, and turns a step
+(`step.StepInput`, plain data from the scheduler) into logits. It never reads the KV manager: every block it
+addresses came in a step's table changes."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -10,9 +11,9 @@ import torch
 from ..kernels import attention as kernels_attention
 from ..model.model import TrinityForCausalLM
 from .cuda_graphs import DecodeGraphs
-from .kv_cache import KVCacheManager
+from .kv_layout import KVLayout
 from .paged_attention import PagedAttention, PagedKV, PoolStep, PrefillMeta
-from .scheduler import ScheduledBatch
+from .step import SeqTables, StepInput
 
 DEFAULT_CPU_KV_MEMORY = 2 << 30  # bytes, when neither num_kv_blocks nor kv_cache_memory is given on the CPU
 
@@ -47,9 +48,9 @@ def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, ma
     n_full = cfg.num_hidden_layers - n_sliding
     per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
     full_bytes, sliding_bytes = n_full * block_size * per_token_layer, n_sliding * block_size * per_token_layer
-    ring = math.ceil(cfg.sliding_window / block_size) + 1
-    sliding_cap = max_num_seqs * min(ring, math.ceil(max_model_len / block_size))
-    full_cap = max_num_seqs * math.ceil(max_model_len / block_size)
+    layout = KVLayout(block_size, cfg.sliding_window)
+    sliding_cap = max_num_seqs * min(layout.ring_blocks, layout.num_blocks(max_model_len))
+    full_cap = max_num_seqs * layout.num_blocks(max_model_len)
     if num_kv_blocks is not None:
         if num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks = {num_kv_blocks} must be >= 1")
@@ -87,13 +88,14 @@ def _default_kv_budget(model: TrinityForCausalLM, utilization: float, max_num_se
 
 
 class ModelRunner:
-    def __init__(self, model: TrinityForCausalLM, kv: KVCacheManager, plan: CachePlan, *, max_num_seqs: int = 1,
+    def __init__(self, model: TrinityForCausalLM, plan: CachePlan, layout: KVLayout, *, max_num_seqs: int = 1,
                  max_model_len: int | None = None, enforce_eager: bool = True):
         self.model = model
-        self.kv = kv
+        self.layout = layout
+        self.tables: dict[str, SeqTables] = {}
+        self._changed: list[str] = []  # sequences the last step's changes touched
         cfg = model.config
         self.device = model.device
-        self.window = cfg.sliding_window
         # RoPE for every position a sequence can reach, precomputed: each step's cos/sin is then one gather (a
         # CUDA-graph decode step saves six launches). The gather does not check its positions; the engine never
         # computes one at or past max_model_len (requests are refused when prompt + max_tokens exceeds it, and
@@ -142,25 +144,37 @@ class ModelRunner:
         return counts
 
     # ------------------------------------------------------------------ metadata
-    def _pool_step(self, pool: str, batch: ScheduledBatch, starts: list[int]) -> PoolStep:
-        kv, bs, dev = self.kv, self.kv.block_size, self.device
+    def apply_changes(self, step: StepInput) -> None:
+        """Bring the runner's block tables up to the step (`execute` does this first)."""
+        for seq_id in step.freed:
+            self.tables.pop(seq_id, None)
+        for seq_id in self._changed:  # what the last step's changes left for that step only
+            t = self.tables.get(seq_id)
+            if t is not None:
+                t.end_step()
+        for seq_id, change in step.tables.items():
+            t = self.tables.get(seq_id)
+            if t is None:
+                t = self.tables[seq_id] = SeqTables()
+            t.apply(change)
+        self._changed = list(step.tables)
+
+    def _pool_step(self, pool: str, step: StepInput, starts: list[int]) -> PoolStep:
+        layout, bs, dev = self.layout, self.layout.block_size, self.device
         sliding = pool == "sliding"
-        ring = kv.ring_blocks
-        capacity = ring * bs
+        capacity = layout.ring_blocks * bs
         prefill_rows: list[int] = []
         prefill_slots: list[int] = []
         dec_rows, dec_slots, dec_tables, dec_lo, dec_len = [], [], [], [], []
         prefills: list[PrefillMeta] = []
-        slot = kv.sliding_slot if sliding else kv.full_slot
-        for seq, n, row in zip(batch.seqs, batch.num_tokens, starts):
-            s = seq.num_computed_tokens
-            tables = kv.tables(seq.seq_id)
-            table = getattr(tables, pool)
+        for seq, row in zip(step.seqs, starts):
+            s, n = seq.start, seq.num_tokens
+            tables = self.tables[seq.seq_id]
+            table = tables.sliding if sliding else tables.full
             if n == 1:
-                # context: the window's last `window` tokens in a sliding layer (the new one included), else all
-                lo = max(0, s + 1 - self.window) if sliding else 0
+                lo = layout.context_start(s, sliding)  # the new token included
                 dec_rows.append(row)
-                dec_slots.append(slot(table, s))
+                dec_slots.append(layout.slot(table, s, sliding))
                 dec_tables.append(table)
                 dec_lo.append(lo)
                 dec_len.append(s + 1 - lo)
@@ -169,17 +183,17 @@ class ModelRunner:
             # and would put two tokens in one slot.
             first_written = max(s, s + n - capacity) if sliding else s
             prefill_rows += range(row + first_written - s, row + n)
-            prefill_slots += kv.slots(table, first_written, s + n, sliding)
-            if sliding:  # whole blocks the ring does not keep, stored for the prefix cache (`sliding_spill`)
-                for j, block in tables.sliding_spill:
+            prefill_slots += layout.slots(table, first_written, s + n, sliding)
+            if sliding:  # whole blocks the ring does not keep, stored for the prefix cache
+                for j, block in tables.spill:
                     prefill_rows += range(row + j * bs - s, row + (j + 1) * bs - s)
                     prefill_slots += range(block * bs, (block + 1) * bs)
-            lo = max(0, s - (self.window - 1)) if sliding else 0
-            # when this step's allocation moved ring entries to new blocks, the context is still in the old ones
-            context = tables.sliding_context if sliding and tables.sliding_context is not None else table
+            lo = layout.context_start(s, sliding)  # the cached positions the chunk's first query sees
+            # when this step moved ring entries to new blocks, the context is still in the old ones
+            context = tables.context if sliding and tables.context is not None else table
             prefills.append(PrefillMeta(
                 start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
-                ctx_slots=torch.tensor(kv.slots(context, lo, s, sliding), dtype=torch.long, device=dev),
+                ctx_slots=torch.tensor(layout.slots(context, lo, s, sliding), dtype=torch.long, device=dev),
                 ctx_pos=torch.arange(lo, s, device=dev)))
         ctx_slots, ctx_valid = self._decode_context(dec_tables, dec_lo, dec_len, sliding)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
@@ -190,42 +204,42 @@ class ModelRunner:
 
     def _decode_context(self, tables: list[list[int]], lo: list[int], lengths: list[int], sliding: bool):
         """Padded [B, L] slots and validity of each decode's cached context, computed on tensors."""
-        dev, bs = self.device, self.kv.block_size
+        dev, bs = self.device, self.layout.block_size
         width = max(lengths, default=0)
         if not tables:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, dtype=torch.bool, device=dev)
         nb = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.long, device=dev)
         blocks = kernels_attention.BlockTable(table=table, lo=torch.tensor(lo, device=dev), block_size=bs,
-                                              ring=self.kv.ring_blocks if sliding else 0, width=width)
+                                              ring=self.layout.ring_blocks if sliding else 0, width=width)
         valid = torch.arange(width, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
         return blocks.slots().masked_fill(~valid, 0), valid
 
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, logits_rows: list[int],
-                input_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the model over the batch; return fp32 logits at the given flat-batch rows.
+    def execute(self, step: StepInput, input_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the step's table changes, run the model over its tokens; return fp32 logits at its logits rows.
 
-        `input_tokens`: for a decode-only batch, its tokens as a device tensor (one per sequence), when they were
-        sampled by the step still in flight and are not in the sequences yet (the engine's look-ahead)."""
-        if self.graphs is not None and self.graphs.fits(batch, logits_rows):
-            return self.graphs.run(batch, input_tokens).float()
+        `input_tokens`: for a decode-only step, its tokens as a device tensor (one per sequence), when they were
+        sampled by the step still in flight and are not known on the host yet (the engine's look-ahead)."""
+        self.apply_changes(step)
+        if not step.seqs:
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        if self.graphs is not None and self.graphs.fits(step):
+            return self.graphs.run(step, input_tokens).float()
         starts, ids, positions, row = [], [], [], 0
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            s = seq.num_computed_tokens
+        for seq in step.seqs:
             starts.append(row)
-            if input_tokens is None:
-                ids += seq.prompt_token_ids[s:s + n] if s + n <= len(seq.prompt_token_ids) else \
-                    seq.all_token_ids[s:s + n]
-            positions += range(s, s + n)
-            row += n
-        steps = {pool: self._pool_step(pool, batch, starts) for pool in self.cache.k}
+            ids += seq.token_ids
+            positions += range(seq.start, seq.start + seq.num_tokens)
+            row += seq.num_tokens
+        logits_rows = step.logits_rows
+        pools = {pool: self._pool_step(pool, step, starts) for pool in self.cache.k}
         if self.fast_path:  # the prefill packing (host-built tensors copied to the device) before the forward, not
-            for step in steps.values():  # inside its first layer, where the copies would wait for the layers before
-                if step.prefills:
-                    step.packed = kernels_attention.pack_prefills(step.prefills)
-        attn = PagedAttention(self.cache, steps)
+            for pool_step in pools.values():  # inside its first layer, where the copies would wait for the layers
+                if pool_step.prefills:
+                    pool_step.packed = kernels_attention.pack_prefills(pool_step.prefills)
+        attn = PagedAttention(self.cache, pools)
         dev = self.device
         ids = input_tokens if input_tokens is not None else torch.tensor(ids, device=dev)
         # every row in order (a decode step): no gather; otherwise the model drops the other rows in its last layer

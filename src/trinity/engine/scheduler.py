@@ -17,10 +17,13 @@ the tokens it already generated), which gives identical results.
 from __future__ import annotations
 
 import bisect
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .kv_cache import KVCacheManager, extend_block_keys
 from .request import Sequence, Status
+from .step import StepInput, StepSeq
 
 
 @dataclass(slots=True)
@@ -38,11 +41,15 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    """One step's contract: sequences in flat-batch order and how many tokens each computes."""
+    """One step as the control plane sees it: sequences in flat-batch order and how many tokens each computes;
+    `step` is what the runner gets (plain data, no Sequence objects)."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    step: StepInput | None = None
+    sample_seqs: list[Sequence] = field(default_factory=list)  # the sequences that get a token, in logits order
+    prompt_rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, prompt position) after those
 
     @property
     def total_tokens(self) -> int:
@@ -62,6 +69,8 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # prompt tokens computed (recomputation after preemption included)
+        self.num_generated_tokens = 0
         self.prefix_queried_tokens = 0  # tokens of sequences admitted with prefix caching on
         self.prefix_hit_tokens = 0  # of those, tokens taken from the cache
         self.cached_prompt_tokens = 0  # of those, prompt tokens (not earlier output recomputed after a preemption)
@@ -150,7 +159,97 @@ class Scheduler:
             batch.num_tokens.append(n)
             budget -= n
         self.kv.commit_step()
+        self._plan_rows(batch)
+        batch.step = self._step_input(batch)
         return batch
+
+    def schedule_lookahead(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+        """A decode step for `seqs` queued before the token each is about to get is known (the engine's look-ahead:
+        the runner takes their tokens from the device). None, changing nothing, when their blocks do not fit."""
+        self.kv.new_step()  # the step before is launched: what only it reads may be handed out
+        try:
+            for seq in seqs:  # room for the pending token's K/V (what `schedule` would allocate next step)
+                if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + 1):
+                    return None
+        finally:
+            self.kv.commit_step()
+        batch = ScheduledBatch(list(seqs), [1] * len(seqs), sample_seqs=list(seqs))
+        batch.step = self._step_input(batch, lookahead=True)
+        return batch
+
+    def _plan_rows(self, batch: ScheduledBatch) -> None:
+        """The sequences that sample (each that has now computed every token it knows samples the next one, from
+        its last row) and the prompt rows scored for prompt_logprobs."""
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                batch.sample_seqs.append(seq)
+            prompt_len = len(seq.prompt_token_ids)
+            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs or ()) < prompt_len:
+                s = seq.num_computed_tokens
+                batch.prompt_rows += [(seq, p + 1) for p in range(s, min(s + n, prompt_len - 1))]
+
+    def _step_input(self, batch: ScheduledBatch, lookahead: bool = False) -> StepInput:
+        step = StepInput()
+        row, last_row, first_row = 0, {}, {}
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            s = seq.num_computed_tokens
+            step.seqs.append(StepSeq(seq.seq_id, s, n, [] if lookahead else seq.token_ids_between(s, s + n)))
+            first_row[seq.seq_id] = row - s  # + position = row
+            row += n
+            last_row[seq.seq_id] = row - 1
+        # logits at a prompt position p score prompt token p + 1
+        step.logits_rows = ([last_row[seq.seq_id] for seq in batch.sample_seqs]
+                            + [first_row[seq.seq_id] + p - 1 for seq, p in batch.prompt_rows])
+        step.tables, step.freed = self.kv.take_changes()
+        return step
+
+    # ------------------------------------------------------------------ after the step
+    def on_launched(self, batch: ScheduledBatch) -> None:
+        """The step is queued on the device: its tokens count as computed, and blocks they complete go to the
+        prefix cache (a later step that adopts one reads it after the writes, in stream order)."""
+        now = time.monotonic()
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            self.num_prompt_tokens += max(0, min(n, len(seq.prompt_token_ids) - seq.num_computed_tokens))
+            seq.num_computed_tokens += n
+        self.cache_computed(batch.seqs)
+
+    def update_from_output(self, seqs: list[Sequence], token_ids: list[int],
+                           on_token: Callable[[Sequence, int], str | None] | None = None) -> list[Sequence]:
+        """Append each sequence's sampled token and finish those it ends (their blocks are freed). `on_token(seq,
+        token)`, called for a token that is not a stop token, returns the stop string it completed, if any.
+        Sequences finished meanwhile (aborted, or ended by the step before a look-ahead one) are skipped.
+        -> the sequences that got a token."""
+        now = time.monotonic()
+        appended = []
+        for seq, token in zip(seqs, token_ids):
+            if seq.finished:
+                continue
+            p = seq.params
+            seq.output_token_ids.append(token)
+            self.num_generated_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
+            appended.append(seq)
+            if token in p.stop_ids():
+                self.finish(seq, "stop", None if token in p.eos_token_ids and token not in p.stop_token_ids else token)
+                continue
+            stop = on_token(seq, token) if on_token is not None else None
+            if stop is not None:
+                self.finish(seq, "stop", stop)
+            elif seq.constraint is not None and seq.constraint.is_finished():
+                self.finish(seq, "stop")
+            elif len(seq.output_token_ids) >= seq.max_tokens:
+                self.finish(seq, "length")
+        return appended
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a sequence (stopped, aborted or failed) and free its blocks."""
+        self.remove(seq)
+        seq.finish(reason, stop_reason)
 
     # ------------------------------------------------------------------ prefix caching
     def _cached_prefix(self, seq: Sequence) -> list[bytes]:
