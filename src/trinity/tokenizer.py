@@ -391,7 +391,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: TrinityTokenizer, skip_special_tokens: bool = False, prompt_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._skip = tokenizer.special_token_ids if skip_special_tokens else frozenset()
-        self.text = ""
+        self._pieces: list[str] = []  # the text so far (joined when read: `+=` on a str would copy it every token)
         self._utf8: codecs.IncrementalDecoder | None = None
         if tokenizer._byte_level:
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -410,8 +410,14 @@ class IncrementalDetokenizer:
         else:
             self._ids.append(token_id)
             delta = self._window_delta(final=False)
-        self.text += delta
+        self._pieces.append(delta)
         return delta
+
+    @property
+    def text(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces[:] = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     def add_many(self, ids: Iterable[int]) -> str:
         return "".join([self.add(i) for i in ids])
@@ -422,7 +428,7 @@ class IncrementalDetokenizer:
             delta = self._utf8.decode(b"", final=True)
         else:
             delta = self._window_delta(final=True)
-        self.text += delta
+        self._pieces.append(delta)
         return delta
 
     def _window_delta(self, final: bool) -> str:

@@ -3,6 +3,10 @@
 Requests are validated in the caller (so errors surface before any streaming starts), then handed to the
 stepping thread through a queue; so are aborts. The thread owns the engine: nothing else mutates it.
 Leaving a stream early (the consumer stops iterating or is cancelled) aborts its request and frees its blocks.
+
+The thread only schedules and runs steps: it hands each request its step's delta (`request.CoreOutput`), and the
+request's output processor (detokenizing, stop strings, logprob strings) runs in the consumer's coroutine. A stop
+string found there goes back to the thread as a command that finishes the sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .engine import LLMEngine
-from .request import RequestOutput
+from .request import CoreOutput, RequestOutput
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("trinity.engine")
@@ -83,6 +87,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
+        processor = self.engine.output_processor(request)
         self._commands.put(("add", request))
         self._wake.set()
         finished = False
@@ -91,8 +96,13 @@ class AsyncEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
-                yield item
+                stops = []
+                out = processor.process(item, stops)
+                if stops:
+                    self._commands.put(("stop", stops))
+                    self._wake.set()
+                finished = out.finished
+                yield out
                 if finished:
                     return
         finally:
@@ -123,11 +133,13 @@ class AsyncEngine:
                 if arg.request_id not in self._streams:  # cancelled before it was queued
                     continue
                 try:
-                    self.engine.enqueue(arg)
+                    self.engine.enqueue(arg, process_outputs=False)
                 except Exception as e:  # noqa: BLE001 - reported to that request only
                     self._deliver(arg.request_id, e)
+            elif kind == "stop":
+                self.engine.finish_sequences(arg)
             else:
-                self.engine.abort(arg)
+                self.engine.abort_core(arg)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -138,12 +150,12 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                outputs: list[CoreOutput] = self.engine.step_core()
             except Exception as e:  # noqa: BLE001 - the engine itself is broken: fail everything in flight
                 log.exception("engine step failed")
                 self.errored = e
                 for request_id in list(self.engine.requests):
-                    self.engine.abort(request_id)
+                    self.engine.abort_core(request_id)
                     self._deliver(request_id, RuntimeError(f"engine failure: {type(e).__name__}"))
                 continue
             for out in outputs:

@@ -1,4 +1,9 @@
-"""LLMEngine: add_request / abort / step / has_unfinished. One step = schedule -> run -> update."""
+"""LLMEngine: add_request / abort / step / has_unfinished. One step = schedule -> run -> update.
+
+The core (`step_core`) returns each request's delta of the step (`request.CoreOutput`: new tokens, logprobs,
+finishes); `step` runs those through the requests' output processors (text, stop strings) and returns
+RequestOutputs. The async engine calls `step_core` on its thread and processes outputs in the consumers'
+coroutines instead."""
 
 from __future__ import annotations
 
@@ -11,33 +16,16 @@ import torch
 
 from ..kernels import native
 from ..model.model import TrinityForCausalLM
+from .config import EngineConfig
 from .kv_cache import KVCacheManager
-from .request import CompletionOutput, RequestOutput, Sequence
+from .output_processor import OutputProcessor, StopHit
+from .request import ContextLengthError, CoreOutput, RequestOutput, SeqUpdate, Sequence
 from .runner import ModelRunner, plan_cache
 from .sampler import PendingSample, Sampler, position_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 
 log = logging.getLogger("trinity.engine")
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | None = None  # bytes
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False  # True: no CUDA graphs for decode (they are captured only on CUDA with Triton)
-    seed: int | None = 0
-    # Look-ahead decoding: launch the next decode step before reading this one's tokens, so the host's work on a
-    # step overlaps the device's. None: on where the model runs asynchronously (CUDA); True forces it anywhere.
-    async_scheduling: bool | None = None
-    # Automatic prefix caching: a prompt whose leading blocks were computed before (a shared system prompt, the
-    # earlier turns of a chat) takes their K/V from the cache instead of computing them again.
-    enable_prefix_caching: bool = True
 
 
 @dataclass(slots=True)
@@ -56,6 +44,7 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     arrival_time: float
+    prompt_logprobs_sent: bool = False
 
 
 class LLMEngine:
@@ -84,6 +73,7 @@ class LLMEngine:
         self._inflight: _Launched | None = None  # the look-ahead step queued by the last `step()`
         self.eos_token_ids = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())))
         self.requests: dict[str, _Request] = {}
+        self._processors: dict[str, OutputProcessor] = {}  # of the requests `step` returns outputs for
         self.num_steps = 0
         self.num_lookahead_steps = 0  # steps queued before the previous step's tokens were read
         # Expert load per MoE layer: cumulative token counts and a moving average of each step's share.
@@ -115,8 +105,9 @@ class LLMEngine:
         if params.max_tokens is None:
             max_tokens = self.max_model_len - len(prompt_token_ids)
             if max_tokens < 1:
-                raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) leaves no room to generate within "
-                                 f"max_model_len ({self.max_model_len})")
+                raise ContextLengthError(f"prompt ({len(prompt_token_ids)} tokens) leaves no room to generate within "
+                                         f"max_model_len ({self.max_model_len})", prompt_tokens=len(prompt_token_ids),
+                                         max_tokens=None, max_model_len=self.max_model_len)
         else:
             max_tokens = params.max_tokens
         self.scheduler.check_fits(len(prompt_token_ids), max_tokens)
@@ -131,20 +122,25 @@ class LLMEngine:
                                  cache_salt=cache_salt))
         return _Request(request_id, prompt, list(prompt_token_ids), seqs, now)
 
-    def enqueue(self, request: _Request) -> None:
+    def output_processor(self, request: _Request) -> OutputProcessor:
+        """A processor for this request's outputs (text, stop strings); for `step_core`'s consumers."""
+        return OutputProcessor(request.request_id, request.prompt, request.prompt_token_ids, request.seqs[0].params,
+                               self.tokenizer)
+
+    def enqueue(self, request: _Request, process_outputs: bool = True) -> None:
+        """Queue a prepared request. `process_outputs`: `step` returns its outputs (else only `step_core` does:
+        the caller processes them)."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         for seq in request.seqs:
-            if self.tokenizer is not None:
-                seq.detokenizer = self.tokenizer.detokenizer(skip_special_tokens=seq.params.skip_special_tokens)
-            if seq.params.logprobs is not None:
-                seq.logprobs = []
             if seq.params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None]  # the first prompt token has no context to be scored in
             if seq.params.constraint_factory is not None:
                 seq.constraint = seq.params.constraint_factory()
             self.scheduler.add(seq)
         self.requests[request.request_id] = request
+        if process_outputs:
+            self._processors[request.request_id] = self.output_processor(request)
 
     def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
@@ -153,13 +149,32 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        core = self.abort_core(request_id)
+        processor = self._processors.pop(request_id, None)
+        return processor.process(core) if core is not None and processor is not None else None
+
+    def abort_core(self, request_id: str) -> CoreOutput | None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        updates = []
         for seq in req.seqs:
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
-        return self._output(req)
+                updates.append(SeqUpdate(seq.index, finish_reason="abort"))
+        return self._core_output(req, updates)
+
+    def finish_sequences(self, stops: list[StopHit]) -> None:
+        """End the sequences an output processor found a stop string in (their later tokens are not wanted)."""
+        for hit in stops:
+            req = self.requests.get(hit.request_id)
+            if req is None:
+                continue
+            seq = req.seqs[hit.index]
+            if not seq.finished:
+                self.scheduler.finish(seq, "stop", hit.stop)
+            if all(s.finished for s in req.seqs):
+                del self.requests[hit.request_id]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -175,7 +190,20 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Run one step and return the outputs of the requests it advanced.
+        """Run one step and return the outputs of the requests it advanced (`step_core`, processed)."""
+        outputs, stops = [], []
+        for core in self.step_core():
+            processor = self._processors.get(core.request_id)
+            if processor is None:
+                continue  # its outputs go to whoever enqueued it with process_outputs=False
+            outputs.append(processor.process(core, stops))
+            if processor.finished:
+                del self._processors[core.request_id]
+        self.finish_sequences(stops)
+        return outputs
+
+    def step_core(self) -> list[CoreOutput]:
+        """Run one step and return the deltas of the requests it advanced.
 
         With look-ahead (`async_scheduling`), a step of decodes launches the next one, each sequence fed the token
         still being sampled on the device, before it reads its own tokens back; the next `step()` call then starts
@@ -208,7 +236,7 @@ class LLMEngine:
             self._inflight = None  # every sequence in it finished in the step just read: nothing to keep
         return outputs
 
-    def _step_failed(self, batch: ScheduledBatch, error: Exception) -> list[RequestOutput]:
+    def _step_failed(self, batch: ScheduledBatch, error: Exception) -> list[CoreOutput]:
         log.error("step failed; failing the %d requests in it", len(batch.seqs), exc_info=error)
         return self._fail(batch, f"internal error while running the model: {type(error).__name__}")
 
@@ -222,30 +250,26 @@ class LLMEngine:
         pending = self.sampler.launch(logits[:num_sampled], batch.sample_seqs) if num_sampled else None
         return _Launched(batch, batch.sample_seqs, pending)
 
-    def _complete(self, launched: _Launched) -> list[RequestOutput]:
-        """Read a launched step's tokens and apply them: append, stop checks, outputs."""
+    def _complete(self, launched: _Launched) -> list[CoreOutput]:
+        """Read a launched step's tokens and apply them (append, stop tokens, lengths); -> the deltas."""
         if launched.pending is None:
             return []
         result = launched.pending.result()
-        for i, seq in enumerate(launched.sample_seqs):
-            lps = result.logprobs[i]
-            if lps is not None and not seq.finished:
-                # the same special-token rule as the text, so that the tokens' strings add up to the text
-                self._decode_logprob_tokens(lps, seq.params.skip_special_tokens)
-                seq.logprobs.append(lps)
-                seq.cumulative_logprob += result.token_logprobs[i]
-        appended = self.scheduler.update_from_output(launched.sample_seqs, result.token_ids, self._add_text)
-        touched: dict[str, _Request] = {}
+        rows = {id(seq): i for i, seq in enumerate(launched.sample_seqs)}
+        appended = self.scheduler.update_from_output(launched.sample_seqs, result.token_ids)
+        updates: dict[str, list[SeqUpdate]] = {}
         for seq in appended:
-            if (seq.finished and seq.detokenizer is not None and seq.finish_reason in ("length", "stop")
-                    and seq.stop_reason is None):
-                seq.text += seq.detokenizer.flush()
-            touched[seq.request_id] = self.requests[seq.request_id]
+            i = rows[id(seq)]
+            lps = result.logprobs[i]
+            updates.setdefault(seq.request_id, []).append(SeqUpdate(
+                seq.index, [result.token_ids[i]], None if lps is None else [lps],
+                None if lps is None else [result.token_logprobs[i]], seq.finish_reason, seq.stop_reason))
         outputs = []
-        for req in touched.values():
-            outputs.append(self._output(req))
+        for request_id, seq_updates in updates.items():
+            req = self.requests[request_id]
+            outputs.append(self._core_output(req, seq_updates))
             if all(s.finished for s in req.seqs):
-                del self.requests[req.request_id]
+                del self.requests[request_id]
         return outputs
 
     def _lookahead(self, launched: _Launched) -> tuple[ScheduledBatch, torch.Tensor] | None:
@@ -312,68 +336,28 @@ class LLMEngine:
         raw = torch.log_softmax(logits, dim=-1)
         for i, (seq, position) in enumerate(prompt_rows):
             if len(seq.prompt_logprobs) == position:  # skip positions recomputed after a preemption
-                lps = position_logprobs(raw[i], seq.prompt_token_ids[position], seq.params.prompt_logprobs)
-                self._decode_logprob_tokens(lps)
-                seq.prompt_logprobs.append(lps)
+                seq.prompt_logprobs.append(position_logprobs(raw[i], seq.prompt_token_ids[position],
+                                                             seq.params.prompt_logprobs))
 
-    def _add_text(self, seq: Sequence, token: int) -> str | None:
-        """Detokenize a sampled token (not a stop token); -> the stop string it completed, if any."""
-        if seq.detokenizer is None:
-            return None
-        before = len(seq.text)
-        seq.text += seq.detokenizer.add(token)
-        if seq.params.stop and len(seq.output_token_ids) >= seq.params.min_tokens:  # min_tokens holds them back too
-            return self._check_stop_strings(seq, before)
-        return None
-
-    @staticmethod
-    def _check_stop_strings(seq: Sequence, new_from: int) -> str | None:
-        """The stop string that now appears (the text is cut to end before it, or after it if asked), or None.
-        A new match must end in the text added since `new_from`, so the search starts just before it."""
-        p = seq.params
-        longest = max(len(s) for s in p.stop)
-        window_start = max(0, new_from - longest + 1)
-        hits = [(seq.text.find(s, window_start), s) for s in p.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return None
-        i, s = min(hits)
-        seq.text = seq.text[:i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
-        return s
-
-    def _decode_logprob_tokens(self, lps, skip_special_tokens: bool = False) -> None:
-        if self.tokenizer is not None:
-            for tid, lp in lps.items():
-                lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=skip_special_tokens)
-
-    def _fail(self, batch: ScheduledBatch, message: str) -> list[RequestOutput]:
+    def _fail(self, batch: ScheduledBatch, message: str) -> list[CoreOutput]:
         outputs = []
         for req_id in dict.fromkeys(s.request_id for s in batch.seqs):
             req = self.requests.pop(req_id, None)
             if req is None:
                 continue
+            updates = []
             for seq in req.seqs:
                 if not seq.finished:
                     self.scheduler.finish(seq, "error")
                     seq.error = message
-            out = self._output(req)
+                    updates.append(SeqUpdate(seq.index, finish_reason="error"))
+            out = self._core_output(req, updates)
             out.error = message
             outputs.append(out)
         return outputs
 
     # ------------------------------------------------------------------ outputs
-    def _visible_text(self, seq: Sequence) -> str:
-        """While running, hold back a tail that could still become a stop string."""
-        if seq.finished or not seq.params.stop:
-            return seq.text
-        hold = max(len(s) for s in seq.params.stop) - 1
-        return seq.text[:max(0, len(seq.text) - hold)] if hold else seq.text
-
-    def _output(self, req: _Request) -> RequestOutput:
-        outs = [CompletionOutput(index=s.index, text=self._visible_text(s), token_ids=list(s.output_token_ids),
-                                 cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                                 finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in req.seqs]
+    def _core_output(self, req: _Request, updates: list[SeqUpdate]) -> CoreOutput:
         first = req.seqs[0]
         finished = all(s.finished for s in req.seqs)
         metrics = {"arrival_time": req.arrival_time}
@@ -381,10 +365,14 @@ class LLMEngine:
             times = [getattr(s, key) for s in req.seqs if getattr(s, key) is not None]
             if times:
                 metrics[key] = min(times)
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             prompt_logprobs=first.prompt_logprobs, outputs=outs, finished=finished,
-                             error=next((s.error for s in req.seqs if s.error), None), metrics=metrics,
-                             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs))
+        prompt_logprobs = None
+        if (first.prompt_logprobs is not None and not req.prompt_logprobs_sent
+                and (finished or len(first.prompt_logprobs) == len(req.prompt_token_ids))):
+            prompt_logprobs, req.prompt_logprobs_sent = list(first.prompt_logprobs), True
+        return CoreOutput(request_id=req.request_id, seqs=updates, finished=finished,
+                          error=next((s.error for s in req.seqs if s.error), None), metrics=metrics,
+                          num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
+                          prompt_logprobs=prompt_logprobs)
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict:

@@ -5,12 +5,28 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Callable
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 from typing import Any
 
 from .sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
+
+
+class ContextLengthError(ValueError):
+    """A request that can never run: its prompt and max_tokens exceed max_model_len (`limit="max_model_len"`), or
+    can never fit in the KV cache (`limit="kv_cache"`). `max_tokens` is None when the request asked for the rest
+    of the context; the message states the same numbers."""
+
+    def __init__(self, message: str, *, prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                 limit: str = "max_model_len"):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
+        self.limit = limit
 
 
 class Status(enum.Enum):
@@ -54,12 +70,9 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its leading blocks, as computed
     cache_salt: str | None = None  # shares cached blocks only with requests of the same salt
-    # outputs gathered as it runs
-    text: str = ""
-    logprobs: list[PositionLogprobs] | None = None
+    # scored prompt positions, when the request asks for prompt_logprobs (text and outputs are built by the
+    # output processor, not kept here)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    cumulative_logprob: float = 0.0
-    detokenizer: Any = None
     constraint: Any = None  # a TokenConstraint when the request asked for structured output
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -109,18 +122,75 @@ class Sequence:
         self.stop_reason = stop_reason
 
 
-@dataclass(slots=True)
+class Prefix(Sequence_):
+    """The first `n` items of a list that keeps growing, without copying it: an output shares its sequence's
+    token ids and logprobs with the output processor (a copy per step would make a long stream quadratic), and
+    still reads as it was when it was made."""
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, items: list, n: int | None = None):
+        self._items, self._n = items, len(items) if n is None else n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._n)
+            return self._items[start:stop] if step == 1 else [self._items[j] for j in range(start, stop, step)]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._items[i % self._n]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, tuple, Prefix)) else NotImplemented
+
+    def __add__(self, other) -> list:
+        return self[:] + list(other)
+
+    def __radd__(self, other) -> list:
+        return list(other) + self[:]
+
+    def __repr__(self) -> str:
+        return repr(self._items[:self._n])
+
+
 class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[PositionLogprobs] | None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
+    """One sequence of a request's output. `text` may be given as a function that builds it: it is then built
+    on first read (a stream that reads only `new_text` never joins the whole text)."""
+
+    __slots__ = ("index", "_text", "token_ids", "cumulative_logprob", "logprobs", "finish_reason", "stop_reason",
+                 "new_text")
+
+    def __init__(self, index: int, text: str | Callable[[], str], token_ids: list[int] | Prefix,
+                 cumulative_logprob: float | None, logprobs: list[PositionLogprobs] | Prefix | None,
+                 finish_reason: str | None = None, stop_reason: int | str | None = None, new_text: str = ""):
+        self.index = index
+        self._text = text
+        self.token_ids = token_ids
+        self.cumulative_logprob = cumulative_logprob
+        self.logprobs = logprobs
+        self.finish_reason = finish_reason
+        self.stop_reason = stop_reason
+        self.new_text = new_text  # the text this output adds to the one before it (what a stream sends)
+
+    @property
+    def text(self) -> str:
+        if not isinstance(self._text, str):
+            self._text = self._text()
+        return self._text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._text = value
 
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (f"CompletionOutput(index={self.index}, text={self.text!r}, token_ids={self.token_ids!r}, "
+                f"finish_reason={self.finish_reason!r}, stop_reason={self.stop_reason!r})")
 
 
 @dataclass(slots=True)
@@ -134,3 +204,29 @@ class RequestOutput:
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
+
+
+@dataclass(slots=True)
+class SeqUpdate:
+    """What one step added to one sequence: its sampled token (none when it only finished) and whether it ended."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None  # per token, when the request asked for logprobs
+    token_logprobs: list[float] | None = None  # the sampled tokens' own logprobs (for the cumulative sum)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class CoreOutput:
+    """The engine core's delta for one request in one step; `output_processor` turns it into a RequestOutput."""
+
+    request_id: str
+    seqs: list[SeqUpdate]
+    finished: bool
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # once the prompt is scored (its logprob tokens
+    # not yet decoded to strings)

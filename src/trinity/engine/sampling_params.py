@@ -43,6 +43,9 @@ class SamplingParams:
     constraint_factory: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
     # Set by the engine from the tokenizer: the ids that end a sequence unless ignore_eos.
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # stop_ids(), read for every generated token: built once here. The fields are not changed after construction;
+    # dataclasses.replace (how the engine sets eos_token_ids) runs __post_init__ again, so it stays current.
+    _stop_ids: frozenset[int] = field(init=False, default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +55,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+        self._stop_ids = frozenset(self.stop_token_ids if self.ignore_eos else
+                                   (*self.stop_token_ids, *self.eos_token_ids))
 
     def validate(self) -> None:
         def check(name: str, ok: bool, allowed: str) -> None:
@@ -97,9 +102,6 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
-    def stop_ids(self) -> set[int]:
+    def stop_ids(self) -> frozenset[int]:
         """Token ids that end generation (the eos ids unless ignore_eos, plus stop_token_ids)."""
-        ids = set(self.stop_token_ids)
-        if not self.ignore_eos:
-            ids.update(self.eos_token_ids)
-        return ids
+        return self._stop_ids

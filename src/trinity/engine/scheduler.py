@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .kv_cache import KVCacheManager, extend_block_keys
-from .request import Sequence, Status
+from .request import ContextLengthError, Sequence, Status
 from .step import StepInput, StepSeq
 
 
@@ -80,11 +79,13 @@ class Scheduler:
         """Raise ValueError (with the numbers) for a sequence that could never be scheduled."""
         total = prompt_len + max_tokens
         if total > self.config.max_model_len:
-            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
-                             f"max_model_len ({self.config.max_model_len})")
+            raise ContextLengthError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+                                     f"max_model_len ({self.config.max_model_len})", prompt_tokens=prompt_len,
+                                     max_tokens=max_tokens, max_model_len=self.config.max_model_len)
         reason = self.kv.fits_ever(total)
         if reason:
-            raise ValueError(f"request can never fit in the KV cache: {reason}")
+            raise ContextLengthError(f"request can never fit in the KV cache: {reason}", prompt_tokens=prompt_len,
+                                     max_tokens=max_tokens, max_model_len=self.config.max_model_len, limit="kv_cache")
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(len(seq.prompt_token_ids), seq.max_tokens)
@@ -215,12 +216,11 @@ class Scheduler:
             seq.num_computed_tokens += n
         self.cache_computed(batch.seqs)
 
-    def update_from_output(self, seqs: list[Sequence], token_ids: list[int],
-                           on_token: Callable[[Sequence, int], str | None] | None = None) -> list[Sequence]:
-        """Append each sequence's sampled token and finish those it ends (their blocks are freed). `on_token(seq,
-        token)`, called for a token that is not a stop token, returns the stop string it completed, if any.
-        Sequences finished meanwhile (aborted, or ended by the step before a look-ahead one) are skipped.
-        -> the sequences that got a token."""
+    def update_from_output(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
+        """Append each sequence's sampled token and finish those it ends: a stop token, a complete constrained
+        value, max_tokens (their blocks are freed; stop strings are the output processor's, which finishes through
+        `finish`). Sequences finished meanwhile (aborted, or ended by the step before a look-ahead one) are
+        skipped. -> the sequences that got a token."""
         now = time.monotonic()
         appended = []
         for seq, token in zip(seqs, token_ids):
@@ -237,10 +237,7 @@ class Scheduler:
             if token in p.stop_ids():
                 self.finish(seq, "stop", None if token in p.eos_token_ids and token not in p.stop_token_ids else token)
                 continue
-            stop = on_token(seq, token) if on_token is not None else None
-            if stop is not None:
-                self.finish(seq, "stop", stop)
-            elif seq.constraint is not None and seq.constraint.is_finished():
+            if seq.constraint is not None and seq.constraint.is_finished():
                 self.finish(seq, "stop")
             elif len(seq.output_token_ids) >= seq.max_tokens:
                 self.finish(seq, "length")

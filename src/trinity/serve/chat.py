@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from .formatting import chat_logprobs, sse_stream, usage
 from .protocol import ChatCompletionRequest
 from .reasoning import get_reasoning_parser
 from .state import ServerState
-from .tools import ToolCall, ToolCallDelta, ToolSchemaError, get_tool_parser, new_tool_call_id, parse_tool_choice, \
+from .tools import ToolCall, ToolCallDelta, ToolSchemaError, get_tool_parser, parse_tool_choice, tool_calls_from_json, \
     tool_calls_json_schema, validate_tools
 
 
@@ -115,14 +114,13 @@ class _ChoiceReader:
         if self.tool_parser_cls:
             self.tools_in_reasoning = self.tool_parser_cls(plan.tools, counter=self.counter)
             self.tools_in_content = self.tool_parser_cls(plan.tools, counter=self.counter)
-        self.sent = 0  # characters of the text consumed
         self.tokens_sent = 0
         self.constrained_text = ""
         self.saw_tool_call = False
 
     def whole(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
         if self.plan.constrained_tools:
-            return None, None, _calls_from_json(text)
+            return None, None, self._constrained_calls(text)
         reasoning, content = type(self.reasoning).extract(text, self.plan.starts_in_reasoning)
         calls: list[ToolCall] = []
         if self.tool_parser_cls:
@@ -133,13 +131,13 @@ class _ChoiceReader:
             calls += found
         return reasoning or None, content, calls
 
-    def delta(self, text: str, final: bool) -> tuple[str, str, list[ToolCallDelta]]:
-        new, self.sent = text[self.sent:], len(text)
+    def delta(self, new: str, final: bool) -> tuple[str, str, list[ToolCallDelta]]:
+        """`new`: the text this output adds (`CompletionOutput.new_text`)."""
         if self.plan.constrained_tools:
             self.constrained_text += new
             if not final:
                 return "", "", []
-            deltas = _deltas_from_calls(_calls_from_json(self.constrained_text))
+            deltas = _deltas_from_calls(self._constrained_calls(self.constrained_text))
             self.saw_tool_call |= bool(deltas)
             return "", "", deltas
         r, c = self.reasoning.feed(new)
@@ -153,6 +151,14 @@ class _ChoiceReader:
             deltas = d1 + d2
         self.saw_tool_call |= bool(deltas)
         return r, c, deltas
+
+    def _constrained_calls(self, text: str) -> list[ToolCall]:
+        """Constrained tool choice: the output is a JSON array of calls (required) or one call (named)."""
+        try:
+            return tool_calls_from_json(text, self.plan.tool_choice)
+        except ValueError:
+            raise APIError(500, "the constrained tool call output did not parse (was it cut off by max_tokens?)",
+                           code="tool_call_parse_error") from None
 
     @staticmethod
     def _through(parser, text: str, final: bool):
@@ -175,19 +181,6 @@ class _Counter:
 
     def __iter__(self):
         return self
-
-
-def _calls_from_json(text: str) -> list[ToolCall]:
-    """Constrained tool choice: the output is a JSON array of calls (required) or one call (named)."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        raise APIError(500, "the constrained tool call output did not parse (was it cut off by max_tokens?)",
-                       code="tool_call_parse_error") from None
-    items = data if isinstance(data, list) else [data]
-    return [ToolCall(new_tool_call_id(), item["name"],
-                     json.dumps(item.get("arguments", item.get("parameters", {})), ensure_ascii=False))
-            for item in items]
 
 
 def _deltas_from_calls(calls: list[ToolCall]) -> list[ToolCallDelta]:
@@ -252,7 +245,7 @@ async def _stream_events(state: ServerState, plan: _Plan, outputs: AsyncIterator
             if final and c.finish_reason == "length" and plan.constrained_tools:
                 raise APIError(400, "max_tokens ran out before the tool call was complete; raise max_tokens",
                                param="max_tokens")
-            r, text, deltas = reader.delta(c.text, final)
+            r, text, deltas = reader.delta(c.new_text, final)
             delta: dict = {}
             if r:
                 delta["reasoning_content"] = delta["reasoning"] = r

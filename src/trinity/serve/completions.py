@@ -96,12 +96,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
                         continue
                     if c.finish_reason is not None:
                         finished.add((i, c.index))
-                    chars, tokens = sent.get((i, c.index), (None, 0))
-                    text = c.text if chars is not None else echo_text(i) + c.text
-                    new_text = c.text[chars:] if chars is not None else text
+                    chars, tokens = sent.get((i, c.index), (None, 0))  # generated text and tokens sent so far
+                    new_text = c.new_text if chars is not None else echo_text(i) + c.new_text
                     logprobs = completion_logprobs(c, tokens, len(c.token_ids), top, state.tokenizer,
                                                    chars if chars is not None else len(echo_text(i)))
-                    sent[(i, c.index)] = (len(c.text), len(c.token_ids))
+                    sent[(i, c.index)] = ((chars or 0) + len(c.new_text), len(c.token_ids))
                     if new_text or c.finish_reason or (logprobs and logprobs["tokens"]):
                         yield {"id": base_id, "object": "text_completion", "created": created, "model": name,
                                "choices": [{"index": i * body.n + c.index, "text": new_text, "logprobs": logprobs,

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ..engine.async_engine import AsyncEngine
-from ..engine.request import RequestOutput
+from ..engine.request import ContextLengthError, RequestOutput
 from ..engine.sampling_params import SamplingError, SamplingParams
 from .errors import APIError
 from .metrics import ServerMetrics
@@ -121,11 +121,13 @@ class ServerState:
                 priority: int, prompt_param: str, cache_salt: str | None = None):
         try:
             return engine.engine.prepare_request(request_id, None, params, prompt_ids, priority, cache_salt)
+        except ContextLengthError as e:
+            # prompt + max_tokens over max_model_len: the max_tokens the client chose is the field to change
+            blame_max_tokens = e.limit == "max_model_len" and e.max_tokens is not None and params.max_tokens is not None
+            raise APIError(400, str(e), param="max_tokens" if blame_max_tokens else prompt_param,
+                           code="context_length_exceeded") from None
         except ValueError as e:
-            message = str(e)
-            param = "max_tokens" if "max_tokens" in message and params.max_tokens is not None else prompt_param
-            raise APIError(400, message, param=param, code="context_length_exceeded"
-                           if "max_model_len" in message or "KV cache" in message else "invalid_value") from None
+            raise APIError(400, str(e), param=prompt_param, code="invalid_value") from None
 
     # ------------------------------------------------------------------ running
     async def run(self, engine: AsyncEngine, prepared) -> AsyncIterator[RequestOutput]:
