@@ -207,8 +207,8 @@ class LLMEngine:
 
         With look-ahead (`async_scheduling`), a step of decodes launches the next one, each sequence fed the token
         still being sampled on the device, before it reads its own tokens back; the next `step()` call then starts
-        from that queued step. Host work (bookkeeping, detokenizing, stop checks, the next step's metadata) runs
-        while the device computes. A sequence that turns out finished has one wasted row in the queued step,
+        from that queued step. Host work (bookkeeping, stop checks, the next step's metadata, the output processors)
+        runs while the device computes. A sequence that turns out finished has one wasted row in the queued step,
         whose token is dropped; its results are as without look-ahead."""
         launched, self._inflight = self._inflight, None
         if launched is not None and all(s.finished for s in launched.sample_seqs):
