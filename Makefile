@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test serve bench clean
+.PHONY: install test test-fast serve bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py \
 		tests/test_kernels_embed.py tests/test_kernels_linear_norm.py tests/test_last_program.py tests/test_launch_count.py \
 		tests/test_decode_table.py
+
+# The inner loop: everything but the tests marked slow, server (a `trinity serve` subprocess) or gpu; stops at the
+# first failure. The markers are registered in tests/conftest.py.
+test-fast: install
+	$(PY) -m pytest -x -m "not slow and not server and not gpu"
 
 # The OpenAI-compatible server on the default (built-in) model, at http://127.0.0.1:8000/v1, with reasoning
 # split out and tool calls on (the Hermes parser), so every feature shows with no download.

@@ -4,11 +4,11 @@
         server.client.chat.completions.create(...)      # openai.OpenAI pointed at the server
         server.http.post("/tokenize", json={...})       # raw HTTP with the key (the client openai uses)
 
-`shared_server()` / the `default_server` fixture: one server with DEFAULT_FLAGS for the whole session.
+`shared_server()` / the `default_server` fixture (conftest.py): one server with DEFAULT_FLAGS for the whole session.
 
 The server's stdout and stderr go to a log file; when the server fails to come up the log is in the
-exception, and `log_on_failure` (an autouse fixture the test modules import) prints it when a test
-fails. Stopping sends SIGTERM, then SIGKILL after 15 s.
+exception, and conftest.py's autouse `log_on_failure` prints it (`report_failure`) when a test fails.
+Stopping sends SIGTERM, then SIGKILL after 15 s.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import openai
-import pytest
 
 try:  # the HTTP client the installed openai package is built on
     import httpx2 as httpx
@@ -274,27 +273,18 @@ def _stop_shared() -> None:
     _SHARED.clear()
 
 
-@pytest.fixture(scope="session")
-def default_server():
-    """The shared default server (see DEFAULT_FLAGS); SIGTERM at the end of the session."""
-    yield shared_server()
-    _stop_shared()
-
-
 @contextlib.contextmanager
 def running_server(*flags: str, api_key: str | None = None, name: str = "server") -> Iterator[ServerProcess]:
     with ServerProcess(*flags, api_key=api_key, name=name) as server:
         yield server
 
 
-@pytest.fixture(autouse=True)
-def log_on_failure(request):
-    """Print the logs of the servers this test used when it failed (bypassing output capture)."""
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before:
+def report_failure(test_id: str, failed: bool) -> None:
+    """After each test (conftest.py's `log_on_failure`): print the logs of the servers it used when it failed,
+    bypassing output capture; then forget the servers that have stopped."""
+    if failed:
         for server in list(_LIVE):
-            sys.__stderr__.write(f"\n----- {server.name} log ({server.log_path}) for {request.node.nodeid} -----\n"
+            sys.__stderr__.write(f"\n----- {server.name} log ({server.log_path}) for {test_id} -----\n"
                                  f"{server.log(6000)}\n----- end of {server.name} log -----\n")
             sys.__stderr__.flush()
     _LIVE[:] = [s for s in _LIVE if s.proc is not None and s.proc.poll() is None]

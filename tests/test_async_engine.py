@@ -5,16 +5,11 @@ import time
 
 import pytest
 
-from engine_helpers import random_prompts, tiny_model
+from engine_helpers import random_prompts
 from trinity.engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from trinity.engine.async_engine import AsyncEngine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=0, scale=8)
 
 
 @pytest.fixture(params=[False, True], ids=["sync", "lookahead"])

@@ -22,7 +22,7 @@ from trinity.ops.bench_metrics import read_sample
 from trinity.ops.bench_prompts import DEFAULT_PROMPTS, load_prompts
 from trinity.ops.bench_stats import meets_slo, parse_slo, peak_rate, summarize, token_series
 
-from server_helpers import API_KEY, MAX_MODEL_LEN, default_server, free_port, log_on_failure  # noqa: F401
+from server_helpers import API_KEY, MAX_MODEL_LEN, free_port
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, dict | None, str]:
@@ -46,6 +46,7 @@ def generated_tokens(server) -> float:
 
 
 # ---------------------------------------------------------------------- against our server
+@pytest.mark.server
 def test_sustained_run_produces_every_figure(default_server, capsys, tmp_path):
     server = default_server
     before = generated_tokens(server)
@@ -109,6 +110,7 @@ def test_sustained_run_produces_every_figure(default_server, capsys, tmp_path):
         assert w >= 600 and h >= 300
 
 
+@pytest.mark.server
 def test_sweep_levels_and_chat_mode(default_server, capsys, tmp_path):
     server = default_server
     code, result, _ = run_cli(capsys, "--base-url", server.base_url + "/v1", "--api-key", API_KEY,
@@ -131,6 +133,7 @@ def test_sweep_levels_and_chat_mode(default_server, capsys, tmp_path):
     assert "levels" not in result and "charts" not in result
 
 
+@pytest.mark.server
 def test_failed_requests_are_counted_not_fatal(default_server, capsys, tmp_path):
     server = default_server
     prompts = tmp_path / "prompts.jsonl"
@@ -160,6 +163,7 @@ def test_failed_requests_are_counted_not_fatal(default_server, capsys, tmp_path)
     assert result["metrics"]["available"] is False and result["metrics"]["note"]
 
 
+@pytest.mark.server
 def test_bad_flags_are_clear_errors(default_server, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     # model discovery needs the key: without it the command says what to do instead of failing inside

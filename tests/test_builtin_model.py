@@ -16,7 +16,7 @@ import torch
 from trinity.loading import BUILTIN_MODEL, builtin_model_path, load_model
 from trinity.synthetic.tools import TOOL_SCHEMAS
 
-from server_helpers import ServerProcess, log_on_failure  # noqa: F401
+from server_helpers import ServerProcess
 
 PATH = builtin_model_path()
 
@@ -53,10 +53,12 @@ def server():
         yield s
 
 
+@pytest.mark.server
 def test_served_under_its_name(server):
     assert [m.id for m in server.client.models.list().data] == [BUILTIN_MODEL]
 
 
+@pytest.mark.server
 def test_reasons_then_answers_arithmetic(server):
     r = server.client.chat.completions.create(model=BUILTIN_MODEL, temperature=0, max_tokens=300,
                                               messages=[{"role": "user", "content": "What is 27 + 58?"}])
@@ -67,6 +69,7 @@ def test_reasons_then_answers_arithmetic(server):
     assert r.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.server
 def test_calls_the_right_tool_then_answers_from_its_result(server):
     tools = [TOOL_SCHEMAS["weather"], TOOL_SCHEMAS["get_time"], TOOL_SCHEMAS["search"]]
     messages = [{"role": "user", "content": "What's the weather in Paris in celsius?"}]

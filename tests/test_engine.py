@@ -25,11 +25,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=0, scale=8)
-
-
-@pytest.fixture(scope="module")
 def prompts():
     return random_prompts(LENGTHS, seed=1)
 

@@ -105,3 +105,44 @@ def test_steps_through_pickle_give_the_same_results():
     engine.add_request("late", prompt_token_ids=[3, 4, 5], params=SamplingParams(max_tokens=2))
     engine.step()
     assert set(engine.runner.tables) == {"late"}
+
+
+def test_context_length_errors_carry_their_numbers():
+    """One typed error for a request that can never run, checked by type (the server's 400), not by its text."""
+    import pytest
+
+    from trinity.engine.request import ContextLengthError
+
+    engine = LLMEngine(tiny_model(), None, EngineConfig(max_model_len=32, block_size=4, num_kv_blocks=6))
+    cases = [(list(range(3, 23)), SamplingParams(max_tokens=20), ("max_model_len", 20, 20)),
+             (list(range(3, 35)), SamplingParams(max_tokens=None), ("max_model_len", 32, None)),
+             (list(range(3, 23)), SamplingParams(max_tokens=8), ("kv_cache", 20, 8))]
+    for prompt, params, (limit, prompt_tokens, max_tokens) in cases:
+        with pytest.raises(ContextLengthError) as e:
+            engine.add_request("r", prompt_token_ids=prompt, params=params)
+        err = e.value
+        assert (err.limit, err.prompt_tokens, err.max_tokens, err.max_model_len) == (limit, prompt_tokens, max_tokens,
+                                                                                      32)
+        total = prompt_tokens + (max_tokens or 0)
+        assert str(prompt_tokens if limit == "max_model_len" else total) in str(err) and isinstance(err, ValueError)
+    assert not engine.has_unfinished()
+
+
+def test_expert_load_is_counted_through_the_step_metadata():
+    """The runner's [moe_layers, experts] table travels in each step's metadata: every MoE layer but the last (which
+    computes only the rows that give logits) counts top_k choices for every token the engine computed."""
+    model = tiny_model()
+    cfg = model.config
+    engine = LLMEngine(model, None, EngineConfig(max_model_len=96, block_size=4, num_kv_blocks=40,
+                                                 enable_prefix_caching=False))
+    for i, n in enumerate((9, 17)):
+        engine.add_request(str(i), prompt_token_ids=list(range(5, 5 + n)),
+                           params=SamplingParams(max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    load = engine.expert_load()
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    assert load is not None and load["layers"] == moe_layers and len(moe_layers) >= 2
+    computed = engine.num_prompt_tokens + engine.num_generated_tokens - 2  # the last tokens are never computed
+    assert [sum(t) for t in load["tokens"][:-1]] == [computed * cfg.num_experts_per_tok] * (len(moe_layers) - 1)
+    assert all(not hasattr(model.model.layers[i].mlp, "count_mask") for i in moe_layers)

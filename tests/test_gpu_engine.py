@@ -13,8 +13,9 @@ from trinity.kernels import interpreting, triton_importable, use_reference
 
 from engine_helpers import random_prompts, tiny_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or interpreting() or not triton_importable(),
-                                reason="needs a CUDA device with Triton (and no interpreter)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or interpreting() or not triton_importable(),
+                                 reason="needs a CUDA device with Triton (and no interpreter)")]
 
 
 def _model(dtype: torch.dtype):

@@ -7,6 +7,7 @@ from trinity import TrinityForCausalLM, preset
 from trinity.generate import GenerationParams, generate
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # six HF models built and run in fp32: about a minute on 2 cores
 
 # Each varies what the issue names: dense layers (0, 1, 3), kv heads (1, 2, = heads), muP on/off,
 # explicit layer_types, a window shorter than the sequence, top-k 1 and > 1.

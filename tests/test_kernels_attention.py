@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from trinity import kernels
-from trinity.engine.paged_attention import PagedAttention, PagedKV, PoolStep, _decode_attention
+from trinity.engine.paged_attention import PagedAttention, PagedKV, PoolStep
 from trinity.kernels import attention as A
 from trinity.model.attention import reference_attention, visibility_mask
 from test_kernels_norm import compile_sm90, needs_compile_check
@@ -106,6 +106,15 @@ def prefill_case(seqs, hq, hkv, d, dtype, *, seed=0, shuffle_keys=False, tail=3)
 
 def f32(*ts):
     return [t.float() if t.is_floating_point() else t for t in ts]
+
+
+def _decode_attention(q, k_ctx, v_ctx, ctx_valid, scale):
+    """The decode math written out: q [B, Hq, D]; k_ctx/v_ctx [B, L, Hkv, D] the gathered padded contexts incl. the
+    new token; ctx_valid [B, L]."""
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_ctx.transpose(1, 2),
+                                                           v_ctx.transpose(1, 2), attn_mask=ctx_valid[:, None, None, :],
+                                                           scale=scale, enable_gqa=True)
+    return out[:, :, 0]
 
 
 # ------------------------------------------------------------------------------ references (always run)
@@ -438,6 +447,7 @@ def test_write_kv_dispatcher(monkeypatch):
 
 
 # -------------------------------------------------------------------------- GPU: realistic shapes
+@pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_decode_realistic(tk, dtype):
@@ -452,6 +462,7 @@ def test_gpu_decode_realistic(tk, dtype):
     assert rel_err(out, ref[:1]) < TOL[dtype]
 
 
+@pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("window", [None, 512])
@@ -463,6 +474,7 @@ def test_gpu_prefill_realistic(tk, dtype, window):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.gpu
 @gpu_only
 def test_gpu_write_kv_realistic(tk):
     kc = torch.zeros(65536, 4, 128, dtype=torch.bfloat16, device="cuda")

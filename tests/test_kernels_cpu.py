@@ -199,7 +199,6 @@ def test_native_build_is_cached_by_content(tmp_path, monkeypatch):
 def test_native_decode_attention_equals_gather_and_sdpa(batch, hq, hkv, dim, slots, width, dtype):
     """Random contexts with padding, read by slot; the new K/V written to their slots first, as the engine does.
     bf16 pools: compared with fp32 attention over the same bf16 values (the kernel computes in fp32)."""
-    from trinity.engine.paged_attention import _decode_attention, _gather
     from trinity.kernels import attention as kattn
 
     g = torch.Generator().manual_seed(batch * 100 + dim)
@@ -217,8 +216,7 @@ def test_native_decode_attention_equals_gather_and_sdpa(batch, hq, hkv, dim, slo
     q, k_cache, v_cache, new_k, new_v = (t.to(dtype) for t in (q, k_cache, v_cache, new_k, new_v))
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     ref_k[new_slots], ref_v[new_slots] = new_k, new_v
-    expected = _decode_attention(q.float(), _gather(ref_k, ctx).float(), _gather(ref_v, ctx).float(), valid,
-                                 dim ** -0.5)
+    expected = kattn.decode_attention_reference(q.float(), ref_k.float(), ref_v.float(), ctx, valid, dim ** -0.5)
     got = kattn.decode_attention_native(q, k_cache, v_cache, ctx, valid, dim ** -0.5, new_k, new_v, new_slots)
     assert got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2

@@ -8,7 +8,7 @@ import torch
 from trinity import preset
 from trinity.kernels import moe as kmoe
 from trinity.kernels.moe import experts_reference, routed_experts
-from trinity.model.moe import route
+from trinity.kernels.moe import route_reference as route
 
 # the interpreter/GPU switches, tolerances and comparison are the norm kernels' tests' own
 from test_kernels_norm import (DEVICE, HAS_CUDA, HAS_TRITON, INTERPRET, TOL, _assert_close,  # noqa: F401
@@ -166,7 +166,7 @@ def _layer_with_shared(x, gate_up, down, k, seed, config=None):
     """`fused_moe_layer` with the shared expert stacked last (the decode path), from random router logits ->
     (its output, the reference: the model's routing, `experts_reference` plus the shared expert)."""
     from trinity.kernels.moe_triton import fused_moe_layer
-    from trinity.model.moe import select_experts
+    from trinity.kernels.moe import select_experts
     routed = gate_up.shape[0] - 1
     logits = torch.randn(x.shape[0], routed, generator=torch.Generator().manual_seed(seed)).to(x.device)
     bias = torch.zeros(routed, device=x.device)
@@ -385,6 +385,7 @@ NANO = dict(h=1024, inter=256, e=128, k=8)
 MINI = dict(h=2048, inter=1024, e=128, k=8)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", [NANO, MINI], ids=["nano", "mini"])
 @pytest.mark.parametrize("t", [1, 8, 32, 64, 300])
@@ -396,6 +397,7 @@ def test_gpu_fused_moe_real_shapes(shape, t):
                   torch.bfloat16)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", [NANO, MINI], ids=["nano", "mini"])
 @pytest.mark.parametrize("t", [1, 64])
@@ -406,6 +408,7 @@ def test_gpu_fused_moe_with_shared_expert_real_shapes(shape, t):
     _assert_close(got, want, torch.bfloat16)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", [NANO, MINI], ids=["nano", "mini"])
 def test_gpu_fused_moe_captures_in_a_cuda_graph(shape):
@@ -427,6 +430,7 @@ def test_gpu_fused_moe_captures_in_a_cuda_graph(shape):
     _assert_close(out, experts_reference(x2, w2, ids2, gate_up, down), torch.bfloat16)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("e,h,k", [(128, 1024, 8), (128, 2048, 8), (256, 3072, 4)])
 @pytest.mark.parametrize("t", [1, 64, 256])

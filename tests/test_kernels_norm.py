@@ -92,7 +92,7 @@ def test_qk_norm_rope_reference_equals_attention_code(dtype, apply_rope):
         q = torch.randn(t, hq, d).to(dtype)
         k = torch.randn(t, hk, d).to(dtype)
         cos, sin = RotaryEmbedding(d, 10000.0).cos_sin(torch.randint(0, 5000, (t,)), dtype)
-        # GatedAttention.forward
+        # the attention layer's q/k norm and RoPE, written out
         wq, wk = qn(q), kn(k)
         if apply_rope:
             wq = wq * cos[:, None] + rotate_half(wq) * sin[:, None]  # neox RoPE, written out
@@ -294,6 +294,7 @@ def test_dispatch_reaches_triton_when_forced(monkeypatch):
 
 
 # ============================================================================== real shapes (GPU only)
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("h", [1024, 2048, 3072])
 @pytest.mark.parametrize("t", [1, 64, 1000])
@@ -314,6 +315,7 @@ def test_gpu_norms_real_shapes(h, t):
     _assert_close(norm_triton.sigmoid_gate(x, res), sigmoid_gate_reference(x, res), torch.bfloat16)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("hq,hk", [(8, 2), (32, 4), (48, 8)])
 @pytest.mark.parametrize("t", [1, 64, 1000])

@@ -85,6 +85,7 @@ def test_switched_off_users_take_their_separate_launches(separate_launches):
 
 
 # ------------------------------------------------------------------------------------ GPU: many runs
+@pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("splits", [4, 16, 64])
 def test_gpu_split_merge_by_the_last_split_is_stable(splits):
@@ -103,6 +104,7 @@ def test_gpu_split_merge_by_the_last_split_is_stable(splits):
             assert torch.equal(got, want)
 
 
+@pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("m", [1, 4, 16])
 @pytest.mark.parametrize("n,k", [(2048, 4096), (1024, 1024), (1024, 3072)])  # Mini o_proj, Nano o_proj, Nano down
@@ -123,6 +125,7 @@ def test_gpu_projection_and_norm_step_is_stable(m, n, k):
         assert all(torch.equal(a, b) for a, b in zip(again, first))
 
 
+@pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("t", [1, 3, 8])
 def test_gpu_router_in_the_routing_launch_is_stable(t):
@@ -145,6 +148,7 @@ def test_gpu_router_in_the_routing_launch_is_stable(t):
         assert torch.equal(again[2], fused[2])  # block -> expert; the slot order inside a run may differ
 
 
+@pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("t", [1, 4])
 def test_gpu_down_gemm_with_the_norm_step_is_stable(t):

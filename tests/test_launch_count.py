@@ -180,6 +180,7 @@ def _run(engine: LLMEngine) -> list[list[int]]:
     return [done[k] for k in sorted(done)]
 
 
+@pytest.mark.slow  # the tuning sweep's CPU smoke mode: most of a minute on 2 cores
 def test_moe_tuning_script_smoke():
     """benchmarks/tune_moe.py (a GPU sweep) runs end to end in its CPU smoke mode and ends with its JSON."""
     import json

@@ -5,15 +5,10 @@ requests whose sampling needs the pending token (no look-ahead for them)."""
 
 import pytest
 
-from engine_helpers import assert_pools_free, random_prompts, reference_greedy, scripted_model, tiny_model
+from engine_helpers import assert_pools_free, random_prompts, reference_greedy, scripted_model
 from trinity.engine import EngineConfig, LLMEngine, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=0, scale=8)
 
 
 def engine_for(model, on=True, **kw):

@@ -2,12 +2,14 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from trinity import TrinityForCausalLM, preset
 from trinity.kernels.moe import experts_reference
-from trinity.model.moe import MoEBlock, route
+from trinity.kernels.moe import route_reference as route
+from trinity.model.moe import MoEBlock
 
 
 def _gate_reading_coordinates(num_experts: int, hidden: int) -> torch.Tensor:
@@ -128,3 +130,49 @@ def test_router_weight_cache_is_inference_only_and_follows_updates():
         block.router.gate.weight.mul_(2)  # an in-place update (a load, an optimizer step) is picked up
         assert torch.equal(block.router_weight_fp32(), block.router.gate.weight.float())
     assert block.router_weight_fp32() is block.router.gate.weight  # grad enabled: no detached copy
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_blocks_count_into_the_step_metadata_rows(fused):
+    """The step's `expert_counts` table: the MoE block of MoE index j adds its routed tokens to row j (each block's
+    own counter when the metadata has none), weighted by `count_weight`; on the CPU's native path and the torch one,
+    layer by layer and chained (`fuse_projections`)."""
+    from dataclasses import dataclass
+
+    from trinity.kernels import use_reference
+    from trinity.model.attention import PackedSequences
+
+    @dataclass(slots=True)
+    class CountedSequences(PackedSequences):
+        expert_counts: torch.Tensor | None = None
+        count_weight: torch.Tensor | None = None
+
+    cfg = preset("tiny")
+    model = TrinityForCausalLM.random(cfg, seed=7).eval()
+    if fused:
+        model.fuse_projections()
+    blocks = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoEBlock)]
+    assert [b.moe_index for b in blocks] == list(range(cfg.num_moe_layers))
+    ids = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(9)
+    for reference in (False, True):
+        use_reference(reference)
+        try:
+            with torch.no_grad():
+                for b in blocks:
+                    b.track_expert_load()
+                model(ids, pos, PackedSequences([9]))
+                own = torch.stack([b.expert_counts for b in blocks])
+                for b in blocks:
+                    b.track_expert_load(False)
+                table = torch.zeros(cfg.num_moe_layers, cfg.num_experts, dtype=torch.long)
+                model(ids, pos, CountedSequences([9], expert_counts=table))
+                weighted = torch.zeros_like(table)
+                model(ids, pos, CountedSequences([9], expert_counts=weighted,
+                                                 count_weight=torch.tensor([1] * 7 + [0] * 2)))
+                prefix = torch.zeros_like(table)  # causal: the first 7 tokens route alike without the last 2
+                model(ids[:7], pos[:7], CountedSequences([7], expert_counts=prefix))
+        finally:
+            use_reference(None)
+        assert torch.equal(table, own) and (table.sum(dim=1) == 9 * cfg.num_experts_per_tok).all()
+        assert torch.equal(weighted, prefix)

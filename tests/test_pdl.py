@@ -98,6 +98,7 @@ def test_wait_comes_before_every_memory_access(kernel_name):
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device")
 
 
+@pytest.mark.gpu
 @gpu_only
 def test_graph_decode_with_pdl_equals_without(pdl_setting):
     if torch.cuda.get_device_capability()[0] < 9:

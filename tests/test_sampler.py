@@ -11,7 +11,6 @@ from engine_helpers import byte_ids, chain, random_prompts, run_llm_both_ways, s
 from trinity.engine import LLM, SamplingError, SamplingParams
 from trinity.engine.request import Sequence
 from trinity.engine.sampler import Sampler
-from trinity.tokenizer import build_byte_level_tokenizer
 
 EOS = (0, 2)  # <|endoftext|>, <|im_end|> of the byte-level tokenizer
 
@@ -261,11 +260,6 @@ def test_sampling_params_valid_edges_and_normalisation():
 
 
 # ---------------------------------------------------------------------- the engine's stop logic
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_level_tokenizer()
-
-
 def run(tok, successors, prompt="x", second=None, llm_kw=None, **params):
     model = scripted_model(successors, second=second)
     llm = LLM(model, tokenizer=tok, num_kv_blocks=64, **(llm_kw or {}))

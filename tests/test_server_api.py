@@ -14,8 +14,9 @@ import jsonschema
 import openai
 import pytest
 
-from server_helpers import (API_KEY, MAX_MODEL_LEN, ServerProcess, assert_error,  # noqa: F401
-                            default_server, log_on_failure, parse_metrics, token_id)
+from server_helpers import API_KEY, MAX_MODEL_LEN, ServerProcess, assert_error, parse_metrics, token_id
+
+pytestmark = pytest.mark.server
 
 MODEL = "tiny"
 HI = [{"role": "user", "content": "hi"}]
@@ -28,11 +29,6 @@ WEATHER = {"type": "function", "function": {
 PING = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
 TOOLS = [WEATHER, PING]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-
-
-@pytest.fixture(scope="module")
-def server(default_server):  # noqa: F811
-    return default_server
 
 
 @pytest.fixture(scope="module")

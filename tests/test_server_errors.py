@@ -12,19 +12,15 @@ import time
 
 import pytest
 
-from server_helpers import (API_KEY, ServerProcess, assert_clean_message, assert_error,  # noqa: F401
-                            default_server, httpx, log_on_failure, sse_events)
+from server_helpers import API_KEY, ServerProcess, assert_clean_message, assert_error, httpx, sse_events
+
+pytestmark = pytest.mark.server
 
 HI = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 TOOL = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}
 BAD_REQUEST = "invalid_request_error"
-
-
-@pytest.fixture(scope="module")
-def server(default_server):  # noqa: F811
-    return default_server
 
 
 def still_serving(server: ServerProcess) -> None:

@@ -11,14 +11,16 @@ import time
 
 import pytest
 
-from server_helpers import DEFAULT_FLAGS, default_server, httpx, log_on_failure, shared_server  # noqa: F401
+from server_helpers import DEFAULT_FLAGS, httpx, shared_server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 CLIENTS = 64
 MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module", params=["plain", "lookahead"])
-def server(request, default_server):  # noqa: F811
+def server(request, default_server):
     server = default_server if request.param == "plain" else \
         shared_server("lookahead", DEFAULT_FLAGS + ("--async-scheduling",))
     server.wait_idle(timeout=30)

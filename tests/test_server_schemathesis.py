@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from server_helpers import AUTH, default_server, log_on_failure  # noqa: F401
+from server_helpers import AUTH
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 # (method, path, examples per generation mode); GETs without parameters have only one distinct request.
 OPERATIONS = [
@@ -34,7 +36,7 @@ STATUSES: dict[int, int] = {}
 
 
 @pytest.fixture(scope="module")
-def schema(default_server):  # noqa: F811
+def schema(default_server):
     return schemathesis.openapi.from_url(default_server.base_url + "/openapi.json", headers=AUTH, timeout=30)
 
 
@@ -137,7 +139,7 @@ def _label(mode) -> str:
 
 @pytest.mark.parametrize("method,path,examples,mode", CASES,
                          ids=[f"{m} {p} {_label(mode)}" for m, p, _, mode in CASES])
-def test_no_server_errors(schema, default_server, method, path, examples, mode):  # noqa: F811
+def test_no_server_errors(schema, default_server, method, path, examples, mode):
     operation = schema[path][method]
     key = (method, path, _label(mode))
     SENT[key] = 0

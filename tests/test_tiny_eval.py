@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import tiny_eval  # noqa: E402
 
+# every test starts `trinity serve` through the evaluator (the last one, a model that will not load)
+pytestmark = pytest.mark.server
 TASKS = 12
 FLAGS = ["--server-arg=--max-model-len=2048", "--server-arg=--num-kv-blocks=256"]
 

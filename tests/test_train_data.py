@@ -11,17 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from trinity import TrinityForCausalLM, preset
-from trinity.tokenizer import build_byte_level_tokenizer
 from trinity.train.data import (IGNORE, Document, RSDBLoader, SequentialLoader, chat_document, corpus_files,
                                 load_documents, make_loader)
 from trinity.train.trainer import init_like_report_
 
 STRIDE = 100_000  # synthetic token value = doc * STRIDE + position: every token says where it came from
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_level_tokenizer()
 
 
 def encoded_docs(lengths) -> list[Document]:

@@ -258,6 +258,7 @@ def dp_runs(corpus, tmp_path_factory):
     return dict(tmp=tmp, states=states, first_log=first_log, resumed_summary=json.loads(resumed.splitlines()[0]))
 
 
+@pytest.mark.slow  # dp_runs: a one-process run and three torchrun launches of two processes
 @pytest.mark.parametrize("mode", DP_MODES)
 def test_two_gloo_processes_match_one_process(dp_runs, mode):
     dp_out, single_out = dp_runs["tmp"] / mode, dp_runs["tmp"] / "single"
@@ -291,6 +292,7 @@ def assert_same_tree(a, b, where: str = "") -> None:
         assert a == b, where
 
 
+@pytest.mark.slow
 def test_fsdp_resumes_and_writes_full_checkpoints_and_exports(dp_runs):
     tmp = dp_runs["tmp"]
     single_log = read_log(tmp / "single")
@@ -308,6 +310,7 @@ def test_fsdp_resumes_and_writes_full_checkpoints_and_exports(dp_runs):
     assert_same_tree(exported, reference, "export")
 
 
+@pytest.mark.slow
 def test_train_command_tears_down_its_process_group(dp_runs):
     states = dp_runs["states"]
     assert len(states) == 2 * (len(DP_MODES) + 1)
@@ -353,6 +356,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # a torchrun launch of two processes
 def test_muon_on_fsdp_shards_and_the_manual_gradient_sum(tmp_path):
     script = tmp_path / "parallel_pieces.py"
     script.write_text(PARALLEL_PIECES, encoding="utf-8")

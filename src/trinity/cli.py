@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import PRESETS
+from .engine.config import EngineConfig
 
 _request_ids = itertools.count()
 
@@ -56,22 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes")
     srv.add_argument("--dtype", default="auto")
     srv.add_argument("--device", default="auto")
-    srv.add_argument("--max-model-len", type=int, default=None)
-    srv.add_argument("--max-num-seqs", type=int, default=128)
-    srv.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    srv.add_argument("--block-size", type=int, default=16)
-    srv.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV blocks per pool (overrides memory)")
-    srv.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
-    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    srv.add_argument("--enforce-eager", action="store_true")
-    srv.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=None,
-                     help="look-ahead decoding: queue the next decode step before reading this one's tokens "
-                          "(default: on for CUDA)")
-    srv.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
-    srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                     help="take the K/V of prompt blocks computed before (shared system prompts, earlier chat "
-                          "turns) from the cache (default: on)")
-    srv.add_argument("--seed", type=int, default=0)
+    EngineConfig.add_cli_arguments(srv.add_argument_group("engine"))  # one flag per EngineConfig field
     srv.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     srv.add_argument("--chat-template", default=None, help="a jinja file replacing the model's chat template")
     srv.add_argument("--reasoning-parser", default="trinity", choices=["trinity", "deepseek_r1", "none"])
@@ -112,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().parse_args(argv)  # reports the unknown flags the usual way
     args.overrides = _overrides(extra)
     try:
+        if args.command in ("generate", "chat", "serve", "train"):
+            from . import switches
+
+            switches.get()  # a bad TRINITY_* value: one clear line now, not an error inside the first step
         if args.command == "init":
             return _cmd_init(args)
         if args.command == "bench":
@@ -142,7 +132,7 @@ def _params(args):
 
 
 def _engine(loaded):
-    from .engine import EngineConfig, LLMEngine
+    from .engine import LLMEngine
 
     # One conversation at a time: a small cache sized to the context we may need.
     return LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(max_num_seqs=4, seed=None))
@@ -272,9 +262,8 @@ def _cmd_train(args) -> int:
 
 def _cmd_serve(args) -> int:
     import logging
-    import os
 
-    from .engine import EngineConfig
+    from . import switches
     from .serve.server import serve
     from .serve.state import ServerSettings
 
@@ -286,19 +275,13 @@ def _cmd_serve(args) -> int:
             template = f.read()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(
-        served_model_name=args.served_model_name, api_key=args.api_key or os.environ.get("TRINITY_API_KEY"),
+        served_model_name=args.served_model_name, api_key=args.api_key or switches.get().api_key,
         max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice, chat_template=template,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
         shutdown_timeout=args.shutdown_timeout)
-    engine_config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                                 num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-                                 gpu_memory_utilization=args.gpu_memory_utilization,
-                                 enforce_eager=args.enforce_eager, seed=args.seed,
-                                 async_scheduling=args.async_scheduling,
-                                 enable_prefix_caching=args.enable_prefix_caching)
+    engine_config = EngineConfig.from_cli_args(args)
     serve(args.model or args.model_flag, settings, engine_config, args.host, args.port, dtype=args.dtype,
           device=args.device, log_level=args.log_level.lower())
     return 0

@@ -4,7 +4,8 @@ requests, the step contract) imports no torch, and importing it through this pac
 from .._lazy import lazy_getattr
 
 _EXPORTS = {"EngineConfig": ".config", "LLMEngine": ".engine", "LLM": ".llm", "CompletionOutput": ".request",
-            "Logprob": ".request", "RequestOutput": ".request", "SamplingError": ".sampling_params",
+            "ContextLengthError": ".request", "Logprob": ".request", "RequestOutput": ".request",
+            "SamplingError": ".sampling_params",
             "SamplingParams": ".sampling_params"}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

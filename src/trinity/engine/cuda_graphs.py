@@ -78,7 +78,6 @@ class DecodeTable:
             offset += pool.columns
         self.columns = offset
         self.meta = torch.zeros(max_batch, self.columns, dtype=torch.int32, device=runner.device)
-        self._moe_blocks = [runner.model.model.layers[i].mlp for i in runner.moe_layers]
         self._rows: dict[int, torch.Tensor] = {}  # arange(b), made before any capture (warm-up runs first)
 
     def new_host_table(self, pin: bool) -> torch.Tensor:
@@ -145,17 +144,11 @@ class DecodeTable:
         if not kernels_attention.use_fast_path(meta):
             raise RuntimeError("the table-driven decode forward needs the Triton kernels")
         # one cast for every MoE layer: the reference routing's scatter_add_ needs the counts' int64, and the
-        # Triton router would copy a strided int32 column per layer
-        count_mask = meta[:, _COUNT].long()
-        for block in self._moe_blocks:
-            block.count_mask = count_mask
-        try:
-            attn = PagedAttention(self.runner.cache, {p.name: self._pool_step(p, b) for p in self.pools})
-            # tokens and positions as int32 columns, no cast: the embedding kernel and the RoPE gather take them
-            return self.runner.model(meta[:, _TOKEN], meta[:, _POSITION], attn)
-        finally:
-            for block in self._moe_blocks:
-                block.count_mask = None
+        # Triton router would copy a strided int32 column per layer. Padding rows weigh 0 in the expert counts.
+        attn = PagedAttention(self.runner.cache, {p.name: self._pool_step(p, b) for p in self.pools},
+                              expert_counts=self.runner.expert_counts, count_weight=meta[:, _COUNT].long())
+        # tokens and positions as int32 columns, no cast: the embedding kernel and the RoPE gather take them
+        return self.runner.model(meta[:, _TOKEN], meta[:, _POSITION], attn)
 
 
 class DecodeGraphs:

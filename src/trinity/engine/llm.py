@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Sequence as Seq
 
-from .engine import EngineConfig, LLMEngine
+from .config import EngineConfig
+from .engine import LLMEngine
 from .request import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -14,26 +16,19 @@ class LLM:
     """Batch generation over the engine.
 
     `model`: a checkpoint folder, a preset name, or a `TrinityForCausalLM` (then pass `tokenizer`, or use
-    token ids only).
+    token ids only). The other keywords are `EngineConfig`'s fields (max_model_len, max_num_seqs, block_size,
+    seed, ...: see `inspect.signature(LLM)`), derived from it so that a new engine setting needs no edit here.
     """
 
-    def __init__(self, model=None, tokenizer=None, dtype: str = "auto", device: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
-                 block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False, seed: int | None = 0,
-                 async_scheduling: bool | None = None, enable_prefix_caching: bool = True):
+    def __init__(self, model=None, tokenizer=None, dtype: str = "auto", device: str = "auto", **engine_settings):
         from ..model.model import TrinityForCausalLM
 
+        config = EngineConfig.from_kwargs("LLM", **engine_settings)  # checked before a model is loaded
         if not isinstance(model, TrinityForCausalLM):
             from ..loading import load_model
 
-            loaded = load_model(model, dtype=dtype, device=device, seed=seed or 0)
+            loaded = load_model(model, dtype=dtype, device=device, seed=config.seed or 0)
             model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
-        config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                              max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                              num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
-                              gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, seed=seed,
-                              async_scheduling=async_scheduling, enable_prefix_caching=enable_prefix_caching)
         self.engine = LLMEngine(model, tokenizer, config)
         self._ids = itertools.count()
 
@@ -106,3 +101,14 @@ class LLM:
                 raise ValueError(f"cannot read prompt {p!r}: give a string or a dict with 'prompt' or "
                                  "'prompt_token_ids'")
         return items
+
+
+def _derived_signature(init) -> inspect.Signature:
+    """`LLM.__init__`'s own parameters, then EngineConfig's fields as keyword-only parameters (for help() and
+    editors; the call itself goes through `EngineConfig.from_kwargs`)."""
+    sig = inspect.signature(init)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return sig.replace(parameters=own + EngineConfig.signature_parameters())
+
+
+LLM.__init__.__signature__ = _derived_signature(LLM.__init__)

@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels import attention as kernels_attention
 from ..kernels import norm as kernel_norm
-from ..model.attention import reference_attention, shared_mask, visibility_mask
+from ..model.attention import AttentionMetadata, reference_attention, shared_mask, visibility_mask
 
 
 @dataclass(slots=True)
@@ -61,11 +60,15 @@ class PagedKV:
 
 
 @dataclass(slots=True)
-class PagedAttention:
+class PagedAttention(AttentionMetadata):
     """AttentionMetadata for the engine: `attend` reads and writes the paged pools."""
 
     kv: PagedKV
     steps: dict[str, PoolStep]
+    # the step's expert-load telemetry (see `AttentionMetadata`): [num_moe_layers, num_experts] int64 counts the
+    # MoE blocks add to, and each token's [T] int64 0/1 weight in them (a padded decode table's padding rows: 0)
+    expert_counts: torch.Tensor | None = None
+    count_weight: torch.Tensor | None = None
 
     def attend(self, layer_idx, q, k, v, window, scale, rows=None):
         """With `rows` ([N] indices): only those rows' output [N, Hq, D], every row's K/V still written. The CPU
@@ -163,25 +166,12 @@ def _lengths(step: PoolStep) -> torch.Tensor:
 def _decode_rows(kc, vc, step: PoolStep, q, k, v, scale):
     """The decode rows' attention, their new K/V written first: a decode's own slot is never one its context
     needs, so it is read back with the context. On the CPU (fp32 or bf16) the C kernel does both and reads the
-    contexts in place; otherwise one gather of each context, then SDPA."""
+    contexts in place; otherwise the reference (one gather of each context, then SDPA)."""
     rows = step.dec_rows
-    if kernels_attention.native_decode_wanted(q, kc):
-        return kernels_attention.decode_attention_native(q[rows], kc, vc, step.dec_ctx_slots, step.dec_ctx_valid,
-                                                         scale, k[rows], v[rows], step.dec_slots)
+    ka = kernels_attention
+    if ka.native_decode_wanted(q, kc):
+        return ka.decode_attention_native(q[rows], kc, vc, step.dec_ctx_slots, step.dec_ctx_valid, scale, k[rows],
+                                          v[rows], step.dec_slots)
     kc[step.dec_slots] = k[rows]
     vc[step.dec_slots] = v[rows]
-    return _decode_attention(q[rows], _gather(kc, step.dec_ctx_slots), _gather(vc, step.dec_ctx_slots),
-                             step.dec_ctx_valid, scale)
-
-
-def _gather(cache, slots):
-    """cache[slots] for a [B, L] slot table. index_select copies whole rows; advanced indexing copies element
-    by element and was 4.5x slower here (108 vs 487 us for 32 x 160 slots of 2 x 128 floats)."""
-    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
-
-
-def _decode_attention(q, k_ctx, v_ctx, ctx_valid, scale):
-    """q: [B, Hq, D]; k_ctx/v_ctx: [B, L, Hkv, D] padded context incl. the new token; ctx_valid: [B, L]."""
-    out = F.scaled_dot_product_attention(q[:, :, None], k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),
-                                         attn_mask=ctx_valid[:, None, None, :], scale=scale, enable_gqa=True)
-    return out[:, :, 0]
+    return ka.decode_attention_reference(q[rows], kc, vc, step.dec_ctx_slots, step.dec_ctx_valid, scale)

@@ -81,14 +81,9 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    def token_at(self, position: int) -> int:
-        """The token at a position of prompt + output, without building `all_token_ids` (a per-step copy of the
-        whole context, which at long contexts cost more than the decode step's other host work)."""
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
-
     def token_ids_between(self, lo: int, hi: int) -> list[int]:
-        """Tokens lo..hi-1 of prompt + output, without building `all_token_ids`."""
+        """Tokens lo..hi-1 of prompt + output, without building `all_token_ids` (a copy of the whole context: per
+        step, at long contexts, it cost more than the decode step's other host work)."""
         prompt, n = self.prompt_token_ids, len(self.prompt_token_ids)
         if hi <= n:
             return prompt[lo:hi]
@@ -99,10 +94,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def max_total_tokens(self) -> int:
-        return len(self.prompt_token_ids) + self.max_tokens
 
     @property
     def finished(self) -> bool:

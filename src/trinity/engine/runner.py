@@ -125,12 +125,10 @@ class ModelRunner:
         self.scratch_slots = scratch if fast else None
         # Expert-load telemetry: every MoE layer counts the tokens routed to each expert.
         self.moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-        # one [moe_layers, experts] buffer whose rows the blocks count into: taking and resetting the counts is
-        # then two launches and no host sync per step
+        # one [moe_layers, experts] buffer, carried in each step's metadata, whose rows the blocks count into:
+        # taking and resetting the counts is then two launches and no host sync per step
         self.expert_counts = torch.zeros(len(self.moe_layers), cfg.num_experts, dtype=torch.long,
                                          device=self.device) if self.moe_layers else None
-        for j, i in enumerate(self.moe_layers):
-            model.model.layers[i].mlp.expert_counts = self.expert_counts[j]
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len or cfg.max_position_embeddings, scratch)
@@ -239,7 +237,7 @@ class ModelRunner:
             for pool_step in pools.values():  # inside its first layer, where the copies would wait for the layers
                 if pool_step.prefills:
                     pool_step.packed = kernels_attention.pack_prefills(pool_step.prefills)
-        attn = PagedAttention(self.cache, pools)
+        attn = PagedAttention(self.cache, pools, expert_counts=self.expert_counts)
         dev = self.device
         ids = input_tokens if input_tokens is not None else torch.tensor(ids, device=dev)
         # every row in order (a decode step): no gather; otherwise the model drops the other rows in its last layer

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
+
+from .. import switches
 
 _force_reference: bool | None = None
 _graph_mode = False
@@ -42,19 +43,22 @@ def use_reference(force: bool | None) -> None:
 
 
 def reference_forced() -> bool:
+    """Whether the references must run: `use_reference(...)` if set, else TRINITY_KERNELS=reference (any case:
+    the C kernels check this, the Triton ones `kernels_mode()` too, and both must read the variable alike)."""
     if _force_reference is not None:
         return _force_reference
-    return os.environ.get("TRINITY_KERNELS", "auto") == "reference"
+    return switches.get().kernels == "reference"
 
 
 def kernels_mode() -> str:
-    """TRINITY_KERNELS: auto (Triton on CUDA), triton (also on CPU under TRITON_INTERPRET=1), reference."""
-    return os.environ.get("TRINITY_KERNELS", "auto").strip().lower()
+    """TRINITY_KERNELS: auto (Triton on CUDA), triton (also on CPU under TRITON_INTERPRET=1), reference.
+    Parsed once by `trinity.switches` (lower-cased; another value raises)."""
+    return switches.get().kernels
 
 
 def interpreting() -> bool:
     """TRITON_INTERPRET as Triton reads it (1/true/on/yes)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return switches.get().triton_interpret
 
 
 @functools.cache

@@ -42,15 +42,16 @@ def _kernels():
 
 # ------------------------------------------------------------------------------------------ references
 def decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale):
-    """The engine's decode math (`engine.paged_attention._decode_attention`): gather the context by slot,
-    masked SDPA with GQA."""
+    """The decode math (the engine's, off the fast paths): gather each context by slot, masked SDPA with GQA."""
     if ctx_valid_or_lens.dtype == torch.bool:
         valid = ctx_valid_or_lens
     else:
         valid = torch.arange(ctx_slots.shape[1], device=ctx_slots.device)[None, :] < ctx_valid_or_lens[:, None]
     # padded entries may hold anything: point them at slot 0 so the gather stays in bounds
-    slots = ctx_slots.masked_fill(~valid, 0)
-    k_ctx, v_ctx = k_cache[slots], v_cache[slots]  # [B, L, Hkv, D]
+    slots = ctx_slots.masked_fill(~valid, 0).reshape(-1)
+    # index_select copies whole rows (advanced indexing copies element by element: several times slower)
+    k_ctx = k_cache.index_select(0, slots).view(*ctx_slots.shape, *k_cache.shape[1:])  # [B, L, Hkv, D]
+    v_ctx = v_cache.index_select(0, slots).view(*ctx_slots.shape, *v_cache.shape[1:])
     out = F.scaled_dot_product_attention(q[:, :, None], k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),
                                          attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)
     return out[:, :, 0]
@@ -226,7 +227,7 @@ def decode_attention_native(q, k_cache, v_cache, ctx_slots, ctx_valid, scale, ne
 
 # ----------------------------------------------------------------------------- CPU prefill, block by block
 # Queries per block of `chunk_attention_blocked`: with the built-in model's 128-token window a block then reads at
-# most 255 keys (a 2000-token sliding layer: 6.2 ms against 23.4 ms for one masked SDPA over every key).
+# most 255 keys (against every key for one masked SDPA over the chunk).
 CHUNK_BLOCK = 128
 
 
@@ -244,7 +245,7 @@ def chunk_attention_blocked(q, k, v, q_start: int, k_start: int, window: int | N
     its own keys: k_start + L == q_start + n). Each block of queries attends only to the keys it can see: up to its
     last query, and in a sliding layer from its first query's window on (a masked SDPA over every key computes
     them all, most masked out). A chunk with no context in a full layer takes SDPA's causal kernel instead (no
-    mask: 12 ms against 25 ms for 2000 tokens)."""
+    mask, and faster)."""
     n, length = q.shape[0], k.shape[0]
     if k_start + length != q_start + n:
         raise ValueError(f"keys at {k_start}..{k_start + length - 1} must end where the queries "

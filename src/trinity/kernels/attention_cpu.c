@@ -1,10 +1,10 @@
 /* Decode attention over a paged KV pool on the CPU, fp32 or bf16 K/V (queries and math in fp32): each sequence's
  * one new query token against its cached context, read in place by slot. Built and loaded by kernels/native.py;
- * the reference it must equal is the gather + scaled_dot_product_attention in engine/paged_attention.py.
+ * the reference it must equal is `decode_attention_reference` in kernels/attention.py (gather + SDPA).
  *
  * Why: the reference gathers every decode's whole context into a padded copy, twice per layer (K and V), then
- * runs SDPA with a mask; on the 2-core EPYC those copies and the masked SDPA were ~6 ms of a ~55 ms decode step
- * of the benchmark model. Here each (sequence, KV head) pair reads its keys and values once, where they lie.
+ * runs SDPA with a mask, a sizeable part of a CPU decode step. Here each (sequence, KV head) pair reads its keys
+ * and values once, where they lie.
  *
  * Also writes the step's new K/V rows to their slots first (the reference does the same before reading).
  * One pass with a running max (online softmax): no score buffer, any context length.

@@ -6,7 +6,7 @@ The reference reproduces `TrinityModel.forward` operation for operation (`embed_
 
 Dispatch (`use_triton`, the rule of `kernels.norm`): the Triton kernel (`kernels.embed_triton`, one launch for
 all three) where the Triton kernels run; elsewhere the module's ops, the norm through `kernels.norm.rms_norm`
-so that a CPU model keeps its native C norm kernel and computes exactly what it did before this op existed.
+so that a CPU model keeps its native C norm kernel and computes exactly what the module ops compute.
 """
 
 from __future__ import annotations

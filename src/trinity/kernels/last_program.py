@@ -23,11 +23,11 @@ separate second launches, which `benchmarks/decode_gpu.py` times side by side.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import switches
 
 # Counters per device: enough for one per (sequence, kv head) of a 256-sequence batch with 64 kv heads.
 NUM_COUNTERS = 1 << 14
@@ -37,8 +37,8 @@ _enabled: bool | None = None
 
 
 def enable(flag: bool | None) -> None:
-    """True / False: last-program epilogues on or off; None: follow TRINITY_LAST_PROGRAM (on unless "0"). Read
-    when a kernel launches: a CUDA graph keeps what was chosen at its capture."""
+    """True / False: last-program epilogues on or off; None: follow TRINITY_LAST_PROGRAM (on unless a false
+    spelling: 0, false, off, no). Read when a kernel launches: a CUDA graph keeps what was chosen at its capture."""
     global _enabled
     _enabled = flag
 
@@ -46,7 +46,7 @@ def enable(flag: bool | None) -> None:
 def enabled() -> bool:
     if _enabled is not None:
         return _enabled
-    return os.environ.get("TRINITY_LAST_PROGRAM", "1").strip() != "0"
+    return switches.get().last_program
 
 
 def arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:

@@ -1,7 +1,7 @@
 """Count the kernels a piece of code would launch on a GPU, without one.
 
-At batch-1 decode a CUDA-graph replay of a sparse MoE is bound by how many kernels it holds (each costs a few
-microseconds on an H100 however little it does), so the launch count per layer is a figure worth watching. It is
+At batch-1 decode a CUDA-graph replay of a sparse MoE is bound by how many kernels it holds (each costs a launch's
+latency however little it does), so the launch count per layer is a figure worth watching. It is
 exact and machine-independent, so it can be measured on the CPU, under Triton's interpreter, and guarded by a test.
 
 `LaunchCounter` is a TorchDispatchMode: every aten op that runs a kernel counts once (views, allocations and
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -146,29 +146,30 @@ def count_by_layer(model, run) -> LaunchCounter:
     layers = model.model.layers
     counter = LaunchCounter()
     for i, layer in enumerate(layers):
-        for attr in ("forward", "forward_fused_norms"):
-            def labelled(*args, _run=getattr(layer, attr), _name=f"layer{i}", **kwargs):
-                with counter.section(_name):
-                    return _run(*args, **kwargs)
-            setattr(layer, attr, labelled)
+        def labelled(*args, _run=layer.forward, _name=f"layer{i}", **kwargs):
+            with counter.section(_name):
+                return _run(*args, **kwargs)
+        layer.forward = labelled
     try:
         with counter:
             run()
     finally:
         for layer in layers:
-            for attr in ("forward", "forward_fused_norms"):
-                del layer.__dict__[attr]
+            del layer.forward
     return counter
 
 
 def count_decode_step(engine) -> LaunchCounter:
-    """One engine step (its sequences already decoding), counted by layer (`count_by_layer`). Each MoE block is
-    given a count mask, as the CUDA-graph runner gives it, so the expert-load telemetry counts as in the graph."""
-    masked = [layer.mlp for layer in engine.model.model.layers if hasattr(layer.mlp, "count_mask")]
-    for mlp in masked:
-        mlp.count_mask = torch.ones(len(engine.scheduler.running), dtype=torch.long, device=engine.model.device)
+    """One engine step (its sequences already decoding), counted by layer (`count_by_layer`). The step's metadata
+    is given a count weight, as the CUDA-graph runner gives it, so the expert-load telemetry counts as in the
+    graph."""
+    model = engine.model.model
+    weight = torch.ones(len(engine.scheduler.running), dtype=torch.long, device=engine.model.device)
+
+    def weighted(input_ids, positions, attn, *args, _forward=model.forward, **kwargs):
+        return _forward(input_ids, positions, replace(attn, count_weight=weight), *args, **kwargs)
+    model.forward = weighted
     try:
         return count_by_layer(engine.model, engine.step)
     finally:
-        for mlp in masked:
-            mlp.count_mask = None
+        del model.forward

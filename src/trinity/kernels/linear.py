@@ -1,19 +1,16 @@
 """Bias-free projections y = x @ W.T, with faster CPU paths for inference.
 
 `F.linear` on the CPU goes to MKL, which on the project's 2-core EPYC (Zen 4) handles decode shapes poorly.
-Faster ways, measured in fp32 with 2 threads and cold weights (as in a forward pass); the native one also takes
-bf16 weights (widened exactly, fp32 sums):
+Faster ways (their timings: benchmarks/README.md); the native one also takes bf16 weights (widened exactly, fp32
+sums):
 
 - `linear_native`, up to 8 rows (batch-1 and small decode batches): the C kernel in `linear_cpu.c`, which
-  streams each weight row once against all the rows. The [32000, 512] head of the benchmark model took 2.0 ms
-  at one row (MKL's best orientation 2.4 ms, oneDNN 2.9 ms); [512, 512] took 40-49 us at 1-8 rows (oneDNN 67-78).
+  streams each weight row once against all the rows.
 - `linear_onednn`, more rows: oneDNN's matmul with the weight reordered once into its blocked layout
-  (`packed_weight`, kept beside the parameter and redone only when the weight changes). The head at a
-  32-sequence decode step took 5.5 ms against 10.3 ms for the best MKL orientation, and oneDNN beat MKL for the
-  attention, MLP and head shapes up to 2048 rows (the prefill), by 10-25% where MKL already did well. It costs
-  a second copy of each weight it runs on: only the projections take it, not the routed experts.
-- `linear_weight_first`, where neither is available: W @ x.T with the weight as the long operand, for a few rows
-  (a [4, 512] x [512, 512]^T product took ~140 us as F.linear, ~50 us this way).
+  (`packed_weight`, kept beside the parameter and redone only when the weight changes); it beat MKL for the
+  attention, MLP and head shapes up to prefill sizes. It costs a second copy of each weight it runs on: only the
+  projections take it, not the routed experts.
+- `linear_weight_first`, where neither is available: W @ x.T with the weight as the long operand, for a few rows.
 
 `benchmarks/cpu_throughput.py` is the end-to-end measure.
 """
@@ -44,7 +41,7 @@ def linear_weight_first(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The same product computed as (W @ x.T).T, returned contiguous (callers view it by heads)."""
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
-    if n == 1:  # a single row takes the BLAS's GEMV path: 2-7x slower here than the same row twice (measured)
+    if n == 1:  # a single row takes the BLAS's GEMV path: slower here than the same row twice
         rows = rows.expand(2, -1).contiguous()
     return torch.mm(weight, rows.t()).t()[:n].contiguous().view(*x.shape[:-1], weight.shape[0])
 

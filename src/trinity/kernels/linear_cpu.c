@@ -1,10 +1,9 @@
 /* y = x @ W.T for a few rows on the CPU, fp32 or bf16 weights (batch-1 and small-batch decode): built and loaded by
  * kernels/native.py; the reference it must equal is F.linear (kernels/linear.py).
  *
- * Why: with one or two rows neither BLAS reached the memory bandwidth on the project's 2-core EPYC. Measured
- * with cold weights: MKL's best orientation took 2.4 ms for the benchmark model's [32000, 512] head at one row
- * (27 GB/s would take 1.2 ms), oneDNN 3.3 ms. Here the weight is split into blocks of rows across the threads and
- * each row streams once against all (up to TOKS) token rows. */
+ * Why: with one or two rows neither BLAS reached the memory bandwidth on the project's 2-core EPYC (figures:
+ * benchmarks/README.md). Here the weight is split into blocks of rows across the threads and each row streams
+ * once against all (up to TOKS) token rows. */
 #include "skinny_gemm.h"
 
 #define LINEAR_ROW_BLOCK 64

@@ -17,7 +17,7 @@ from .linear import linear
 def linear_norm_add_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                                        post_weight: torch.Tensor, next_weight: torch.Tensor, eps: float,
                                        fp32_copy: bool = False) -> tuple[torch.Tensor, ...]:
-    """The two ops, each through its own dispatch (so on the CPU exactly the native/oneDNN paths as before)."""
+    """The two ops, each through its own dispatch (so on the CPU exactly the native/oneDNN paths of each)."""
     return kernel_norm.norm_add_rms_norm(linear(x, weight), residual, post_weight, next_weight, eps, fp32_copy)
 
 

@@ -29,11 +29,11 @@ def _combine(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token
     """Weighted sum of each token's k expert outputs, accumulated in fp32.
 
     A gather back into (token, choice) order and a sum over the k choices, not an index_add_ scatter: on a GPU
-    the scatter's atomics took 7 ms of a 2K-token Mini prefill, and the gather is deterministic everywhere."""
+    the scatter's atomics are slow at prefill sizes, and the gather is deterministic everywhere."""
     k = weights.shape[-1]
     position = torch.empty_like(order)
     position[order] = torch.arange(order.numel(), device=order.device)  # where each assignment went in ys
-    if use_triton(ys, weights):  # one launch reading ys once (a prefill's [T*k, H] is ~67 MB per Mini layer)
+    if use_triton(ys, weights):  # one launch reading ys once (a prefill's [T*k, H] is large)
         from .moe_triton import gather_combine
         return gather_combine(ys, weights, position, num_tokens, dtype)
     per_choice = ys.index_select(0, position).float().view(num_tokens, k, -1)
@@ -48,7 +48,7 @@ def experts_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     xs = x.index_select(0, token_of)
     # One split into per-expert groups and one cat back, in expert order (= the sorted order). Not slices read
     # from and written into one buffer: under autograd each slice's backward materialises a zero gradient the
-    # size of the whole buffer (measured: about half of a CPU training step of the built-in model).
+    # size of the whole buffer.
     outs = []
     for e, group in enumerate(xs.split(counts.tolist())):  # one host sync per layer
         if group.shape[0]:
@@ -69,8 +69,8 @@ def experts_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
 
 def experts_weight_first(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                          down: torch.Tensor) -> torch.Tensor:
-    """Per expert, (W @ xs.T): the CPU orientation `kernels.linear` explains. A decode batch gives each expert a
-    few tokens, where it ran 1.4x faster than F.grouped_mm over 7 layers of 32 experts (32 tokens, top-4, fp32)."""
+    """Per expert, (W @ xs.T): the CPU orientation `kernels.linear` explains, faster than F.grouped_mm where a
+    decode batch gives each expert a few tokens."""
     order, token_of, counts = _group_by_expert(ids, gate_up.shape[0])
     xs = x.index_select(0, token_of)
     inter = down.shape[2]
@@ -79,11 +79,10 @@ def experts_weight_first(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tens
         n = group.shape[0]
         if not n:
             continue
-        if n == 1:  # one row takes the BLAS's GEMV path, about 2x slower here than two rows (measured)
+        if n == 1:  # one row takes the BLAS's GEMV path, slower here than two rows
             group = group.expand(2, -1).contiguous()
         h = torch.mm(gate_up[e], group.t())  # [2I, n]: gate rows, then up rows
-        # the second operand as a transposed view of contiguous rows: with a plain [I, n] matrix the same product
-        # took 83 us instead of 25 us ([512, 256] weight, 4 rows)
+        # the second operand as a transposed view of contiguous rows: a plain [I, n] matrix is much slower here
         act = (F.silu(h[:inter]) * h[inter:]).t().contiguous()
         outs.append(torch.mm(down[e], act.t()).t()[:n])
     ys = torch.cat(outs) if outs else xs[:0]
@@ -174,8 +173,8 @@ def moe_layer_native_wanted(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
             and not use_triton(x) and gate_up.shape[0] <= NATIVE_MAX_EXPERTS + 1)
 
 
-# CPU fp32 batches up to this many tokens take `experts_weight_first` (measured faster than F.grouped_mm at 8-128
-# tokens of 32 experts top-4; slower from 512).
+# CPU fp32 batches up to this many tokens take `experts_weight_first` (faster than F.grouped_mm up to here, slower
+# at prefill sizes).
 CPU_WEIGHT_FIRST_MAX_TOKENS = 128
 
 
@@ -233,32 +232,38 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
 def moe_layer_triton(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
                      route_norm: bool, route_scale: float, gate_up: torch.Tensor, down: torch.Tensor, shared: bool,
                      counts: torch.Tensor | None = None, count_mask: torch.Tensor | None = None,
-                     x_fp32: torch.Tensor | None = None, combine: bool = True, norm: tuple | None = None):
+                     x_fp32: torch.Tensor | None = None, norm: tuple | None = None):
     """A whole MoE layer on the Triton path: `moe_triton.fused_moe_layer` given the router's fp32 input and weight
-    (it runs the router GEMM in its routing launch for the smallest batches, split over many programs: a
-    one-program-per-token GEMV there took 50-96 us per layer on an H100; else one library GEMM), then routing,
-    alignment and the expert GEMMs (with `shared`, the stacked shared expert, the last of gate_up / down, as every
-    token's extra choice). `counts` gains the routed tokens, weighted by
-    `count_mask` ([T] 0/1) when given. `x_fp32`: x already widened (by the norm that made it), which saves the
-    cast. Without `combine`: the weighted per-choice outputs [T, k (+ 1), H] fp32, for
-    `norm_triton.sum_norm_add_rms_norm` to sum; with `norm` = (residual, post_weight, next_weight, eps) that sum
-    and norm step done here -> (normed, new residual) (at decode in the down GEMM's launch)."""
+    (it runs the router GEMM in its routing launch for the smallest batches, split over many programs, not one
+    program per token (far too slow); else one library GEMM), then routing, alignment and the expert GEMMs (with
+    `shared`, the stacked shared expert, the last of gate_up / down, as every token's extra choice). `counts`
+    gains the routed tokens, weighted by `count_mask` ([T] 0/1) when given. `x_fp32`: x already widened (by the
+    norm that made it), which saves the cast. With `norm` = (residual, post_weight, next_weight, eps): the
+    decoder layer's norm step on the summed per-choice outputs too -> (normed, new residual) (at decode in the
+    down GEMM's launch)."""
     from .moe_triton import fused_moe_layer
 
     router = (x_fp32 if x_fp32 is not None else x.float(), router_weight.float())
     return fused_moe_layer(x, None, expert_bias, top_k, route_norm, route_scale, gate_up, down, int(shared),
-                           counts, count_mask, combine=combine, router=router, norm=norm)
+                           counts, count_mask, router=router, norm=norm)
 
 
 def moe_layer_triton_wanted(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and not reference_forced() and fused_moe_wanted(x)
 
 
-def route_reference(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
-                    route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly `model.moe.route`: fp32 sigmoid scores, top-k of scores + bias, the unbiased scores of the
-    chosen experts (normalised when route_norm) times route_scale."""
-    scores = torch.sigmoid(F.linear(x.float(), gate_weight.float()))
+def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """[T, E] in fp32: routing decisions are sensitive, so they never see bf16 rounding (not even under autocast)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), gate_weight.float())
+
+
+def select_experts(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
+                   route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores are sigmoid(logits). The bias shifts which experts are chosen (aux-loss-free balancing) but never
+    the weights: those are the chosen experts' unbiased scores, normalised to sum 1 when `route_norm`, then
+    multiplied by `route_scale`."""
+    scores = torch.sigmoid(logits)
     _, ids = torch.topk(scores + expert_bias.float(), k=top_k, dim=-1)
     weights = scores.gather(-1, ids)
     if route_norm:
@@ -266,19 +271,21 @@ def route_reference(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: tor
     return weights * route_scale, ids
 
 
+def route_reference(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+                    route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing every path reproduces: x [T, H] -> (weights [T, k] fp32, expert ids [T, k])."""
+    return select_experts(router_logits(x, gate_weight), expert_bias, top_k, route_norm, route_scale)
+
+
 def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
           route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Router dispatch -> (weights [T, k] fp32, ids [T, k] int64).
 
     Where Triton runs: the fp32 router logits from one library GEMM, then `moe_triton.fused_route` on the logits
-    (sigmoid, bias-selected top-k, normalise, scale in one launch). Measured on an H100 (benchmarks/profile_gpu.py),
-    a one-program-per-token GEMV inside that kernel took 50-96 us per layer, a third of a Mini or Nano decode step;
-    the GEMM on the whole [E, H] weight is a few microseconds. Elsewhere `route_reference`.
+    (sigmoid, bias-selected top-k, normalise, scale in one launch): a GEMV inside the routing kernel, one program
+    per token, is far slower than the library GEMM over the whole [E, H] weight. Elsewhere `route_reference`.
     """
-    from . import use_triton
-
     if not reference_forced() and not torch.is_grad_enabled() and use_triton(x, gate_weight):
         from .moe_triton import fused_route
-        logits = F.linear(x.float(), gate_weight.float())
-        return fused_route(logits, expert_bias, top_k, route_norm, route_scale)
+        return fused_route(router_logits(x, gate_weight), expert_bias, top_k, route_norm, route_scale)
     return route_reference(x, gate_weight, expert_bias, top_k, route_norm, route_scale)

@@ -18,7 +18,7 @@ Pipeline (same contract as `kernels.moe.experts_reference`):
    its position in the tile, so results are run-to-run deterministic (the integer atomics of the align
    kernel only choose where inside an expert's run a slot lands).
 
-`fused_route` is `model.moe.select_experts` (fp32 sigmoid scores, bias-selected top-k, normalise, scale) on
+`fused_route` is `kernels.moe.select_experts` (fp32 sigmoid scores, bias-selected top-k, normalise, scale) on
 router logits (from one library GEMM), one launch per batch, up to 16 tokens per program. `fused_moe_layer` is the
 layer as inference runs it: routing (with a stacked shared expert as every token's extra choice, and the
 expert-load counts) and alignment in one single-program launch at decode sizes (for the smallest batches with the
@@ -674,7 +674,7 @@ def _route_warps(block_e: int) -> int:
 def fused_route(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
                 route_scale: float, shared: int = 0, counts: torch.Tensor | None = None,
                 count_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`model.moe.select_experts` in one launch: router logits [T, E] (fp32, from one library GEMM: see
+    """`kernels.moe.select_experts` in one launch: router logits [T, E] (fp32, from one library GEMM: see
     `kernels.moe.route`) -> (weights [T, k] fp32, ids [T, k] int64), ids in descending order of biased score.
     Ties in the biased score go to the lower expert id (torch.topk leaves tie order unspecified).
     `shared` = 1 appends each token's shared-expert choice (id E, weight 1); `counts` ([E] int64) gains every
@@ -744,8 +744,8 @@ def fused_moe_layer(x: torch.Tensor, logits: torch.Tensor | None, expert_bias: t
                     router: tuple[torch.Tensor, torch.Tensor] | None = None, norm: tuple | None = None):
     """A MoE layer from its router logits: `fused_route` (with the stacked shared expert as every token's last
     choice when `shared`, and the expert-load counts), the alignment, and the grouped expert GEMMs. At decode
-    the routing, the shared expert's padding, the counting and the alignment are one launch (five before:
-    route, two pads, a scatter_add and the align kernel). Given `router` = (x in fp32, the fp32 router weight)
+    the routing, the shared expert's padding, the counting and the alignment are one launch. Given `router` = (x in
+    fp32, the fp32 router weight)
     instead of logits, the router GEMM joins that launch for the smallest batches (`_route_align_launch`). With
     `norm` = (residual, post_weight, next_weight, eps), the layer's output goes through the decoder layer's
     sandwich-norm step -> (normed, new residual). Otherwise -> [T, H] in x's dtype; without `combine`, the weighted

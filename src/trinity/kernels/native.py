@@ -23,6 +23,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .. import switches
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("moe_cpu.c", "attention_cpu.c", "norm_cpu.c", "linear_cpu.c")
@@ -31,11 +33,12 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
 def enabled() -> bool:
-    return os.environ.get("TRINITY_CPU_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+    """TRINITY_CPU_NATIVE (on unless a false spelling), parsed once by `trinity.switches`."""
+    return switches.get().cpu_native
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TRINITY_CACHE") or Path.home() / ".cache" / "trinity") / "native"
+    return Path(switches.get().cache or Path.home() / ".cache" / "trinity") / "native"
 
 
 def _cpu_flags() -> str:
@@ -76,8 +79,8 @@ def _build(compiler: str) -> Path:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None where they cannot be had or `TRINITY_CPU_NATIVE=0` (read on every call, so
-    tests can switch it)."""
+    """The loaded kernels, or None where they cannot be had or `TRINITY_CPU_NATIVE=0` (checked on every call,
+    through `trinity.switches`: a test switches it with `switches.refresh()` after setting the variable)."""
     return _load() if enabled() else None
 
 

@@ -56,7 +56,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                            eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
                            apply_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `GatedAttention.forward`: per-head RMSNorm (fp32, cast to the dtype), then neox RoPE in the dtype
+    """As the attention layer norms q and k: per-head RMSNorm (fp32, cast to the dtype), then neox RoPE in the dtype
     with cos/sin [T, D] already in the dtype. q: [T, Hq, D], k: [T, Hkv, D]."""
     q = rms_norm_reference(q, q_weight, eps)
     k = rms_norm_reference(k, k_weight, eps)
@@ -152,11 +152,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (RMSNorm(x + residual), x + residual)."""
+    """-> (RMSNorm(x + residual), x + residual). Elsewhere than Triton the add, then `rms_norm`'s dispatch."""
     if use_triton(x, residual, weight):
         from . import norm_triton
         return norm_triton.add_rms_norm(x, residual, weight, eps)
-    return add_rms_norm_reference(x, residual, weight, eps)
+    new_residual = residual + x
+    return rms_norm(new_residual, weight, eps), new_residual
 
 
 def norm_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, post_weight: torch.Tensor,

@@ -2,8 +2,7 @@
  * and loaded by kernels/native.py; the references they must equal are in kernels/norm.py.
  *
  * Why: each reference is 8-20 small torch ops (cast, square, mean, rsqrt, multiplies, the rotate-half concat),
- * each a few microseconds of dispatch on a [32, 512] decode batch. The sandwich norms and q/k norms of the
- * benchmark model came to ~3.5 ms of a ~45 ms decode step; here a row is a few hundred nanoseconds.
+ * each costing more dispatch than work on a decode batch; here a row is one pass.
  *
  * rms(x) = w * (x * (1 / sqrt(mean(x^2) + eps))), the reference's order of operations. bf16 results are rounded
  * (to nearest even) where the reference rounds: after each norm and after the residual add; RoPE is computed

@@ -17,8 +17,6 @@ so bf16 results are rounded by hand there (`round_to` with FIX_BF16); on a GPU t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl

@@ -22,11 +22,12 @@ launches: a CUDA graph keeps what was chosen at its capture.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import switches
 
 try:  # Triton 3.3 and later
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -37,7 +38,8 @@ _enabled: bool | None = None
 
 
 def enable(flag: bool | None) -> None:
-    """True / False: PDL on or off where the device supports it; None: follow TRINITY_PDL (off unless "1")."""
+    """True / False: PDL on or off where the device supports it; None: follow TRINITY_PDL (off unless set to a true
+    spelling: 1, true, on, yes)."""
     global _enabled
     _enabled = flag
 
@@ -45,7 +47,7 @@ def enable(flag: bool | None) -> None:
 def requested() -> bool:
     if _enabled is not None:
         return _enabled
-    return os.environ.get("TRINITY_PDL", "0").strip() == "1"
+    return switches.get().pdl
 
 
 @functools.cache

@@ -1,36 +1,60 @@
 """Attention metadata: how a flat token batch maps onto sequences and their cached keys/values.
 
 The model never owns a cache. Each forward receives an `AttentionMetadata` object and every attention
-layer calls `attn.attend(layer_idx, q, k, v, window, scale)`; the object decides where new K/V go and
-which keys each query sees. This file holds the pure-torch reference implementations:
+layer calls `attn.attend_gated(layer_idx, q, k, v, window, scale, gate, qk_norm)`, which by default comes down
+to `attn.attend(layer_idx, q, k, v, window, scale)`; the object decides where new K/V go and which keys each
+query sees. This file holds the base class and the pure-torch reference implementations:
 
 - `PackedSequences`: whole sequences (no cache), e.g. the `model(input_ids[B, T])` convenience call and training.
 - `ContiguousKVCache` / `CacheStep`: a simple per-sequence contiguous cache for the basic decode loop.
 
-The paged engine supplies its own metadata with the same `attend` contract.
+The paged engine supplies its own metadata (`engine.paged_attention.PagedAttention`) on the same base.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels import norm as kernel_norm
 
-class AttentionMetadata(Protocol):
-    """May also offer `attend_gated(layer_idx, q, k, v, window, scale, gate, qk_norm, rows=None)`, which the
-    attention layer then calls instead: q and k un-normed, qk_norm = (q_weight, k_weight, eps, cos, sin,
-    apply_rope) the arguments of `kernels.norm.qk_norm_rope` to apply first, and the result attend(...) *
-    sigmoid(gate) (gate [T, Hq, D]); with `rows` ([N] indices) only those rows' result [N, Hq, D], every row's K/V
-    still written. A fast path can then fold the norm, the K/V write and the gate into its attention kernel, and
-    skip the queries nobody reads (the engine's paged metadata does)."""
+
+class AttentionMetadata:
+    """What a step tells the model beyond its tokens: where their keys and values live, and what to count.
+
+    Subclasses implement `attend`. `attend_gated` is what the attention layer calls: by default the q/k norm,
+    `attend` and the output gate as separate ops; a subclass with fast kernels (the engine's paged metadata) folds
+    the norm, the K/V write and the gate into its attention kernel and skips the queries nobody reads.
+
+    Expert-load telemetry, when the step carries it (the engine's runner does): `expert_counts`
+    ([num_moe_layers, num_experts] int64, the MoE block with MoE index j adds its routed tokens to row j) and
+    `count_weight` ([T] int64, each token's 0/1 weight in those counts: a padded CUDA-graph batch gives its padding
+    rows 0; a step whose last layer keeps only some rows gives none).
+    """
+
+    __slots__ = ()
+    expert_counts: torch.Tensor | None = None
+    count_weight: torch.Tensor | None = None
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None, scale: float) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> attention output [T, Hq, D]."""
-        ...
+        raise NotImplementedError
+
+    def attend_gated(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                     scale: float, gate: torch.Tensor, qk_norm: tuple | None = None,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`attend(...) * sigmoid(gate)` (gate [T, Hq, D]). With `qk_norm` = (q_weight, k_weight, eps, cos, sin,
+        apply_rope), q and k arrive un-normed and `kernels.norm.qk_norm_rope` with those arguments comes first.
+        With `rows` ([N] indices), only those rows' result [N, Hq, D]; every row's K/V is still written."""
+        if qk_norm is not None:
+            q, k = kernel_norm.qk_norm_rope(q, k, *qk_norm)  # one fused op on GPU
+        o = self.attend(layer_idx, q, k, v, window, scale)
+        if rows is not None:
+            o, gate = o[rows], gate[rows]
+        return kernel_norm.sigmoid_gate(o, gate)
 
 
 def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -44,8 +68,7 @@ def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None
 def shared_mask(masks: dict, key, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """`visibility_mask`, built once per step: every layer of a kind (full, or sliding with its window) sees the
     same mask, so the step's metadata keeps it in `masks` under `key` (which must name what the positions are) and
-    the window. (One build of a 1024 x 1024 mask took 0.35-0.5 ms on 2 CPU cores; per layer that was 8 of them in a
-    prefill of the built-in model.)"""
+    the window. (Built once per layer, a long prefill's masks would be a noticeable part of a CPU prefill.)"""
     full_key = (key, window, q_pos.device)
     mask = masks.get(full_key)
     if mask is None:
@@ -56,8 +79,8 @@ def shared_mask(masks: dict, key, q_pos: torch.Tensor, k_pos: torch.Tensor, wind
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                         scale: float) -> torch.Tensor:
     """q: [..., n, Hq, D], k/v: [..., L, Hkv, D], mask: [n, L] -> [..., n, Hq, D]. GQA by head grouping.
-    Unbatched inputs get a batch dim of 1: on the CPU, SDPA over [H, n, D] with GQA took 20 ms where [1, H, n, D]
-    took 5.5 (1024 tokens, 4/2 heads of 32; the engine's prefill chunks are unbatched)."""
+    Unbatched inputs get a batch dim of 1: on the CPU, SDPA with GQA over [H, n, D] is several times slower than
+    over [1, H, n, D] (the engine's prefill chunks are unbatched)."""
     unbatched = q.dim() == 3
     if unbatched:
         q, k, v = q[None], k[None], v[None]
@@ -67,7 +90,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 
 @dataclass(slots=True)
-class PackedSequences:
+class PackedSequences(AttentionMetadata):
     """Whole sequences packed back to back in the flat batch; `seq_lens` sums to T. No cache."""
 
     seq_lens: list[int]
@@ -125,7 +148,7 @@ class ContiguousKVCache:
 
 
 @dataclass(slots=True)
-class CacheStep:
+class CacheStep(AttentionMetadata):
     cache: ContiguousKVCache
     starts: list[int]
     query_lens: list[int]

@@ -9,6 +9,7 @@ from torch import nn
 from ..config import TrinityConfig
 from ..kernels import norm as kernel_norm
 from ..kernels.linear import linear
+from ..kernels.linear_norm import linear_norm_add_rms_norm
 from .attention import AttentionMetadata
 
 
@@ -32,8 +33,8 @@ class FusedLinears:
     The modules' weights become row slices (views) of one concatenated weight, so the parameters, their names,
     `state_dict` and loading stay exactly as before and no memory is duplicated; `__call__` runs the single GEMM
     and splits its output. At decode one GEMM of the summed width reads the same bytes as the separate ones but
-    costs one launch instead of several (measured on an H100: the q/k/v/gate GEMMs of Mini at batch 1 ran at about
-    a third of the bandwidth each). Used only without autograd: gradients belong to the separate parameters.
+    costs one launch instead of several (small separate GEMMs fall far short of the bandwidth). Used only without
+    autograd: gradients belong to the separate parameters.
     """
 
     def __init__(self, modules: list[nn.Linear], weight: torch.Tensor | None = None):
@@ -77,8 +78,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernel_norm.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, post: RMSNorm | None = None,
+                proj: nn.Linear | None = None, fp32_copy: bool = False):
+        """RMSNorm(x). With `residual` (the residual stream), the add folded in as vLLM's norms do it:
+        r = residual + x -> (RMSNorm(r), r).
+
+        `post` and `proj` fold in the sandwich-norm step that ends a Trinity sublayer: x is the sublayer's output
+        before its own post-norm `post` (or, with `proj`, the input of its last bias-free projection), and
+        r = residual + post(proj(x)); on the fast paths one pass (`kernels.norm.norm_add_rms_norm`, or with `proj`
+        `kernels.linear_norm.linear_norm_add_rms_norm`, one launch at decode sizes). `fp32_copy` (with `post`):
+        also the normed output widened to fp32, written by the same pass (the MoE router's input)."""
+        if residual is None:
+            return kernel_norm.rms_norm(x, self.weight, self.eps)
+        if post is None:
+            return kernel_norm.add_rms_norm(x, residual, self.weight, self.eps)
+        if proj is None:
+            return kernel_norm.norm_add_rms_norm(x, residual, post.weight, self.weight, self.eps, fp32_copy)
+        return linear_norm_add_rms_norm(x, proj.weight, residual, post.weight, self.weight, self.eps, fp32_copy)
 
 
 class RotaryEmbedding:
@@ -139,14 +155,20 @@ class SwiGLU(nn.Module):
         self.fused = FusedLinears([self.gate_proj, self.up_proj])
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate(x)) * up(x): the input of down_proj (the decoder layer may fuse down_proj with its norm)."""
+        """silu(gate(x)) * up(x): the input of down_proj."""
         if fused_projections_usable(self.fused):
             gate, up = self.fused(x)
             return kernel_norm.silu_mul(gate, up)  # one launch on the GPU
         return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.hidden(x))
+    def forward(self, x: torch.Tensor, step: AttentionMetadata | None = None, norm: tuple | None = None):
+        """x: [T, H] -> [T, H]. `step` is unused (the MoE block's signature). `norm` = (residual, post_norm,
+        next_norm): the decoder layer's norm step after the MLP too, with down_proj folded into it
+        -> (next_norm(r), r), r = residual + post_norm(down(...)) (see `RMSNorm.forward`)."""
+        if norm is None:
+            return self.down_proj(self.hidden(x))
+        residual, post, following = norm
+        return following(self.hidden(x), residual, post=post, proj=self.down_proj)
 
 
 class GatedAttention(nn.Module):
@@ -179,30 +201,17 @@ class GatedAttention(nn.Module):
             return self.fused(x)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.gate_proj(x)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.o_proj(self.gated_attention(x, rope, attn, rows))
-
     def gated_attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                         attn: AttentionMetadata, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Everything before o_proj: [T, hidden] -> the gated attention output [T, heads * head_dim] (the decoder
-        layer may fuse o_proj with the norm after it). With `rows` ([N] indices), only those rows' output [N, ...]:
-        every row's K/V still reaches the cache, and metadata with `attend_gated` computes only those queries."""
+        layer folds o_proj into the norm step after it). With `rows` ([N] indices), only those rows' output
+        [N, ...]: every row's K/V still reaches the cache (`AttentionMetadata.attend_gated`)."""
         t = x.shape[0]  # x: [T, hidden]
         q, k, v, gate = self._project(x)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        # per-head q/k RMSNorm, then RoPE on sliding layers only (full layers are NoPE)
+        # per-head q/k RMSNorm, then RoPE on sliding layers only (full layers are NoPE), applied by the metadata
+        # (a fast path folds them into its attention kernel)
         qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope, self.is_sliding)
-        gated_attend = getattr(attn, "attend_gated", None)
-        if gated_attend is not None:  # metadata that can fold the q/k norm and the output gate into its kernel
-            o = gated_attend(self.layer_idx, q, k, v, self.window, self.scale,
-                             gate.view(t, self.num_heads, self.head_dim), qk_norm,
-                             **({} if rows is None else {"rows": rows}))
-            return o.reshape(o.shape[0], self.num_heads * self.head_dim)
-        q, k = kernel_norm.qk_norm_rope(q, k, *qk_norm)  # one fused op on GPU
-        o = attn.attend(self.layer_idx, q, k, v, self.window, self.scale).reshape(t, self.num_heads * self.head_dim)
-        if rows is not None:
-            o, gate = o[rows], gate[rows]
-        return kernel_norm.sigmoid_gate(o, gate)
+        o = attn.attend_gated(self.layer_idx, q.view(t, self.num_heads, self.head_dim),
+                              k.view(t, self.num_kv_heads, self.head_dim), v.view(t, self.num_kv_heads, self.head_dim),
+                              self.window, self.scale, gate.view(t, self.num_heads, self.head_dim), qk_norm, rows)
+        return o.reshape(o.shape[0], self.num_heads * self.head_dim)

@@ -14,8 +14,6 @@ from torch import nn
 
 from ..config import TrinityConfig
 from ..kernels import embed as kernel_embed
-from ..kernels import norm as kernel_norm
-from ..kernels.linear_norm import linear_norm_add_rms_norm
 from .attention import AttentionMetadata, PackedSequences
 from .layers import Embedding, GatedAttention, Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from .moe import MoEBlock
@@ -32,48 +30,42 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_mlp_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp: nn.Module = MoEBlock(config) if config.is_moe_layer(layer_idx) \
+        self.mlp: nn.Module = MoEBlock(config, layer_idx) if config.is_moe_layer(layer_idx) \
             else SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """`rows`: keep only these rows after the attention (see `TrinityModel.forward`)."""
-        a = self.self_attn(self.input_layernorm(x), rope, attn, rows)
-        if rows is not None:
-            x = x[rows]
-            if rows.numel() == 0:
-                return x
-        x = x + self.post_attention_layernorm(a)
-        return x + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                attn: AttentionMetadata, next_norm: RMSNorm | None = None,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer on the residual stream, (x, residual) -> (x, residual) [T, hidden] each, in one of two forms:
 
-    def forward_fused_norms(self, h: torch.Tensor, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                            attn: AttentionMetadata, next_norm: RMSNorm,
-                            rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same layer for inference, given its input already normed (h) beside the residual stream (x):
-        each sublayer's post-norm, the residual add and the following pre-norm (the next layer's, or the final
-        norm) run as one `norm_add_rms_norm` pass. -> (the next normed input, the new residual stream).
-        Identical arithmetic to `forward` (the reference is the same ops); on the GPU four norms and two adds per
-        layer become two launches, and at decode sizes each rides in the launch of the projection before it
-        (`kernels.linear_norm` for o_proj and the dense MLP's down_proj; the MoE down GEMM's own launch)."""
-        eps = self.post_attention_layernorm.eps
-        a = self.self_attn.gated_attention(h, rope, attn, rows)
+        - chained, given `next_norm` (the norm after this layer: the next layer's input norm or the final norm;
+          inference only): x arrives normed by this layer's input norm and leaves normed by `next_norm`. Each
+          sublayer's post-norm, the residual add and the norm after it are one step (`RMSNorm.forward` with
+          `post`): one pass on the fast paths, at decode sizes inside the launch of the projection before it.
+        - vLLM's (training): x is the previous layer's output still to be added to `residual` (None before the
+          first layer); the layer returns its own output beside the residual and leaves the add to the norm that
+          follows. A layer then touches only its own weights (FSDP gathers each layer's for its forward alone).
+
+        `rows`: keep only these rows after the attention (see `TrinityModel.forward`)."""
+        chained = next_norm is not None
+        if not chained:
+            x, residual = self.input_layernorm(x, residual) if residual is not None \
+                else (self.input_layernorm(x), x)
+        a = self.self_attn.gated_attention(x, rope, attn, rows)
         if rows is not None:
+            residual = residual[rows]
             if rows.numel() == 0:  # a chunk that samples nothing: only its K/V (written above) were wanted
-                return h[rows], x[rows]
-            x = x[rows]
-        # On the Triton path a MoE layer runs the norm step after it itself (summing its per-choice outputs: no
-        # combine launch; at decode inside its down GEMM's launch), and the norm before it also writes its output in
-        # fp32 for the router (no cast launch).
-        parts = isinstance(self.mlp, MoEBlock) and self.mlp.norm_fusable(a)
-        h, x, *h_fp32 = linear_norm_add_rms_norm(a, self.self_attn.o_proj.weight, x,
-                                                 self.post_attention_layernorm.weight, self.pre_mlp_layernorm.weight,
-                                                 eps, fp32_copy=parts)
-        if parts:
-            return self.mlp.forward_norm(h, h_fp32[0], x, self.post_mlp_layernorm.weight, next_norm.weight, eps)
-        if isinstance(self.mlp, SwiGLU):
-            return linear_norm_add_rms_norm(self.mlp.hidden(h), self.mlp.down_proj.weight, x,
-                                            self.post_mlp_layernorm.weight, next_norm.weight, eps)
-        return kernel_norm.norm_add_rms_norm(self.mlp(h), x, self.post_mlp_layernorm.weight, next_norm.weight, eps)
+                return residual, residual
+        if not chained:
+            h, residual = self.pre_mlp_layernorm(self.post_attention_layernorm(self.self_attn.o_proj(a)), residual)
+            return self.post_mlp_layernorm(self.mlp(h, attn)), residual
+        # A MoE block on the Triton path runs the norm step after it itself (summing its per-choice outputs: no
+        # combine launch; at decode inside its down GEMM's launch), and takes its input in fp32 too, written by the
+        # norm before it (no cast launch for the router).
+        fp32_copy = isinstance(self.mlp, MoEBlock) and self.mlp.fuses_norm(a)
+        h, residual, *h_fp32 = self.pre_mlp_layernorm(a, residual, post=self.post_attention_layernorm,
+                                                      proj=self.self_attn.o_proj, fp32_copy=fp32_copy)
+        return self.mlp(h, attn, (residual, self.post_mlp_layernorm, next_norm), *h_fp32)
 
 
 class TrinityModel(nn.Module):
@@ -85,9 +77,9 @@ class TrinityModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.embed_scale = config.hidden_size ** 0.5 if config.mup_enabled else None
-        # Set by `TrinityForCausalLM.fuse_projections()` (inference): layers chain their norms and residual adds
-        # (`DecoderLayer.forward_fused_norms`). Never under training: there a layer must not touch the next
-        # layer's weights (FSDP gathers each layer's parameters only inside its own forward).
+        # Set by `TrinityForCausalLM.fuse_projections()` (inference): the layers run chained (`DecoderLayer.forward`),
+        # each applying the norm after it. Never under training: there a layer must not touch the next layer's
+        # weights (FSDP gathers each layer's parameters only inside its own forward).
         self.fused_norms = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
@@ -101,24 +93,25 @@ class TrinityModel(nn.Module):
         MLP and norms in that layer would only make hidden states no logit reads. A prefill that samples one token per prompt
         skips most of a layer (1/8 of the built-in model's, 1/32 of Mini's); a chunk that samples none, all of it
         after the attention. The last MoE layer's expert counts then cover only the kept rows."""
-        last = len(self.layers) - 1
-        if self.fused_norms and not torch.is_grad_enabled() and self.layers:
-            # the embedding, the muP scale and the first input norm: one launch on the Triton path
-            first_norm = self.layers[0].input_layernorm
-            h, x = kernel_embed.embed_rms_norm(input_ids, self.embed_tokens.weight, self.embed_scale,
-                                               first_norm.weight, first_norm.eps)
-            rope = self.rotary.cos_sin(positions, x.dtype)
-            for i, layer in enumerate(self.layers):
-                following = self.layers[i + 1].input_layernorm if i < last else self.norm
-                h, x = layer.forward_fused_norms(h, x, rope, attn, following, rows if i == last else None)
-            return h
-        x = self.embed_tokens(input_ids)
-        if self.embed_scale is not None:  # muP input scaling
-            x = x * self.embed_scale
+        chained = self.fused_norms and not torch.is_grad_enabled() and len(self.layers) > 0
+        if chained:  # the embedding, the muP scale and the first input norm: one launch on the Triton path
+            first = self.layers[0].input_layernorm
+            x, residual = kernel_embed.embed_rms_norm(input_ids, self.embed_tokens.weight, self.embed_scale,
+                                                      first.weight, first.eps)
+        else:
+            x, residual = self.embed_tokens(input_ids), None
+            if self.embed_scale is not None:  # muP input scaling
+                x = x * self.embed_scale
         rope = self.rotary.cos_sin(positions, x.dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, attn, rows if i == last else None)
-        return self.norm(x if rows is None or self.layers else x[rows])
+            following = (self.layers[i + 1].input_layernorm if i < last else self.norm) if chained else None
+            x, residual = layer(x, residual, rope, attn, following, rows if i == last else None)
+        if chained:
+            return x
+        if residual is None:  # no layers
+            return self.norm(x if rows is None else x[rows])
+        return self.norm(x, residual)[0]
 
 
 class TrinityForCausalLM(nn.Module):

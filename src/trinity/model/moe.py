@@ -3,39 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrinityConfig
-from ..kernels.moe import (moe_layer_native, moe_layer_native_wanted, moe_layer_triton, moe_layer_triton_wanted,
-                           routed_experts)
+from ..kernels.moe import moe_layer_native, moe_layer_native_wanted, moe_layer_triton, moe_layer_triton_wanted
 from ..kernels.moe import route as kernel_route
+from ..kernels.moe import routed_experts, router_logits, select_experts
 from .layers import FusedLinears, Linear, SwiGLU
-
-
-def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
-          route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, H] -> (weights [T, k] fp32, expert ids [T, k])."""
-    return select_experts(router_logits(x, gate_weight), expert_bias, top_k, route_norm, route_scale)
-
-
-def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
-    """[T, E] in fp32: routing decisions are sensitive, so they never see bf16 rounding (not even under autocast)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), gate_weight.float())
-
-
-def select_experts(logits: torch.Tensor, expert_bias: torch.Tensor, top_k: int, route_norm: bool,
-                   route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores are sigmoid(logits). The bias shifts which experts are chosen (aux-loss-free balancing) but never
-    the weights: those are the chosen experts' unbiased scores, normalised to sum 1 when `route_norm`, then
-    multiplied by `route_scale`."""
-    scores = torch.sigmoid(logits)
-    _, ids = torch.topk(scores + expert_bias.float(), k=top_k, dim=-1)
-    weights = scores.gather(-1, ids)
-    if route_norm:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * route_scale, ids
 
 
 class RoutedExperts(nn.Module):
@@ -57,8 +31,12 @@ class Router(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, config: TrinityConfig):
+    def __init__(self, config: TrinityConfig, layer_idx: int | None = None):
+        """`layer_idx`: the decoder layer it sits in (default: the first MoE layer)."""
         super().__init__()
+        # The row of a step's expert-load table (`AttentionMetadata.expert_counts`) this block counts into: the
+        # MoE layers before it.
+        self.moe_index = 0 if layer_idx is None else sum(config.is_moe_layer(i) for i in range(layer_idx))
         self.top_k = config.num_experts_per_tok
         self.route_norm = config.route_norm
         self.route_scale = config.route_scale
@@ -68,10 +46,9 @@ class MoEBlock(nn.Module):
         self.experts = RoutedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         shared = config.moe_intermediate_size * config.num_shared_experts
         self.shared_experts = SwiGLU(config.hidden_size, shared) if shared else None
-        # Routing telemetry / balancing input: tokens sent to each expert since the last reset, when enabled.
+        # Tokens sent to each expert since the last reset ([E] int64), counted when the step's metadata carries no
+        # expert-load table: training's balancing input (`track_expert_load`).
         self.expert_counts: torch.Tensor | None = None
-        # Optional [T] 0/1 weight per token for those counts: a CUDA-graph decode batch masks its padding rows.
-        self.count_mask: torch.Tensor | None = None
         # Training losses read the last forward's router logits and choices when this is on.
         self.record_router = False
         self.last_router: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -83,7 +60,7 @@ class MoEBlock(nn.Module):
     def fuse_projections(self) -> None:
         """For inference. With one shared expert as wide as a routed one (every Trinity model), stack it after the
         routed experts: at decode the fused MoE kernel then computes it with the routed ones, instead of two more
-        GEMMs, an activation and an add per layer (each a few microseconds, mostly launch-bound, on an H100).
+        GEMMs, an activation and an add per layer (each mostly launch-bound at decode).
         The parameters become views of the stacked tensors; names, shapes and state_dict are unchanged."""
         if self.stacked_valid():
             return
@@ -115,8 +92,8 @@ class MoEBlock(nn.Module):
                 and shared.down_proj.weight.data_ptr() == down[e].data_ptr())
 
     def router_weight_fp32(self) -> torch.Tensor:
-        """The router weight in fp32 for inference, converted once (a bf16 model otherwise copies it every step:
-        30 extra kernels per Mini decode step), and again only if the weight is replaced or changed in place."""
+        """The router weight in fp32 for inference, converted once (a bf16 model otherwise copies it every step: one
+        extra kernel per MoE layer), and again only if the weight is replaced or changed in place."""
         w = self.router.gate.weight
         if w.dtype == torch.float32 or torch.is_grad_enabled():  # under autograd the cast must stay differentiable
             return w
@@ -125,58 +102,89 @@ class MoEBlock(nn.Module):
             cached = self._router_fp32 = (w, w._version, w.detach().float())
         return cached[2]
 
-    def _forward_whole_layer(self, x: torch.Tensor, layer_fn, **options) -> torch.Tensor:
-        """Inference through a whole-layer kernel (`moe_layer_native` on the CPU, `moe_layer_triton` where Triton
-        runs): routing, counts, experts and, when it is stacked, the shared expert in its pass (else added after).
-        `options` go to layer_fn."""
-        stacked = self.stacked if self.stacked is not None and self.stacked_valid() else None
-        gate_up, down = stacked or (self.experts.gate_up_proj, self.experts.down_proj)
-        out = layer_fn(x, self.router_weight_fp32(), self.expert_bias, self.top_k, self.route_norm,
-                       self.route_scale, gate_up, down, shared=stacked is not None, counts=self.expert_counts,
-                       count_mask=self.count_mask, **options)
-        if stacked is None and self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
-
-    def norm_fusable(self, x: torch.Tensor) -> bool:
-        """Whether `forward_norm` can run: inference on the Triton path with the shared expert stacked."""
-        return (not self.record_router and self.stacked is not None and moe_layer_triton_wanted(x)
-                and self.stacked_valid())
-
-    def forward_norm(self, x: torch.Tensor, x_fp32: torch.Tensor | None, residual: torch.Tensor,
-                     post_weight: torch.Tensor, next_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
-        """The layer and the decoder layer's norm step after it, where `norm_fusable`: -> (normed, new residual), as
-        `kernels.norm.norm_add_rms_norm(forward(x), residual, post_weight, next_weight, eps)` but with each token's
-        weighted expert outputs (shared expert included) summed in fp32 by the norm, not combined first: at decode
-        in the down GEMM's launch, else by the norm kernel. `x_fp32`: x widened, when the norm that made x wrote it
-        too (saves the router's cast)."""
-        return self._forward_whole_layer(x, moe_layer_triton, x_fp32=x_fp32,
-                                         norm=(residual, post_weight, next_weight, eps))
-
     def track_expert_load(self, enabled: bool = True) -> None:
         self.expert_counts = torch.zeros(self.router.gate.weight.shape[0], dtype=torch.long,
                                          device=self.router.gate.weight.device) if enabled else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.record_router:
-            if self.count_mask is None and moe_layer_native_wanted(x, self.experts.gate_up_proj):
-                return self._forward_whole_layer(x, moe_layer_native)
-            if moe_layer_triton_wanted(x):
-                return self._forward_whole_layer(x, moe_layer_triton)
-        if self.record_router:  # training: the losses need the logits
+    def fuses_norm(self, x: torch.Tensor) -> bool:
+        """Whether `forward` runs the decoder layer's norm step itself when given one (inference on the Triton path
+        with the shared expert stacked): its input may then come with an fp32 copy (`x_fp32`)."""
+        return self._path(x) == "triton" and self.stacked_valid()
+
+    def _path(self, x: torch.Tensor, count_weight: torch.Tensor | None = None) -> str:
+        """The implementation for this batch: "triton" or "native" (a whole-layer kernel), else "routed"."""
+        if self.record_router:  # training: the losses need the router logits
+            return "routed"
+        if moe_layer_triton_wanted(x):
+            return "triton"
+        if count_weight is None and moe_layer_native_wanted(x, self.experts.gate_up_proj):
+            return "native"  # (the C layer counts every token: it takes no count weight)
+        return "routed"
+
+    def forward(self, x: torch.Tensor, step=None, norm: tuple | None = None,
+                x_fp32: torch.Tensor | None = None):
+        """x: [T, H] -> [T, H], by one of three implementations (`_path`):
+
+        - "triton": the whole layer in the fused kernels (`kernels.moe.moe_layer_triton`), the shared expert in the
+          same pass once stacked (`fuse_projections`);
+        - "native": CPU inference, the whole layer in one C call (`kernels.moe.moe_layer_native`);
+        - "routed": the router (`kernels.moe.route`, or under `record_router` the reference with its logits kept
+          for the training losses), the routed experts (`kernels.moe.routed_experts`), then the shared expert.
+
+        `step`: the step's metadata (`AttentionMetadata`): its `expert_counts` row `moe_index` gains the routed
+        tokens, weighted by its `count_weight`; without them, this block's own `expert_counts` (training).
+        `norm` = (residual, post_norm, next_norm): also the decoder layer's norm step after the block
+        -> (next_norm(r), r) with r = residual + post_norm(out), in the down GEMM's kernels where `fuses_norm`
+        (each token's expert outputs summed in fp32 by the norm, not combined first). `x_fp32`: x widened, when
+        the norm that made it wrote that too (saves the router's cast)."""
+        counts, count_weight = self._counting(step, x)
+        path = self._path(x, count_weight)
+        stacked = None  # set where a whole-layer kernel computes the shared expert with the routed ones
+        if path == "routed":
+            out = self._routed(x, counts, count_weight)
+        else:
+            stacked = self.stacked if self.stacked_valid() else None
+            gate_up, down = stacked or (self.experts.gate_up_proj, self.experts.down_proj)
+            args = (x, self.router_weight_fp32(), self.expert_bias, self.top_k, self.route_norm, self.route_scale,
+                    gate_up, down, stacked is not None, counts, count_weight)
+            if path == "native":
+                out = moe_layer_native(*args)
+            elif norm is None or stacked is None:
+                out = moe_layer_triton(*args, x_fp32=x_fp32)
+            else:  # the norm step too, in the down GEMM's kernels
+                residual, post, following = norm
+                return moe_layer_triton(*args, x_fp32=x_fp32,
+                                        norm=(residual, post.weight, following.weight, following.eps))
+        if stacked is None and self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        if norm is None:
+            return out
+        residual, post, following = norm
+        return following(out, residual, post=post)
+
+    def _counting(self, step, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the [E] int64 counts to add this batch's routed tokens to, their [T] 0/1 weights): the step's row and
+        weights where its metadata carries them, else this block's own counts (training) and no weights."""
+        table = getattr(step, "expert_counts", None)
+        counts = table[self.moe_index] if table is not None else self.expert_counts
+        weight = getattr(step, "count_weight", None)
+        if weight is not None and weight.shape[0] != x.shape[0]:
+            raise ValueError(f"count weights for {weight.shape[0]} tokens in a batch of {x.shape[0]}: a step that "
+                             "keeps only some rows in its last layer (`rows`) carries no count weight")
+        return counts, weight
+
+    def _routed(self, x: torch.Tensor, counts: torch.Tensor | None,
+                count_weight: torch.Tensor | None) -> torch.Tensor:
+        if self.record_router:
             logits = router_logits(x, self.router.gate.weight)
             weights, ids = select_experts(logits, self.expert_bias, self.top_k, self.route_norm, self.route_scale)
             self.last_router = (logits, ids)
         else:  # `route_reference` (the same math as above), or the fused router where Triton runs
             weights, ids = kernel_route(x, self.router_weight_fp32(), self.expert_bias, self.top_k,
                                         self.route_norm, self.route_scale)
-        if self.expert_counts is not None:
+        if counts is not None:
             # scatter_add_, not bincount: bincount's output size depends on the data, which a CUDA graph
             # cannot capture (and it syncs with the host)
-            per_choice = (self.count_mask[:, None].expand_as(ids) if self.count_mask is not None
-                          else torch.ones_like(ids))
-            self.expert_counts.scatter_add_(0, ids.reshape(-1), per_choice.reshape(-1))
-        out = self.experts(x, weights, ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+            per_choice = count_weight[:, None].expand_as(ids) if count_weight is not None else torch.ones_like(ids)
+            counts.scatter_add_(0, ids.reshape(-1), per_choice.reshape(-1))
+        return self.experts(x, weights, ids)

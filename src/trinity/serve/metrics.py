@@ -30,27 +30,6 @@ def _num(v: float) -> str:
     return repr(float(v)) if not float(v).is_integer() else str(int(v))
 
 
-class Counter:
-    def __init__(self, name: str, help: str):
-        self.name, self.help = name, help
-        self._values: dict[tuple, float] = {}
-        self._lock = threading.Lock()
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(tuple(sorted(labels.items())), 0.0)
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
-        for key, v in sorted(self._values.items()):
-            yield f"{self.name}{_labels(dict(key))} {_num(v)}"
-
-
 class Gauge:
     """A value set from outside. kind="counter" for a monotonic total mirrored from the engine."""
 
@@ -66,6 +45,19 @@ class Gauge:
         yield f"# TYPE {self.name} {self.kind}"
         for key, v in sorted(self._values.items()):
             yield f"{self.name}{_labels(dict(key))} {_num(v)}"
+
+
+class Counter(Gauge):
+    """A total counted in this process (`inc`), not mirrored from the engine."""
+
+    def __init__(self, name: str, help: str):
+        super().__init__(name, help, "counter")
+        self._lock = threading.Lock()
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
 
 
 class Histogram:
@@ -84,10 +76,6 @@ class Histogram:
             self._counts[bisect.bisect_left(self.buckets, value)] += 1
             self._sum += value
             self.recent.append((time.monotonic(), value))
-
-    @property
-    def count(self) -> int:
-        return sum(self._counts)
 
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"

@@ -278,10 +278,6 @@ class GrammarBackend:
         return GrammarConstraintFactory(self, self.compile_json_schema(schema, param, best_effort=best_effort),
                                         "json_schema")
 
-    def cache_len(self) -> int:
-        with self._lock:
-            return len(self._cache)
-
 
 # Keywords xgrammar accepts but does not enforce: outputs could break them, so such schemas are refused.
 _UNENFORCED = {

@@ -18,10 +18,10 @@ except ImportError:  # a torch build without torch.distributed: parameters are n
     DTensor = None  # type: ignore[assignment,misc]
 
 # Quintic Newton-Schulz coefficients (a, b, c): five steps push the singular values of a Frobenius-normalised
-# matrix into a band around 1 (deliberately not exactly 1: speed over precision). Measured on square, tall and
-# wide matrices whose condition number is at most 10, and on Gaussian matrices with aspect ratio >= 4, every
-# singular value of the result lies in NS_BAND (0.67-1.15 seen; tests/test_train_optim.py). Directions with
-# far smaller singular values (condition number 1000) are amplified ~480x but can stay below the band.
+# matrix into a band around 1 (deliberately not exactly 1: speed over precision). For square, tall and wide
+# matrices whose condition number is at most 10, and for Gaussian matrices with aspect ratio >= 4, every singular
+# value of the result lies in NS_BAND (tests/test_train_optim.py). Directions with far smaller singular values are
+# amplified strongly but can stay below the band.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 NS_BAND = (0.6, 1.25)
