@@ -155,6 +155,11 @@ class BlockPool:
     def holders(self, block: int) -> frozenset[str]:
         return frozenset(self._holders.get(block, ()))
 
+    def owner(self, block: int) -> str | None:
+        """The one sequence holding a block (None when nobody, or several, hold it)."""
+        holders = self._holders.get(block)
+        return next(iter(holders)) if holders and len(holders) == 1 else None
+
     # ------------------------------------------------------------------ the cache
     def register(self, block: int, key: bytes) -> None:
         """Name a held, fully computed block by its key. If another block already has that key (two sequences
