@@ -146,3 +146,28 @@ def test_expert_load_is_counted_through_the_step_metadata():
     computed = engine.num_prompt_tokens + engine.num_generated_tokens - 2  # the last tokens are never computed
     assert [sum(t) for t in load["tokens"][:-1]] == [computed * cfg.num_experts_per_tok] * (len(moe_layers) - 1)
     assert all(not hasattr(model.model.layers[i].mlp, "count_mask") for i in moe_layers)
+
+
+def test_the_kernels_block_table_addresses_as_the_kv_layout():
+    """The Triton decode kernel's addressing (`kernels.attention.BlockTable`, on tensors) is `KVLayout.slot`."""
+    import random
+
+    import torch
+
+    from trinity.engine.kv_layout import KVLayout
+    from trinity.kernels.attention import BlockTable
+
+    rng = random.Random(0)
+    for block_size, window in ((4, 8), (16, 128), (3, 10)):
+        layout = KVLayout(block_size, window)
+        for sliding in (False, True):
+            ends = [rng.randrange(1, 90) for _ in range(5)]
+            width = max(e - layout.context_start(e - 1, sliding) for e in ends)
+            n_entries = layout.ring_blocks if sliding else layout.num_blocks(max(ends))
+            tables = [[rng.randrange(100) for _ in range(n_entries)] for _ in ends]
+            lo = [layout.context_start(e - 1, sliding) for e in ends]
+            slots = BlockTable(torch.tensor(tables), torch.tensor(lo), block_size,
+                               layout.ring_blocks if sliding else 0, width).slots()
+            for b, (t, start, end) in enumerate(zip(tables, lo, ends)):
+                assert slots[b, :end - start].tolist() == [layout.slot(t, p, sliding) for p in range(start, end)]
+                assert layout.slots(t, start, end, sliding) == [layout.slot(t, p, sliding) for p in range(start, end)]
