@@ -1,8 +1,8 @@
 """CUDA graphs for decode steps: the whole forward of a decode-only batch replayed as one launch.
 
 A decode step of a sparse MoE is one to two thousand small kernels; launched one by one from Python, the gaps
-between them cost more than the kernels themselves at small batch (measured on an H100: Nano batch 1 went from
-11.5 to 88 tok/s with graphs). The runner captures the forward once per bucketed batch size and replays it.
+between them cost more than the kernels themselves at small batch (benchmarks/README.md has the measurement).
+The runner captures the forward once per bucketed batch size and replays it.
 
 Host work per step is one loop that fills a pinned int32 table (two used in turn), one copy to the device, and
 the replay. Each row of the table describes one sequence: its token, position and a 0/1 expert-count weight, then
