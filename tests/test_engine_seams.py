@@ -78,8 +78,8 @@ def _run(engine, prompts):
 
 
 def test_steps_through_pickle_give_the_same_results():
-    """Chunked prefills, ring moves (window 8, block 4), prefix-cache hits, preemptions in a tight pool and
-    look-ahead decodes: every step reaches the runner as a pickled copy of plain data."""
+    """Chunked prefills, sliding windows moving on (window 8, block 4), prefix-cache hits, preemptions in a tight pool
+    and look-ahead decodes: every step reaches the runner as a pickled copy of plain data."""
     model = tiny_model()
     prompts = [[5 + i % 7 for i in range(30)], [5 + i % 7 for i in range(30)] + [9, 9, 3], list(range(3, 21)),
                [11] * 40]
@@ -99,7 +99,10 @@ def test_steps_through_pickle_give_the_same_results():
     assert _run(engine, prompts) == want
     assert engine.stats()["num_preemptions"] > 0 and engine.stats()["num_lookahead_steps"] > 0
     assert engine.stats()["prefix_cache"]["hit_tokens"] > 0
-    assert any(c.ring_set for s in seen for c in s.tables.values())  # ring entries moved
+    # sliding tables past the window: entries without a block (before an adopted prefix's window, or a chunk's
+    # uncached blocks), and sequences far past their window, whose earlier blocks were let go (never addressed again)
+    assert any(-1 in c.sliding for s in seen for c in s.tables.values())
+    assert any(q.start >= 3 * model.config.sliding_window for s in seen for q in s.seqs)
     assert any(s.freed for s in seen)
     # frees reach the runner with the next step: after one more request, only its tables are left
     engine.add_request("late", prompt_token_ids=[3, 4, 5], params=SamplingParams(max_tokens=2))
