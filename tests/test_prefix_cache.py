@@ -91,12 +91,12 @@ class Driver:
             for p, slot in zip(range(lo, s), kv.layout.slots(table, lo, s)):
                 assert seq in holders(slot // bs), f"{pool} context of {seq} at {p} in a block it does not hold"
                 assert self.slots[pool].get(slot) == tuple(tokens[:p + 1]), f"{pool} context of {seq} at {p}"
-            j = s // bs  # the runner writes from the first position of the step it holds a block for
-            while table[j] < 0:
-                j += 1
-            first = max(s, j * bs)
-            assert first <= (max(s, s + n - kv.sliding_window) if sliding else s)  # what later queries see
-            for p, slot in zip(range(first, s + n), kv.layout.slots(table, first, s + n)):
+            # the runner writes the positions of the step whose block it holds, which must include what later
+            # queries see (every position in the full pool)
+            written = [p for p in range(s, s + n) if table[p // bs] >= 0]
+            assert set(written) >= set(range(max(s, s + n - kv.sliding_window) if sliding else s, s + n))
+            for p in written:
+                slot = kv.layout.slot(table, p)
                 assert seq in holders(slot // bs)
                 self.slots[pool][slot] = tuple(tokens[:p + 1])
         self.computed[seq] = s + n
@@ -258,6 +258,21 @@ def test_a_chunk_never_waits_for_blocks_only_the_cache_would_read():
     assert [kv.sliding.lookup(k) is not None for k in keys_of(tokens, 4)] == [False] * 5 + [True] * 3
     d.check_cached_blocks([tokens])
     kv.sliding.free(others, "x")
+
+
+def test_a_chunk_from_inside_a_block_writes_only_the_blocks_it_holds():
+    """A long chunk that starts inside a block and gets only some of its cache-only blocks: a block without one lies
+    between two it writes (found by the state machine: window 1, block 2)."""
+    kv = KVCacheManager(block_size=2, num_full_blocks=8, num_sliding_blocks=4, sliding_window=1, prefix_caching=True)
+    d = Driver(kv)
+    tokens = list(range(10, 21))
+    d.admit("a", tokens, 1)
+    assert d.step("a", 1) and d.step("a", 1)  # positions 1, 2: block 1 holds position 2, and will hold 3
+    assert kv.allocate("a", 11)  # positions 3-10: block 1 (position 3), none left for block 2, blocks 3-5
+    t = kv.tables("a").sliding
+    assert t[0] == t[2] == -1 and min(t[1], t[3], t[4], t[5]) >= 0
+    d.run("a", 8)  # the model checks every write is in a block the sequence holds
+    d.check_cached_blocks([tokens])
 
 
 def test_a_dropped_block_stays_cached_until_a_sequence_needs_its_block():

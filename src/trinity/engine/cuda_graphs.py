@@ -122,7 +122,7 @@ class DecodeTable:
                 first = lo // bs  # the entries before the context's first block are not held
                 row[o + _SLOT] = layout.slot(table, s)
                 row[o + _LO], row[o + _LEN] = lo - first * bs, s + 1 - lo
-                row[o + _TABLE:o + _TABLE + len(table) - first] = table[first:]
+                row[o + _TABLE:o + _TABLE + len(table) - first] = table[first:] if first else table
         for i in range(n, rows):
             self.pad_row(host, i)
 

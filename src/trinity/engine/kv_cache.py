@@ -4,10 +4,11 @@ Trinity has two kinds of attention layer, so two pools, each with its manager (`
 manager per attention type). In both, a sequence's block table is indexed by block index (position // block_size),
 -1 where it holds no block:
 - the *full* pool serves full-attention layers: a sequence holds every block, ceil(len / block_size);
-- the *sliding* pool serves sliding-window layers: a sequence holds only the blocks a query can still see. When a
-  step's first new position is s, the blocks entirely before s + 1 - window are let go (their entries become -1);
-  a block is never rewritten in place. A decoding sequence holds at most `window_blocks` blocks (the most that
-  `window` consecutive positions touch).
+- the *sliding* pool serves sliding-window layers: a sequence holds only the blocks a query can still see. When it
+  allocates for a step whose first new position is s (and, with prefix caching, once a step's blocks are
+  registered), the blocks entirely before s + 1 - window are let go (their entries become -1); a block is never
+  rewritten in place. A decoding sequence holds `window_blocks` blocks at most (the most that `window` consecutive
+  positions touch); most decode steps neither take nor let go of a block, and cost two comparisons.
 All layers of one kind share a sequence's block table; each layer has its own tensor in that pool.
 
 A step computing positions s..e-1 needs blocks for the last `window` of them (what its own last query and later
@@ -103,6 +104,8 @@ class BlockPool:
 
     # ------------------------------------------------------------------ holding
     def allocate(self, n: int, owner: str) -> list[int]:
+        if not n:
+            return []
         if n > self.num_allocatable:
             raise MemoryError(f"{self.name} pool: {n} blocks wanted, {self.num_allocatable} free")
         blocks = []
@@ -261,14 +264,22 @@ class PoolManager:
         table += [-1] * (cache_only - len(extra)) + extra + new
         return table[old_len:]
 
-    def let_go(self, seq_id: str, start: int) -> None:
-        """Free the blocks entirely before the window of a query at `start` (the sequence's next step's first)."""
+    def let_go(self, seq_id: str, start: int) -> int:
+        """Free the blocks entirely before the window of a query at `start` (the sequence's next step's first);
+        -> `quiet_until`."""
         table = self.tables.get(seq_id)
         first, keep = self._first.get(seq_id, 0), self.first_block(start)
         if table and keep > first:
             self.pool.free([b for b in table[first:keep] if b >= 0], seq_id)
             table[first:keep] = [-1] * (keep - first)
             self._first[seq_id] = keep
+        return self.quiet_until(seq_id)
+
+    def quiet_until(self, seq_id: str) -> int:
+        """The last step start at which the sequence has nothing to let go (its first held block still seen)."""
+        if not self.sliding:
+            return 1 << 62
+        return (self._first.get(seq_id, 0) + 1) * self.layout.block_size + self.layout.window - 2
 
     def free(self, seq_id: str) -> None:
         first = self._first.pop(seq_id, 0)
@@ -282,6 +293,14 @@ class PoolManager:
         for j in range(max(lo, self._first.get(seq_id, 0)), hi):
             if table[j] >= 0:
                 self.pool.register(table[j], keys[j])
+
+
+@dataclass(slots=True)
+class _SeqState:
+    num_tokens: int = 0  # tokens the last allocation made room for: the next step's first position
+    room: int = 0  # tokens its tables have entries for
+    quiet_until: int = 0  # the last step start at which it has no sliding block to let go
+    registered: int = 0  # blocks below this index were offered to the cache
 
 
 @dataclass(slots=True)
@@ -308,8 +327,7 @@ class KVCacheManager:
         self._managers = [m for m, on in ((self.full_manager, has_full_layers),
                                           (self.sliding_manager, has_sliding_layers)) if on]
         self.prefix_caching = prefix_caching  # a long chunk's blocks that only the cache reads are taken only with it
-        self._num_tokens: dict[str, int] = {}  # tokens the last allocation made room for: the next step's start
-        self._registered: dict[str, int] = {}  # blocks below this index were offered to the cache
+        self._seqs: dict[str, _SeqState] = {}
         # What changed since `take_changes`, for the runner's own copy of the tables (the step contract)
         self._changes: dict[str, TableChanges] = {}
         self._freed: list[str] = []
@@ -346,16 +364,22 @@ class KVCacheManager:
 
         `cached_prefix`: keys (from `cached_prefix`) of blocks the sequence adopts from the cache instead of
         computing them; only for a sequence that holds nothing yet."""
-        start = self._num_tokens.get(seq_id)
+        state = self._seqs.get(seq_id)
         if cached_prefix:
-            if start:
+            if state is not None and state.num_tokens:
                 raise RuntimeError(f"{seq_id!r} already holds blocks: it cannot adopt a cached prefix")
             if num_tokens <= len(cached_prefix) * self.block_size:
                 raise ValueError("a sequence adopting a cached prefix must compute at least one token after it")
-        elif start is not None and num_tokens <= start:
-            return True  # asking for less keeps what is held
-        new = bool(cached_prefix) or start is None  # the worker's tables start from nothing, or the adopted prefix
-        start = len(cached_prefix) * self.block_size if cached_prefix else start or 0
+        elif state is not None:
+            if num_tokens <= state.num_tokens:
+                return True  # asking for less keeps what is held
+            if num_tokens <= state.room:  # most decode steps: no block to take
+                if state.num_tokens > state.quiet_until:  # the window moved past a block (one step in block_size)
+                    state.quiet_until = self.sliding_manager.let_go(seq_id, state.num_tokens)
+                state.num_tokens = num_tokens
+                return True
+        new = bool(cached_prefix) or state is None  # the worker's tables start from nothing, or the adopted prefix
+        start = len(cached_prefix) * self.block_size if cached_prefix else state.num_tokens if state else 0
         if not all(m.fits(seq_id, start, num_tokens, cached_prefix) for m in self._managers):
             return False
         appended = {m.name: m.allocate(seq_id, start, num_tokens, cached_prefix, self.prefix_caching)
@@ -366,9 +390,11 @@ class KVCacheManager:
                 change.new, change.full, change.sliding = True, [], []
             change.full += appended.get("full", ())
             change.sliding += appended.get("sliding", ())
-        self._num_tokens[seq_id] = num_tokens
         if new:
-            self._registered[seq_id] = len(cached_prefix)
+            state = self._seqs[seq_id] = _SeqState(registered=len(cached_prefix))
+        state.num_tokens = num_tokens
+        state.room = self.layout.num_blocks(num_tokens) * self.block_size
+        state.quiet_until = self.sliding_manager.quiet_until(seq_id) if self.has_sliding else 1 << 62
         return True
 
     def take_changes(self) -> tuple[dict[str, TableChanges], list[str]]:
@@ -380,15 +406,14 @@ class KVCacheManager:
         return changes, freed
 
     def free(self, seq_id: str) -> None:
-        known = self._num_tokens.pop(seq_id, None) is not None
-        self._registered.pop(seq_id, None)
+        known = self._seqs.pop(seq_id, None) is not None
         if self._changes.pop(seq_id, None) is not None or known:
             self._freed.append(seq_id)
         for m in self._managers:
             m.free(seq_id)
 
     def has(self, seq_id: str) -> bool:
-        return seq_id in self._num_tokens
+        return seq_id in self._seqs
 
     # ------------------------------------------------------------------ the prefix cache
     def cached_prefix(self, keys: Sequence[bytes]) -> int:
@@ -408,19 +433,19 @@ class KVCacheManager:
 
     def register(self, seq_id: str, keys: Sequence[bytes], num_blocks: int) -> None:
         """Offer the sequence's first `num_blocks` blocks (every token computed; `keys` names them) to the cache."""
-        done = self._registered.get(seq_id)
-        if done is None or num_blocks <= done:
+        state = self._seqs.get(seq_id)
+        if state is None or num_blocks <= state.registered:
             return
         for m in self._managers:
-            m.register(seq_id, keys, done, num_blocks)
-            # the step is launched: what its sequence's next step does not see can go now (a long chunk's blocks
-            # kept only for the cache, above all), not at that step's allocation, which other sequences' come before
-            m.let_go(seq_id, self._num_tokens[seq_id])
-        self._registered[seq_id] = num_blocks
+            m.register(seq_id, keys, state.registered, num_blocks)
+        state.registered = num_blocks
+        if self.has_sliding:  # the step is launched: what the sequence's next step does not see can go now (a long
+            # chunk's blocks kept only for the cache, above all), not at that step's allocation, after other sequences'
+            state.quiet_until = self.sliding_manager.let_go(seq_id, state.num_tokens)
 
     def needs_registering(self, seq_id: str, num_blocks: int) -> bool:
-        done = self._registered.get(seq_id)
-        return done is not None and num_blocks > done
+        state = self._seqs.get(seq_id)
+        return state is not None and num_blocks > state.registered
 
     def reset_prefix_cache(self) -> None:
         self.full.reset_cache()

@@ -174,18 +174,17 @@ class ModelRunner:
                 first = lo // bs  # the table from the context's first block (the entries before it are not held)
                 dec_rows.append(row)
                 dec_slots.append(layout.slot(table, s))
-                dec_tables.append(table[first:])
+                dec_tables.append(table[first:] if first else table)
                 dec_lo.append(lo - first * bs)
                 dec_len.append(s + 1 - lo)
                 continue
-            # A chunk writes the positions it holds blocks for: in a sliding pool, a long chunk's earlier whole blocks
-            # that no later query sees have none unless the prefix cache keeps them (those without are the first).
-            j = s // bs
-            while table[j] < 0:
-                j += 1
-            first_written = max(s, j * bs)
-            prefill_rows += range(row + first_written - s, row + n)
-            prefill_slots += layout.slots(table, first_written, s + n)
+            # A chunk writes the positions it holds blocks for, a block at a time: in a sliding pool, a long chunk's
+            # whole blocks that no later query sees have none unless the prefix cache keeps them.
+            for j in range(s // bs, (s + n - 1) // bs + 1):
+                if table[j] >= 0:
+                    lo_j, hi_j, slot = max(s, j * bs), min(s + n, (j + 1) * bs), table[j] * bs - j * bs
+                    prefill_rows += range(row + lo_j - s, row + hi_j - s)
+                    prefill_slots += range(slot + lo_j, slot + hi_j)
             prefills.append(PrefillMeta(
                 start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
                 ctx_slots=torch.tensor(layout.slots(table, lo, s), dtype=torch.long, device=dev),
