@@ -157,8 +157,8 @@ def runner_host_time(batch: int, window: int, block_size: int, context: int, rep
             ring = layout.ring_blocks if sliding else None
             pool = cuda_graphs._Pool(name, offset, ring or layout.num_blocks(max_model_len), width, ring, 0)
         else:
-            pool = cuda_graphs._Pool(name, offset, layout.window_blocks if sliding else layout.num_blocks(max_model_len),
-                                     width, sliding, 0)
+            columns = layout.window_blocks if sliding else layout.num_blocks(max_model_len)
+            pool = cuda_graphs._Pool(name, offset, columns, width, sliding, 0)
         pools.append(pool)
         offset += pool.columns
     table.pools, table.columns = pools, offset

@@ -41,9 +41,9 @@ def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, ma
     capped at what `max_num_seqs` sequences can ever hold at once). Otherwise a byte budget (`kv_cache_memory`; on a
     GPU by default `gpu_memory_utilization` of the device minus what is already allocated and an activation
     reserve) is split: the sliding pool first (a window per running sequence, plus the new blocks of a step's
-    prefill chunks), the rest to the full pool, never more than
-    `max_num_seqs` sequences of `max_model_len` tokens can use. With prefix caching, budget the full pool cannot
-    use goes to the sliding pool, where cached prefixes keep the blocks of their windows.
+    prefill chunks), the rest to the full pool, never more than `max_num_seqs` sequences of `max_model_len` tokens
+    can use. With prefix caching, budget the full pool cannot use goes to the sliding pool, where cached prefixes
+    keep the blocks of their windows.
     """
     cfg = model.config
     n_sliding = sum(cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers))
@@ -51,9 +51,12 @@ def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, ma
     per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
     full_bytes, sliding_bytes = n_full * block_size * per_token_layer, n_sliding * block_size * per_token_layer
     layout = KVLayout(block_size, cfg.sliding_window)
-    # at once, a sequence holds its step's context and the blocks of its new positions: at most a window and one
-    # block per sequence, plus the blocks of the step's tokens (`KVCacheManager.allocate`)
-    sliding_cap = min(max_num_seqs * (layout.window_blocks + 1) + layout.num_blocks(max_num_batched_tokens),
+    # at once, a sequence holds its step's context and new blocks for the last window of its step's positions
+    # (`KVCacheManager.allocate`): a window and a block per sequence, plus the prefill chunks' new blocks, at most one
+    # per block of the step's tokens and a window per sequence (a long chunk's other blocks are for the prefix cache,
+    # taken only when left over)
+    chunks = min(layout.num_blocks(max_num_batched_tokens), max_num_seqs * layout.window_blocks)
+    sliding_cap = min(max_num_seqs * (layout.window_blocks + 1) + chunks,
                       max_num_seqs * layout.num_blocks(max_model_len))
     full_cap = max_num_seqs * layout.num_blocks(max_model_len)
     if num_kv_blocks is not None:
