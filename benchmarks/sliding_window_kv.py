@@ -6,10 +6,10 @@ window freed). Run it once per design, alternating, with each design's source fi
     PYTHONPATH=/tmp/wt_window/src .venv/bin/python benchmarks/sliding_window_kv.py
 
 1. Memory per sequence: sliding-pool blocks one sequence holds (the pool's used blocks, the sequence alone in a
-   large pool), driving the KV manager as the scheduler does: a 3-window prompt in chunks of
-   max_num_batched_tokens (2048), then 2 windows of decode steps; during a step (after its allocation) and between
-   steps (after its blocks are registered), with and without prefix caching. The built-in model's shape (window 128)
-   and Mini's (window 2048), block 16.
+   large pool), driving the KV manager as the scheduler does: a 3-window prompt in chunks of max_num_batched_tokens
+   (2048, and 8192 for window 2048), then 2 windows of decode steps; during a step (after its allocation) and
+   between steps (after its blocks are registered), with and without prefix caching. The built-in model's shape
+   (window 128) and Mini's (window 2048), block 16.
 2. Host time of a decode step's KV calls, 64 sequences at window 2048, block 16, contexts of ~3000 tokens: the
    allocations alone (with new_step / commit_step where the design has them), and everything the scheduler calls
    (take_changes, needs_registering / register with caching).
@@ -179,11 +179,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=300)
     args = ap.parse_args()
-    mem = [memory(w, 16, 2048, c) for w in (128, 2048) for c in (False, True)]
+    mem = [memory(w, 16, chunk, c) for w, chunk in ((128, 2048), (2048, 2048), (2048, 8192)) for c in (False, True)]
     for m in mem:
-        print(f"{DESIGN:10} memory W={m['window']:5} caching={m['prefix_caching']!s:5}: prefill peak "
-              f"{m['prefill_peak_during_step']} blocks during a step, after steps {m['prefill_after_steps']}; decode "
-              f"{m['decode_min']}..{m['decode_max']} (mean {m['decode_mean']}; between steps "
+        print(f"{DESIGN:10} memory W={m['window']:5} chunk={m['chunk']:5} caching={m['prefix_caching']!s:5}: "
+              f"prefill peak {m['prefill_peak_during_step']} blocks during a step, after steps "
+              f"{m['prefill_after_steps']}; decode {m['decode_min']}..{m['decode_max']} (mean {m['decode_mean']}; between steps "
               f"{m['decode_between_steps_mean']})")
     host = [decode_host_time(64, 2048, 16, 3000, args.steps, c) for c in (False, True)]
     for h in host:
