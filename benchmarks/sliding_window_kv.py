@@ -183,7 +183,8 @@ def main() -> None:
     for m in mem:
         print(f"{DESIGN:10} memory W={m['window']:5} chunk={m['chunk']:5} caching={m['prefix_caching']!s:5}: "
               f"prefill peak {m['prefill_peak_during_step']} blocks during a step, after steps "
-              f"{m['prefill_after_steps']}; decode {m['decode_min']}..{m['decode_max']} (mean {m['decode_mean']}; between steps "
+              f"{m['prefill_after_steps']}; decode {m['decode_min']}..{m['decode_max']} (mean {m['decode_mean']}; "
+              f"between steps "
               f"{m['decode_between_steps_mean']})")
     host = [decode_host_time(64, 2048, 16, 3000, args.steps, c) for c in (False, True)]
     for h in host:
