@@ -64,7 +64,7 @@ def assert_pools_free(engine) -> None:
     assert kv.full.num_free == kv.full.num_blocks, (kv.full.num_free, kv.full.num_blocks)
     assert kv.sliding.num_free == kv.sliding.num_blocks, (kv.sliding.num_free, kv.sliding.num_blocks)
     assert kv.full._holders == {} and kv.sliding._holders == {}
-    assert kv._tables == {}
+    assert kv._seqs == {} and kv.full_manager.tables == {} and kv.sliding_manager.tables == {}
     stats = engine.stats()
     assert stats["kv_blocks"]["full"]["used"] == 0
     assert stats["kv_blocks"]["sliding"]["used"] == 0

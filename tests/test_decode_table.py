@@ -25,7 +25,7 @@ def _triton_kernels(monkeypatch):
 
 
 def _model(dtype: torch.dtype) -> TrinityForCausalLM:
-    model = TrinityForCausalLM.random(preset("tiny"), seed=2)  # window 8, block size 4 below: the ring wraps
+    model = TrinityForCausalLM.random(preset("tiny"), seed=2)  # window 8, block size 4 below: windows move past blocks
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

@@ -337,19 +337,22 @@ def test_seeded_n2_samples_differ_and_reproduce(soft_model):
 
 
 # ---------------------------------------------------------------------- KV accounting
+@pytest.mark.parametrize("caching", [True, False])
 @pytest.mark.parametrize("block_size", [4, 5])
-def test_sliding_pool_holds_a_window_full_pool_holds_everything(model16, block_size):
+def test_sliding_pool_holds_a_window_full_pool_holds_everything(model16, block_size, caching):
     window = 16
-    llm = LLM(model16, block_size=block_size, num_kv_blocks=64, max_num_batched_tokens=10)
+    llm = LLM(model16, block_size=block_size, num_kv_blocks=64, max_num_batched_tokens=10,
+              enable_prefix_caching=caching)
     engine = llm.engine
-    ring = math.ceil(window / block_size) + 1
-    assert engine.stats()["sliding_ring_blocks"] == ring == engine.kv.ring_blocks
+    window_blocks = (window + block_size - 2) // block_size + 1  # the most blocks 16 positions touch
+    assert engine.stats()["sliding_window_blocks"] == window_blocks == engine.kv.window_blocks
+    assert window_blocks * block_size < window + 2 * block_size
     a, b = random_prompts([2 * window, 5], seed=9)
     engine.add_request("a", params=SamplingParams(temperature=0, max_tokens=2 * window, ignore_eos=True),
                        prompt_token_ids=a)  # 4x the window in all
     engine.add_request("b", params=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                        prompt_token_ids=b)
-    seen_sliding, seen_full, mid_checks = 0, 0, 0
+    seen_sliding, seen_full, mid_checks, before = 0, 0, 0, 0
     while "a" in engine.requests:
         engine.step()
         if "a" not in engine.requests:
@@ -358,11 +361,17 @@ def test_sliding_pool_holds_a_window_full_pool_holds_everything(model16, block_s
         n = seq.num_computed_tokens
         held = engine.kv_tokens_held("a")
         assert held["full"] == math.ceil(n / block_size) * block_size >= n
-        assert held["sliding"] == min(math.ceil(n / block_size), ring) * block_size
-        assert held["sliding"] <= ring * block_size < window + 2 * block_size
-        if window % block_size == 0:
-            assert held["sliding"] <= window + block_size
-        seen_sliding, seen_full = max(seen_sliding, held["sliding"]), max(seen_full, held["full"])
+        # sliding: the blocks from the first one the last step's first query saw (a decode's at n - 1, a chunk's at
+        # `before`) on, or from the first one the next query sees (let go once that step's blocks were registered)
+        last = n - 1 if n > len(a) else before
+        end, (lo, hi) = math.ceil(n / block_size), [max(0, p + 1 - window) // block_size for p in (last, n)]
+        assert (end - hi) * block_size <= held["sliding"] <= (end - lo) * block_size
+        assert held["sliding"] == (end - lo) * block_size or caching
+        if n > len(a):  # decoding: at most the blocks of a window
+            assert held["sliding"] <= window_blocks * block_size
+            seen_sliding = max(seen_sliding, held["sliding"])
+        seen_full = max(seen_full, held["full"])
+        before = n
         stats = engine.stats()
         used = {"full": held["full"] // block_size, "sliding": held["sliding"] // block_size}
         if "b" in engine.requests:
@@ -375,7 +384,7 @@ def test_sliding_pool_holds_a_window_full_pool_holds_everything(model16, block_s
             {k: used[k] / stats["kv_blocks"][k]["total"] for k in used})
         if 0 < len(seq.output_token_ids) < 2 * window - 1:
             mid_checks += 1  # mid-generation, decoding past twice the window
-    assert seen_sliding == ring * block_size
+    assert seen_sliding == window_blocks * block_size
     assert seen_full >= 4 * window - 1
     assert mid_checks >= 2 * window - 3
     assert_pools_free(engine)

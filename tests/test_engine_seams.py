@@ -78,8 +78,8 @@ def _run(engine, prompts):
 
 
 def test_steps_through_pickle_give_the_same_results():
-    """Chunked prefills, ring moves (window 8, block 4), prefix-cache hits, preemptions in a tight pool and
-    look-ahead decodes: every step reaches the runner as a pickled copy of plain data."""
+    """Chunked prefills, sliding windows moving on (window 8, block 4), prefix-cache hits, preemptions in a tight pool
+    and look-ahead decodes: every step reaches the runner as a pickled copy of plain data."""
     model = tiny_model()
     prompts = [[5 + i % 7 for i in range(30)], [5 + i % 7 for i in range(30)] + [9, 9, 3], list(range(3, 21)),
                [11] * 40]
@@ -99,7 +99,10 @@ def test_steps_through_pickle_give_the_same_results():
     assert _run(engine, prompts) == want
     assert engine.stats()["num_preemptions"] > 0 and engine.stats()["num_lookahead_steps"] > 0
     assert engine.stats()["prefix_cache"]["hit_tokens"] > 0
-    assert any(c.ring_set for s in seen for c in s.tables.values())  # ring entries moved
+    # sliding tables past the window: entries without a block (before an adopted prefix's window, or a chunk's
+    # uncached blocks), and sequences far past their window, whose earlier blocks were let go (never addressed again)
+    assert any(-1 in c.sliding for s in seen for c in s.tables.values())
+    assert any(q.start >= 3 * model.config.sliding_window for s in seen for q in s.seqs)
     assert any(s.freed for s in seen)
     # frees reach the runner with the next step: after one more request, only its tables are left
     engine.add_request("late", prompt_token_ids=[3, 4, 5], params=SamplingParams(max_tokens=2))
@@ -149,7 +152,8 @@ def test_expert_load_is_counted_through_the_step_metadata():
 
 
 def test_the_kernels_block_table_addresses_as_the_kv_layout():
-    """The Triton decode kernel's addressing (`kernels.attention.BlockTable`, on tensors) is `KVLayout.slot`."""
+    """The Triton decode kernel's addressing (`kernels.attention.BlockTable`, on tensors, ring 0) is `KVLayout.slot`,
+    for a table given from its first block with `lo` relative to it, as the CUDA-graph decode table stores one."""
     import random
 
     import torch
@@ -162,12 +166,15 @@ def test_the_kernels_block_table_addresses_as_the_kv_layout():
         layout = KVLayout(block_size, window)
         for sliding in (False, True):
             ends = [rng.randrange(1, 90) for _ in range(5)]
-            width = max(e - layout.context_start(e - 1, sliding) for e in ends)
-            n_entries = layout.ring_blocks if sliding else layout.num_blocks(max(ends))
-            tables = [[rng.randrange(100) for _ in range(n_entries)] for _ in ends]
-            lo = [layout.context_start(e - 1, sliding) for e in ends]
-            slots = BlockTable(torch.tensor(tables), torch.tensor(lo), block_size,
-                               layout.ring_blocks if sliding else 0, width).slots()
-            for b, (t, start, end) in enumerate(zip(tables, lo, ends)):
-                assert slots[b, :end - start].tolist() == [layout.slot(t, p, sliding) for p in range(start, end)]
-                assert layout.slots(t, start, end, sliding) == [layout.slot(t, p, sliding) for p in range(start, end)]
+            tables = [[rng.randrange(100) for _ in range(layout.num_blocks(e))] for e in ends]
+            starts = [layout.context_start(e - 1, sliding) for e in ends]
+            firsts = [layout.first_block(e - 1, sliding) for e in ends]
+            width = max(e - lo for e, lo in zip(ends, starts))
+            n_cols = max(len(t) - f for t, f in zip(tables, firsts))
+            cols = [t[f:] + [0] * (n_cols - len(t) + f) for t, f in zip(tables, firsts)]
+            lo = [start - f * block_size for start, f in zip(starts, firsts)]
+            slots = BlockTable(torch.tensor(cols), torch.tensor(lo), block_size, 0, width).slots()
+            for b, (t, start, end) in enumerate(zip(tables, starts, ends)):
+                want = [layout.slot(t, p) for p in range(start, end)]
+                assert slots[b, :end - start].tolist() == want
+                assert layout.slots(t, start, end) == want

@@ -50,18 +50,39 @@ def test_block_pool_sizes():
 
 
 # ---------------------------------------------------------------------- KVCacheManager: unit
-def test_manager_sizing_and_ring():
+def held(table):
+    """The block indices a table holds a block for."""
+    return {j for j, b in enumerate(table) if b >= 0}
+
+
+def test_manager_sizing_and_window_blocks():
     kv = KVCacheManager(block_size=4, num_full_blocks=100, num_sliding_blocks=100, sliding_window=8)
-    assert kv.ring_blocks == 3
+    assert kv.window_blocks == 3  # 8 positions touch 3 blocks of 4 at most
     assert kv.blocks_for(0) == (0, 0)
     assert kv.blocks_for(1) == (1, 1)
     assert kv.blocks_for(8) == (2, 2)
     assert kv.blocks_for(9) == (3, 3)
-    assert kv.blocks_for(64) == (16, 3)
+    assert kv.blocks_for(64) == (16, 6)  # at a step's peak: 3 kept for its first query, 3 new for its last window
     kv5 = KVCacheManager(block_size=5, num_full_blocks=10, num_sliding_blocks=10, sliding_window=16)
-    assert kv5.ring_blocks == 5 and kv5.blocks_for(100) == (20, 5)
+    assert kv5.window_blocks == 4 and kv5.blocks_for(100) == (20, 8)
     with pytest.raises(ValueError, match="block_size = 0"):
         KVCacheManager(0, 1, 1, 8)
+
+
+def test_a_decoding_sequence_holds_its_window_and_lets_go_of_the_rest():
+    kv = KVCacheManager(block_size=4, num_full_blocks=100, num_sliding_blocks=100, sliding_window=8)
+    assert kv.allocate("a", 1)
+    seen = []
+    for n in range(2, 60):
+        assert kv.allocate("a", n)  # a decode step at position n - 1
+        t = kv.tables("a")
+        assert len(t.full) == len(t.sliding) == math.ceil(n / 4) and -1 not in t.full
+        # the blocks of positions n - 8 .. n - 1 (what the query at n - 1 sees), nothing else
+        assert held(t.sliding) == {p // 4 for p in range(max(0, n - 8), n)}
+        seen.append(len(held(t.sliding)))
+    assert max(seen) == kv.window_blocks and min(seen[10:]) == 2
+    assert kv.sliding.num_used == seen[-1]  # let go blocks are free again
+    assert kv.tokens_capacity("a") == {"full": 60, "sliding": seen[-1] * 4}
 
 
 def test_manager_without_one_kind_of_layer():
@@ -69,9 +90,12 @@ def test_manager_without_one_kind_of_layer():
     assert kv.sliding.num_blocks == 0 and kv.blocks_for(20) == (5, 0)
     assert kv.allocate("a", 20) and kv.tables("a").sliding == []
     kv2 = KVCacheManager(4, 10, 10, 8, has_full_layers=False, has_sliding_layers=True)
-    assert kv2.full.num_blocks == 0 and kv2.blocks_for(1000) == (0, 3)
+    assert kv2.full.num_blocks == 0 and kv2.blocks_for(1000) == (0, 6)
     assert kv2.fits_ever(1000) is None
-    assert kv2.allocate("a", 1000) and kv2.tables("a").full == [] and len(kv2.tables("a").sliding) == 3
+    assert kv2.allocate("a", 1000) and kv2.tables("a").full == []
+    # one chunk: blocks for its last window only (without prefix caching nothing reads the others)
+    t = kv2.tables("a").sliding
+    assert len(t) == 250 and held(t) == {248, 249} and kv2.sliding.num_used == 2
 
 
 def test_fits_ever_gives_numbers():
@@ -79,7 +103,7 @@ def test_fits_ever_gives_numbers():
     assert kv.fits_ever(8) is None
     msg = kv.fits_ever(21)
     assert "21 tokens need 6 blocks of the full-attention pool" in msg and "5 blocks of 4 tokens" in msg
-    msg = kv.fits_ever(12)  # 3 full blocks fit; the ring needs 3 sliding blocks, the pool has 2
+    msg = kv.fits_ever(12)  # 3 full blocks fit; a step may need 3 sliding blocks, the pool has 2
     assert "12 tokens need 3 blocks of the sliding-window pool" in msg and "2 blocks of 4 tokens" in msg
 
 
@@ -94,14 +118,24 @@ def test_allocate_grows_never_shrinks_and_is_all_or_nothing():
     assert (kv.full.num_free, kv.sliding.num_free) == (4, 2)
     assert kv.allocate("b", 8)
     assert (kv.full.num_free, kv.sliding.num_free) == (2, 0)
-    # b's full blocks would fit, its sliding block would not: neither pool changes
-    assert kv.allocate("b", 9) is False
+    before = list(kv.tables("b").sliding)
+    # b's chunk to 16: its full blocks would fit; it lets go of its block 0 but needs 2 new sliding blocks: neither
+    # pool changes, block 0 included
+    assert kv.allocate("b", 16) is False
     assert (kv.full.num_free, kv.sliding.num_free) == (2, 0)
-    assert len(kv.tables("b").full) == 2
+    assert len(kv.tables("b").full) == 2 and kv.tables("b").sliding == before
+    assert kv.sliding.owner(before[0]) == "b"
+    assert kv.allocate("b", 9) is False  # a decode at position 8 sees positions 1..8: blocks 0-2
     assert kv.tokens_capacity("a") == {"full": 8, "sliding": 8}
     assert kv.tokens_capacity("nobody") == {"full": 0, "sliding": 0}
     kv.free("a")
     kv.free("a")  # freeing twice is harmless
+    assert kv.allocate("b", 12) and held(kv.tables("b").sliding) == {0, 1, 2}
+    # a decode at position 12 sees 5..12: b lets go of block 0 and holds blocks 1-3, in a pool with one block free
+    assert kv.sliding.num_free == 1 and kv.allocate("b", 13)
+    t = kv.tables("b")
+    assert t.sliding[0] == -1 and held(t.sliding) == {1, 2, 3} and kv.sliding.num_free == 1
+    assert t.sliding[1] == before[1]  # an entry keeps its block until it is let go
     kv.free("b")
     assert (kv.full.num_free, kv.sliding.num_free) == (6, 4)
     assert kv.usage() == {"full": 0.0, "sliding": 0.0}
@@ -112,15 +146,21 @@ def test_slots_addressing():
     kv.allocate("x", 3)  # take blocks so the sequence's blocks are not 0, 1, 2
     assert kv.allocate("a", 30)
     t = kv.tables("a")
-    assert [kv.layout.slot(t.full, p, False) for p in range(30)] == \
-        [t.full[p // 4] * 4 + p % 4 for p in range(30)]
-    # position p lives in ring entry (p // 4) % 3
-    assert kv.layout.slot(t.sliding, 0, True) == kv.layout.slot(t.sliding, 12, True) == t.sliding[0] * 4
-    assert kv.layout.slot(t.sliding, 13, True) == t.sliding[0] * 4 + 1
-    assert kv.layout.slot(t.sliding, 29, True) == t.sliding[(29 // 4) % 3] * 4 + 1
+    # position p lives in entry p // 4 of either table; the sliding table holds the last window's blocks only
+    assert [kv.layout.slot(t.full, p) for p in range(30)] == [t.full[p // 4] * 4 + p % 4 for p in range(30)]
+    assert t.sliding[:5] == [-1] * 5 and held(t.sliding) == {5, 6, 7}
+    assert kv.layout.slot(t.sliding, 22) == t.sliding[5] * 4 + 2
+    assert kv.layout.slot(t.sliding, 29) == t.sliding[7] * 4 + 1
 
 
 # ---------------------------------------------------------------------- KVCacheManager: property tests
+def needed_blocks(layout, start: int, end: int) -> set[int]:
+    """The sliding blocks a step computing start..end-1 holds: those from its first query's window on that it held
+    already, and those of its last `window` positions."""
+    return ({*range(layout.first_block(start, True), layout.num_blocks(start))}
+            | {*range(layout.first_block(end - 1, True), layout.num_blocks(end))})
+
+
 class KVCacheMachine(RuleBasedStateMachine):
     """Random allocate / free sequences for several sequences, with a model of what each should hold."""
 
@@ -130,28 +170,34 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.kv = KVCacheManager(block_size, num_full, num_sliding, window, has_full_layers=kinds[0],
                                  has_sliding_layers=kinds[1])
         self.tokens: dict[str, int] = {}  # seq -> tokens it holds room for
+        self.starts: dict[str, int] = {}  # seq -> the first position of its last step
 
     def _snapshot(self):
         kv = self.kv
         holders = [{b: set(h) for b, h in pool._holders.items()} for pool in (kv.full, kv.sliding)]
         return (kv.full.num_free, kv.sliding.num_free, *holders,
-                {s: (list(t.full), list(t.sliding)) for s, t in kv._tables.items() if t.full or t.sliding})
+                {s: (list(kv.tables(s).full), list(kv.tables(s).sliding)) for s in self.tokens})
 
     @rule(seq=st.sampled_from(["a", "b", "c", "d"]), num_tokens=st.integers(0, 120))
     def allocate(self, seq, num_tokens):
-        before = self._snapshot()
-        held_before = self.tokens.get(seq, 0)
-        want = max(held_before, num_tokens)
-        full, sliding = self.kv.blocks_for(want)
-        t = self.kv._tables.get(seq)
-        have_full, have_sliding = (len(t.full), len(t.sliding)) if t else (0, 0)
-        expect_ok = (full - have_full <= self.kv.full.num_free and sliding - have_sliding <= self.kv.sliding.num_free)
-        ok = self.kv.allocate(seq, num_tokens)
+        kv, before = self.kv, self._snapshot()
+        start = self.tokens.get(seq, 0)
+        if seq in self.tokens and num_tokens <= start:  # asking for less keeps what is held
+            assert kv.allocate(seq, num_tokens) and self._snapshot() == before
+            return
+        t = kv.tables(seq)
+        need_full = kv.layout.num_blocks(num_tokens) - len(t.full) if kv.has_full else 0
+        keep = needed_blocks(kv.layout, start, num_tokens) if kv.has_sliding else set()
+        room = kv.sliding.num_free + len(held(t.sliding) - keep)  # what it lets go of counts
+        expect_ok = need_full <= kv.full.num_free and len(keep - held(t.sliding)) <= room
+        ok = kv.allocate(seq, num_tokens)
         assert ok == expect_ok
         if ok:
-            self.tokens[seq] = want
-            t = self.kv.tables(seq)
-            assert (len(t.full), len(t.sliding)) == (full, sliding)
+            self.tokens[seq], self.starts[seq] = num_tokens, start
+            t = kv.tables(seq)
+            assert len(t.full) == kv.blocks_for(num_tokens)[0] and -1 not in t.full
+            assert held(t.sliding) == keep
+            assert len(t.sliding) == (kv.layout.num_blocks(num_tokens) if kv.has_sliding else 0)
         else:
             assert self._snapshot() == before  # all or nothing
 
@@ -160,14 +206,15 @@ class KVCacheMachine(RuleBasedStateMachine):
     def free(self, data):
         seq = data.draw(st.sampled_from(sorted(self.tokens)))
         self.kv.free(seq)
-        del self.tokens[seq]
+        del self.tokens[seq], self.starts[seq]
         assert not self.kv.has(seq)
 
     @rule()
     def free_all(self):
-        for seq in list(self.kv._tables):
+        for seq in list(self.tokens):
             self.kv.free(seq)
         self.tokens.clear()
+        self.starts.clear()
         kv = self.kv
         assert kv.full.num_free == kv.full.num_blocks and kv.sliding.num_free == kv.sliding.num_blocks
         assert kv.full._holders == {} and kv.sliding._holders == {}
@@ -178,7 +225,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     def blocks_owned_once_and_counted(self):
         kv = self.kv
         for pool, kind in ((kv.full, "full"), (kv.sliding, "sliding")):
-            owned = [(b, s) for s, t in kv._tables.items() for b in getattr(t, kind)]
+            owned = [(b, s) for s in self.tokens for b in getattr(kv.tables(s), kind) if b >= 0]
             blocks = [b for b, _ in owned]
             assert len(blocks) == len(set(blocks)), f"a {kind} block is in two tables"
             assert all(0 <= b < pool.num_blocks for b in blocks)
@@ -189,21 +236,23 @@ class KVCacheMachine(RuleBasedStateMachine):
             assert all(pool.owner(b) == s for b, s in owned)
 
     @invariant()
-    def sliding_ring_and_slots(self):
+    def windows_and_slots(self):
         kv = self.kv
         for seq, n in self.tokens.items():
             t = kv.tables(seq)
-            assert len(t.sliding) <= kv.ring_blocks
             if kv.has_full:
                 assert len(t.full) * kv.block_size >= n
-                slots = [kv.layout.slot(t.full, p, False) for p in range(n)]
+                slots = [kv.layout.slot(t.full, p) for p in range(n)]
                 assert len(set(slots)) == n
                 assert all(kv.full.owner(s // kv.block_size) == seq for s in slots)
             if kv.has_sliding and n:
-                slots = [kv.layout.slot(t.sliding, p, True) for p in range(n)]
-                assert all(kv.sliding.owner(s // kv.block_size) == seq for s in slots)
-                last = slots[-kv.sliding_window:]
-                assert len(set(last)) == len(last), "two of the last `window` positions share a slot"
+                assert len(held(t.sliding)) <= kv.blocks_for(n)[1]
+                # what the last step's queries see of the cache: its first query's context, its last window
+                s = self.starts[seq]
+                seen = [*range(kv.layout.context_start(s, True), s), *range(max(s, n - kv.sliding_window), n)]
+                slots = [kv.layout.slot(t.sliding, p) for p in seen]
+                assert all(kv.sliding.owner(x // kv.block_size) == seq for x in slots)
+                assert len(set(slots)) == len(slots), "two positions share a slot"
 
     def teardown(self):
         if hasattr(self, "kv"):
@@ -216,34 +265,37 @@ TestKVCacheMachine = KVCacheMachine.TestCase
 
 
 @settings(max_examples=150, deadline=None, database=None)
-@given(block_size=st.integers(1, 8), window=st.integers(1, 40), n=st.integers(1, 150))
-def test_sliding_ring_keeps_last_window_distinct(block_size, window, n):
-    """For any length, the ring gives the last `window` positions distinct slots inside the sequence's blocks,
-    and holds ring_blocks = ceil(window / block_size) + 1 blocks at most."""
+@given(block_size=st.integers(1, 8), window=st.integers(1, 40), n=st.integers(1, 150), data=st.data())
+def test_sliding_tables_hold_what_their_queries_see(block_size, window, n, data):
+    """Computed in random chunks, a sequence holds at each step blocks for its first query's context and its last
+    `window` positions, distinct slots; at most `blocks_for` at a step, `window_blocks` in a decode."""
     kv = KVCacheManager(block_size, 0, 64, window, has_full_layers=False)
     assume(kv.fits_ever(n) is None)
-    assert kv.allocate("s", n)
-    table = kv.tables("s").sliding
-    assert len(table) == min(math.ceil(n / block_size), kv.ring_blocks) <= math.ceil(window / block_size) + 1
-    slots = [kv.layout.slot(table, p, True) for p in range(max(0, n - window), n)]
-    assert len(set(slots)) == len(slots)
-    assert {s // block_size for s in slots} <= set(table)
-    # every window of `window` consecutive positions (what a decode at its last position reads) is distinct too
-    for end in range(1, n + 1):
-        w = [kv.layout.slot(table, p, True) for p in range(max(0, end - window), end)]
-        assert len(set(w)) == len(w)
+    start = 0
+    while start < n:
+        end = min(n, start + data.draw(st.integers(1, 2 * window + block_size)))
+        assert kv.allocate("s", end)
+        table = kv.tables("s").sliding
+        assert len(held(table)) <= kv.blocks_for(end)[1]
+        if end == start + 1:
+            assert len(held(table)) <= kv.window_blocks <= math.ceil(window / block_size) + 1
+        seen = [*range(kv.layout.context_start(start, True), start), *range(max(start, end - window), end)]
+        slots = [kv.layout.slot(table, p) for p in seen]
+        assert len(set(slots)) == len(slots) and all(kv.sliding.owner(x // block_size) == "s" for x in slots)
+        start = end
 
 
 @settings(max_examples=150, deadline=None, database=None)
 @given(block_size=st.integers(1, 8), window=st.integers(1, 40), n=st.integers(1, 150), data=st.data())
 def test_slot_ranges_equal_the_slot_of_each_position(block_size, window, n, data):
-    """`slots(table, lo, hi)` (a block at a time, what the runner uses for prefills) is `full_slot` /
-    `sliding_slot` of each position, for any range: inside a block, across blocks, around the ring."""
+    """`slots(table, lo, hi)` (a block at a time, what the runner uses for prefills) is `slot` of each position, for
+    any range: inside a block, across blocks, in the full table and in the sliding table's last window."""
     kv = KVCacheManager(block_size, 256, 256, window)  # room for the longest sequence after the other one
     kv.allocate("x", data.draw(st.integers(0, 5 * block_size)))  # the sequence's blocks do not start at 0
     assert kv.allocate("s", n)
     t = kv.tables("s")
     lo = data.draw(st.integers(0, n))
     hi = data.draw(st.integers(lo, n))
-    assert kv.layout.slots(t.full, lo, hi, sliding=False) == [kv.layout.slot(t.full, p, False) for p in range(lo, hi)]
-    assert kv.layout.slots(t.sliding, lo, hi, sliding=True) == [kv.layout.slot(t.sliding, p, True) for p in range(lo, hi)]
+    assert kv.layout.slots(t.full, lo, hi) == [kv.layout.slot(t.full, p) for p in range(lo, hi)]
+    lo, hi = max(lo, n - window), max(hi, n - window)
+    assert kv.layout.slots(t.sliding, lo, hi) == [kv.layout.slot(t.sliding, p) for p in range(lo, hi)]

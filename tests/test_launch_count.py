@@ -133,9 +133,9 @@ def test_engine_triton_path_gives_the_reference_tokens(monkeypatch):
 @needs_interpreter
 def test_engine_triton_path_with_prefix_hits_gives_the_reference_tokens(monkeypatch):
     """Prefix-cache hits through the Triton prefill attention, against the reference path without the cache: a
-    16-token window, a ring of 5 blocks of 4. The first prompt, in one chunk, spills the blocks its ring does not
-    keep; the second hits after 8 blocks (reading spilled block 4); the third hits after 9 and its ring moves on from
-    an adopted block whose context it still reads through the old ring."""
+    16-token window, blocks of 4. The first prompt, in one chunk, writes the blocks its window does not keep for the
+    cache alone; the second hits after 8 blocks (reading cached blocks 4-7); the third hits after 9 and lets go of
+    adopted blocks as its window moves on."""
     model = TrinityForCausalLM.random(preset("tiny", sliding_window=16), seed=5)
     with torch.no_grad():
         for p in model.parameters():

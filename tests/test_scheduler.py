@@ -188,6 +188,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def setup(self, bs, window, blocks, max_num_seqs, budget, caching):
         # every prompt is [1] * length: with prefix caching on, later ones hit what earlier ones computed
         self.kv = KVCacheManager(bs, blocks, blocks, window, prefix_caching=caching)
+        self.caching = caching
         self.sched = Scheduler(SchedulerConfig(max_num_seqs, budget, 64, enable_prefix_caching=caching), self.kv)
         self.live: dict[str, Sequence] = {}
         self.finished: list[Sequence] = []
@@ -232,7 +233,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             cap = kv.tokens_capacity(seq.seq_id)
             need = seq.num_computed_tokens + n
             assert cap["full"] == math.ceil(need / kv.block_size) * kv.block_size
-            assert cap["sliding"] == min(math.ceil(need / kv.block_size), kv.ring_blocks) * kv.block_size
+            # sliding: the blocks it held from its first query's window on, and new ones for its last `window`
+            # positions (with prefix caching maybe also a long chunk's others, for the cache); none before
+            s, bs, layout = seq.num_computed_tokens, kv.block_size, kv.layout
+            table = kv.tables(seq.seq_id).sliding
+            held = {j for j, b in enumerate(table) if b >= 0}
+            needed = {*range(layout.first_block(s, True), layout.num_blocks(s)),
+                      *range(layout.first_block(need - 1, True), layout.num_blocks(need))}
+            assert len(table) == layout.num_blocks(need)
+            assert needed <= held <= set(range(layout.first_block(s, True), len(table)))
+            assert held == needed or self.caching
+            assert len(needed) <= kv.blocks_for(need)[1] and cap["sliding"] == len(held) * bs
             computed, uncomputed, _ = before[seq.seq_id]
             kinds.append("decode" if computed > 0 and uncomputed == 1 else "prefill")
         if "prefill" in kinds:

@@ -6,8 +6,10 @@ The runner captures the forward once per bucketed batch size and replays it.
 
 Host work per step is one loop that fills a pinned int32 table (two used in turn), one copy to the device, and
 the replay. Each row of the table describes one sequence: its token, position and a 0/1 expert-count weight, then
-per KV pool its new token's slot, the first position its attention sees, how many positions it sees, and its block
-table (with the engine's look-ahead the tokens come instead from the previous step's sampling, on the device). The
+per KV pool its new token's slot, where its context starts, how many positions it sees, and its block table from
+the context's first block on (the context starts at that offset within the first entry; a sliding table is then a
+window's blocks wide, whatever the sequence's length) (with the engine's look-ahead the tokens come instead from
+the previous step's sampling, on the device). The
 decode attention kernel reads the block tables, first positions and lengths in place, as strided columns of the
 device copy (`kernels.attention.BlockTable`): the graph builds no per-position slot tensors, and the addressing
 costs no kernel of its own.
@@ -48,7 +50,7 @@ class _Pool:
     offset: int  # first column of this pool in a row
     num_table: int  # block-table columns
     width: int  # context positions a decode can see
-    ring: int | None  # blocks in the ring (sliding pool), None for the full pool
+    sliding: bool
     scratch_block: int
 
     @property
@@ -71,9 +73,8 @@ class DecodeTable:
         offset = 3
         for name, scratch in scratch_slots.items():
             sliding = name == "sliding"
-            ring = layout.ring_blocks if sliding else None
-            pool = _Pool(name, offset, ring if sliding else layout.num_blocks(max_model_len),
-                         layout.window if sliding else max_model_len, ring, scratch // bs)
+            pool = _Pool(name, offset, layout.window_blocks if sliding else layout.num_blocks(max_model_len),
+                         layout.window if sliding else max_model_len, sliding, scratch // bs)
             self.pools.append(pool)
             offset += pool.columns
         self.columns = offset
@@ -105,6 +106,7 @@ class DecodeTable:
         """Rows 0..n-1 of the host table (numpy) from the step's sequences, rows n..rows-1 as padding. A look-ahead
         row has no token on the host (it comes from the device): 0 here."""
         layout, tables = self.runner.layout, self.runner.tables
+        bs = layout.block_size
         n = len(step.seqs)
         for i, seq in enumerate(step.seqs):
             s = seq.start  # the new token's position
@@ -114,12 +116,12 @@ class DecodeTable:
             held = tables[seq.seq_id]
             for p in self.pools:
                 o = p.offset
-                sliding = p.ring is not None
-                table = held.sliding if sliding else held.full
-                lo = layout.context_start(s, sliding)
-                row[o + _SLOT] = layout.slot(table, s, sliding)
-                row[o + _LO], row[o + _LEN] = lo, s + 1 - lo
-                row[o + _TABLE:o + _TABLE + len(table)] = table
+                table = held.sliding if p.sliding else held.full
+                lo = layout.context_start(s, p.sliding)
+                first = lo // bs  # the entries before the context's first block are not held
+                row[o + _SLOT] = layout.slot(table, s)
+                row[o + _LO], row[o + _LEN] = lo - first * bs, s + 1 - lo
+                row[o + _TABLE:o + _TABLE + len(table) - first] = table[first:] if first else table
         for i in range(n, rows):
             self.pad_row(host, i)
 
@@ -129,7 +131,7 @@ class DecodeTable:
         meta = self.meta[:b]
         o = pool.offset
         table = BlockTable(table=meta[:, o + _TABLE:o + _TABLE + pool.num_table], lo=meta[:, o + _LO],
-                           block_size=self.block_size, ring=pool.ring or 0, width=pool.width)
+                           block_size=self.block_size, ring=0, width=pool.width)
         rows = self._rows.get(b)
         if rows is None:
             rows = self._rows[b] = torch.arange(b, device=meta.device)

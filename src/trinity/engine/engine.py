@@ -57,7 +57,8 @@ class LLMEngine:
         cfg = model.config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         plan = plan_cache(model, config.block_size, config.max_num_seqs, self.max_model_len, config.num_kv_blocks,
-                          config.kv_cache_memory, config.gpu_memory_utilization, config.enable_prefix_caching)
+                          config.kv_cache_memory, config.gpu_memory_utilization, config.enable_prefix_caching,
+                          config.max_num_batched_tokens)
         sliding = [cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers)]
         self.kv = KVCacheManager(config.block_size, plan.num_full_blocks, plan.num_sliding_blocks,
                                  cfg.sliding_window, has_full_layers=not all(sliding), has_sliding_layers=any(sliding),
@@ -390,7 +391,7 @@ class LLMEngine:
             "kv_blocks": {"full": {"used": kv.full.num_used, "total": kv.full.num_blocks},
                           "sliding": {"used": kv.sliding.num_used, "total": kv.sliding.num_blocks}},
             "block_size": kv.block_size,
-            "sliding_ring_blocks": kv.ring_blocks,
+            "sliding_window_blocks": kv.window_blocks,
             "prefix_cache": self.prefix_cache_stats(),
         }
 

@@ -1,29 +1,35 @@
 """Block pools for the paged KV cache, with automatic prefix caching (plain Python, no torch).
 
-Trinity has two kinds of attention layer, so two pools:
-- the *full* pool serves full-attention layers: a sequence holds ceil(len / block_size) blocks;
-- the *sliding* pool serves sliding-window layers: a sequence holds a ring of at most
-  ceil(window / block_size) + 1 blocks (position p lives in ring entry (p // block_size) % ring_blocks), so a
-  sliding layer never holds more than (ceil(window / block_size) + 1) * block_size token slots: window +
-  block_size when the block size divides the window, under window + 2 * block_size otherwise.
+Trinity has two kinds of attention layer, so two pools, each with its manager (`PoolManager`, vLLM's shape: one
+manager per attention type). In both, a sequence's block table is indexed by block index (position // block_size),
+-1 where it holds no block:
+- the *full* pool serves full-attention layers: a sequence holds every block, ceil(len / block_size);
+- the *sliding* pool serves sliding-window layers: a sequence holds only the blocks a query can still see. When it
+  allocates for a step whose first new position is s (and, with prefix caching, once a step's blocks are
+  registered), the blocks entirely before s + 1 - window are let go (their entries become -1); a block is never
+  rewritten in place. A decoding sequence holds `window_blocks` blocks at most (the most that `window` consecutive
+  positions touch); most decode steps neither take nor let go of a block, and cost two comparisons.
 All layers of one kind share a sequence's block table; each layer has its own tensor in that pool.
+
+A step computing positions s..e-1 needs blocks for the last `window` of them (what its own last query and later
+queries see; all of them in the full pool) and keeps those of the positions before s that its first query sees.
+The earlier whole blocks of a chunk longer than the window are written only for the prefix cache: with caching on
+a step takes them best effort, the latest first, from what is left after the blocks it needs (a long chunk never
+waits for them); without caching they get no block (-1) and the runner does not write them. So a prefilling
+sequence holds up to its first query's context plus a window of new blocks (`blocks_for`), and the cache-only
+blocks until the step is launched and they are registered.
+
+Nothing is held back between steps: a block let go when allocating step N + 1 is not read by its sequence in that
+step, another holder keeps it alive by its count, and a new owner's writes come after step N's reads in stream
+order.
 
 Prefix caching. Once every token of a block is computed, the block can be *registered* under a key naming
 its tokens and all tokens before it (a SHA-256 chain: a prompt cannot be built to collide with another
-user's and read their cache). A registered block is never written again. When nobody holds it any more it
-stays in the pool, *evictable*, until an allocation runs out of never-registered free blocks and takes the
-least recently released one. A new sequence whose tokens start with registered blocks adopts them instead of
-computing them. A hit needs both pools: the full layers need every block of the prefix, the sliding layers
-only the last ring_blocks - 1 blocks of it (the window the next token sees).
-
-The ring and the cache: when a sequence's ring entry moves on to a new block, the block it held leaves the
-sequence. A registered block then goes to the cache, if a block is left for the entry once every sequence of
-the step has what it needs (`commit_step`), so that a later prompt can still hit there; otherwise, and for an
-unregistered block, the block is reused in place, as without caching. A prefill chunk longer than the ring
-writes the whole blocks the ring would never hold into blocks of their own ("spills", also in `commit_step`),
-registered and let go after the step. A block that left a ring in this step may still be read this step (a
-prefill chunk reads its context before writing, through `BlockTables.sliding_context`), so it is *held back*:
-not handed out again until `new_step()`, called before the next step's allocations.
+user's and read their cache). A registered block is never written again. When nobody holds it any more (its
+sequence finished, or moved its window past it) it stays in the pool, *evictable*, until an allocation runs out of
+never-registered free blocks and takes the least recently released one. A new sequence whose tokens start with
+registered blocks adopts them instead of computing them. A hit after m blocks needs, in each pool, the blocks the
+next query sees: all m in the full pool, only the last ceil((window - 1) / block_size) in the sliding pool.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def extend_block_keys(keys: list[bytes], tokens_between, block_size: int, num_bl
 
 class BlockPool:
     """A fixed set of block ids. Each block is held by one or more sequences (shared only through the prefix
-    cache), or nobody holds it and it is free, evictable (registered), or held back until the next step."""
+    cache), or nobody holds it and it is free or evictable (registered)."""
 
     def __init__(self, name: str, num_blocks: int):
         if num_blocks < 0:
@@ -65,7 +71,6 @@ class BlockPool:
         self._holders: dict[int, set[str]] = {}
         self._key_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
-        self._held_back: set[int] = set()  # left a ring this step: not handed out before `new_step`
 
     # ------------------------------------------------------------------ counts
     @property
@@ -75,7 +80,7 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        """Blocks nobody holds (free, evictable or held back until the next step)."""
+        """Blocks nobody holds (free or evictable)."""
         return self.num_blocks - len(self._holders)
 
     @property
@@ -99,6 +104,8 @@ class BlockPool:
 
     # ------------------------------------------------------------------ holding
     def allocate(self, n: int, owner: str) -> list[int]:
+        if not n:
+            return []
         if n > self.num_allocatable:
             raise MemoryError(f"{self.name} pool: {n} blocks wanted, {self.num_allocatable} free")
         blocks = []
@@ -122,35 +129,20 @@ class BlockPool:
         self._evictable.pop(block, None)
         holders.add(owner)
 
-    def free(self, blocks: Sequence[int], owner: str, hold_back: bool = False) -> None:
-        """`owner` lets go of the blocks. With `hold_back`, none of them is handed out again this step."""
+    def free(self, blocks: Sequence[int], owner: str) -> None:
+        """`owner` lets go of the blocks: one nobody holds any more is free, or evictable when registered."""
         for b in blocks:
             holders = self._holders.get(b)
             if not holders or owner not in holders:
                 raise RuntimeError(f"{self.name} pool: block {b} freed by {owner!r} but held by "
                                    f"{sorted(holders) if holders else None!r}")
-            if hold_back:
-                self._held_back.add(b)
             holders.remove(owner)
             if not holders:
                 del self._holders[b]
-                self._park(b)
-
-    def _park(self, b: int) -> None:
-        """Where a block nobody holds waits."""
-        if b in self._held_back:
-            return  # until new_step
-        if b in self._key_of:
-            self._evictable[b] = None
-        else:
-            self._free.append(b)
-
-    def new_step(self) -> None:
-        """The step that may still read the held-back blocks has been launched: they may be handed out."""
-        held, self._held_back = self._held_back, set()
-        for b in held:
-            if b not in self._holders:
-                self._park(b)
+                if b in self._key_of:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
 
     def holders(self, block: int) -> frozenset[str]:
         return frozenset(self._holders.get(block, ()))
@@ -190,19 +182,133 @@ class BlockPool:
         self._evictable.clear()
 
 
+def _cached(pool: BlockPool, key: bytes) -> int:
+    block = pool.lookup(key)
+    if block is None:
+        raise RuntimeError(f"{pool.name} pool: a block of the cached prefix is no longer cached")
+    return block
+
+
+class PoolManager:
+    """One pool's blocks for every sequence (vLLM's single-type manager). A table is indexed by block index, -1 where
+    the sequence holds no block. Full attention (`sliding` False) holds every block; a sliding window only those a
+    query can still see. One class serves both: a full layer's window never moves on.
+
+    A step's allocation is `fits` (nothing changes), then `allocate`, so that the manager can check every pool
+    before it changes any."""
+
+    def __init__(self, name: str, pool: BlockPool, layout: KVLayout, sliding: bool):
+        self.name = name
+        self.pool = pool
+        self.layout = layout
+        self.sliding = sliding
+        self.tables: dict[str, list[int]] = {}
+        self._first: dict[str, int] = {}  # entries before it hold no block (let go, or before an adopted prefix)
+
+    def first_block(self, position: int) -> int:
+        """The first block a query at `position` sees."""
+        return self.layout.first_block(position, self.sliding)
+
+    def hit_blocks(self, m: int) -> int:
+        """How many of a cached prefix's m blocks a hit needs (its last ones): those the next query sees."""
+        return m - self.first_block(m * self.layout.block_size)
+
+    def held(self, seq_id: str) -> list[int]:
+        table = self.tables.get(seq_id, ())
+        return [b for b in table[self._first.get(seq_id, 0):] if b >= 0]
+
+    def _adopted(self, prefix: Sequence[bytes]) -> tuple[int, list[int]]:
+        """(first entry, blocks from it on) a sequence adopting `prefix` takes from the cache."""
+        lo = self.first_block(len(prefix) * self.layout.block_size)
+        return lo, [_cached(self.pool, k) for k in prefix[lo:]]
+
+    def _needed_from(self, num_held: int, end: int) -> int:
+        """The first new entry a step ending at `end` must hold a block for: those of its last `window` positions
+        (what its last query sees, and later queries); the entries before it (only with a window shorter than the
+        step) are written for the prefix cache alone."""
+        return max(num_held, self.first_block(end - 1))
+
+    def fits(self, seq_id: str, start: int, end: int, prefix: Sequence[bytes]) -> bool:
+        """Whether the blocks a step computing positions start..end-1 needs are there (net of those it lets go)."""
+        pool = self.pool
+        if prefix:
+            _, adopted = self._adopted(prefix)
+            room, held = pool.num_allocatable - pool.num_evictable_among(adopted), len(prefix)
+        else:
+            table = self.tables.get(seq_id, [])
+            gone = table[self._first.get(seq_id, 0):self.first_block(start)]
+            room, held = pool.num_allocatable + sum(1 for b in gone if b >= 0 and pool.owner(b) == seq_id), len(table)
+        return self.layout.num_blocks(end) - self._needed_from(held, end) <= room
+
+    def allocate(self, seq_id: str, start: int, end: int, prefix: Sequence[bytes], for_cache: bool) -> list[int]:
+        """Take the blocks of a step computing positions start..end-1 (`fits` said they are there), after adopting
+        `prefix` or letting go of the blocks before the step's first query's window; -> the entries appended to the
+        table (-1 where no block is taken). `for_cache`: take blocks for a long chunk's positions that only the
+        prefix cache would read, as many as are left."""
+        pool = self.pool
+        if prefix:
+            lo, adopted = self._adopted(prefix)
+            for b in adopted:  # shared first: no allocation below may evict them
+                pool.share(b, seq_id)
+            table = self.tables[seq_id] = [-1] * lo + adopted
+            self._first[seq_id] = lo
+            old_len = 0
+        else:
+            table = self.tables.setdefault(seq_id, [])
+            old_len = len(table)
+            self.let_go(seq_id, start)
+        needed_from = self._needed_from(len(table), end)
+        new = pool.allocate(self.layout.num_blocks(end) - needed_from, seq_id)
+        cache_only = needed_from - len(table)
+        extra = pool.allocate(min(cache_only, pool.num_allocatable), seq_id) if for_cache and cache_only else []
+        table += [-1] * (cache_only - len(extra)) + extra + new
+        return table[old_len:]
+
+    def let_go(self, seq_id: str, start: int) -> int:
+        """Free the blocks entirely before the window of a query at `start` (the sequence's next step's first);
+        -> `quiet_until`."""
+        table = self.tables.get(seq_id)
+        first, keep = self._first.get(seq_id, 0), self.first_block(start)
+        if table and keep > first:
+            self.pool.free([b for b in table[first:keep] if b >= 0], seq_id)
+            table[first:keep] = [-1] * (keep - first)
+            self._first[seq_id] = keep
+        return self.quiet_until(seq_id)
+
+    def quiet_until(self, seq_id: str) -> int:
+        """The last step start at which the sequence has nothing to let go (its first held block still seen)."""
+        if not self.sliding:
+            return 1 << 62
+        return (self._first.get(seq_id, 0) + 1) * self.layout.block_size + self.layout.window - 2
+
+    def free(self, seq_id: str) -> None:
+        first = self._first.pop(seq_id, 0)
+        table = self.tables.pop(seq_id, None)
+        if table:
+            self.pool.free([b for b in table[first:] if b >= 0], seq_id)
+
+    def register(self, seq_id: str, keys: Sequence[bytes], lo: int, hi: int) -> None:
+        """Offer the held blocks among entries lo..hi-1 (every token computed) to the cache."""
+        table = self.tables.get(seq_id, ())
+        for j in range(max(lo, self._first.get(seq_id, 0)), hi):
+            if table[j] >= 0:
+                self.pool.register(table[j], keys[j])
+
+
+@dataclass(slots=True)
+class _SeqState:
+    num_tokens: int = 0  # tokens the last allocation made room for: the next step's first position
+    room: int = 0  # tokens its tables have entries for
+    quiet_until: int = 0  # the last step start at which it has no sliding block to let go
+    registered: int = 0  # blocks below this index were offered to the cache
+
+
 @dataclass(slots=True)
 class BlockTables:
+    """A sequence's tables (the managers' own lists): by block index, -1 where no block is held."""
+
     full: list[int] = field(default_factory=list)
-    sliding: list[int] = field(default_factory=list)  # by ring entry
-    sliding_logical: list[int] = field(default_factory=list)  # the block index (position // block_size) of each
-    sliding_last: int = -1  # the highest block index the ring holds (it holds the ring_blocks - 1 before it too)
-    registered: int = 0  # blocks below this index were offered to the cache (in the sliding pool: those in the ring)
-    # The ring before the last allocation, when that moved an entry to a new block: a prefill chunk reads its
-    # context (positions before it) through this, since its old blocks still hold it during the step.
-    sliding_context: list[int] | None = None
-    # (block index, block) of this step's spill blocks: whole blocks of a long prefill chunk that the ring does
-    # not keep, written to blocks of their own for the cache; registered and let go after the step
-    sliding_spill: list[tuple[int, int]] = field(default_factory=list)
+    sliding: list[int] = field(default_factory=list)
 
 
 class KVCacheManager:
@@ -211,24 +317,30 @@ class KVCacheManager:
         self.layout = KVLayout(block_size, sliding_window)
         self.block_size = block_size
         self.sliding_window = sliding_window
-        self.ring_blocks = self.layout.ring_blocks
+        self.window_blocks = self.layout.window_blocks
         self.has_full = has_full_layers
         self.has_sliding = has_sliding_layers
         self.full = BlockPool("full", num_full_blocks if has_full_layers else 0)
         self.sliding = BlockPool("sliding", num_sliding_blocks if has_sliding_layers else 0)
-        self._tables: dict[str, BlockTables] = {}
-        self.prefix_caching = prefix_caching  # spill blocks are made only for the cache
-        self._pending_moves: dict[int, tuple[str, int]] = {}  # block -> (seq, ring entry): `commit_step` decides
-        self._pending_spills: dict[str, range] = {}  # seq -> block indices `commit_step` may spill
+        self.full_manager = PoolManager("full", self.full, self.layout, sliding=False)
+        self.sliding_manager = PoolManager("sliding", self.sliding, self.layout, sliding=True)
+        self._managers = [m for m, on in ((self.full_manager, has_full_layers),
+                                          (self.sliding_manager, has_sliding_layers)) if on]
+        self.prefix_caching = prefix_caching  # a long chunk's blocks that only the cache reads are taken only with it
+        self._seqs: dict[str, _SeqState] = {}
         # What changed since `take_changes`, for the runner's own copy of the tables (the step contract)
         self._changes: dict[str, TableChanges] = {}
         self._freed: list[str] = []
 
     # ------------------------------------------------------------------ sizing
     def blocks_for(self, num_tokens: int) -> tuple[int, int]:
-        """(full, sliding) blocks a sequence of `num_tokens` tokens holds."""
-        n = self.layout.num_blocks(num_tokens)
-        return (n if self.has_full else 0, min(n, self.ring_blocks) if self.has_sliding else 0)
+        """(full, sliding) blocks a sequence of `num_tokens` tokens may need at once: every block in the full pool;
+        in the sliding pool at most a step's first query's context and the last window of its new positions."""
+        n, bs = self.layout.num_blocks(num_tokens), self.block_size
+        # kept for the first query (the blocks of the window - 1 positions before it, or of its own when that block
+        # is partly written), and new blocks for the last `window` positions
+        peak = (self.sliding_window + bs - 3) // bs + 1 + self.window_blocks
+        return (n if self.has_full else 0, min(n, peak) if self.has_sliding else 0)
 
     def fits_ever(self, num_tokens: int) -> str | None:
         """None if a sequence of `num_tokens` could fit in an otherwise empty cache, else why not."""
@@ -243,209 +355,97 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ per sequence
     def tables(self, seq_id: str) -> BlockTables:
-        return self._tables.setdefault(seq_id, BlockTables())
-
-    def new_step(self) -> None:
-        """Call before allocating for a step, once the previous step has been launched."""
-        self.full.new_step()
-        self.sliding.new_step()
+        return BlockTables(self.full_manager.tables.get(seq_id, []), self.sliding_manager.tables.get(seq_id, []))
 
     def allocate(self, seq_id: str, num_tokens: int, cached_prefix: Sequence[bytes] = ()) -> bool:
-        """Grow the sequence's tables to hold `num_tokens` tokens; all or nothing. False when blocks run out.
+        """Make room for the sequence's next step: positions (the tokens its last allocation made room for) ..
+        num_tokens - 1; all or nothing. False when blocks run out. The sliding blocks before the step's first query's
+        window are let go first (they count as room).
 
         `cached_prefix`: keys (from `cached_prefix`) of blocks the sequence adopts from the cache instead of
         computing them; only for a sequence that holds nothing yet."""
-        t = self._tables.get(seq_id)
-        if cached_prefix and t is not None and (t.full or t.sliding):
-            raise RuntimeError(f"{seq_id!r} already holds blocks: it cannot adopt a cached prefix")
-        if cached_prefix and num_tokens <= len(cached_prefix) * self.block_size:
-            raise ValueError("a sequence adopting a cached prefix must compute at least one token after it")
-        bs, ring = self.block_size, self.ring_blocks
-        n_blocks = self.layout.num_blocks(num_tokens)
-        if (t is not None and not cached_prefix and (not self.has_full or n_blocks <= len(t.full))
-                and (not self.has_sliding or n_blocks <= t.sliding_last + 1)):
-            t.sliding_context = None  # most decode steps: the blocks are there already
-            return True
-        n_prefix = len(cached_prefix)
-        adopt_full = [self._cached(self.full, k) for k in cached_prefix] if self.has_full else []
-        adopt_sliding = ([(j, self._cached(self.sliding, cached_prefix[j]))
-                          for j in range(max(0, n_prefix - (ring - 1)), n_prefix)] if self.has_sliding else [])
-        grows = t is not None and not cached_prefix  # else a new ring, maybe adopted
-        if grows:
-            blocks, logical, held_last = t.sliding, t.sliding_logical, t.sliding_last
-        else:  # the adopted ring; an entry it does not fill is -1 until filled below
-            size = min(ring, n_prefix) if self.has_sliding else 0
-            blocks, logical, held_last = [-1] * size, [-1] * size, n_prefix - 1
-            for j, b in adopt_sliding:
-                blocks[j % ring], logical[j % ring] = b, j
-
-        # The sliding ring must hold blocks last - ring + 1 .. last, block j in entry j % ring; it holds those up to
-        # `held_last` already. An entry holding an older block (or none) gets a new block when the old one is not
-        # ours alone. When it is ours alone and registered, `commit_step` decides (moved to the cache if a block is
-        # left); otherwise it is reused in place. A decode step looks at one entry at most.
-        last = max(n_blocks - 1, held_last) if self.has_sliding else -1
-        changes: dict[int, tuple[int, str]] = {}  # ring entry -> (block index it will hold, "new" | "cache" | "reuse")
-        for j in range(max(held_last + 1 if grows else 0, last - ring + 1, 0), last + 1):
-            e = j % ring
-            if e < len(logical) and logical[e] == j:
-                continue
-            old = blocks[e] if e < len(blocks) else -1
-            if old < 0 or self.sliding.holders(old) - {seq_id}:
-                changes[e] = (j, "new")
-            else:
-                changes[e] = (j, "cache" if self.sliding.is_registered(old) else "reuse")
-        num_new = sum(1 for _, how in changes.values() if how == "new")
-        # an adopted block whose holder's ring moved on from it this step: the holder gets its new block now
-        moving_on = [b for _, b in adopt_sliding if b in self._pending_moves]
-        num_new += len(moving_on)
-        need_full = max(0, n_blocks - (len(t.full) if grows else len(adopt_full))) if self.has_full else 0
-        if (need_full > self.full.num_allocatable - self.full.num_evictable_among(adopt_full)
-                or num_new > self.sliding.num_allocatable - self.sliding.num_evictable_among(
-                    b for _, b in adopt_sliding)):
+        state = self._seqs.get(seq_id)
+        if cached_prefix:
+            if state is not None and state.num_tokens:
+                raise RuntimeError(f"{seq_id!r} already holds blocks: it cannot adopt a cached prefix")
+            if num_tokens <= len(cached_prefix) * self.block_size:
+                raise ValueError("a sequence adopting a cached prefix must compute at least one token after it")
+        elif state is not None:
+            if num_tokens <= state.num_tokens:
+                return True  # asking for less keeps what is held
+            if num_tokens <= state.room:  # most decode steps: no block to take
+                if state.num_tokens > state.quiet_until:  # the window moved past a block (one step in block_size)
+                    state.quiet_until = self.sliding_manager.let_go(seq_id, state.num_tokens)
+                state.num_tokens = num_tokens
+                return True
+        new = bool(cached_prefix) or state is None  # the worker's tables start from nothing, or the adopted prefix
+        start = len(cached_prefix) * self.block_size if cached_prefix else state.num_tokens if state else 0
+        if not all(m.fits(seq_id, start, num_tokens, cached_prefix) for m in self._managers):
             return False
-
-        t = self.tables(seq_id)
-        change = self._change(seq_id)
-        if not grows:  # the worker's tables start from nothing, or from the adopted prefix
-            change.new, change.full, change.ring, change.ring_set = True, [], list(blocks), []
-        if cached_prefix:  # shared first: no allocation below may evict them
-            for b in adopt_full:
-                self.full.share(b, seq_id)
-            for _, b in adopt_sliding:
-                self.sliding.share(b, seq_id)
-            t.full, t.registered = list(adopt_full), n_prefix
-            change.full += adopt_full
-        for b in moving_on:
-            owner, e = self._pending_moves.pop(b)
-            self._move_entry(owner, e, self.sliding.allocate(1, owner)[0])
-            self.sliding.free([b], owner, hold_back=True)
-        new_full = self.full.allocate(need_full, seq_id)
-        t.full += new_full
-        change.full += new_full
-        # a prefill chunk reads its context through the ring as it was: the old blocks still hold it this step
-        moving = any(e < len(blocks) and blocks[e] >= 0 for e in changes)
-        t.sliding_context = list(blocks) if moving else None
-        t.sliding_last = last
-        for e, (j, how) in changes.items():
-            while len(blocks) <= e:
-                blocks.append(-1)
-                logical.append(-1)
-            old = blocks[e]
-            if how == "new":
-                blocks[e] = self.sliding.allocate(1, seq_id)[0]
-                change.ring_set.append((e, blocks[e]))
-                if old >= 0:  # this step's prefill may still read it: not handed out before the next step
-                    self.sliding.free([old], seq_id, hold_back=True)
-            elif how == "cache":  # decided in commit_step, once every sequence of the step has what it needs
-                self._pending_moves[old] = (seq_id, e)
-            logical[e] = j
-        t.sliding, t.sliding_logical = blocks, logical
-        # Whole blocks this call adds that the ring will not hold (a chunk longer than the ring): without a spill
-        # their sliding K/V is never stored, and no later prompt could hit at a point within a window after them.
-        if self.prefix_caching and self.has_sliding and last - ring > held_last:
-            self._pending_spills[seq_id] = range(held_last + 1, last - ring + 1)
+        appended = {m.name: m.allocate(seq_id, start, num_tokens, cached_prefix, self.prefix_caching)
+                    for m in self._managers}
+        if new or any(appended.values()):  # most decode steps change no table
+            change = self._changes.setdefault(seq_id, TableChanges())
+            if new:
+                change.new, change.full, change.sliding = True, [], []
+            change.full += appended.get("full", ())
+            change.sliding += appended.get("sliding", ())
+        if new:
+            state = self._seqs[seq_id] = _SeqState(registered=len(cached_prefix))
+        state.num_tokens = num_tokens
+        state.room = self.layout.num_blocks(num_tokens) * self.block_size
+        state.quiet_until = self.sliding_manager.quiet_until(seq_id) if self.has_sliding else 1 << 62
         return True
-
-    def commit_step(self) -> None:
-        """After a step's allocations: each ring entry that moved on from a registered block of its own (see
-        `allocate`) gets a new block if one is left, and the old block goes to the cache; otherwise the old block
-        is reused in place and leaves the cache. Done last so that keeping a cache entry never takes a block a
-        sequence of this step needs."""
-        pending, self._pending_moves = self._pending_moves, {}
-        spills, self._pending_spills = self._pending_spills, {}
-        for old, (seq_id, e) in pending.items():
-            if self.sliding.num_allocatable:
-                self._move_entry(seq_id, e, self.sliding.allocate(1, seq_id)[0])
-                self.sliding.free([old], seq_id, hold_back=True)
-            else:
-                self.sliding.unregister(old)  # reused in place: its old tokens leave the cache
-        for seq_id, spill in spills.items():  # best effort, the latest blocks first (hits near the chunk's end)
-            t = self._tables[seq_id]
-            for j in reversed(spill):
-                if not self.sliding.num_allocatable:
-                    break
-                t.sliding_spill.append((j, self.sliding.allocate(1, seq_id)[0]))
-                self._change(seq_id).spill.append(t.sliding_spill[-1])
-
-    def _change(self, seq_id: str) -> TableChanges:
-        return self._changes.setdefault(seq_id, TableChanges())
-
-    def _move_entry(self, seq_id: str, entry: int, block: int) -> None:
-        """A ring entry of `seq_id` moves to `block` (its old block is freed by the caller)."""
-        self._tables[seq_id].sliding[entry] = block
-        self._change(seq_id).ring_set.append((entry, block))
 
     def take_changes(self) -> tuple[dict[str, TableChanges], list[str]]:
         """The block-table changes since the last call, by sequence, and the sequences freed meanwhile (freed
-        first: a sequence freed and admitted again comes back as `new`). The step contract carries them."""
+        first: a sequence freed and admitted again comes back as `new`). The step contract carries them. Blocks let
+        go behind a window are not in them: the runner never addresses those entries again."""
         changes, freed = self._changes, self._freed
         self._changes, self._freed = {}, []
         return changes, freed
 
-    @staticmethod
-    def _cached(pool: BlockPool, key: bytes) -> int:
-        block = pool.lookup(key)
-        if block is None:
-            raise RuntimeError(f"{pool.name} pool: a block of the cached prefix is no longer cached")
-        return block
-
     def free(self, seq_id: str) -> None:
-        t = self._tables.pop(seq_id, None)
-        if self._changes.pop(seq_id, None) is not None or t is not None:
+        known = self._seqs.pop(seq_id, None) is not None
+        if self._changes.pop(seq_id, None) is not None or known:
             self._freed.append(seq_id)
-        for b in [b for b, (owner, _) in self._pending_moves.items() if owner == seq_id]:
-            del self._pending_moves[b]  # never overwritten: its block stays cached
-        self._pending_spills.pop(seq_id, None)
-        if t is not None:
-            self.full.free(t.full, seq_id)
-            self.sliding.free(t.sliding, seq_id)
-            self.sliding.free([b for _, b in t.sliding_spill], seq_id)
+        for m in self._managers:
+            m.free(seq_id)
 
     def has(self, seq_id: str) -> bool:
-        return seq_id in self._tables
+        return seq_id in self._seqs
 
     # ------------------------------------------------------------------ the prefix cache
     def cached_prefix(self, keys: Sequence[bytes]) -> int:
-        """How many leading blocks of `keys` a new sequence can adopt: every one of them cached in the full pool,
-        and the last ring_blocks - 1 of them (the window the next token sees) in the sliding pool."""
-        n = len(keys)
-        if self.has_full:
-            n = next((i for i, k in enumerate(keys) if self.full.lookup(k) is None), n)
-        if not self.has_sliding:
-            return n
-        best, run, need = 0, 0, self.ring_blocks - 1
-        for i in range(n):
-            run = run + 1 if self.sliding.lookup(keys[i]) is not None else 0
-            if run >= min(i + 1, need):
+        """How many leading blocks of `keys` a new sequence can adopt: in each pool the blocks the next query sees
+        are cached (every one in the full pool, the last ceil((window - 1) / block_size) in the sliding pool)."""
+        best, runs = 0, [0] * len(self._managers)
+        for i, key in enumerate(keys):
+            hit = True
+            for k, m in enumerate(self._managers):
+                runs[k] = runs[k] + 1 if m.pool.lookup(key) is not None else 0
+                hit = hit and runs[k] >= m.hit_blocks(i + 1)
+            if hit:
                 best = i + 1
+            elif self.has_full and runs[0] <= i:
+                break  # the full pool misses a block: no longer prefix can hit
         return best
 
     def register(self, seq_id: str, keys: Sequence[bytes], num_blocks: int) -> None:
         """Offer the sequence's first `num_blocks` blocks (every token computed; `keys` names them) to the cache."""
-        t = self._tables.get(seq_id)
-        if t is None:
+        state = self._seqs.get(seq_id)
+        if state is None or num_blocks <= state.registered:
             return
-        for j, b in t.sliding_spill:  # written by the step just launched: cached, then let go
-            if j < num_blocks:
-                self.sliding.register(b, keys[j])
-            self.sliding.free([b], seq_id)
-        t.sliding_spill = []
-        if num_blocks <= t.registered:
-            return
-        if self.has_full:
-            for j in range(t.registered, num_blocks):
-                self.full.register(t.full[j], keys[j])
-        if self.has_sliding:
-            ring = self.ring_blocks
-            for j in range(max(t.registered, num_blocks - ring), num_blocks):
-                e = j % ring
-                if e < len(t.sliding_logical) and t.sliding_logical[e] == j:
-                    self.sliding.register(t.sliding[e], keys[j])
-        t.registered = num_blocks
+        for m in self._managers:
+            m.register(seq_id, keys, state.registered, num_blocks)
+        state.registered = num_blocks
+        if self.has_sliding:  # the step is launched: what the sequence's next step does not see can go now (a long
+            # chunk's blocks kept only for the cache, above all), not at that step's allocation, after other sequences'
+            state.quiet_until = self.sliding_manager.let_go(seq_id, state.num_tokens)
 
     def needs_registering(self, seq_id: str, num_blocks: int) -> bool:
-        t = self._tables.get(seq_id)
-        return t is not None and (num_blocks > t.registered or bool(t.sliding_spill))
+        state = self._seqs.get(seq_id)
+        return state is not None and num_blocks > state.registered
 
     def reset_prefix_cache(self) -> None:
         self.full.reset_cache()
@@ -456,5 +456,4 @@ class KVCacheManager:
 
     def tokens_capacity(self, seq_id: str) -> dict[str, int]:
         """Token slots the sequence holds per pool (per layer of that kind)."""
-        t = self._tables.get(seq_id, BlockTables())
-        return {"full": len(t.full) * self.block_size, "sliding": len(t.sliding) * self.block_size}
+        return {m.name: len(m.held(seq_id)) * self.block_size for m in (self.full_manager, self.sliding_manager)}

@@ -5,8 +5,7 @@ K/V tensor in the pool, shaped [num_blocks * block_size, kv_heads, head_dim] (on
 
 A decode (one new token) writes its K/V first, then gathers its whole context by slot. A prefill chunk
 attends to its cached context gathered by slot plus its own keys taken straight from the step's k/v, and
-is written only after reading: in the sliding ring a long chunk may overwrite slots that its own first
-queries still need.
+is written after reading (a chunk never writes a slot of its context: blocks are not rewritten in place).
 """
 
 from __future__ import annotations

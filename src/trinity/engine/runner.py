@@ -33,15 +33,17 @@ class CachePlan:
 
 def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, max_model_len: int,
                num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-               gpu_memory_utilization: float = 0.9, prefix_caching: bool = False) -> CachePlan:
+               gpu_memory_utilization: float = 0.9, prefix_caching: bool = False,
+               max_num_batched_tokens: int = 2048) -> CachePlan:
     """How many blocks each pool gets.
 
     `num_kv_blocks`: exactly that many full-pool blocks, and as many sliding blocks (without prefix caching
-    capped at what `max_num_seqs` rings can ever use). Otherwise a byte budget (`kv_cache_memory`; on a GPU by
-    default `gpu_memory_utilization` of the device minus what is already allocated and an activation reserve) is
-    split: the sliding pool first (a ring per running sequence), the rest to the full pool, never more than
-    `max_num_seqs` sequences of `max_model_len` tokens can use. With prefix caching, budget the full pool cannot
-    use goes to the sliding pool, where cached prefixes keep the blocks of their windows.
+    capped at what `max_num_seqs` sequences can ever hold at once). Otherwise a byte budget (`kv_cache_memory`; on a
+    GPU by default `gpu_memory_utilization` of the device minus what is already allocated and an activation
+    reserve) is split: the sliding pool first (a window per running sequence, plus the new blocks of a step's
+    prefill chunks), the rest to the full pool, never more than `max_num_seqs` sequences of `max_model_len` tokens
+    can use. With prefix caching, budget the full pool cannot use goes to the sliding pool, where cached prefixes
+    keep the blocks of their windows.
     """
     cfg = model.config
     n_sliding = sum(cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers))
@@ -49,7 +51,13 @@ def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, ma
     per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
     full_bytes, sliding_bytes = n_full * block_size * per_token_layer, n_sliding * block_size * per_token_layer
     layout = KVLayout(block_size, cfg.sliding_window)
-    sliding_cap = max_num_seqs * min(layout.ring_blocks, layout.num_blocks(max_model_len))
+    # at once, a sequence holds its step's context and new blocks for the last window of its step's positions
+    # (`KVCacheManager.allocate`): a window and a block per sequence, plus the prefill chunks' new blocks, at most one
+    # per block of the step's tokens and a window per sequence (a long chunk's other blocks are for the prefix cache,
+    # taken only when left over)
+    chunks = min(layout.num_blocks(max_num_batched_tokens), max_num_seqs * layout.window_blocks)
+    sliding_cap = min(max_num_seqs * (layout.window_blocks + 1) + chunks,
+                      max_num_seqs * layout.num_blocks(max_model_len))
     full_cap = max_num_seqs * layout.num_blocks(max_model_len)
     if num_kv_blocks is not None:
         if num_kv_blocks < 1:
@@ -93,7 +101,6 @@ class ModelRunner:
         self.model = model
         self.layout = layout
         self.tables: dict[str, SeqTables] = {}
-        self._changed: list[str] = []  # sequences the last step's changes touched
         cfg = model.config
         self.device = model.device
         # RoPE for every position a sequence can reach, precomputed: each step's cos/sin is then one gather (a
@@ -146,21 +153,15 @@ class ModelRunner:
         """Bring the runner's block tables up to the step (`execute` does this first)."""
         for seq_id in step.freed:
             self.tables.pop(seq_id, None)
-        for seq_id in self._changed:  # what the last step's changes left for that step only
-            t = self.tables.get(seq_id)
-            if t is not None:
-                t.end_step()
         for seq_id, change in step.tables.items():
             t = self.tables.get(seq_id)
             if t is None:
                 t = self.tables[seq_id] = SeqTables()
             t.apply(change)
-        self._changed = list(step.tables)
 
     def _pool_step(self, pool: str, step: StepInput, starts: list[int]) -> PoolStep:
         layout, bs, dev = self.layout, self.layout.block_size, self.device
         sliding = pool == "sliding"
-        capacity = layout.ring_blocks * bs
         prefill_rows: list[int] = []
         prefill_slots: list[int] = []
         dec_rows, dec_slots, dec_tables, dec_lo, dec_len = [], [], [], [], []
@@ -169,47 +170,44 @@ class ModelRunner:
             s, n = seq.start, seq.num_tokens
             tables = self.tables[seq.seq_id]
             table = tables.sliding if sliding else tables.full
+            lo = layout.context_start(s, sliding)  # the first position the step's first query sees
             if n == 1:
-                lo = layout.context_start(s, sliding)  # the new token included
+                first = lo // bs  # the table from the context's first block (the entries before it are not held)
                 dec_rows.append(row)
-                dec_slots.append(layout.slot(table, s, sliding))
-                dec_tables.append(table)
-                dec_lo.append(lo)
+                dec_slots.append(layout.slot(table, s))
+                dec_tables.append(table[first:] if first else table)
+                dec_lo.append(lo - first * bs)
                 dec_len.append(s + 1 - lo)
                 continue
-            # In the ring only the last `capacity` tokens of a chunk survive; writing earlier ones is wasted
-            # and would put two tokens in one slot.
-            first_written = max(s, s + n - capacity) if sliding else s
-            prefill_rows += range(row + first_written - s, row + n)
-            prefill_slots += layout.slots(table, first_written, s + n, sliding)
-            if sliding:  # whole blocks the ring does not keep, stored for the prefix cache
-                for j, block in tables.spill:
-                    prefill_rows += range(row + j * bs - s, row + (j + 1) * bs - s)
-                    prefill_slots += range(block * bs, (block + 1) * bs)
-            lo = layout.context_start(s, sliding)  # the cached positions the chunk's first query sees
-            # when this step moved ring entries to new blocks, the context is still in the old ones
-            context = tables.context if sliding and tables.context is not None else table
+            # A chunk writes the positions it holds blocks for, a block at a time: in a sliding pool, a long chunk's
+            # whole blocks that no later query sees have none unless the prefix cache keeps them.
+            for j in range(s // bs, (s + n - 1) // bs + 1):
+                if table[j] >= 0:
+                    lo_j, hi_j, slot = max(s, j * bs), min(s + n, (j + 1) * bs), table[j] * bs - j * bs
+                    prefill_rows += range(row + lo_j - s, row + hi_j - s)
+                    prefill_slots += range(slot + lo_j, slot + hi_j)
             prefills.append(PrefillMeta(
                 start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
-                ctx_slots=torch.tensor(layout.slots(context, lo, s, sliding), dtype=torch.long, device=dev),
+                ctx_slots=torch.tensor(layout.slots(table, lo, s), dtype=torch.long, device=dev),
                 ctx_pos=torch.arange(lo, s, device=dev)))
-        ctx_slots, ctx_valid = self._decode_context(dec_tables, dec_lo, dec_len, sliding)
+        ctx_slots, ctx_valid = self._decode_context(dec_tables, dec_lo, dec_len)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
         return PoolStep(dec_rows=as_long(dec_rows), dec_slots=as_long(dec_slots), dec_ctx_slots=ctx_slots,
                         dec_ctx_valid=ctx_valid, prefill_rows=as_long(prefill_rows),
                         prefill_slots=as_long(prefill_slots), prefills=prefills, decode_only=not prefills,
                         dec_lens=torch.tensor(dec_len, dtype=torch.int32, device=dev))
 
-    def _decode_context(self, tables: list[list[int]], lo: list[int], lengths: list[int], sliding: bool):
-        """Padded [B, L] slots and validity of each decode's cached context, computed on tensors."""
+    def _decode_context(self, tables: list[list[int]], lo: list[int], lengths: list[int]):
+        """Padded [B, L] slots and validity of each decode's cached context, computed on tensors. Each table starts
+        at its context's first block, `lo` within it."""
         dev, bs = self.device, self.layout.block_size
         width = max(lengths, default=0)
         if not tables:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, dtype=torch.bool, device=dev)
         nb = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.long, device=dev)
-        blocks = kernels_attention.BlockTable(table=table, lo=torch.tensor(lo, device=dev), block_size=bs,
-                                              ring=self.layout.ring_blocks if sliding else 0, width=width)
+        blocks = kernels_attention.BlockTable(table=table, lo=torch.tensor(lo, device=dev), block_size=bs, ring=0,
+                                              width=width)
         valid = torch.arange(width, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
         return blocks.slots().masked_fill(~valid, 0), valid
 

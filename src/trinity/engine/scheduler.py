@@ -115,7 +115,6 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the step
     def schedule(self) -> ScheduledBatch:
-        self.kv.new_step()
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()
@@ -159,7 +158,6 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
-        self.kv.commit_step()
         self._plan_rows(batch)
         batch.step = self._step_input(batch)
         return batch
@@ -167,13 +165,9 @@ class Scheduler:
     def schedule_lookahead(self, seqs: list[Sequence]) -> ScheduledBatch | None:
         """A decode step for `seqs` queued before the token each is about to get is known (the engine's look-ahead:
         the runner takes their tokens from the device). None, changing nothing, when their blocks do not fit."""
-        self.kv.new_step()  # the step before is launched: what only it reads may be handed out
-        try:
-            for seq in seqs:  # room for the pending token's K/V (what `schedule` would allocate next step)
-                if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + 1):
-                    return None
-        finally:
-            self.kv.commit_step()
+        for seq in seqs:  # room for the pending token's K/V (what `schedule` would allocate next step)
+            if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + 1):
+                return None
         batch = ScheduledBatch(list(seqs), [1] * len(seqs), sample_seqs=list(seqs))
         batch.step = self._step_input(batch, lookahead=True)
         return batch

@@ -13,19 +13,14 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class TableChanges:
-    """One sequence's block-table changes in one step, in the order a worker applies them."""
+    """One sequence's block-table changes in one step: entries appended to its tables (by block index). Entries the
+    KV manager lets go behind a sliding window are not sent: the runner never addresses them again."""
 
     new: bool = False  # start from empty tables: the sequence was admitted (again, after a preemption) this step
-    full: list[int] = field(default_factory=list)  # blocks appended to the full-attention table
-    # With `new`: the sliding ring as admitted (blocks adopted from the prefix cache at their entries, -1 where
-    # an entry is filled below); a prefill chunk reads its context through the ring as it is before `ring_set`.
-    ring: list[int] | None = None
-    # (entry, block): ring entries that move to another block this step. A chunk's context may still be in the
-    # entry's old block (it is freed only after the step), so the worker applies these after reading the context.
-    ring_set: list[tuple[int, int]] = field(default_factory=list)
-    # (block index, block): whole blocks of a long prefill chunk that the ring does not keep, written into blocks
-    # of their own for the prefix cache; for this step only.
-    spill: list[tuple[int, int]] = field(default_factory=list)
+    full: list[int] = field(default_factory=list)  # entries appended to the full-attention table
+    # entries appended to the sliding-window table; -1 where no block is held (before an adopted prefix's window,
+    # or a long chunk's positions that no later query sees and that the prefix cache does not keep)
+    sliding: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -58,26 +53,14 @@ class StepInput:
 
 @dataclass(slots=True)
 class SeqTables:
-    """A worker's copy of one sequence's block tables, kept from `TableChanges`."""
+    """A worker's copy of one sequence's block tables, kept from `TableChanges` (by block index; a sliding entry the
+    manager let go keeps its old block id, never read again)."""
 
     full: list[int] = field(default_factory=list)
-    sliding: list[int] = field(default_factory=list)  # by ring entry (-1: not filled yet)
-    # this step only: the ring before the step's moves (a prefill chunk's context is still in the old blocks), and
-    # the spill blocks of a long chunk
-    context: list[int] | None = None
-    spill: list[tuple[int, int]] = field(default_factory=list)
+    sliding: list[int] = field(default_factory=list)
 
     def apply(self, change: TableChanges) -> None:
         if change.new:
-            self.full, self.sliding = [], list(change.ring or ())
+            self.full, self.sliding = [], []
         self.full += change.full
-        self.context = list(self.sliding) if change.ring_set else None
-        for entry, block in change.ring_set:
-            while len(self.sliding) <= entry:
-                self.sliding.append(-1)
-            self.sliding[entry] = block
-        self.spill = change.spill
-
-    def end_step(self) -> None:
-        """Forget what held for one step only."""
-        self.context, self.spill = None, []
+        self.sliding += change.sliding

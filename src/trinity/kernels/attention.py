@@ -129,9 +129,10 @@ def paged_prefill_attention(q, k, v, k_cache, v_cache, packed: PackedPrefills, w
 class BlockTable:
     """Decode contexts addressed by block table, as the CUDA-graph runner keeps them: row b sees the positions
     lo[b] .. lo[b] + length - 1, and position p lives in slot table[b, blk] * block_size + p % block_size with
-    blk = p // block_size, taken modulo `ring` in a sliding pool (ring > 0; 0 for the full pool): the engine's
-    `kv_layout.KVLayout.slot`, on tensors, as the Triton decode kernel reads it. The tensors may be strided columns
-    of one int32 table. `width`: the most positions a row can see (sizes the key splits)."""
+    blk = p // block_size (with ring 0: the engine's `kv_layout.KVLayout.slot`, on tensors, as the Triton decode
+    kernel reads it), or blk modulo `ring` for a ring-shaped table (ring > 0; the kernels still take one, the engine
+    no longer makes one). The tensors may be strided columns of one int32 table. `width`: the most positions a row
+    can see (sizes the key splits)."""
 
     table: torch.Tensor  # [B, blocks]
     lo: torch.Tensor  # [B]

@@ -13,7 +13,7 @@ Assumptions (also listed under "assumptions" in the JSON):
   channels per output row (AWQ/GPTQ-style, group size 128); everything else bf16.
 - KV cache: K and V of every KV head, 2 bytes (bf16) or 1 byte (fp8; its per-tensor scales are ignored).
   Full-attention layers keep every token; sliding layers keep at most `sliding_window` tokens per sequence.
-  Counts are token-exact (the engine's paged ring rounds the sliding pool up to whole blocks: up to one block more).
+  Counts are token-exact (the engine's paged blocks round a sliding window up to whole blocks: up to one block more).
 - Memory per GPU usable for the model: memory x gpu_memory_utilization (0.90 by default, as in vLLM), minus a
   runtime reserve (4 GB by default: CUDA context and graphs, communication buffers, and the peak activations of
   a prefill chunk, including MoE intermediates and sampler buffers over a 200K vocabulary), minus the weights.
@@ -435,7 +435,7 @@ ASSUMPTIONS = {
            "norms bf16",
     "w4a16": "linear weights 4 bits + bf16 scale and bf16 zero per 128 input channels per row; the rest bf16",
     "kv_cache": "K and V per KV head; full layers keep every token, sliding layers at most sliding_window tokens "
-                "(token-exact; the paged ring adds up to one block); fp8 scales ignored",
+                "(token-exact; paged blocks add up to one block); fp8 scales ignored",
     "memory": "usable per GPU = memory x utilization - reserve - weights on that GPU",
     "tensor_parallel": "sharded tensors split evenly; norms, router, expert bias replicated; KV heads copied when "
                        "TP > KV heads; smallest valid TP that holds the weights and one max-length sequence; "
