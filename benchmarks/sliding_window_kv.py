@@ -28,6 +28,14 @@ import time
 from trinity.engine.kv_cache import KVCacheManager, extend_block_keys
 
 RING = hasattr(KVCacheManager, "new_step")
+
+
+def take_changes(kv):
+    """The scheduler's end of a step's allocations: blocks kept only for the cache (where the design defers them),
+    then the changes for the runner."""
+    if hasattr(kv, "fill_for_cache"):
+        kv.fill_for_cache()
+    return kv.take_changes()
 DESIGN = "ring" if RING else "vllm-shape"
 
 
@@ -52,7 +60,7 @@ def memory(window: int, block_size: int, chunk: int, caching: bool) -> dict:
     while computed < total:
         n = min(chunk, prompt - computed) if computed < prompt else 1
         assert step_alloc(kv, "s", computed + n)
-        kv.take_changes()
+        take_changes(kv)
         (during if n > 1 else decode_during).append(kv.sliding.num_used)
         computed += n
         if caching:
@@ -83,7 +91,7 @@ def decode_host_time(num_seqs: int, window: int, block_size: int, context: int, 
             done = n // block_size
             extend_block_keys(keys[seq], lambda lo, hi, t=tokens[seq]: t[lo:hi], block_size, done)
             kv.register(seq, keys[seq], done)
-    kv.take_changes()
+    take_changes(kv)
     seqs = list(computed)
     alloc_s, all_s = [], []
     for _ in range(steps):
@@ -95,7 +103,7 @@ def decode_host_time(num_seqs: int, window: int, block_size: int, context: int, 
         if RING:
             kv.commit_step()
         t1 = time.perf_counter()
-        kv.take_changes()
+        take_changes(kv)
         for seq in seqs:  # the scheduler's cache_computed, once the step is launched
             computed[seq] += 1
             if caching:
@@ -130,7 +138,7 @@ def runner_host_time(batch: int, window: int, block_size: int, context: int, rep
         assert step_alloc(kv, seq, context + i)
     for i, seq in enumerate(seqs):  # the decode step's allocation
         assert step_alloc(kv, seq, context + i + 1)
-    changes, _ = kv.take_changes()
+    changes, _ = take_changes(kv)
     for seq, change in changes.items():
         runner.tables.setdefault(seq, SeqTables()).apply(change)
     step = StepInput(seqs=[StepSeq(seq, context + i, 1, [7]) for i, seq in enumerate(seqs)],

@@ -43,6 +43,7 @@ class Driver:
         self.worker: dict[str, SeqTables] = {}
 
     def sync_worker(self):
+        self.kv.fill_for_cache()  # the scheduler's end of a step's allocations
         changes, freed = self.kv.take_changes()
         for seq in freed:
             self.worker.pop(seq, None)
@@ -260,6 +261,19 @@ def test_a_chunk_never_waits_for_blocks_only_the_cache_would_read():
     kv.sliding.free(others, "x")
 
 
+def test_blocks_for_the_cache_never_take_a_block_another_sequence_of_the_step_needs():
+    """A long chunk's cache-only blocks are taken at the end of the step's allocations, from what is left."""
+    kv = KVCacheManager(block_size=4, num_full_blocks=0, num_sliding_blocks=6, sliding_window=8,
+                        has_full_layers=False, prefix_caching=True)
+    assert kv.allocate("a", 32)  # blocks 6 and 7 needed (its last window); 0-5 only for the cache
+    assert kv.allocate("b", 8)  # the 2 blocks b needs are still there
+    kv.fill_for_cache()
+    t = kv.tables("a").sliding
+    assert t[:4] == [-1] * 4 and min(t[4:]) >= 0 and kv.sliding.num_allocatable == 0  # the latest two, 5 and 4
+    changes, _ = kv.take_changes()
+    assert changes["a"].sliding == t  # the runner is told the blocks filled at the end
+
+
 def test_a_chunk_from_inside_a_block_writes_only_the_blocks_it_holds():
     """A long chunk that starts inside a block and gets only some of its cache-only blocks: a block without one lies
     between two it writes (found by the state machine: window 1, block 2)."""
@@ -269,6 +283,7 @@ def test_a_chunk_from_inside_a_block_writes_only_the_blocks_it_holds():
     d.admit("a", tokens, 1)
     assert d.step("a", 1) and d.step("a", 1)  # positions 1, 2: block 1 holds position 2, and will hold 3
     assert kv.allocate("a", 11)  # positions 3-10: block 1 (position 3), none left for block 2, blocks 3-5
+    kv.fill_for_cache()  # the end of the step's allocations
     t = kv.tables("a").sliding
     assert t[0] == t[2] == -1 and min(t[1], t[3], t[4], t[5]) >= 0
     d.run("a", 8)  # the model checks every write is in a block the sequence holds

@@ -240,11 +240,11 @@ class PoolManager:
             room, held = pool.num_allocatable + sum(1 for b in gone if b >= 0 and pool.owner(b) == seq_id), len(table)
         return self.layout.num_blocks(end) - self._needed_from(held, end) <= room
 
-    def allocate(self, seq_id: str, start: int, end: int, prefix: Sequence[bytes], for_cache: bool) -> list[int]:
+    def allocate(self, seq_id: str, start: int, end: int, prefix: Sequence[bytes]) -> tuple[list[int], range]:
         """Take the blocks of a step computing positions start..end-1 (`fits` said they are there), after adopting
-        `prefix` or letting go of the blocks before the step's first query's window; -> the entries appended to the
-        table (-1 where no block is taken). `for_cache`: take blocks for a long chunk's positions that only the
-        prefix cache would read, as many as are left."""
+        `prefix` or letting go of the blocks before the step's first query's window; -> (the entries appended to
+        the table, -1 where no block is taken; the entries of a long chunk's positions that only the prefix cache
+        would read, left -1 here: `fill_for_cache` may give them blocks once the step has what it needs)."""
         pool = self.pool
         if prefix:
             lo, adopted = self._adopted(prefix)
@@ -259,10 +259,20 @@ class PoolManager:
             self.let_go(seq_id, start)
         needed_from = self._needed_from(len(table), end)
         new = pool.allocate(self.layout.num_blocks(end) - needed_from, seq_id)
-        cache_only = needed_from - len(table)
-        extra = pool.allocate(min(cache_only, pool.num_allocatable), seq_id) if for_cache and cache_only else []
-        table += [-1] * (cache_only - len(extra)) + extra + new
-        return table[old_len:]
+        cache_only = range(len(table), needed_from)
+        table += [-1] * len(cache_only) + new
+        return table[old_len:], cache_only
+
+    def fill_for_cache(self, seq_id: str, entries: range) -> list[tuple[int, int]]:
+        """Blocks for these -1 entries (a long chunk's positions only the prefix cache reads), the latest first, as
+        many as are left; -> (entry, block) for each taken."""
+        table, taken = self.tables[seq_id], []
+        for j in reversed(entries):
+            if not self.pool.num_allocatable:
+                break
+            table[j] = self.pool.allocate(1, seq_id)[0]
+            taken.append((j, table[j]))
+        return taken
 
     def let_go(self, seq_id: str, start: int) -> int:
         """Free the blocks entirely before the window of a query at `start` (the sequence's next step's first);
@@ -331,6 +341,8 @@ class KVCacheManager:
         # What changed since `take_changes`, for the runner's own copy of the tables (the step contract)
         self._changes: dict[str, TableChanges] = {}
         self._freed: list[str] = []
+        # (seq, its change, the change's index of table entry 0, the entries): what `fill_for_cache` may fill
+        self._for_cache: list[tuple[str, TableChanges, int, range]] = []
 
     # ------------------------------------------------------------------ sizing
     def blocks_for(self, num_tokens: int) -> tuple[int, int]:
@@ -382,20 +394,34 @@ class KVCacheManager:
         start = len(cached_prefix) * self.block_size if cached_prefix else state.num_tokens if state else 0
         if not all(m.fits(seq_id, start, num_tokens, cached_prefix) for m in self._managers):
             return False
-        appended = {m.name: m.allocate(seq_id, start, num_tokens, cached_prefix, self.prefix_caching)
-                    for m in self._managers}
-        if new or any(appended.values()):  # most decode steps change no table
+        appended = {m.name: m.allocate(seq_id, start, num_tokens, cached_prefix) for m in self._managers}
+        if new or any(entries for entries, _ in appended.values()):  # most decode steps change no table
             change = self._changes.setdefault(seq_id, TableChanges())
             if new:
                 change.new, change.full, change.sliding = True, [], []
-            change.full += appended.get("full", ())
-            change.sliding += appended.get("sliding", ())
+            change.full += appended["full"][0] if "full" in appended else ()
+            if "sliding" in appended:
+                entries, cache_only = appended["sliding"]
+                change.sliding += entries
+                if cache_only and self.prefix_caching:
+                    table_len = len(self.sliding_manager.tables[seq_id])
+                    self._for_cache.append((seq_id, change, len(change.sliding) - table_len, cache_only))
         if new:
             state = self._seqs[seq_id] = _SeqState(registered=len(cached_prefix))
         state.num_tokens = num_tokens
         state.room = self.layout.num_blocks(num_tokens) * self.block_size
         state.quiet_until = self.sliding_manager.quiet_until(seq_id) if self.has_sliding else 1 << 62
         return True
+
+    def fill_for_cache(self) -> None:
+        """At the end of a step's allocations: blocks for the positions of long chunks that only the prefix cache
+        would read (a hit inside or just after such a chunk needs them), from what every sequence of the step left.
+        Done last so that keeping them for the cache never takes a block a sequence needs."""
+        pending, self._for_cache = self._for_cache, []
+        for seq_id, change, offset, entries in pending:
+            if seq_id in self._seqs:
+                for j, block in self.sliding_manager.fill_for_cache(seq_id, entries):
+                    change.sliding[offset + j] = block
 
     def take_changes(self) -> tuple[dict[str, TableChanges], list[str]]:
         """The block-table changes since the last call, by sequence, and the sequences freed meanwhile (freed
@@ -406,6 +432,7 @@ class KVCacheManager:
         return changes, freed
 
     def free(self, seq_id: str) -> None:
+        self._for_cache = [p for p in self._for_cache if p[0] != seq_id]
         known = self._seqs.pop(seq_id, None) is not None
         if self._changes.pop(seq_id, None) is not None or known:
             self._freed.append(seq_id)

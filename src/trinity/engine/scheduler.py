@@ -195,6 +195,7 @@ class Scheduler:
         # logits at a prompt position p score prompt token p + 1
         step.logits_rows = ([last_row[seq.seq_id] for seq in batch.sample_seqs]
                             + [first_row[seq.seq_id] + p - 1 for seq, p in batch.prompt_rows])
+        self.kv.fill_for_cache()
         step.tables, step.freed = self.kv.take_changes()
         return step
 
