@@ -12,6 +12,12 @@ step the blocks a sequence completed are offered to the cache (`cache_computed`)
 When blocks run out, the newest running sequence (lowest priority, latest arrival) is preempted: its
 blocks are freed and it goes back to the waiting queue to be recomputed from scratch later (prompt plus
 the tokens it already generated), which gives identical results.
+
+The scheduler owns every change of a sequence's state. A step is `schedule` (or `schedule_lookahead`), whose
+batch carries the runner's message (`step.StepInput`: tokens, positions, block-table changes, frees, logits
+rows), then `on_launched` once the runner has queued it (tokens computed, blocks offered to the cache), then
+`update_from_output` with the sampled tokens (appended; stop tokens, finished constraints and max_tokens end
+sequences) and `finish` for sequences ended from outside (aborts, errors, stop strings found in the text).
 """
 
 from __future__ import annotations
