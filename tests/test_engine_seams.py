@@ -168,12 +168,13 @@ def test_the_kernels_block_table_addresses_as_the_kv_layout():
             ends = [rng.randrange(1, 90) for _ in range(5)]
             tables = [[rng.randrange(100) for _ in range(layout.num_blocks(e))] for e in ends]
             starts = [layout.context_start(e - 1, sliding) for e in ends]
-            firsts = [layout.first_block(e - 1, sliding) for e in ends]
-            width = max(e - lo for e, lo in zip(ends, starts))
-            n_cols = max(len(t) - f for t, f in zip(tables, firsts))
-            cols = [t[f:] + [0] * (n_cols - len(t) + f) for t, f in zip(tables, firsts)]
-            lo = [start - f * block_size for start, f in zip(starts, firsts)]
-            slots = BlockTable(torch.tensor(cols), torch.tensor(lo), block_size, 0, width).slots()
+            views = [layout.decode_context(t, e - 1, sliding) for t, e in zip(tables, ends)]  # (table, lo, length)
+            assert [length for _, _, length in views] == [e - start for e, start in zip(ends, starts)]
+            width = max(length for _, _, length in views)
+            n_cols = max(len(c) for c, _, _ in views)
+            cols = [c + [0] * (n_cols - len(c)) for c, _, _ in views]
+            slots = BlockTable(torch.tensor(cols), torch.tensor([lo for _, lo, _ in views]), block_size, 0,
+                               width).slots()
             for b, (t, start, end) in enumerate(zip(tables, starts, ends)):
                 want = [layout.slot(t, p) for p in range(start, end)]
                 assert slots[b, :end - start].tolist() == want

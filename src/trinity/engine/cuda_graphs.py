@@ -106,7 +106,6 @@ class DecodeTable:
         """Rows 0..n-1 of the host table (numpy) from the step's sequences, rows n..rows-1 as padding. A look-ahead
         row has no token on the host (it comes from the device): 0 here."""
         layout, tables = self.runner.layout, self.runner.tables
-        bs = layout.block_size
         n = len(step.seqs)
         for i, seq in enumerate(step.seqs):
             s = seq.start  # the new token's position
@@ -117,11 +116,10 @@ class DecodeTable:
             for p in self.pools:
                 o = p.offset
                 table = held.sliding if p.sliding else held.full
-                lo = layout.context_start(s, p.sliding)
-                first = lo // bs  # the entries before the context's first block are not held
+                context, lo, length = layout.decode_context(table, s, p.sliding)
                 row[o + _SLOT] = layout.slot(table, s)
-                row[o + _LO], row[o + _LEN] = lo - first * bs, s + 1 - lo
-                row[o + _TABLE:o + _TABLE + len(table) - first] = table[first:] if first else table
+                row[o + _LO], row[o + _LEN] = lo, length
+                row[o + _TABLE:o + _TABLE + len(context)] = context
         for i in range(n, rows):
             self.pad_row(host, i)
 

@@ -14,10 +14,11 @@ All layers of one kind share a sequence's block table; each layer has its own te
 A step computing positions s..e-1 needs blocks for the last `window` of them (what its own last query and later
 queries see; all of them in the full pool) and keeps those of the positions before s that its first query sees.
 The earlier whole blocks of a chunk longer than the window are written only for the prefix cache: with caching on
-a step takes them best effort, the latest first, from what is left after the blocks it needs (a long chunk never
-waits for them); without caching they get no block (-1) and the runner does not write them. So a prefilling
-sequence holds up to its first query's context plus a window of new blocks (`blocks_for`), and the cache-only
-blocks until the step is launched and they are registered.
+a step takes them best effort, the latest first, at the end of the step's allocations (`fill_for_cache`), from
+what every sequence of the step left (a long chunk never waits for them, nor takes a block another one needs);
+without caching they get no block (-1) and the runner does not write them. So a prefilling sequence holds up to
+its first query's context plus a window of new blocks (`blocks_for`), and the cache-only blocks until the step is
+launched and they are registered.
 
 Nothing is held back between steps: a block let go when allocating step N + 1 is not read by its sequence in that
 step, another holder keeps it alive by its count, and a new owner's writes come after step N's reads in stream

@@ -170,14 +170,13 @@ class ModelRunner:
             s, n = seq.start, seq.num_tokens
             tables = self.tables[seq.seq_id]
             table = tables.sliding if sliding else tables.full
-            lo = layout.context_start(s, sliding)  # the first position the step's first query sees
             if n == 1:
-                first = lo // bs  # the table from the context's first block (the entries before it are not held)
+                context, lo, length = layout.decode_context(table, s, sliding)
                 dec_rows.append(row)
                 dec_slots.append(layout.slot(table, s))
-                dec_tables.append(table[first:] if first else table)
-                dec_lo.append(lo - first * bs)
-                dec_len.append(s + 1 - lo)
+                dec_tables.append(context)
+                dec_lo.append(lo)
+                dec_len.append(length)
                 continue
             # A chunk writes the positions it holds blocks for, a block at a time: in a sliding pool, a long chunk's
             # whole blocks that no later query sees have none unless the prefix cache keeps them.
@@ -186,6 +185,7 @@ class ModelRunner:
                     lo_j, hi_j, slot = max(s, j * bs), min(s + n, (j + 1) * bs), table[j] * bs - j * bs
                     prefill_rows += range(row + lo_j - s, row + hi_j - s)
                     prefill_slots += range(slot + lo_j, slot + hi_j)
+            lo = layout.context_start(s, sliding)  # the first position the chunk's first query sees
             prefills.append(PrefillMeta(
                 start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
                 ctx_slots=torch.tensor(layout.slots(table, lo, s), dtype=torch.long, device=dev),

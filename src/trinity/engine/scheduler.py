@@ -170,7 +170,8 @@ class Scheduler:
 
     def schedule_lookahead(self, seqs: list[Sequence]) -> ScheduledBatch | None:
         """A decode step for `seqs` queued before the token each is about to get is known (the engine's look-ahead:
-        the runner takes their tokens from the device). None, changing nothing, when their blocks do not fit."""
+        the runner takes their tokens from the device). None when their blocks do not fit: the scheduler then decides the
+        next step (the blocks some of them did get stay theirs and reach the runner with that step's changes)."""
         for seq in seqs:  # room for the pending token's K/V (what `schedule` would allocate next step)
             if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + 1):
                 return None

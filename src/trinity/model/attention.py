@@ -40,8 +40,9 @@ class AttentionMetadata:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                window: int | None, scale: float) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> attention output [T, Hq, D]."""
-        raise NotImplementedError
+        """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> attention output [T, Hq, D]. Every metadata class
+        (`PackedSequences`, `CacheStep`, the engine's `PagedAttention`) defines it; the base has no cache to read."""
+        raise NotImplementedError(f"{type(self).__name__} does not define attend()")
 
     def attend_gated(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
                      scale: float, gate: torch.Tensor, qk_norm: tuple | None = None,
