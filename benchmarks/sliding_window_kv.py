@@ -14,7 +14,8 @@ window freed). Run it once per design, alternating, with each design's source fi
    allocations alone (with new_step / commit_step where the design has them), and everything the scheduler calls
    (take_changes, needs_registering / register with caching).
 3. The runner's per-step host work for a decode batch of 32 at ~3000 tokens: `ModelRunner._pool_step` of each pool
-   (eager path, CPU tensors) and `DecodeTable.fill` (the CUDA-graph path's table, max_model_len 8192).
+   (eager path, CPU tensors) and `DecodeTable.fill` (the CUDA-graph path's table, max_model_len 8192), with the
+   runner's block tables as per-sequence lists, or persistent (`engine/block_tables.py`) where the checkout has them.
 Prints a table, then one JSON object last. Plain Python and CPU torch; no model weights.
 """
 
@@ -28,6 +29,11 @@ import time
 from trinity.engine.kv_cache import KVCacheManager, extend_block_keys
 
 RING = hasattr(KVCacheManager, "new_step")
+try:  # the runner's persistent block tables (a row per sequence, on the host and the device)
+    import trinity.engine.block_tables  # noqa: F401
+    PERSISTENT_TABLES = True
+except ImportError:
+    PERSISTENT_TABLES = False
 
 
 def take_changes(kv):
@@ -127,20 +133,28 @@ def runner_host_time(batch: int, window: int, block_size: int, context: int, rep
 
     from trinity.engine import cuda_graphs
     from trinity.engine.runner import ModelRunner
-    from trinity.engine.step import SeqTables, StepInput, StepSeq
+    from trinity.engine.step import StepInput, StepSeq
 
     torch.set_num_threads(1)
+    max_model_len = 8192
     kv = KVCacheManager(block_size, 100_000, 100_000, window)
     runner = ModelRunner.__new__(ModelRunner)  # the host side only: no model, no cache tensors
-    runner.layout, runner.device, runner.tables = kv.layout, torch.device("cpu"), {}
+    runner.layout, runner.device = kv.layout, torch.device("cpu")
     seqs = [f"s{i}" for i in range(batch)]
     for i, seq in enumerate(seqs):
         assert step_alloc(kv, seq, context + i)
     for i, seq in enumerate(seqs):  # the decode step's allocation
         assert step_alloc(kv, seq, context + i + 1)
     changes, _ = take_changes(kv)
-    for seq, change in changes.items():
-        runner.tables.setdefault(seq, SeqTables()).apply(change)
+    if PERSISTENT_TABLES:
+        from trinity.engine.block_tables import WorkerBlockTables
+        runner.tables = WorkerBlockTables(batch, kv.layout.num_blocks(max_model_len), runner.device, {})
+        runner.tables.apply(StepInput(tables=changes))
+    else:  # the runner's per-sequence lists before the persistent tables
+        from trinity.engine.step import SeqTables
+        runner.tables = {}
+        for seq, change in changes.items():
+            runner.tables.setdefault(seq, SeqTables()).apply(change)
     step = StepInput(seqs=[StepSeq(seq, context + i, 1, [7]) for i, seq in enumerate(seqs)],
                      logits_rows=list(range(batch)))
     starts = list(range(batch))
@@ -154,13 +168,16 @@ def runner_host_time(batch: int, window: int, block_size: int, context: int, rep
             times.append(time.perf_counter() - t0)
         out[f"pool_step_{pool}_us"] = round(statistics.median(times) * 1e6, 1)
     # the CUDA-graph decode table's host fill (its __init__ needs a model: the fields it reads are set here)
-    max_model_len = 8192
     table = cuda_graphs.DecodeTable.__new__(cuda_graphs.DecodeTable)
     table.runner, table.block_size, table.max_batch = runner, block_size, batch
     layout, offset, pools = kv.layout, 3, []
     for name in ("full", "sliding"):
         sliding = name == "sliding"
         width = layout.window if sliding else max_model_len
+        if PERSISTENT_TABLES:  # a pool's columns: slot, lo, length, table row
+            pools.append(cuda_graphs._Pool(name, offset, width, sliding, 0))
+            offset += cuda_graphs._POOL_COLUMNS
+            continue
         if RING:
             ring = layout.ring_blocks if sliding else None
             pool = cuda_graphs._Pool(name, offset, ring or layout.num_blocks(max_model_len), width, ring, 0)
@@ -178,7 +195,7 @@ def runner_host_time(batch: int, window: int, block_size: int, context: int, rep
         table.fill(host, step, batch)
         times.append(time.perf_counter() - t0)
     out["decode_table_fill_us"] = round(statistics.median(times) * 1e6, 1)
-    out["decode_table_columns"] = {p.name: p.num_table for p in pools}
+    out["decode_table_columns"] = offset
     return out
 
 

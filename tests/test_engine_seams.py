@@ -107,7 +107,7 @@ def test_steps_through_pickle_give_the_same_results():
     # frees reach the runner with the next step: after one more request, only its tables are left
     engine.add_request("late", prompt_token_ids=[3, 4, 5], params=SamplingParams(max_tokens=2))
     engine.step()
-    assert set(engine.runner.tables) == {"late"}
+    assert set(engine.runner.tables.row) == {"late"}
 
 
 def test_context_length_errors_carry_their_numbers():
@@ -152,13 +152,15 @@ def test_expert_load_is_counted_through_the_step_metadata():
 
 
 def test_the_kernels_block_table_addresses_as_the_kv_layout():
-    """The Triton decode kernel's addressing (`kernels.attention.BlockTable`, on tensors, ring 0) is `KVLayout.slot`,
-    for a table given from its first block with `lo` relative to it, as the CUDA-graph decode table stores one."""
+    """The Triton decode kernel's addressing (`kernels.attention.BlockTable`, on tensors) is `KVLayout.slot`, for
+    tables read by row from the runner's persistent block tables, each context starting at its `context_start`."""
     import random
 
     import torch
 
+    from trinity.engine.block_tables import WorkerBlockTables
     from trinity.engine.kv_layout import KVLayout
+    from trinity.engine.step import StepInput, TableChanges
     from trinity.kernels.attention import BlockTable
 
     rng = random.Random(0)
@@ -167,14 +169,16 @@ def test_the_kernels_block_table_addresses_as_the_kv_layout():
         for sliding in (False, True):
             ends = [rng.randrange(1, 90) for _ in range(5)]
             tables = [[rng.randrange(100) for _ in range(layout.num_blocks(e))] for e in ends]
+            worker = WorkerBlockTables(8, layout.num_blocks(90), torch.device("cpu"), {})
+            # rows taken in another order than the batch's: the batch reads them by row index
+            worker.apply(StepInput(tables={f"x{i}": TableChanges(new=True) for i in range(3)}))
+            worker.apply(StepInput(tables={str(b): TableChanges(new=True, full=t) for b, t in enumerate(tables)},
+                                   freed=["x1"]))
+            assert [worker.entries(str(b), "full") for b in range(5)] == tables
             starts = [layout.context_start(e - 1, sliding) for e in ends]
-            views = [layout.decode_context(t, e - 1, sliding) for t, e in zip(tables, ends)]  # (table, lo, length)
-            assert [length for _, _, length in views] == [e - start for e, start in zip(ends, starts)]
-            width = max(length for _, _, length in views)
-            n_cols = max(len(c) for c, _, _ in views)
-            cols = [c + [0] * (n_cols - len(c)) for c, _, _ in views]
-            slots = BlockTable(torch.tensor(cols), torch.tensor([lo for _, lo, _ in views]), block_size, 0,
-                               width).slots()
+            slots = BlockTable(worker.on_device["full"], torch.tensor(starts), block_size,
+                               max(e - s for e, s in zip(ends, starts)),
+                               rows=torch.tensor([worker.row[str(b)] for b in range(5)])).slots()
             for b, (t, start, end) in enumerate(zip(tables, starts, ends)):
                 want = [layout.slot(t, p) for p in range(start, end)]
                 assert slots[b, :end - start].tolist() == want

@@ -310,36 +310,40 @@ def test_decode_norming_q_and_the_new_k_matches_norm_then_attend(tk, dtype, rope
     assert rel_err(dispatched, want) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def block_table_case(ring: int, seed: int = 0):
-    """Four rows' contexts by block table, stored as strided int32 columns of one table (as the CUDA-graph
-    runner's): (lo, length, table) per row, block size 4; with `ring`, positions wrap around `ring` blocks."""
+def block_table_case(by_rows: bool, seed: int = 0):
+    """Four rows' contexts by block table, block size 4: (lo, length, table) per row, stored as strided int32
+    columns of one table (as the CUDA-graph runner's); with `by_rows`, each batch row reads a row of a separate,
+    larger table (the runner's persistent one), in shuffled order, the contexts starting past position 0."""
     g = torch.Generator().manual_seed(seed)
-    bs, hkv, d, blocks = 4, 2, 16, 40
+    bs, hkv, d, blocks, n_table = 4, 2, 16, 40, 10
     kc, vc = torch.randn(blocks * bs, hkv, d, generator=g), torch.randn(blocks * bs, hkv, d, generator=g)
-    n_table = ring or 10
-    # a ring holds any `ring` consecutive blocks: each sliding context spans at most that many
-    rows = [(0, 1), (0, 13), (9, 14), (30, 9)] if ring else [(0, 1), (0, 23), (0, 40), (0, 7)]
-    meta = torch.zeros(4, 3 + n_table, dtype=torch.int32)  # [lo, length, pad, table...]
+    rows = [(0, 1), (3, 13), (9, 14), (30, 9)] if by_rows else [(0, 1), (0, 23), (0, 40), (0, 7)]
+    meta = torch.zeros(4, 3 + n_table, dtype=torch.int32)  # [lo, length, row, table...]
     perm = torch.randperm(blocks, generator=g)
+    persistent = torch.full((6, n_table), -1, dtype=torch.int32)  # rows no batch row reads stay -1
+    order = [4, 0, 5, 2]
     for b, (lo, n) in enumerate(rows):
-        meta[b, 0], meta[b, 1] = lo, n
+        meta[b, 0], meta[b, 1], meta[b, 2] = lo, n, order[b]
         meta[b, 3:] = perm[b * n_table:(b + 1) * n_table]
+        persistent[order[b]] = meta[b, 3:]
     from trinity.kernels.attention import BlockTable
-    table = BlockTable(table=meta[:, 3:], lo=meta[:, 0], block_size=bs, ring=ring,
-                       width=ring * bs if ring else n_table * bs)
+    if by_rows:
+        table = BlockTable(table=persistent, lo=meta[:, 0], block_size=bs, width=n_table * bs, rows=meta[:, 2])
+    else:
+        table = BlockTable(table=meta[:, 3:], lo=meta[:, 0], block_size=bs, width=n_table * bs)
     return kc, vc, table, meta[:, 1]
 
 
 @needs_triton
-@pytest.mark.parametrize("ring", [0, 4])
+@pytest.mark.parametrize("by_rows", [False, True])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_decode_by_block_table_matches_slots(tk, ring, splits):
-    """Slots computed in the kernel from the block table (read in place from strided int32 columns) against the
-    expanded per-position slots."""
-    kc, vc, table, lens = block_table_case(ring)
+def test_decode_by_block_table_matches_slots(tk, by_rows, splits):
+    """Slots computed in the kernel from the block table (read in place from strided int32 columns, or from the
+    rows of a persistent table) against the expanded per-position slots."""
+    kc, vc, table, lens = block_table_case(by_rows)
     q = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(1))
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    table_d = type(table)(dev(table.table), dev(table.lo), table.block_size, table.ring, table.width)
+    dev = lambda t: t if t is None else t.to(DEVICE)  # noqa: E731
+    table_d = type(table)(dev(table.table), dev(table.lo), table.block_size, table.width, dev(table.rows))
     slots = table.slots()
     want = A.decode_attention_reference(q, kc, vc, slots, lens, 0.3)
     got = tk.decode_attention(dev(q), dev(kc), dev(vc), None, dev(lens), 0.3, table=table_d, num_splits=splits,
@@ -350,14 +354,14 @@ def test_decode_by_block_table_matches_slots(tk, ring, splits):
     assert rel_err(got.cpu(), by_slots.cpu()) < 1e-6
 
 
-def test_block_table_slots_wrap_in_the_ring():
+def test_block_table_slots_read_the_batch_rows_table_row():
     from trinity.kernels.attention import BlockTable
-    table = torch.tensor([[7, 2, 5]], dtype=torch.int32)
-    bt = BlockTable(table=table, lo=torch.tensor([5]), block_size=4, ring=3, width=6)
-    # positions 5..10: blocks 1, 1, 1, 2, 2, 2 (of the ring) -> table entries 2 and 5
-    assert bt.slots().tolist() == [[2 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 5 * 4 + 0, 5 * 4 + 1, 5 * 4 + 2]]
-    bt = BlockTable(table=table, lo=torch.tensor([9]), block_size=4, ring=3, width=4)  # 9..12: wraps to block 0
-    assert bt.slots().tolist() == [[5 * 4 + 1, 5 * 4 + 2, 5 * 4 + 3, 7 * 4 + 0]]
+    table = torch.tensor([[7, 2, 5], [1, 3, 6]], dtype=torch.int32)
+    bt = BlockTable(table=table, lo=torch.tensor([5, 0]), block_size=4, width=6, rows=torch.tensor([1, 0]))
+    # row 0 reads table row 1: positions 5..10 in blocks 1, 1, 1, 2, 2, 2 -> entries 3 and 6;
+    # row 1 reads table row 0: positions 0..5 in blocks 0 x4, 1 x2 -> entries 7 and 2
+    assert bt.slots().tolist() == [[3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3, 6 * 4 + 0, 6 * 4 + 1, 6 * 4 + 2],
+                                   [7 * 4 + 0, 7 * 4 + 1, 7 * 4 + 2, 7 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1]]
 
 
 @needs_triton
@@ -635,12 +639,13 @@ def test_kernels_compile_for_sm90(tk, dtype):
             build(tk._decode_kernel, {**act, "part_ptr": "*fp32", "lse_ptr": "*fp32", "slots_ptr": "*i64",
                                       "lens_ptr": "*i32", "qk_scale": "fp32", "new_k_ptr": f"*{dtype}",
                                       "new_v_ptr": f"*{dtype}", "new_slots_ptr": "*i32", "lo_ptr": "*i32",
+                                      "rows_ptr": "*i32",
                                       "qw_ptr": "*fp32", "kw_ptr": "*fp32", "cos_ptr": f"*{dtype}",
                                       "sin_ptr": f"*{dtype}", "norm_eps": "fp32",
                                       "counter_ptr": "*i32"},
                   dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
                        SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False,
-                       HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, RING=new, QK_NORM=new, ROPE=new,
+                       HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, ROWS=new, QK_NORM=new, ROPE=new,
                        MERGE_LAST=split and new, BLOCK_S=32, PDL=False), 8)
     for gate in (False, True):
         build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}",

@@ -48,9 +48,10 @@ def decode_chain(pdl: bool) -> dict:
     scalars = {"qk_scale": "fp32", "norm_eps": "fp32", "eps": "fp32", "route_scale": "fp32", "counter_ptr": "*i32"}
     chain = {
         attention_triton._decode_kernel: (
-            {**scalars, "slots_ptr": "*i32", "lens_ptr": "*i32", "new_slots_ptr": "*i32", "lo_ptr": "*i32"},
+            {**scalars, "slots_ptr": "*i32", "lens_ptr": "*i32", "new_slots_ptr": "*i32", "lo_ptr": "*i32",
+             "rows_ptr": "*i32"},
             dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=32, SPLIT=True, DOT_PRECISION="ieee",
-                 UPCAST=False, HAS_GATE=True, FIX_BF16=False, HAS_NEW=False, TABLE=False, BLOCK_SIZE=1, RING=False,
+                 UPCAST=False, HAS_GATE=True, FIX_BF16=False, HAS_NEW=False, TABLE=False, BLOCK_SIZE=1, ROWS=False,
                  QK_NORM=False, ROPE=False, MERGE_LAST=True, BLOCK_S=8)),
         linear_triton._linear_norm_kernel: (
             scalars,

@@ -9,6 +9,7 @@ cached run generates with the whole-sequence forward of the same tokens.
 import random
 
 import pytest
+import torch
 from engine_helpers import assert_pools_free, random_prompts, reference_logprobs, tiny_model
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -17,7 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from trinity.engine import LLM, SamplingParams
 from trinity.engine.kv_cache import KVCacheManager, extend_block_keys
 from trinity.engine.request import Sequence
-from trinity.engine.step import SeqTables
+from trinity.engine.block_tables import WorkerBlockTables
+from trinity.engine.step import StepInput
 
 
 def held_entries(table):
@@ -40,20 +42,20 @@ class Driver:
         self.slots = {"full": {}, "sliding": {}}
         self.tokens: dict[str, list[int]] = {}
         self.computed: dict[str, int] = {}
-        self.worker: dict[str, SeqTables] = {}
+        # the runner's tables, on the CPU (the device table is the host table)
+        self.worker = WorkerBlockTables(max_num_seqs=64, max_blocks=1024, device=torch.device("cpu"),
+                                        scratch_blocks={})
 
     def sync_worker(self):
         self.kv.fill_for_cache()  # the scheduler's end of a step's allocations
         changes, freed = self.kv.take_changes()
-        for seq in freed:
-            self.worker.pop(seq, None)
-        for seq, change in changes.items():
-            self.worker.setdefault(seq, SeqTables()).apply(change)
-        for seq, t in self.worker.items():
+        self.worker.apply(StepInput(tables=changes, freed=freed))
+        for seq in self.worker.row:
             held = self.kv.tables(seq)
-            assert t.full == held.full, f"worker's full table of {seq}"
-            assert len(t.sliding) == len(held.sliding), f"worker's sliding table of {seq}"
-            assert all(w == h for w, h in zip(t.sliding, held.sliding) if h >= 0), f"worker's sliding table of {seq}"
+            full, sliding = self.worker.entries(seq, "full"), self.worker.entries(seq, "sliding")
+            assert full == held.full, f"worker's full table of {seq}"
+            assert len(sliding) == len(held.sliding), f"worker's sliding table of {seq}"
+            assert all(w == h for w, h in zip(sliding, held.sliding) if h >= 0), f"worker's sliding table of {seq}"
 
     def admit(self, seq, tokens, n, use_cache=True, within_step=False):
         """A waiting sequence's first step: adopt what the cache has, then compute n tokens (fewer if the hit
@@ -81,12 +83,11 @@ class Driver:
         kv, bs = self.kv, self.kv.block_size
         s, tokens = self.computed[seq], self.tokens[seq]
         self.sync_worker()
-        t = self.worker[seq]
         for pool in ("full", "sliding"):
             if not (kv.has_full if pool == "full" else kv.has_sliding):
                 continue
             sliding = pool == "sliding"
-            table = t.sliding if sliding else t.full
+            table = self.worker.entries(seq, pool)
             holders = getattr(kv, pool).holders
             lo = kv.layout.context_start(s, sliding)  # what the step's first query sees of the cache
             for p, slot in zip(range(lo, s), kv.layout.slots(table, lo, s)):

@@ -6,17 +6,16 @@ The runner captures the forward once per bucketed batch size and replays it.
 
 Host work per step is one loop that fills a pinned int32 table (two used in turn), one copy to the device, and
 the replay. Each row of the table describes one sequence: its token, position and a 0/1 expert-count weight, then
-per KV pool its new token's slot, where its context starts, how many positions it sees, and its block table from
-the context's first block on (the context starts at that offset within the first entry; a sliding table is then a
-window's blocks wide, whatever the sequence's length) (with the engine's look-ahead the tokens come instead from
-the previous step's sampling, on the device). The
-decode attention kernel reads the block tables, first positions and lengths in place, as strided columns of the
-device copy (`kernels.attention.BlockTable`): the graph builds no per-position slot tensors, and the addressing
-costs no kernel of its own.
+per KV pool its new token's slot, where its context starts, how many positions it sees, and its row in the
+runner's persistent block table (`block_tables.WorkerBlockTables`, on the device, kept up to date from the steps'
+table changes) (with the engine's look-ahead the tokens come instead from the previous step's sampling, on the
+device). The decode attention kernel reads the block tables in place, by row (`kernels.attention.BlockTable`): the
+graph builds no per-position slot tensors, the addressing costs no kernel of its own, and filling a row costs the
+same whatever the length of the sequence.
 
 A batch of n sequences runs in the smallest bucket b >= n. Rows n..b-1 are padding: token 0 at position 0, writing
-and reading only a scratch block past the blocks the KV manager hands out (the runner allocates it), and weighted
-0 in the expert-load counts. Only the Triton path is captured: the pure-torch references size tensors from data.
+and reading only a scratch block past the blocks the KV manager hands out (the runner allocates it; the block
+tables' padding row points there), and weighted 0 in the expert-load counts. Only the Triton path is captured: the pure-torch references size tensors from data.
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ from .step import StepInput
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 _TOKEN, _POSITION, _COUNT = 0, 1, 2  # the first columns of a row; then each pool's columns
-_SLOT, _LO, _LEN, _TABLE = 0, 1, 2, 3  # a pool's columns, from its offset
+_SLOT, _LO, _LEN, _ROW = 0, 1, 2, 3  # a pool's columns, from its offset
+_POOL_COLUMNS = 4
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -48,14 +48,9 @@ def buckets_up_to(max_batch: int) -> list[int]:
 class _Pool:
     name: str
     offset: int  # first column of this pool in a row
-    num_table: int  # block-table columns
     width: int  # context positions a decode can see
     sliding: bool
     scratch_block: int
-
-    @property
-    def columns(self) -> int:
-        return _TABLE + self.num_table
 
 
 class DecodeTable:
@@ -73,10 +68,8 @@ class DecodeTable:
         offset = 3
         for name, scratch in scratch_slots.items():
             sliding = name == "sliding"
-            pool = _Pool(name, offset, layout.window_blocks if sliding else layout.num_blocks(max_model_len),
-                         layout.window if sliding else max_model_len, sliding, scratch // bs)
-            self.pools.append(pool)
-            offset += pool.columns
+            self.pools.append(_Pool(name, offset, layout.window if sliding else max_model_len, sliding, scratch // bs))
+            offset += _POOL_COLUMNS
         self.columns = offset
         self.meta = torch.zeros(max_batch, self.columns, dtype=torch.int32, device=runner.device)
         self._rows: dict[int, torch.Tensor] = {}  # arange(b), made before any capture (warm-up runs first)
@@ -94,7 +87,7 @@ class DecodeTable:
         for p in self.pools:
             o = p.offset
             row[o + _SLOT] = p.scratch_block * self.block_size
-            row[o + _LO], row[o + _LEN], row[o + _TABLE] = 0, 1, p.scratch_block
+            row[o + _LO], row[o + _LEN], row[o + _ROW] = 0, 1, self.runner.tables.pad_row
 
     def load(self, host: torch.Tensor, step: StepInput, rows: int) -> None:
         """`fill` the host table, then copy its first `rows` rows to the device table (asynchronous from pinned
@@ -112,14 +105,12 @@ class DecodeTable:
             row = host[i]
             row[_TOKEN] = seq.token_ids[0] if seq.token_ids else 0
             row[_POSITION], row[_COUNT] = s, 1
-            held = tables[seq.seq_id]
+            table_row = tables.row[seq.seq_id]
             for p in self.pools:
                 o = p.offset
-                table = held.sliding if p.sliding else held.full
-                context, lo, length = layout.decode_context(table, s, p.sliding)
-                row[o + _SLOT] = layout.slot(table, s)
-                row[o + _LO], row[o + _LEN] = lo, length
-                row[o + _TABLE:o + _TABLE + len(context)] = context
+                lo = layout.context_start(s, p.sliding)
+                row[o + _SLOT] = layout.slot(tables.view(seq.seq_id, p.name), s)
+                row[o + _LO], row[o + _LEN], row[o + _ROW] = lo, s + 1 - lo, table_row
         for i in range(n, rows):
             self.pad_row(host, i)
 
@@ -128,8 +119,8 @@ class DecodeTable:
         kernel reads the block tables in place (`kernels.attention.BlockTable`)."""
         meta = self.meta[:b]
         o = pool.offset
-        table = BlockTable(table=meta[:, o + _TABLE:o + _TABLE + pool.num_table], lo=meta[:, o + _LO],
-                           block_size=self.block_size, ring=0, width=pool.width)
+        table = BlockTable(table=self.runner.tables.on_device[pool.name], lo=meta[:, o + _LO],
+                           block_size=self.block_size, width=pool.width, rows=meta[:, o + _ROW])
         rows = self._rows.get(b)
         if rows is None:
             rows = self._rows[b] = torch.arange(b, device=meta.device)

@@ -50,17 +50,10 @@ class KVLayout:
         """The first block a query at `position` sees."""
         return self.context_start(position, sliding) // self.block_size
 
-    def decode_context(self, table: list[int], position: int, sliding: bool) -> tuple[list[int], int, int]:
-        """A decode at `position` as the attention kernels address it (`kernels.attention.BlockTable`): (its table
-        from the context's first block on (the entries before it hold no block), where the context starts within
-        that block, how many positions it sees, the new token included)."""
-        lo = self.context_start(position, sliding)
-        first = lo // self.block_size
-        return (table[first:] if first else table), lo - first * self.block_size, position + 1 - lo
-
-    def slot(self, table: list[int], position: int) -> int:
+    def slot(self, table, position: int) -> int:
+        """`table`: a list, or a row of the runner's block tables (`WorkerBlockTables.view`)."""
         bs = self.block_size
-        return table[position // bs] * bs + position % bs
+        return int(table[position // bs]) * bs + position % bs
 
     def slots(self, table: list[int], lo: int, hi: int) -> list[int]:
         """The slots of positions lo..hi-1, a block at a time (one range per block, not one call per position:

@@ -10,10 +10,11 @@ import torch
 
 from ..kernels import attention as kernels_attention
 from ..model.model import TrinityForCausalLM
+from .block_tables import WorkerBlockTables
 from .cuda_graphs import DecodeGraphs
 from .kv_layout import KVLayout
 from .paged_attention import PagedAttention, PagedKV, PoolStep, PrefillMeta
-from .step import SeqTables, StepInput
+from .step import StepInput
 
 DEFAULT_CPU_KV_MEMORY = 2 << 30  # bytes, when neither num_kv_blocks nor kv_cache_memory is given on the CPU
 
@@ -48,7 +49,7 @@ def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, ma
     cfg = model.config
     n_sliding = sum(cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers))
     n_full = cfg.num_hidden_layers - n_sliding
-    per_token_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+    per_token_layer = 2 * kv_heads_held(model) * cfg.head_dim * model.dtype.itemsize
     full_bytes, sliding_bytes = n_full * block_size * per_token_layer, n_sliding * block_size * per_token_layer
     layout = KVLayout(block_size, cfg.sliding_window)
     # at once, a sequence holds its step's context and new blocks for the last window of its step's positions
@@ -79,6 +80,13 @@ def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, ma
     return CachePlan(block_size, num_full, num_sliding, full_bytes, sliding_bytes)
 
 
+def kv_heads_held(model: TrinityForCausalLM) -> int:
+    """The KV heads this process's model holds: all of them, or its tensor-parallel rank's share
+    (`parallel.sharding.ShardPlan`)."""
+    plan = getattr(model, "shard_plan", None)
+    return plan.num_kv_heads if plan is not None else model.config.num_key_value_heads
+
+
 def _default_kv_budget(model: TrinityForCausalLM, utilization: float, max_num_seqs: int) -> int:
     device = model.device
     if device.type != "cuda":
@@ -100,7 +108,6 @@ class ModelRunner:
                  max_model_len: int | None = None, enforce_eager: bool = True):
         self.model = model
         self.layout = layout
-        self.tables: dict[str, SeqTables] = {}
         cfg = model.config
         self.device = model.device
         # RoPE for every position a sequence can reach, precomputed: each step's cos/sin is then one gather (a
@@ -115,7 +122,7 @@ class ModelRunner:
         full = [i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding_layer(i)]
         layer_pool = [("sliding", sliding.index(i)) if i in sliding else ("full", full.index(i))
                       for i in range(cfg.num_hidden_layers)]
-        shape = (cfg.num_key_value_heads, cfg.head_dim)
+        shape = (kv_heads_held(model), cfg.head_dim)
         fast = kernels_attention.use_fast_path(torch.empty(0, device=self.device, dtype=model.dtype))
         use_graphs = self.device.type == "cuda" and not enforce_eager and fast
         k, v, scratch = {}, {}, {}
@@ -128,6 +135,9 @@ class ModelRunner:
                 v[pool] = torch.zeros_like(k[pool])
                 scratch[pool] = blocks * plan.block_size
         self.cache = PagedKV(k, v, layer_pool)
+        # the persistent block tables: a row per running sequence, on the host and the device
+        self.tables = WorkerBlockTables(max_num_seqs, layout.num_blocks(max_model_len or cfg.max_position_embeddings),
+                                        self.device, {pool: n // plan.block_size for pool, n in scratch.items()})
         self.fast_path = fast  # the Triton kernels run this model's attention
         self.scratch_slots = scratch if fast else None
         # Expert-load telemetry: every MoE layer counts the tokens routed to each expert.
@@ -151,33 +161,26 @@ class ModelRunner:
     # ------------------------------------------------------------------ metadata
     def apply_changes(self, step: StepInput) -> None:
         """Bring the runner's block tables up to the step (`execute` does this first)."""
-        for seq_id in step.freed:
-            self.tables.pop(seq_id, None)
-        for seq_id, change in step.tables.items():
-            t = self.tables.get(seq_id)
-            if t is None:
-                t = self.tables[seq_id] = SeqTables()
-            t.apply(change)
+        self.tables.apply(step)
 
     def _pool_step(self, pool: str, step: StepInput, starts: list[int]) -> PoolStep:
-        layout, bs, dev = self.layout, self.layout.block_size, self.device
+        layout, bs, dev, tables = self.layout, self.layout.block_size, self.device, self.tables
         sliding = pool == "sliding"
         prefill_rows: list[int] = []
         prefill_slots: list[int] = []
-        dec_rows, dec_slots, dec_tables, dec_lo, dec_len = [], [], [], [], []
+        dec_rows, dec_slots, dec_table_rows, dec_lo, dec_len = [], [], [], [], []
         prefills: list[PrefillMeta] = []
         for seq, row in zip(step.seqs, starts):
             s, n = seq.start, seq.num_tokens
-            tables = self.tables[seq.seq_id]
-            table = tables.sliding if sliding else tables.full
-            if n == 1:
-                context, lo, length = layout.decode_context(table, s, sliding)
+            if n == 1:  # its context is read from the device table, by row
+                lo = layout.context_start(s, sliding)
                 dec_rows.append(row)
-                dec_slots.append(layout.slot(table, s))
-                dec_tables.append(context)
+                dec_slots.append(layout.slot(tables.view(seq.seq_id, pool), s))
+                dec_table_rows.append(tables.row[seq.seq_id])
                 dec_lo.append(lo)
-                dec_len.append(length)
+                dec_len.append(s + 1 - lo)
                 continue
+            table = tables.entries(seq.seq_id, pool)
             # A chunk writes the positions it holds blocks for, a block at a time: in a sliding pool, a long chunk's
             # whole blocks that no later query sees have none unless the prefix cache keeps them.
             for j in range(s // bs, (s + n - 1) // bs + 1):
@@ -190,24 +193,23 @@ class ModelRunner:
                 start=row, num=n, q_pos=torch.arange(s, s + n, device=dev),
                 ctx_slots=torch.tensor(layout.slots(table, lo, s), dtype=torch.long, device=dev),
                 ctx_pos=torch.arange(lo, s, device=dev)))
-        ctx_slots, ctx_valid = self._decode_context(dec_tables, dec_lo, dec_len)
+        ctx_slots, ctx_valid = self._decode_context(pool, dec_table_rows, dec_lo, dec_len)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
         return PoolStep(dec_rows=as_long(dec_rows), dec_slots=as_long(dec_slots), dec_ctx_slots=ctx_slots,
                         dec_ctx_valid=ctx_valid, prefill_rows=as_long(prefill_rows),
                         prefill_slots=as_long(prefill_slots), prefills=prefills, decode_only=not prefills,
                         dec_lens=torch.tensor(dec_len, dtype=torch.int32, device=dev))
 
-    def _decode_context(self, tables: list[list[int]], lo: list[int], lengths: list[int]):
-        """Padded [B, L] slots and validity of each decode's cached context, computed on tensors. Each table starts
-        at its context's first block, `lo` within it."""
-        dev, bs = self.device, self.layout.block_size
-        width = max(lengths, default=0)
-        if not tables:
+    def _decode_context(self, pool: str, rows: list[int], lo: list[int], lengths: list[int]):
+        """Padded [B, L] slots and validity of each decode's cached context, from the device table's `rows`; each
+        context starts at position `lo`."""
+        dev = self.device
+        if not rows:
             return torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, dtype=torch.bool, device=dev)
-        nb = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.long, device=dev)
-        blocks = kernels_attention.BlockTable(table=table, lo=torch.tensor(lo, device=dev), block_size=bs, ring=0,
-                                              width=width)
+        width = max(lengths)
+        blocks = kernels_attention.BlockTable(table=self.tables.on_device[pool], lo=torch.tensor(lo, device=dev),
+                                              block_size=self.layout.block_size, width=width,
+                                              rows=torch.tensor(rows, device=dev))
         valid = torch.arange(width, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
         return blocks.slots().masked_fill(~valid, 0), valid
 

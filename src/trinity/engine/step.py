@@ -2,8 +2,8 @@
 
 Everything a worker needs to run a step is here, as plain data: the tokens and positions each sequence computes,
 the changes to its block tables, the sequences whose blocks are gone, and the rows whose logits come back. The
-runner keeps its own block tables from these changes and never reads the KV manager, so with tensor parallelism
-the same message can be sent to every worker process.
+runner keeps its own block tables from these changes (`block_tables.WorkerBlockTables`) and never reads the KV
+manager, so with tensor parallelism the same message can be sent to every worker process.
 """
 
 from __future__ import annotations
@@ -49,18 +49,3 @@ class StepInput:
         """One token per sequence and a logit for each, in order: what a CUDA-graph decode step runs."""
         return (bool(self.seqs) and all(s.num_tokens == 1 for s in self.seqs)
                 and self.logits_rows == list(range(len(self.seqs))))
-
-
-@dataclass(slots=True)
-class SeqTables:
-    """A worker's copy of one sequence's block tables, kept from `TableChanges` (by block index; a sliding entry the
-    manager let go keeps its old block id, never read again)."""
-
-    full: list[int] = field(default_factory=list)
-    sliding: list[int] = field(default_factory=list)
-
-    def apply(self, change: TableChanges) -> None:
-        if change.new:
-            self.full, self.sliding = [], []
-        self.full += change.full
-        self.sliding += change.sliding

@@ -127,27 +127,25 @@ def paged_prefill_attention(q, k, v, k_cache, v_cache, packed: PackedPrefills, w
 # ------------------------------------------------------------------------------------ decode block tables
 @dataclass(slots=True)
 class BlockTable:
-    """Decode contexts addressed by block table, as the CUDA-graph runner keeps them: row b sees the positions
-    lo[b] .. lo[b] + length - 1, and position p lives in slot table[b, blk] * block_size + p % block_size with
-    blk = p // block_size (with ring 0: the engine's `kv_layout.KVLayout.slot`, on tensors, as the Triton decode
-    kernel reads it), or blk modulo `ring` for a ring-shaped table (ring > 0; the kernels still take one, the engine
-    no longer makes one). The tensors may be strided columns of one int32 table. `width`: the most positions a row
-    can see (sizes the key splits)."""
+    """Decode contexts addressed by block table, as the engine's runner keeps them: row b sees the positions
+    lo[b] .. lo[b] + length - 1, and position p lives in slot entry * block_size + p % block_size, where entry is
+    column p // block_size of its table row (the engine's `kv_layout.KVLayout.slot`, on tensors, as the Triton
+    decode kernel reads it). Its table row is row b of `table`, or row rows[b] with `rows` (a persistent table, one
+    row per running sequence, that the batch indexes). The tensors may be strided columns of one int32 table.
+    `width`: the most positions a row can see (sizes the key splits)."""
 
-    table: torch.Tensor  # [B, blocks]
+    table: torch.Tensor  # [B, blocks], or [R, blocks] with rows
     lo: torch.Tensor  # [B]
     block_size: int
-    ring: int
     width: int
+    rows: torch.Tensor | None = None  # [B] the table row of each batch row
 
     def slots(self) -> torch.Tensor:
         """[B, width] int64: every row's per-position slots (what the kernel computes in place)."""
         pos = self.lo.long()[:, None] + torch.arange(self.width, device=self.lo.device)[None, :]
-        block = pos // self.block_size
-        if self.ring:
-            block = block % self.ring
-        block = block.clamp(max=self.table.shape[1] - 1)  # past a row's length: any slot, never read
-        return self.table.long().gather(1, block) * self.block_size + pos % self.block_size
+        block = (pos // self.block_size).clamp(max=self.table.shape[1] - 1)  # past a row's length: never read
+        table = self.table if self.rows is None else self.table.index_select(0, self.rows.long())
+        return table.long().gather(1, block) * self.block_size + pos % self.block_size
 
 
 # ---------------------------------------------------------------------------------------- dispatchers

@@ -71,8 +71,8 @@ def _program_target(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, gate_ptr,
-                   new_k_ptr, new_v_ptr, new_slots_ptr, lo_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, counter_ptr,
-                   qk_scale, keys_per_split, ring, norm_eps,
+                   new_k_ptr, new_v_ptr, new_slots_ptr, lo_ptr, rows_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+                   counter_ptr, qk_scale, keys_per_split, norm_eps,
                    stride_qb, stride_qh, stride_qd,
                    stride_ks, stride_kh, stride_kd,
                    stride_vs, stride_vh, stride_vd,
@@ -81,12 +81,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
                    stride_pb, stride_ph, stride_ps,
                    stride_gb, stride_gh,
                    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-                   stride_lens, stride_ns, stride_lo, stride_cos, stride_sin,
+                   stride_lens, stride_ns, stride_lo, stride_rows, stride_cos, stride_sin,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    HAS_GATE: tl.constexpr, FIX_BF16: tl.constexpr, HAS_NEW: tl.constexpr,
-                   TABLE: tl.constexpr, BLOCK_SIZE: tl.constexpr, RING: tl.constexpr,
+                   TABLE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr,
                    QK_NORM: tl.constexpr, ROPE: tl.constexpr, MERGE_LAST: tl.constexpr, BLOCK_S: tl.constexpr,
                    PDL: tl.constexpr):
     wait_then_release(PDL)  # before any memory access (kernels/pdl.py)
@@ -117,7 +117,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
-    slot_row = slots_ptr + b.to(tl.int64) * stride_sb
+    table_row = b
+    if ROWS:  # the table's row for this sequence (a persistent table: one row per running sequence)
+        table_row = tl.load(rows_ptr + b * stride_rows).to(tl.int32)
+    slot_row = slots_ptr + table_row.to(tl.int64) * stride_sb
     k_head = k_ptr + kvh.to(tl.int64) * stride_kh
     v_head = v_ptr + kvh.to(tl.int64) * stride_vh
     # With HAS_NEW the last context position is this step's token: its K/V come in registers (and are written to
@@ -134,8 +137,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         if TABLE:  # position lo + i lives in its block's slot: the block table read in place
             pos = first + offs_n
             block = pos // BLOCK_SIZE
-            if RING:
-                block = block % ring
             entry = tl.load(slot_row + block * stride_sl, mask=n_mask, other=0).to(tl.int64)
             slot = entry * BLOCK_SIZE + pos % BLOCK_SIZE
         else:
@@ -319,10 +320,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = Hq // Hkv
     if table is not None:
         slots, width, lo = table.table, table.width, table.lo
-        addressing = dict(TABLE=True, BLOCK_SIZE=table.block_size, RING=table.ring > 0)
+        rows = table.rows if table.rows is not None else lo  # unused without rows
+        addressing = dict(TABLE=True, BLOCK_SIZE=table.block_size, ROWS=table.rows is not None)
     else:
-        slots, width, lo = ctx_slots, ctx_slots.shape[1], ctx_lens  # lo unused
-        addressing = dict(TABLE=False, BLOCK_SIZE=1, RING=False)
+        slots, width, lo, rows = ctx_slots, ctx_slots.shape[1], ctx_lens, ctx_lens  # lo, rows unused
+        addressing = dict(TABLE=False, BLOCK_SIZE=1, ROWS=False)
     # launch settings picked from sm_90 register/spill reports (ptxas -v), not from timings
     block_n = block_n or (64 if q.element_size() == 2 else 32)
     block_h, block_d = _pow2(group), _pow2(D)
@@ -354,12 +356,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # the merge's split block (a constant where the kernel does not merge: no compiled variant per split count)
     merge_block = _pow2(splits, 2) if counters is not None else 2
     _decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots, lo, qw, kw, cos, sin,
-        counters if counters is not None else lse,
-        scale * _LOG2E, per_split, table.ring if table is not None else 0, norm_eps,
+        q, k_cache, v_cache, slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots, lo, rows, qw, kw, cos,
+        sin, counters if counters is not None else lse, scale * _LOG2E, per_split, norm_eps,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *slots.stride(), *out.stride(),
         *(part.stride()[:3] if splits > 1 else (0, 0, 0)), *gate_strides, *new_strides,
-        ctx_lens.stride(0), new_slots.stride(0), lo.stride(0), cos.stride(0), sin.stride(0),
+        ctx_lens.stride(0), new_slots.stride(0), lo.stride(0), rows.stride(0), cos.stride(0), sin.stride(0),
         GROUP=group, HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SPLIT=splits > 1, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast_dot(q), **gated,
         HAS_NEW=new_kv is not None, **addressing, QK_NORM=qk_norm is not None, ROPE=rope,
