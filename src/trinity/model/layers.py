@@ -87,7 +87,10 @@ class RMSNorm(nn.Module):
         before its own post-norm `post` (or, with `proj`, the input of its last bias-free projection), and
         r = residual + post(proj(x)); on the fast paths one pass (`kernels.norm.norm_add_rms_norm`, or with `proj`
         `kernels.linear_norm.linear_norm_add_rms_norm`, one launch at decode sizes). `fp32_copy` (with `post`):
-        also the normed output widened to fp32, written by the same pass (the MoE router's input)."""
+        also the normed output widened to fp32, written by the same pass (the MoE router's input). A `proj` whose
+        output must be completed first (a tensor-parallel row-parallel projection: `foldable` False) runs here."""
+        if proj is not None and not getattr(proj, "foldable", True):
+            x, proj = proj(x), None
         if residual is None:
             return kernel_norm.rms_norm(x, self.weight, self.eps)
         if post is None:

@@ -94,10 +94,17 @@ class TrinityModel(nn.Module):
         skips most of a layer (1/8 of the built-in model's, 1/32 of Mini's); a chunk that samples none, all of it
         after the attention. The last MoE layer's expert counts then cover only the kept rows."""
         chained = self.fused_norms and not torch.is_grad_enabled() and len(self.layers) > 0
-        if chained:  # the embedding, the muP scale and the first input norm: one launch on the Triton path
+        # the embedding, the muP scale and the first input norm: one launch on the Triton path, where the embedding
+        # is whole (a vocab-parallel one is `foldable` False: its lookups are summed over ranks first)
+        if chained and getattr(self.embed_tokens, "foldable", True):
             first = self.layers[0].input_layernorm
             x, residual = kernel_embed.embed_rms_norm(input_ids, self.embed_tokens.weight, self.embed_scale,
                                                       first.weight, first.eps)
+        elif chained:
+            residual = self.embed_tokens(input_ids)
+            if self.embed_scale is not None:
+                residual = residual * self.embed_scale
+            x = self.layers[0].input_layernorm(residual)
         else:
             x, residual = self.embed_tokens(input_ids), None
             if self.embed_scale is not None:  # muP input scaling

@@ -55,6 +55,11 @@ class MoEBlock(nn.Module):
         # After fuse_projections(): the routed experts and the shared expert stacked as E + 1 experts, which the
         # fused GPU kernel runs in one pass; the parameters are views into these.
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Set from outside by tensor parallelism (`parallel.sharding`): the block's output is this rank's partial
+        # sum, completed by `reduce_output` before the norm after it; with expert parallelism the block holds only
+        # experts expert_range[0] .. expert_range[1] - 1 (routing still chooses among all of them).
+        self.reduce_output = None
+        self.expert_range: tuple[int, int] | None = None
         self._router_fp32: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def fuse_projections(self) -> None:
@@ -109,12 +114,12 @@ class MoEBlock(nn.Module):
     def fuses_norm(self, x: torch.Tensor) -> bool:
         """Whether `forward` runs the decoder layer's norm step itself when given one (inference on the Triton path
         with the shared expert stacked): its input may then come with an fp32 copy (`x_fp32`)."""
-        return self._path(x) == "triton" and self.stacked_valid()
+        return self._path(x) == "triton" and self.stacked_valid() and self.reduce_output is None
 
     def _path(self, x: torch.Tensor, count_weight: torch.Tensor | None = None) -> str:
         """The implementation for this batch: "triton" or "native" (a whole-layer kernel), else "routed"."""
-        if self.record_router:  # training: the losses need the router logits
-            return "routed"
+        if self.record_router or self.expert_range is not None:  # training (the losses need the router logits),
+            return "routed"  # or some experts elsewhere
         if moe_layer_triton_wanted(x):
             return "triton"
         if count_weight is None and moe_layer_native_wanted(x, self.experts.gate_up_proj):
@@ -149,7 +154,7 @@ class MoEBlock(nn.Module):
                     gate_up, down, stacked is not None, counts, count_weight)
             if path == "native":
                 out = moe_layer_native(*args)
-            elif norm is None or stacked is None:
+            elif norm is None or stacked is None or self.reduce_output is not None:
                 out = moe_layer_triton(*args, x_fp32=x_fp32)
             else:  # the norm step too, in the down GEMM's kernels
                 residual, post, following = norm
@@ -157,6 +162,8 @@ class MoEBlock(nn.Module):
                                         norm=(residual, post.weight, following.weight, following.eps))
         if stacked is None and self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        if self.reduce_output is not None:
+            out = self.reduce_output(out)
         if norm is None:
             return out
         residual, post, following = norm
@@ -187,4 +194,21 @@ class MoEBlock(nn.Module):
             # cannot capture (and it syncs with the host)
             per_choice = count_weight[:, None].expand_as(ids) if count_weight is not None else torch.ones_like(ids)
             counts.scatter_add_(0, ids.reshape(-1), per_choice.reshape(-1))
+        if self.expert_range is not None:
+            return self._local_experts(x, weights, ids)
         return self.experts(x, weights, ids)
+
+    def _local_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The choices of the experts this block holds (`expert_range`); zero for the others' (another rank adds
+        them). Only those choices are computed, except under CUDA-graph capture, where shapes cannot depend on the
+        routing: there every choice runs, the others' weighted 0."""
+        e0, e1 = self.expert_range
+        held = (ids >= e0) & (ids < e1)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self.experts(x, weights * held, (ids - e0).clamp(0, e1 - e0 - 1))
+        token, choice = held.nonzero(as_tuple=True)
+        out = torch.zeros_like(x)
+        if token.numel():
+            y = self.experts(x[token], weights[token, choice][:, None], (ids[token, choice] - e0)[:, None])
+            out.index_add_(0, token, y)
+        return out

@@ -1,0 +1,294 @@
+"""Which slice of every weight a tensor-parallel rank holds, and the model restructured around those slices.
+
+Applied to the single-device model from outside (`shard_model`, or `TrinityForCausalLM.empty(..., shard=plan)` and
+the sharded checkpoint load): the model files know nothing of ranks, beyond three seams they expose:
+a projection whose output is a partial sum is not folded into the norm after it (`RMSNorm.forward`), a MoE block
+can hand its output to a `reduce_output` and hold a range of experts (`MoEBlock.expert_range`), and the first
+layer's input norm is folded into the embedding only where the embedding is whole.
+
+Megatron's layout:
+- attention: the q and output-gate heads split in rank order; the KV heads split, or, with fewer KV heads than
+  ranks, replicated (rank r holds KV head r // (tp / kv_heads), whose query group contains its query heads);
+  `o_proj` row-parallel (its input columns split), its output summed by one all-reduce.
+- dense MLP and shared expert: gate/up column-parallel (rows split), down row-parallel.
+- routed experts: tensor-parallel (every expert's intermediate dimension split, gate and up alike) or
+  expert-parallel (rank r holds experts r * E / tp .. (r + 1) * E / tp - 1 whole); the MoE block's output (routed
+  and shared experts together) summed by one all-reduce. Router, expert bias and norms replicated: every rank
+  routes identically.
+- embedding and LM head vocab-parallel: rank r holds rows r * Vp .. (r + 1) * Vp - 1 with Vp = ceil(V / tp), the
+  rows past V zero; the embedding's lookups summed by an all-reduce, the logits gathered (and cut back to V).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TrinityConfig
+from .comm import TPGroup
+
+
+class ShardingError(ValueError):
+    """Sizes that cannot be split over the ranks; the message names the sizes that can."""
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """The part of a full parameter a rank holds: the ranges of `dim` given, concatenated, then `pad` zero rows."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+    pad: int = 0
+
+    @property
+    def size(self) -> int:
+        return sum(b - a for a, b in self.ranges) + self.pad
+
+    def take(self, source) -> torch.Tensor:
+        """This rank's part of `source` (a tensor, or a safetensors slice: only these rows are read)."""
+        parts = [source[(slice(None),) * self.dim + (slice(a, b),)] for a, b in self.ranges]
+        if self.pad:
+            shape = list(parts[0].shape)
+            shape[self.dim] = self.pad
+            parts.append(torch.zeros(shape, dtype=parts[0].dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
+
+
+def _ranges_for(rank: int, size: int, total: int) -> tuple[int, int]:
+    n = total // size
+    return rank * n, (rank + 1) * n
+
+
+def _valid_sizes(works: Callable[[int], bool]) -> str:
+    return ", ".join(str(t) for t in range(1, 65) if works(t))
+
+
+class ShardPlan:
+    """The slices of one rank of `tp` for a config (checked at construction: sizes that cannot work are refused,
+    naming the sizes that would)."""
+
+    def __init__(self, config: TrinityConfig, rank: int, size: int, expert_parallel: bool = False,
+                 group: TPGroup | None = None):
+        self.config, self.rank, self.size, self.expert_parallel = config, rank, size, expert_parallel
+        self.group = group or TPGroup(rank, size)
+        check_sizes(config, size, expert_parallel)
+        c, tp = config, size
+        d = c.head_dim
+        heads = c.num_attention_heads // tp
+        self.num_heads = heads
+        if c.num_key_value_heads % tp == 0:
+            self.num_kv_heads = c.num_key_value_heads // tp
+            kv_first = rank * self.num_kv_heads
+        else:  # fewer KV heads than ranks: each held by tp / kv_heads ranks
+            self.num_kv_heads = 1
+            kv_first = rank // (tp // c.num_key_value_heads)
+        self.kv_range = (kv_first * d, (kv_first + self.num_kv_heads) * d)
+        self.q_range = (rank * heads * d, (rank + 1) * heads * d)
+        self.vocab_per_rank = math.ceil(c.vocab_size / tp)
+        lo = rank * self.vocab_per_rank
+        self.vocab_range = (min(lo, c.vocab_size), min(lo + self.vocab_per_rank, c.vocab_size))
+        self.expert_range = _ranges_for(rank, tp, c.num_experts) if expert_parallel else (0, c.num_experts)
+
+    # ------------------------------------------------------------------ per parameter
+    def split(self, name: str) -> Split | None:
+        """How parameter `name` (our names, full shapes) is split; None: every rank holds it whole."""
+        c, rank, tp = self.config, self.rank, self.size
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            a, b = self.vocab_range
+            return Split(0, ((a, b),), self.vocab_per_rank - (b - a))
+        leaf = name.rsplit(".", 2)
+        module, param = leaf[-2], leaf[-1]
+        if ".self_attn." in name:
+            if module in ("q_proj", "gate_proj"):
+                return Split(0, (self.q_range,))
+            if module in ("k_proj", "v_proj"):
+                return Split(0, (self.kv_range,))
+            if module == "o_proj":
+                return Split(1, (self.q_range,))
+            return None
+        if ".mlp.experts." in name:
+            if self.expert_parallel:
+                return Split(0, (self.expert_range,))
+            a, b = _ranges_for(rank, tp, c.moe_intermediate_size)
+            if param == "gate_up_proj":
+                inter = c.moe_intermediate_size
+                return Split(1, ((a, b), (inter + a, inter + b)))
+            return Split(2, ((a, b),))
+        if ".mlp." in name and module in ("gate_proj", "up_proj", "down_proj"):  # dense MLP, shared expert
+            width = c.moe_intermediate_size * c.num_shared_experts if ".shared_experts." in name \
+                else c.intermediate_size
+            r = _ranges_for(rank, tp, width)
+            return Split(1 if module == "down_proj" else 0, (r,))
+        return None
+
+    def local_shape(self, name: str, full: torch.Size) -> tuple[int, ...]:
+        s = self.split(name)
+        if s is None:
+            return tuple(full)
+        shape = list(full)
+        shape[s.dim] = s.size
+        return tuple(shape)
+
+    def locate(self, name: str, index: tuple) -> list[tuple[tuple, tuple]] | None:
+        """For a checkpoint tensor that fills `index` of parameter `name` (full coordinates, as the loader's
+        targets give them: () the whole parameter; (e, rows) an expert's gate or up half, (e,) its down, with e an
+        int or slice(None) for all experts): [(index into the checkpoint tensor, index into the local parameter)],
+        or None when this rank holds none of it."""
+        s = self.split(name)
+        if not index:
+            if s is None:
+                return [((), ())]
+            out, offset = [], 0
+            for a, b in s.ranges:
+                lead = (slice(None),) * s.dim
+                out.append((lead + (slice(a, b),), lead + (slice(offset, offset + b - a),)))
+                offset += b - a
+            return out
+        e, rest = index[0], index[1:]
+        one = isinstance(e, int)  # the checkpoint tensor is one expert's (no expert dimension)
+        if s.dim == 0:  # expert-parallel
+            e0, e1 = s.ranges[0]
+            if one:
+                return [((), (e - e0, *rest))] if e0 <= e < e1 else None
+            return [((slice(e0, e1),), (slice(None), *rest))]
+        (a, b), n = s.ranges[0], s.ranges[0][1] - s.ranges[0][0]
+        lead = () if one else (slice(None),)
+        if s.dim == 1:  # an expert's gate or up rows: the rank's rows of that half
+            half = rest[0].start // self.config.moe_intermediate_size
+            return [(lead + (slice(a, b),), (e, slice(half * n, (half + 1) * n)))]
+        return [(lead + (slice(None), slice(a, b)), (e,))]  # down: the rank's columns
+
+
+def check_sizes(config: TrinityConfig, tp: int, expert_parallel: bool = False) -> None:
+    """Raise `ShardingError` when `tp` ranks cannot split this config, naming the sizes that can."""
+    if tp < 1:
+        raise ShardingError(f"tensor_parallel_size = {tp} must be >= 1")
+    c = config
+    checks: list[tuple[str, Callable[[int], bool]]] = [
+        (f"num_attention_heads = {c.num_attention_heads}", lambda t: c.num_attention_heads % t == 0),
+        (f"num_key_value_heads = {c.num_key_value_heads} (split, or replicated when fewer than the ranks)",
+         lambda t: c.num_key_value_heads % t == 0 or t % c.num_key_value_heads == 0),
+        (f"intermediate_size = {c.intermediate_size}", lambda t: c.intermediate_size % t == 0),
+    ]
+    if c.num_experts and any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)):
+        checks.append((f"moe_intermediate_size * num_shared_experts = {c.moe_intermediate_size * c.num_shared_experts}",
+                       lambda t: (c.moe_intermediate_size * c.num_shared_experts) % t == 0))
+        if expert_parallel:
+            checks.append((f"num_experts = {c.num_experts} (expert parallel)", lambda t: c.num_experts % t == 0))
+        else:
+            checks.append((f"moe_intermediate_size = {c.moe_intermediate_size}",
+                           lambda t: c.moe_intermediate_size % t == 0))
+    for what, works in checks:
+        if not works(tp):
+            both = _valid_sizes(lambda t: all(w(t) for _, w in checks))
+            raise ShardingError(f"tensor_parallel_size = {tp} cannot split {what}; sizes that split this model: "
+                                f"{both}")
+
+
+# ---------------------------------------------------------------------------- the modules that communicate
+class RowParallelLinear(nn.Linear):
+    """A projection whose input columns are split over the ranks: its output is a partial sum, completed by one
+    all-reduce. Not foldable into the norm after it (`RMSNorm.forward` runs it first)."""
+
+    foldable = False
+
+    def __init__(self, weight: nn.Parameter, group: TPGroup):
+        nn.Module.__init__(self)
+        self.weight, self.bias = weight, None
+        self.out_features, self.in_features = weight.shape
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.linear import linear
+        return self.group.all_reduce_(linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows [vocab_start, vocab_start + rows) of the embedding; other ids look up zeros, summed by an all-reduce."""
+
+    foldable = False  # `TrinityModel.forward` does not fold the first norm into the lookup
+
+    def __init__(self, weight: nn.Parameter, vocab_start: int, group: TPGroup):
+        nn.Module.__init__(self)
+        self.weight = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx, self.max_norm, self.sparse = None, None, False
+        self.vocab_start, self.group = vocab_start, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids.long() - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.group.all_reduce_(x.masked_fill(outside[:, None], 0))
+
+
+class VocabParallelLMHead(nn.Linear):
+    """Logits for this rank's vocabulary rows, gathered from every rank and cut back to the real vocabulary."""
+
+    def __init__(self, weight: nn.Parameter, vocab_size: int, group: TPGroup):
+        nn.Module.__init__(self)
+        self.weight, self.bias = weight, None
+        self.out_features, self.in_features = weight.shape
+        self.vocab_size, self.group = vocab_size, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.linear import linear
+        return self.group.all_gather_last(linear(x, self.weight))[..., :self.vocab_size]
+
+
+# ---------------------------------------------------------------------------- restructuring
+def restructure(model, plan: ShardPlan, local: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Give every parameter its local tensor (`local(name, full_parameter)`), and install the modules and
+    settings the split needs. The model's module structure is otherwise untouched."""
+    from ..model.layers import GatedAttention, SwiGLU
+    from ..model.moe import MoEBlock
+
+    group, cfg = plan.group, plan.config
+    tied = cfg.tie_word_embeddings
+    for prefix, module in list(model.named_modules()):
+        for pname, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            full = f"{prefix}.{pname}" if prefix else pname
+            if tied and full == "lm_head.weight":
+                continue  # the embedding's
+            module._parameters[pname] = nn.Parameter(local(full, param), requires_grad=param.requires_grad)
+    for module in model.modules():
+        if isinstance(module, GatedAttention):
+            module.num_heads, module.num_kv_heads = plan.num_heads, plan.num_kv_heads
+            module.o_proj = RowParallelLinear(module.o_proj.weight, group)
+        elif isinstance(module, MoEBlock):
+            module.reduce_output = group.all_reduce_
+            if plan.expert_parallel:
+                module.expert_range = plan.expert_range
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, SwiGLU):  # dense: its own all-reduce (a shared expert's is its block's)
+            layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj.weight, group)
+    embed = VocabParallelEmbedding(model.model.embed_tokens.weight, plan.vocab_range[0], group)
+    model.model.embed_tokens = embed
+    head_weight = embed.weight if tied else model.lm_head.weight
+    model.lm_head = VocabParallelLMHead(head_weight, cfg.vocab_size, group)
+    model.shard_plan = plan
+
+
+def shard_model(model, plan: ShardPlan):
+    """A whole single-device model cut to this rank's part, in place (its other slices are dropped)."""
+    with torch.no_grad():
+        restructure(model, plan, lambda name, p: _own(plan.split(name), p))
+    return model
+
+
+def _own(split: Split | None, full: torch.Tensor) -> torch.Tensor:
+    if split is None:
+        return full.detach()
+    return split.take(full.detach()).to(full.device).contiguous()
+
+
+def meta_local(plan: ShardPlan):
+    """`restructure`'s `local` for an empty model: meta tensors of the local shapes."""
+    return lambda name, p: torch.empty(plan.local_shape(name, p.shape), dtype=p.dtype, device="meta")

@@ -1,0 +1,20 @@
+"""Rank functions of the tensor-parallel model tests (run by `distributed_helpers.run_ranks` in spawned processes)."""
+
+from __future__ import annotations
+
+import torch
+
+from trinity import TrinityForCausalLM
+from trinity.config import TrinityConfig
+from trinity.parallel.sharding import ShardPlan, shard_model
+
+
+def sharded_logits(group, config: dict, seed: int, expert_parallel: bool, ids: list[list[int]], fused: bool):
+    """The full random model (the same on every rank: same seed), cut to this rank's part, run over `ids`."""
+    cfg = TrinityConfig.from_dict(config)
+    model = TrinityForCausalLM.random(cfg, seed=seed).eval()
+    shard_model(model, ShardPlan(cfg, group.rank, group.size, expert_parallel, group))
+    if fused:
+        model.fuse_projections()
+    with torch.inference_mode():
+        return model(torch.tensor(ids)).numpy()
