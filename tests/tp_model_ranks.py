@@ -1,4 +1,4 @@
-"""Rank functions of the tensor-parallel model tests (run by `distributed_helpers.run_ranks` in spawned processes)."""
+"""Rank functions of the tensor-parallel tests (run by `distributed_helpers.run_ranks` in spawned processes)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,32 @@ from trinity.config import TrinityConfig
 from trinity.parallel.sharding import ShardPlan, shard_model
 
 
-def sharded_logits(group, config: dict, seed: int, expert_parallel: bool, ids: list[list[int]], fused: bool):
-    """The full random model (the same on every rank: same seed), cut to this rank's part, run over `ids`."""
-    cfg = TrinityConfig.from_dict(config)
-    model = TrinityForCausalLM.random(cfg, seed=seed).eval()
-    shard_model(model, ShardPlan(cfg, group.rank, group.size, expert_parallel, group))
-    if fused:
-        model.fuse_projections()
-    with torch.inference_mode():
-        return model(torch.tensor(ids)).numpy()
+def sharded_logits(group, cases: list[tuple[dict, int, bool, bool]], ids: list[list[int]]) -> list:
+    """For each (config, seed, expert_parallel, fused): the full random model (the same on every rank: same seed),
+    cut to this rank's part, run over `ids` (whole sequences, no cache) -> logits as numpy arrays."""
+    out = []
+    for config, seed, expert_parallel, fused in cases:
+        cfg = TrinityConfig.from_dict(config)
+        model = TrinityForCausalLM.random(cfg, seed=seed).eval()
+        shard_model(model, ShardPlan(cfg, group.rank, group.size, expert_parallel, group))
+        if fused:
+            model.fuse_projections()
+        with torch.inference_mode():
+            out.append(model(torch.tensor(ids)).numpy())
+    return out
+
+
+def all_reduce_time(group, hidden: int, rows: int, reps: int) -> float:
+    """Median seconds of one all-reduce of a [rows, hidden] fp32 tensor (a decode step's hidden states)."""
+    import statistics
+    import time
+
+    x = torch.randn(rows, hidden)
+    for _ in range(5):
+        group.all_reduce_(x)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        group.all_reduce_(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -58,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", default="auto")
     srv.add_argument("--device", default="auto")
     EngineConfig.add_cli_arguments(srv.add_argument_group("engine"))  # one flag per EngineConfig field
-    srv.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     srv.add_argument("--chat-template", default=None, help="a jinja file replacing the model's chat template")
     srv.add_argument("--reasoning-parser", default="trinity", choices=["trinity", "deepseek_r1", "none"])
     srv.add_argument("--enable-auto-tool-choice", action="store_true")
@@ -267,8 +266,6 @@ def _cmd_serve(args) -> int:
     from .serve.server import serve
     from .serve.state import ServerSettings
 
-    if args.tensor_parallel_size != 1:
-        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is supported so far")
     template = None
     if args.chat_template:
         with open(args.chat_template, encoding="utf-8") as f:

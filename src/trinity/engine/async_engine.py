@@ -63,6 +63,13 @@ class AsyncEngine:
         for request_id in list(self._streams):  # nobody will step these any more: end their streams
             self._deliver(request_id, RuntimeError("the engine was shut down"))
 
+    def fail(self, reason: str) -> None:
+        """The engine can no longer run (a tensor-parallel worker died): every stream in flight ends with an error,
+        from any thread; the stepping thread may be stuck in a collective and is not waited for."""
+        self.errored = RuntimeError(reason)
+        for request_id in list(self._streams):
+            self._deliver(request_id, RuntimeError(f"engine failure: {reason}"))
+
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)

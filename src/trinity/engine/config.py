@@ -57,6 +57,15 @@ class EngineConfig:
         True, "take the K/V of prompt blocks computed before (shared system prompts, earlier chat turns) from the "
               "cache")
 
+    # Tensor parallelism (`trinity.parallel`): the model split over this many processes, one per GPU (CPU processes
+    # with gloo elsewhere); rank 0 runs the scheduler, KV manager and sampler.
+    tensor_parallel_size: int = _setting(
+        1, "processes (one per GPU) the model is split over; under torchrun, the world size",
+        flags=("--tensor-parallel-size", "-tp"))
+    enable_expert_parallel: bool = _setting(
+        False, "with tensor parallelism: each rank holds num_experts / tp whole experts instead of a slice of every "
+               "expert")
+
     def __post_init__(self) -> None:
         # Only values that failed later anyway (with a less helpful error) are refused here: inputs that worked
         # before keep working (e.g. max_model_len=0 still means the model's limit; gpu_memory_utilization is
@@ -77,6 +86,8 @@ class EngineConfig:
                 _is_int(self.kv_cache_memory) and (self.kv_cache_memory >= 1 or self.num_kv_blocks is not None)):
             raise EngineConfigError("kv_cache_memory", self.kv_cache_memory,
                                     "must be a whole number of bytes >= 1, or None for the default budget")
+        if not (_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1):
+            raise EngineConfigError("tensor_parallel_size", self.tensor_parallel_size, "must be an integer >= 1")
         if self.seed is not None and not _is_int(self.seed):
             raise EngineConfigError("seed", self.seed, "must be an integer, or None for a random seed")
 

@@ -20,7 +20,7 @@ from .config import EngineConfig
 from .kv_cache import KVCacheManager
 from .output_processor import OutputProcessor, StopHit
 from .request import ContextLengthError, CoreOutput, RequestOutput, SeqUpdate, Sequence
-from .runner import ModelRunner, plan_cache
+from .runner import build_runner
 from .sampler import PendingSample, Sampler, position_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -47,18 +47,27 @@ class _Request:
     prompt_logprobs_sent: bool = False
 
 
+def prepare_model(model: TrinityForCausalLM) -> TrinityForCausalLM:
+    """The model as the engine runs it (every tensor-parallel rank too): eval mode, projections fused."""
+    model = model.eval().fuse_projections()
+    if model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16):
+        native.library()  # build (or load) the CPU kernels now, not inside the first request (~3 s to build)
+    return model
+
+
 class LLMEngine:
-    def __init__(self, model: TrinityForCausalLM, tokenizer=None, config: EngineConfig | None = None):
-        self.model = model.eval().fuse_projections()
-        if model.device.type == "cpu" and model.dtype in (torch.float32, torch.bfloat16):
-            native.library()  # build (or load) the CPU kernels now, not inside the first request (~3 s to build)
+    def __init__(self, model: TrinityForCausalLM, tokenizer=None, config: EngineConfig | None = None,
+                 executor=None):
+        """`executor`: rank 0's side of a tensor-parallel group (`parallel.executor.Executor`), `model` then
+        rank 0's part; the engine sends each step to the other ranks through it."""
+        self.model = model = prepare_model(model)
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
+        self.executor = executor
         cfg = model.config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
-        plan = plan_cache(model, config.block_size, config.max_num_seqs, self.max_model_len, config.num_kv_blocks,
-                          config.kv_cache_memory, config.gpu_memory_utilization, config.enable_prefix_caching,
-                          config.max_num_batched_tokens)
+        runner = build_runner(model, config, self.max_model_len, executor.agree_plan if executor else None)
+        plan = runner.plan
         sliding = [cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers)]
         self.kv = KVCacheManager(config.block_size, plan.num_full_blocks, plan.num_sliding_blocks,
                                  cfg.sliding_window, has_full_layers=not all(sliding), has_sliding_layers=any(sliding),
@@ -66,8 +75,7 @@ class LLMEngine:
         self.cache_plan = plan
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len, config.enable_prefix_caching), self.kv)
-        self.runner = ModelRunner(model, plan, self.kv.layout, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, enforce_eager=config.enforce_eager)
+        self.runner = executor.wrap(runner) if executor else runner
         self.sampler = Sampler(model.device, config.seed)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else model.device.type == "cuda")
@@ -374,6 +382,11 @@ class LLMEngine:
                           error=next((s.error for s in req.seqs if s.error), None), metrics=metrics,
                           num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
                           prompt_logprobs=prompt_logprobs)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one device)."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> dict:

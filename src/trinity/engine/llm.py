@@ -24,13 +24,23 @@ class LLM:
         from ..model.model import TrinityForCausalLM
 
         config = EngineConfig.from_kwargs("LLM", **engine_settings)  # checked before a model is loaded
-        if not isinstance(model, TrinityForCausalLM):
+        executor = None
+        if config.tensor_parallel_size > 1:
+            from ..parallel.executor import start_rank0
+
+            model, loaded, executor = start_rank0(model, dtype, device, config)
+            tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else None)
+        elif not isinstance(model, TrinityForCausalLM):
             from ..loading import load_model
 
             loaded = load_model(model, dtype=dtype, device=device, seed=config.seed or 0)
             model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
-        self.engine = LLMEngine(model, tokenizer, config)
+        self.engine = LLMEngine(model, tokenizer, config, executor=executor)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -103,10 +103,24 @@ def _default_kv_budget(model: TrinityForCausalLM, utilization: float, max_num_se
     return max(0, int(total * utilization) - torch.cuda.memory_allocated(device) - used_by_others - reserve)
 
 
+def build_runner(model: TrinityForCausalLM, config, max_model_len: int, agree=None) -> ModelRunner:
+    """The runner of an `EngineConfig` (the engine's, and each tensor-parallel worker's). `agree`: plan -> the plan
+    every rank can hold (`parallel.executor.agree_plan`)."""
+    plan = plan_cache(model, config.block_size, config.max_num_seqs, max_model_len, config.num_kv_blocks,
+                      config.kv_cache_memory, config.gpu_memory_utilization, config.enable_prefix_caching,
+                      config.max_num_batched_tokens)
+    if agree is not None:
+        plan = agree(plan)
+    return ModelRunner(model, plan, KVLayout(config.block_size, model.config.sliding_window),
+                       max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
+                       enforce_eager=config.enforce_eager)
+
+
 class ModelRunner:
     def __init__(self, model: TrinityForCausalLM, plan: CachePlan, layout: KVLayout, *, max_num_seqs: int = 1,
                  max_model_len: int | None = None, enforce_eager: bool = True):
         self.model = model
+        self.plan = plan
         self.layout = layout
         cfg = model.config
         self.device = model.device

@@ -91,6 +91,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def health():
         if state.draining:
             raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": "5"})
+        if state.failure is not None:
+            raise APIError(503, f"the engine failed: {state.failure}", code="engine_failed")
         if not state.ready:
             raise APIError(503, state.load_error or "the model is still loading", code="loading",
                            headers={"Retry-After": "5"})

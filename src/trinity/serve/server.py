@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -16,22 +17,55 @@ from .state import ServerSettings, ServerState
 log = logging.getLogger("trinity.serve")
 
 
+# After a tensor-parallel worker dies: how long in-flight requests have to receive their errors before the server
+# exits (non-zero; the engine thread may be stuck in a collective with the dead rank).
+FAILURE_EXIT_GRACE_S = 2.0
+FAILURE_EXIT_CODE = 3
+
+
 def load_engine(state: ServerState, model_spec: str | None, dtype: str, device: str,
                 engine_config: EngineConfig) -> None:
     """Runs on a thread so /health can answer 503 while weights load."""
     try:
         from ..loading import load_model
 
-        loaded = load_model(model_spec, dtype=dtype, device=device)
+        executor = None
+        if engine_config.tensor_parallel_size > 1:
+            from ..parallel.executor import start_rank0
+
+            model, loaded, executor = start_rank0(model_spec, dtype, device, engine_config,
+                                                  on_failure=lambda reason: _fail(state, reason))
+            loaded.model = model
+        else:
+            loaded = load_model(model_spec, dtype=dtype, device=device)
         if state.settings.chat_template:
             loaded.tokenizer.chat_template = state.settings.chat_template
         if state.settings.served_model_name is None:
             state.settings.served_model_name = loaded.name
-        state.attach(AsyncEngine(LLMEngine(loaded.model, loaded.tokenizer, engine_config)))
+        state.attach(AsyncEngine(LLMEngine(loaded.model, loaded.tokenizer, engine_config, executor=executor)))
         log.info("model %s ready on %s", state.settings.served_model_name, loaded.model.device)
     except Exception as e:  # noqa: BLE001 - reported by /health and every request
         log.exception("failed to load the model")
         state.load_error = f"the model failed to load: {type(e).__name__}: {e}"
+
+
+def _fail(state: ServerState, reason: str) -> None:
+    """A tensor-parallel worker died: health says 503, requests in flight and new ones get errors, and the server
+    exits with FAILURE_EXIT_CODE once they have had FAILURE_EXIT_GRACE_S to receive them."""
+    state.failure = reason
+    if state.engine is not None:
+        state.engine.fail(reason)
+    log.error("%s; the server exits in %.0f s", reason, FAILURE_EXIT_GRACE_S)
+
+    def exit_later() -> None:
+        time.sleep(FAILURE_EXIT_GRACE_S)
+        executor = state.engine.engine.executor if state.engine is not None else None
+        if executor is not None:
+            executor.shutdown(timeout=1.0)  # the other workers are killed
+        logging.shutdown()
+        os._exit(FAILURE_EXIT_CODE)
+
+    threading.Thread(target=exit_later, name="trinity-failure-exit", daemon=True).start()
 
 
 class _DrainingServer(uvicorn.Server):
@@ -72,3 +106,4 @@ def serve(model_spec: str | None, settings: ServerSettings, engine_config: Engin
     finally:
         if state.engine is not None:
             state.engine.shutdown()
+            state.engine.engine.shutdown()  # the tensor-parallel workers

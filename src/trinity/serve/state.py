@@ -40,6 +40,7 @@ class ServerState:
         self.max_model_len = 0
         self.vocab_size = 0
         self.load_error: str | None = None
+        self.failure: str | None = None  # the engine cannot run any more (a tensor-parallel worker died)
         self.draining = False
         self.in_flight = 0
         self.metrics = ServerMetrics()
@@ -73,6 +74,8 @@ class ServerState:
         """Checks that hold for every inference request before any work is done."""
         if self.draining:
             raise APIError(503, "the server is shutting down", code="draining", headers={"Retry-After": "5"})
+        if self.failure is not None:
+            raise APIError(503, f"the engine failed: {self.failure}", code="engine_failed")
         if self.engine is None:
             raise APIError(503, self.load_error or "the model is still loading", code="loading",
                            headers={"Retry-After": "5"})
