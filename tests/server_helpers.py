@@ -59,7 +59,9 @@ class ServerProcess:
     """`python -m trinity serve [flags]` on a free port; use as a context manager (or start() / stop())."""
 
     def __init__(self, *flags: str, api_key: str | None = None, name: str = "server",
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, launcher: list[str] | None = None):
+        """`launcher`: the command that runs `trinity` (default `python -m trinity`; e.g. torchrun's)."""
+        self.launcher = launcher or [sys.executable, "-m", "trinity"]
         self.flags = list(flags)
         self.api_key = api_key
         self.name = name
@@ -91,7 +93,7 @@ class ServerProcess:
         # The random-weight `tiny` preset unless a test names a model: fast, and what the tests' expectations
         # (vocabulary, byte-level tokenizer) are written for. The built-in trained model has its own tests.
         model = [] if "--model" in self.flags else ["--model", "tiny"]
-        args = [sys.executable, "-m", "trinity", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        args = [*self.launcher, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", "info", *model, *self.flags]
         if self.api_key is not None:
             args += ["--api-key", self.api_key]

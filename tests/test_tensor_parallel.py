@@ -104,3 +104,29 @@ def test_engine_greedy_tokens_tp2_equal_tp1():
     for stats in (stats1, stats2):
         assert stats["num_preemptions"] > 0 and stats["prefix_cache"]["hit_tokens"] > 0
         assert stats["num_lookahead_steps"] > 0
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_plan_and_engine_agree_on_large_per_gpu(tp):
+    """`trinity plan` and a tensor-parallel rank of the engine, for Trinity Large in bf16 at TP=2/4/8: the same
+    weights per GPU (the rank's parameters, built on the meta device), the same KV bytes per token per GPU (the
+    rank's KV heads) and so the same KV budget per GPU (on a device of 480 GB: bf16 Large leaves no room for KV on
+    two 80 GB GPUs, where both would say 0)."""
+    from trinity.engine.runner import kv_budget, plan_cache
+    from trinity.ops.plan import GB, PlanInputs, make_plan
+
+    large = preset("large")
+    planned = make_plan(PlanInputs(model="large", config=large, gpus=tp, tensor_parallel_size=tp, memory_gb=480))
+    fit, kv = planned["fit"], planned["kv_cache"]
+    for rank in (0, tp - 1):
+        model = TrinityForCausalLM.empty(large, torch.bfloat16, "meta", shard=ShardPlan(large, rank, tp))
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        # the planner counts every tensor in bf16 and no vocabulary padding: the engine keeps norms in fp32
+        assert weights == pytest.approx(fit["weights_gb_per_gpu"] * GB, rel=2e-3)
+        cache = plan_cache(model, 16, 1, 32768, kv_cache_memory=1 << 40)
+        copies = min(tp, large.num_key_value_heads)
+        assert cache.full_block_bytes / 16 == kv["full_bytes_per_token"] / copies
+        assert cache.sliding_block_bytes / 16 == kv["sliding_bytes_per_token"] / copies
+        budget = kv_budget(int(480 * GB), 0.9, weights, 0, int(planned["gpu"]["reserve_gb"] * GB))
+        assert budget > 0
+        assert budget == pytest.approx(fit["kv_budget_gb_per_gpu"] * GB, rel=5e-3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 
 import openai
@@ -112,6 +113,25 @@ def test_sigterm_leaves_no_process():
         assert len(workers(s.proc.pid)) == 1
         s.terminate()
         assert s.wait(timeout=30) == 0
+        assert wait_until(lambda: not any(alive(c) for c in started), 10)
+    finally:
+        s.stop()
+
+
+def test_torchrun_standalone_two_ranks():
+    """The multi-node launch, on one machine: torchrun starts both ranks; rank 0 serves HTTP, rank 1 runs its part of
+    the model; SIGTERM to torchrun stops both."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "trinity"]
+    s = ServerProcess(*FLAGS, name="torchrun", launcher=torchrun).start()
+    try:
+        r = s.client.chat.completions.create(model=BUILTIN_MODEL, temperature=0, max_tokens=300,
+                                             messages=[{"role": "user", "content": "What is 27 + 58?"}])
+        assert r.choices[0].message.content.strip() == "The answer is 85."
+        started = children(s.proc.pid)  # torchrun's two ranks
+        assert len(started) == 2
+        s.terminate()
+        s.wait(timeout=60)
         assert wait_until(lambda: not any(alive(c) for c in started), 10)
     finally:
         s.stop()

@@ -279,8 +279,20 @@ def _cmd_serve(args) -> int:
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
         shutdown_timeout=args.shutdown_timeout)
     engine_config = EngineConfig.from_cli_args(args)
-    serve(args.model or args.model_flag, settings, engine_config, args.host, args.port, dtype=args.dtype,
-          device=args.device, log_level=args.log_level.lower())
+    model = args.model or args.model_flag
+    from .parallel.launch import torchrun_rank
+
+    launched = torchrun_rank()
+    if launched is not None and launched[0] > 0 and engine_config.tensor_parallel_size > 1:
+        # a torchrun rank other than 0: no HTTP, only its part of the model, until rank 0 stops it
+        from .loading import resolve_device
+        from .parallel.executor import ModelSource, join_torchrun
+
+        join_torchrun(ModelSource(spec=model, dtype=args.dtype, seed=engine_config.seed or 0), engine_config,
+                      resolve_device(args.device))
+        return 0
+    serve(model, settings, engine_config, args.host, args.port, dtype=args.dtype, device=args.device,
+          log_level=args.log_level.lower())
     return 0
 
 

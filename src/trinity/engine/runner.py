@@ -100,7 +100,14 @@ def _default_kv_budget(model: TrinityForCausalLM, utilization: float, max_num_se
     used_by_others = total - free - torch.cuda.memory_reserved(device)
     # activations of one step: logits for every sequence plus a generous margin for the layer temporaries
     reserve = max_num_seqs * model.config.vocab_size * 4 * 2 + (1 << 30)
-    return max(0, int(total * utilization) - torch.cuda.memory_allocated(device) - used_by_others - reserve)
+    return kv_budget(total, utilization, torch.cuda.memory_allocated(device), used_by_others, reserve)
+
+
+def kv_budget(total: int, utilization: float, allocated: int, used_by_others: int, reserve: int) -> int:
+    """What the KV pools may take of a device of `total` bytes: its `utilization` share, less what this process
+    has allocated (the weights: each tensor-parallel rank its part), what other processes use and the activations'
+    reserve (`trinity plan` budgets a GPU the same way: tests/test_tensor_parallel.py)."""
+    return max(0, int(total * utilization) - allocated - used_by_others - reserve)
 
 
 def build_runner(model: TrinityForCausalLM, config, max_model_len: int, agree=None) -> ModelRunner:
