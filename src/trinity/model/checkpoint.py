@@ -4,23 +4,30 @@ Reads a single `model.safetensors` or shards listed in `model.safetensors.index.
 experts either per expert (`mlp.experts.{e}.gate_proj.weight`, as released) or stacked (`mlp.experts.gate_up_proj`
 [E, 2I, H], as transformers 5 writes). Tensors stream one at a time from memory-mapped files straight into
 storage allocated once in the target dtype, so peak extra memory is one tensor, not a second model.
+A tensor-parallel rank (`shard`, a `parallel.sharding.ShardPlan`) allocates only its own slices and reads only
+those rows and columns of each tensor (`get_slice`), so no rank ever holds the whole model.
 Pickle checkpoints are refused: loading them can run arbitrary code.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import TrinityConfig
+
+if TYPE_CHECKING:
+    from ..parallel.sharding import ShardPlan
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -29,6 +36,16 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _STACKED_SPLIT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_proj|up_proj)$")
+
+# A tensor-parallel rank reads through the files' memory maps, and every page a read touches counts as its memory
+# until the map is closed: it closes and reopens a file after reading this share of its own part of the model (at
+# least RELEASE_MIN_BYTES), so its peak stays ~2% above its part whatever the size of the shard files. Reopening
+# costs a header parse (~1 ms for thousands of tensors): a few hundred times in a whole load at most.
+RELEASE_FRACTION = 1 / 64
+RELEASE_MIN_BYTES = 1 << 20
+# bytes per element of the safetensors dtypes (what a read spans in the file)
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+             "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -119,8 +136,15 @@ def _coverage_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
 
 
 class _LoadState:
-    def __init__(self, params: dict[str, torch.Tensor]):
-        self.params = params
+    """The parameters being filled and what of them is filled. Sharded, `params` are the rank's local tensors,
+    `full` the parameters at full shape (meta tensors: checkpoint tensors are placed and checked against these) and
+    `plan` maps full coordinates to local ones; unsharded, `full` is `params`."""
+
+    def __init__(self, params: dict[str, torch.Tensor], full: dict[str, torch.Tensor] | None = None,
+                 plan: ShardPlan | None = None):
+        self.params, self.full, self.plan = params, full if full is not None else params, plan
+        # an expert-parallel rank's stacked experts are experts first_expert.. of the model's
+        self.first_expert = plan.expert_range[0] if plan is not None and plan.expert_parallel else 0
         self.coverage = {n: torch.zeros(_coverage_shape(n, p), dtype=torch.bool) for n, p in params.items()}
 
 
@@ -147,38 +171,120 @@ def _target_for(name: str, params: dict[str, torch.Tensor]) -> _Target | None:
     return _Target(stacked, (experts, slice(half * inter, (half + 1) * inter)), (experts, half))
 
 
-def _copy_in(state: _LoadState, name: str, tensor: torch.Tensor, where: str) -> None:
-    target = _target_for(name, state.params)
+def _checked_target(state: _LoadState, name: str, shape: tuple[int, ...], where: str) -> _Target:
+    """Where checkpoint tensor `name` of `shape` goes (full coordinates), or the error naming what does not fit."""
+    target = _target_for(name, state.full)
     if target is None:
-        raise CheckpointError(f"unexpected tensor {name!r} (shape {tuple(tensor.shape)}) in {where}: "
+        raise CheckpointError(f"unexpected tensor {name!r} (shape {shape}) in {where}: "
                               "the model has no such parameter; is this an AfmoeForCausalLM checkpoint of this config?")
-    dest = state.params[target.param_name][target.index]
-    if tuple(tensor.shape) != tuple(dest.shape):
-        raise CheckpointError(f"tensor {name!r} in {where} has shape {tuple(tensor.shape)} but the model expects "
-                              f"{tuple(dest.shape)}")
+    want = tuple(state.full[target.param_name][target.index].shape)
+    if shape != want:
+        raise CheckpointError(f"tensor {name!r} in {where} has shape {shape} but the model expects {want}")
+    return target
+
+
+def _cover(state: _LoadState, name: str, target: _Target, where: str) -> None:
+    """Mark the target's part of the coverage grid (in the local parameter's experts), refusing a second fill."""
+    cover = target.cover
+    if isinstance(cover[0], int):
+        cover = (cover[0] - state.first_expert, *cover[1:])
     covered = state.coverage[target.param_name]
-    if covered[target.cover].any():
+    if covered[cover].any():
         raise CheckpointError(f"tensor {name!r} in {where} fills part of {target.param_name!r} that another "
                               "tensor already filled (the checkpoint gives the same weights twice)")
-    covered[target.cover] = True
+    covered[cover] = True
+
+
+def _copy_in(state: _LoadState, name: str, tensor: torch.Tensor, where: str) -> None:
+    target = _checked_target(state, name, tuple(tensor.shape), where)
+    _cover(state, name, target, where)
     with torch.no_grad():
-        dest.copy_(tensor)
+        state.params[target.param_name][target.index].copy_(tensor)
+
+
+class _SliceReader:
+    """One checkpoint file, read in slices by a tensor-parallel rank. safetensors hands out views of the file's
+    memory map, and the pages a read touches stay resident until the map is closed: the file is closed and reopened
+    once `budget` bytes have been read since it was opened, so no more than that is ever mapped in."""
+
+    def __init__(self, path: str, budget: int):
+        self.path, self.budget, self.touched = path, budget, 0
+        self.handle = safe_open(path, framework="pt", device="cpu")
+
+    def __enter__(self) -> "_SliceReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.__exit__(*exc)
+
+    def keys(self) -> list[str]:
+        return self.handle.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(name).get_shape())
+
+    def row_bytes(self, name: str) -> int:
+        """Bytes of one index of the tensor's first dimension (its whole size for a scalar)."""
+        source = self.handle.get_slice(name)
+        return math.prod(source.get_shape()[1:]) * _ITEMSIZE.get(source.get_dtype(), 8)
+
+    def read(self, name: str, index: tuple, span: int) -> torch.Tensor:
+        """`index` of tensor `name`, a view of the map spanning at most `span` bytes of the file. The view must be
+        dropped before the next read (it holds the map open)."""
+        if self.touched and self.touched + span > self.budget:
+            self.handle.__exit__(None, None, None)
+            self.handle, self.touched = safe_open(self.path, framework="pt", device="cpu"), 0
+        self.touched += span
+        return self.handle.get_slice(name)[index]
+
+
+def _pieces(src: tuple, shape: tuple[int, ...], row_bytes: int, budget: int) -> Iterator[tuple[tuple, tuple, int]]:
+    """`src` (slices of a checkpoint tensor of `shape`) cut along its first dimension into reads spanning at most
+    `budget` bytes of the file each (one index at least), as (the read's index, where it lands in the first dimension
+    of the result, the bytes it spans). A read spans whole rows of the tensor: a column slice touches every page of
+    its rows."""
+    if not shape or (src and not isinstance(src[0], slice)):
+        yield src, (), row_bytes * (shape[0] if shape else 1)
+        return
+    start, stop, _ = (src[0] if src else slice(None)).indices(shape[0])
+    step = max(1, budget // max(1, row_bytes))
+    for a in range(start, stop, step):
+        b = min(stop, a + step)
+        yield (slice(a, b), *src[1:]), (slice(a - start, b - start),), (b - a) * row_bytes
+
+
+def _copy_in_slices(state: _LoadState, name: str, reader: _SliceReader, where: str) -> None:
+    """A rank's part of checkpoint tensor `name` read from the file (only those rows and columns) into the local
+    parameters; nothing when this rank holds none of it (another expert-parallel rank's expert)."""
+    shape = reader.shape(name)
+    target = _checked_target(state, name, shape, where)
+    parts = state.plan.locate(target.param_name, target.index)
+    if parts is None:
+        return
+    _cover(state, name, target, where)
+    local, row_bytes = state.params[target.param_name], reader.row_bytes(name)
+    with torch.no_grad():
+        for src, dst in parts:  # a split of several ranges (gate and up rows of stacked experts): one read each
+            into = local[dst]  # the same shape as the checkpoint tensor at `src`, dimension for dimension
+            for index, at, span in _pieces(src, shape, row_bytes, reader.budget):
+                into[at].copy_(reader.read(name, index, span))
 
 
 def _missing_report(state: _LoadState) -> str:
     missing = []
+    e0 = state.first_expert
     for name, covered in state.coverage.items():
         if covered.all():
             continue
-        param = state.params[name]
         if not covered.any() or covered.numel() == 1:
-            missing.append(f"{name} (shape {tuple(param.shape)})")
+            missing.append(f"{name} (shape {tuple(state.full[name].shape)})")
             continue
         prefix = name.rsplit(".", 1)[0]
         if covered.dim() == 2:  # per-expert gate/up
-            missing += [f"{prefix}.{e}.{('gate_proj', 'up_proj')[h]}.weight" for e, h in (~covered).nonzero().tolist()]
+            missing += [f"{prefix}.{e0 + e}.{('gate_proj', 'up_proj')[h]}.weight"
+                        for e, h in (~covered).nonzero().tolist()]
         else:
-            missing += [f"{prefix}.{e}.down_proj.weight" for (e,) in (~covered).nonzero().tolist()]
+            missing += [f"{prefix}.{e0 + e}.down_proj.weight" for (e,) in (~covered).nonzero().tolist()]
     return ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
 
 
@@ -195,25 +301,38 @@ def _progress(enabled: bool | None, total: int | None):
     return progress, progress.add_task("load", total=total)
 
 
+def _full_parameters(cls, config: TrinityConfig) -> dict[str, torch.Tensor]:
+    """The model's parameters at full shape, as meta tensors: where a sharded rank places checkpoint tensors."""
+    with torch.device("meta"):
+        return dict(cls(config).named_parameters())
+
+
 def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.device | str = "cpu",
-                    progress: bool | None = None):
+                    progress: bool | None = None, shard: ShardPlan | None = None):
+    """`shard`: a `parallel.sharding.ShardPlan`: the rank's part of the model, read and allocated alone."""
     config = TrinityConfig.from_pretrained(path)
     files = checkpoint_files(path)
-    model = cls.empty(config, resolve_dtype(dtype, config, device), device)
+    model = cls.empty(config, resolve_dtype(dtype, config, device), device, shard=shard)
     params = dict(model.named_parameters())  # tied head: named_parameters lists the shared weight once
-    state = _LoadState(params)
+    state = _LoadState(params) if shard is None else _LoadState(params, _full_parameters(cls, config), shard)
+    local_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    budget = max(RELEASE_MIN_BYTES, int(local_bytes * RELEASE_FRACTION))
     bar = _progress(progress, len(files))
     if bar:
         bar[0].start()
     try:
         for file, names in files.items():
             # One shard open at a time: its mapped pages are released before the next is read.
-            with safe_open(file, framework="pt", device="cpu") as handle:
+            opened = safe_open(file, framework="pt", device="cpu") if shard is None else _SliceReader(file, budget)
+            with opened as handle:
                 where = os.path.basename(file)
                 for name in names if names is not None else list(handle.keys()):
                     if name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
                         continue
-                    _copy_in(state, name, handle.get_tensor(name), where)
+                    if shard is None:
+                        _copy_in(state, name, handle.get_tensor(name), where)
+                    else:
+                        _copy_in_slices(state, name, handle, where)
                 if bar:
                     bar[0].advance(bar[1])
     finally:

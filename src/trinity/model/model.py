@@ -177,20 +177,31 @@ class TrinityForCausalLM(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def empty(cls, config: TrinityConfig, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> "TrinityForCausalLM":
-        """A model with uninitialised storage allocated once in its final dtype/device (no fp32 detour)."""
+              device: torch.device | str = "cpu", shard=None) -> "TrinityForCausalLM":
+        """A model with uninitialised storage allocated once in its final dtype/device (no fp32 detour).
+
+        `shard` (a `parallel.sharding.ShardPlan`): this rank's part only, restructured while still on the meta
+        device, so the full model is never allocated; the vocabulary's padding rows are zero."""
         with torch.device("meta"):
             model = cls(config)
+        if shard is not None:
+            from ..parallel.sharding import meta_local, restructure
+
+            restructure(model, shard, meta_local(shard))
+        made: dict[int, nn.Parameter] = {}  # a tied weight is allocated once, for both its modules
         for prefix, module in model.named_modules():
             for name, param in list(module._parameters.items()):
                 if param is None:
                     continue
-                full = f"{prefix}.{name}" if prefix else name
-                want = torch.float32 if model.keeps_fp32(full) else dtype
-                module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=want, device=device),
-                                                        requires_grad=param.requires_grad)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+                if id(param) not in made:
+                    full = f"{prefix}.{name}" if prefix else name
+                    want = torch.float32 if model.keeps_fp32(full) else dtype
+                    storage = torch.empty(param.shape, dtype=want, device=device)
+                    split = shard.split(full) if shard is not None else None
+                    if split is not None and split.pad:  # rows past the vocabulary: no checkpoint tensor fills them
+                        storage.zero_()
+                    made[id(param)] = nn.Parameter(storage, requires_grad=param.requires_grad)
+                module._parameters[name] = made[id(param)]
         return model
 
     @classmethod
@@ -205,11 +216,13 @@ class TrinityForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu", progress: bool | None = None) -> "TrinityForCausalLM":
-        """Load a local HF-layout safetensors checkpoint (single file or sharded; per-expert or stacked experts)."""
+                        device: torch.device | str = "cpu", progress: bool | None = None,
+                        shard=None) -> "TrinityForCausalLM":
+        """Load a local HF-layout safetensors checkpoint (single file or sharded; per-expert or stacked experts).
+        `shard` (a `parallel.sharding.ShardPlan`): only this rank's part, read from the files and held."""
         from .checkpoint import load_checkpoint
 
-        return load_checkpoint(cls, path, dtype=dtype, device=device, progress=progress)
+        return load_checkpoint(cls, path, dtype=dtype, device=device, progress=progress, shard=shard)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         expert_layout: str = "per_expert", dtype: torch.dtype | str | None = None) -> None:
