@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_checkpoint import make_model
 
 from trinity import CheckpointError, TrinityForCausalLM, preset
 from trinity.parallel.sharding import ShardPlan, shard_model
@@ -22,17 +23,6 @@ CONFIGS = {
     "kv4-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
 }
 LAYOUTS = ("per_expert", "stacked")
-
-
-def make_model(cfg, seed=0) -> TrinityForCausalLM:
-    """random() leaves norms at 1 and expert biases at 0; perturb them so a misplaced one shows."""
-    model = TrinityForCausalLM.random(cfg, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module", params=[(c, lay) for c in CONFIGS for lay in LAYOUTS],

@@ -23,18 +23,3 @@ def sharded_logits(group, cases: list[tuple[dict, int, bool, bool]], ids: list[l
             out.append(model(torch.tensor(ids)).numpy())
     return out
 
-
-def all_reduce_time(group, hidden: int, rows: int, reps: int) -> float:
-    """Median seconds of one all-reduce of a [rows, hidden] fp32 tensor (a decode step's hidden states)."""
-    import statistics
-    import time
-
-    x = torch.randn(rows, hidden)
-    for _ in range(5):
-        group.all_reduce_(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        group.all_reduce_(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
