@@ -20,6 +20,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: config dtype on "
                                                    "GPU, float32 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+                   help="fp8: quantize the weights to FP8 while loading (--dtype fp8 is the same); a checkpoint "
+                        "with an FP8 quantization_config loads as FP8 without it")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes")
     srv.add_argument("--dtype", default="auto")
     srv.add_argument("--device", default="auto")
+    srv.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+                     help="fp8: quantize the weights to FP8 while loading (--dtype fp8 is the same)")
     EngineConfig.add_cli_arguments(srv.add_argument_group("engine"))  # one flag per EngineConfig field
     srv.add_argument("--chat-template", default=None, help="a jinja file replacing the model's chat template")
     srv.add_argument("--reasoning-parser", default="trinity", choices=["trinity", "deepseek_r1", "none"])
@@ -156,7 +161,7 @@ def _stream_text(engine, prompt_ids: list[int], params):
 def _cmd_generate(args) -> int:
     from .loading import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     if args.chat:
         prompt_ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True,
                                                           enable_thinking=not args.no_think)
@@ -178,7 +183,7 @@ def _cmd_chat(args) -> int:
     from .serve.reasoning import get_reasoning_parser  # pure Python: no server packages imported
 
     console = Console(highlight=False)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     engine = _engine(loaded)
     params = _params(args)
     console.print(f"[bold]trinity chat[/bold] · model [cyan]{loaded.name}[/cyan] on {loaded.model.device} · "
@@ -292,7 +297,7 @@ def _cmd_serve(args) -> int:
                       resolve_device(args.device))
         return 0
     serve(model, settings, engine_config, args.host, args.port, dtype=args.dtype, device=args.device,
-          log_level=args.log_level.lower())
+          log_level=args.log_level.lower(), quantization=args.quantization)
     return 0
 
 

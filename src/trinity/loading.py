@@ -55,25 +55,29 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def load_model(spec: str | None = None, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
-               seed: int = 0, shard=None) -> LoadedModel:
+               seed: int = 0, shard=None, quantization: str | None = None) -> LoadedModel:
     """`spec`: `trinity-tiny` (the built-in model, the default), a local checkpoint folder (config.json,
     safetensors, tokenizer.json) or a preset name (random weights from `seed` with a byte-level tokenizer: for
     trying the machinery, not for real text). `shard`: config -> a tensor-parallel rank's
-    `parallel.sharding.ShardPlan`; the model is then that rank's part (a checkpoint's other slices are not read)."""
+    `parallel.sharding.ShardPlan`; the model is then that rank's part (a checkpoint's other slices are not read).
+    `quantization="fp8"` (or `dtype="fp8"`, vLLM's alias) quantizes the weights to FP8 while loading; a checkpoint
+    with an FP8 `quantization_config` loads as FP8 without it."""
+    if dtype == "fp8":
+        dtype, quantization = "auto", quantization or "fp8"
     spec = spec or DEFAULT_MODEL
     dev = resolve_device(device)
     if spec == BUILTIN_MODEL:
         path = builtin_model_path()
         if not os.path.exists(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"the built-in model is missing from {path}; `make tiny-model` rebuilds it")
-        loaded = load_model(path, dtype=dtype, device=device, seed=seed, shard=shard)
+        loaded = load_model(path, dtype=dtype, device=device, seed=seed, shard=shard, quantization=quantization)
         loaded.name = BUILTIN_MODEL
         return loaded
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "tokenizer.json")):
             raise FileNotFoundError(f"{spec} has no tokenizer.json; copy the model's tokenizer files beside the weights")
         plan = shard(TrinityConfig.from_pretrained(spec)) if shard is not None else None
-        model = TrinityForCausalLM.from_pretrained(spec, dtype=dtype, device=dev, shard=plan)
+        model = TrinityForCausalLM.from_pretrained(spec, dtype=dtype, device=dev, shard=plan, quantization=quantization)
         tokenizer = TrinityTokenizer.from_pretrained(spec)
         name = os.path.basename(os.path.normpath(spec))
     elif spec in PRESETS:
@@ -84,6 +88,10 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype | None = "auto"
         if shard is not None:  # random weights: made whole (the same on every rank), then cut
             from .parallel.sharding import shard_model
             shard_model(model, shard(cfg))
+        if quantization not in (None, "none"):
+            from .model.checkpoint import quant_config_for
+            from .quant.modules import quantize_model
+            quantize_model(model, quant_config_for(cfg, quantization))
         tokenizer = build_byte_level_tokenizer()
         name = spec
     else:

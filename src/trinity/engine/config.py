@@ -3,7 +3,8 @@
 `trinity serve`'s flags (`add_cli_arguments` / `from_cli_args`) and `LLM(...)`'s keywords (`from_kwargs`,
 `signature_parameters`) are derived from the fields below: a new field with a `help` in its metadata gets a flag
 (`--field-name`, vLLM's spelling; a bool gets `--x` / `--no-x`) and a keyword with no other edit. Metadata keys:
-`help` (the flag's help text) and optionally `flags` (the option strings, where they are not `--field-name`).
+`help` (the flag's help text) and optionally `flags` (the option strings, where they are not `--field-name`) and
+`choices` (the values the flag takes).
 
 Plain Python: importing this module loads no torch.
 """
@@ -26,6 +27,9 @@ class EngineConfigError(ValueError):
     def __init__(self, name: str, value: Any, allowed: str):
         super().__init__(f"{name} = {value!r} is invalid: {allowed}")
         self.name, self.value, self.allowed = name, value, allowed
+
+
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def _setting(default: Any, help: str, **meta: Any) -> Any:
@@ -66,6 +70,12 @@ class EngineConfig:
         False, "with tensor parallelism: each rank holds num_experts / tp whole experts instead of a slice of every "
                "expert")
 
+    # The KV cache's storage: "auto" = the model's dtype; FP8 halves a bf16 cache (e4m3 with a per-layer scale, or
+    # e5m2), dequantized on read by every attention path.
+    kv_cache_dtype: str = _setting(
+        "auto", "KV cache storage: auto (the model's dtype), fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2",
+        choices=KV_CACHE_DTYPES)
+
     def __post_init__(self) -> None:
         # Only values that failed later anyway (with a less helpful error) are refused here: inputs that worked
         # before keep working (e.g. max_model_len=0 still means the model's limit; gpu_memory_utilization is
@@ -88,6 +98,8 @@ class EngineConfig:
                                     "must be a whole number of bytes >= 1, or None for the default budget")
         if not (_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1):
             raise EngineConfigError("tensor_parallel_size", self.tensor_parallel_size, "must be an integer >= 1")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise EngineConfigError("kv_cache_dtype", self.kv_cache_dtype, f"allowed: {', '.join(KV_CACHE_DTYPES)}")
         if self.seed is not None and not _is_int(self.seed):
             raise EngineConfigError("seed", self.seed, "must be an integer, or None for a random seed")
 
@@ -105,6 +117,8 @@ class EngineConfig:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
                 kw["type"] = base
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
             parser.add_argument(*flags, **kw)
 
     @classmethod

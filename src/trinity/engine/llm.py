@@ -16,11 +16,12 @@ class LLM:
     """Batch generation over the engine.
 
     `model`: a checkpoint folder, a preset name, or a `TrinityForCausalLM` (then pass `tokenizer`, or use
-    token ids only). The other keywords are `EngineConfig`'s fields (max_model_len, max_num_seqs, block_size,
+    token ids only). `quantization="fp8"` (or `dtype="fp8"`): FP8 weights quantized while loading. The other keywords are `EngineConfig`'s fields (max_model_len, max_num_seqs, block_size,
     seed, ...: see `inspect.signature(LLM)`), derived from it so that a new engine setting needs no edit here.
     """
 
-    def __init__(self, model=None, tokenizer=None, dtype: str = "auto", device: str = "auto", **engine_settings):
+    def __init__(self, model=None, tokenizer=None, dtype: str = "auto", device: str = "auto",
+                 quantization: str | None = None, **engine_settings):
         from ..model.model import TrinityForCausalLM
 
         config = EngineConfig.from_kwargs("LLM", **engine_settings)  # checked before a model is loaded
@@ -33,7 +34,7 @@ class LLM:
         elif not isinstance(model, TrinityForCausalLM):
             from ..loading import load_model
 
-            loaded = load_model(model, dtype=dtype, device=device, seed=config.seed or 0)
+            loaded = load_model(model, dtype=dtype, device=device, seed=config.seed or 0, quantization=quantization)
             model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
         self.engine = LLMEngine(model, tokenizer, config, executor=executor)
         self._ids = itertools.count()

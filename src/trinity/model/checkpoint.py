@@ -34,8 +34,9 @@ SINGLE_FILE = "model.safetensors"
 # Buffers some exporters write that carry nothing we need (we recompute RoPE tables).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-_PER_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-_STACKED_SPLIT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_proj|up_proj)$")
+_PER_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+                         r"\.(?P<kind>weight|weight_scale)$")
+_STACKED_SPLIT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_proj|up_proj)(?P<kind>|_scale)$")
 
 # A tensor-parallel rank reads through the files' memory maps, and every page a read touches counts as its memory
 # until the map is closed: it closes and reopens a file after reading this share of its own part of the model (at
@@ -46,6 +47,8 @@ RELEASE_MIN_BYTES = 1 << 20
 # bytes per element of the safetensors dtypes (what a read spans in the file)
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
              "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+FP8 = torch.float8_e4m3fn
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -128,9 +131,9 @@ class _Target:
 
 def _coverage_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
     """Stacked gate_up: [experts, 2] (gate half, up half); stacked down: [experts]; anything else: [1]."""
-    if name.endswith(".mlp.experts.gate_up_proj"):
+    if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.gate_up_proj_scale")):
         return (param.shape[0], 2)
-    if name.endswith(".mlp.experts.down_proj"):
+    if name.endswith((".mlp.experts.down_proj", ".mlp.experts.down_proj_scale")):
         return (param.shape[0],)
     return (1,)
 
@@ -146,6 +149,7 @@ class _LoadState:
         # an expert-parallel rank's stacked experts are experts first_expert.. of the model's
         self.first_expert = plan.expert_range[0] if plan is not None and plan.expert_parallel else 0
         self.coverage = {n: torch.zeros(_coverage_shape(n, p), dtype=torch.bool) for n, p in params.items()}
+        self.blocks: dict[str, tuple[int, int]] = {}  # FP8 parameters' scale blocks, for online quantization
 
 
 def _target_for(name: str, params: dict[str, torch.Tensor]) -> _Target | None:
@@ -164,9 +168,14 @@ def _target_for(name: str, params: dict[str, torch.Tensor]) -> _Target | None:
         experts = int(m["e"])
         if experts >= num_experts:
             return None
+    scale = m["kind"] in ("weight_scale", "_scale")  # an FP8 expert's block scales (`quant.modules.Fp8Experts`)
+    if scale:
+        stacked += "_scale"
+        if stacked not in params:
+            return None
     if proj == "down_proj":
         return _Target(stacked, (experts,), (experts,))
-    inter = params[stacked].shape[1] // 2
+    inter = params[stacked].shape[1] // 2  # of the scale's block rows, for a scale
     half = 0 if proj == "gate_proj" else 1
     return _Target(stacked, (experts, slice(half * inter, (half + 1) * inter)), (experts, half))
 
@@ -178,7 +187,8 @@ def _checked_target(state: _LoadState, name: str, shape: tuple[int, ...], where:
         raise CheckpointError(f"unexpected tensor {name!r} (shape {shape}) in {where}: "
                               "the model has no such parameter; is this an AfmoeForCausalLM checkpoint of this config?")
     want = tuple(state.full[target.param_name][target.index].shape)
-    if shape != want:
+    flat_scale = name.endswith(("weight_scale", "input_scale")) and math.prod(shape) == math.prod(want)
+    if shape != want and not flat_scale:
         raise CheckpointError(f"tensor {name!r} in {where} has shape {shape} but the model expects {want}")
     return target
 
@@ -198,8 +208,42 @@ def _cover(state: _LoadState, name: str, target: _Target, where: str) -> None:
 def _copy_in(state: _LoadState, name: str, tensor: torch.Tensor, where: str) -> None:
     target = _checked_target(state, name, tuple(tensor.shape), where)
     _cover(state, name, target, where)
+    dest = state.params[target.param_name][target.index]
+    if tensor.shape != dest.shape:  # a scale saved flat ([1] for a tensor-wide one, [out] per channel)
+        tensor = tensor.reshape(dest.shape)
     with torch.no_grad():
-        state.params[target.param_name][target.index].copy_(tensor)
+        if dest.dtype == FP8 and tensor.dtype != FP8:  # online FP8: quantized as it streams in
+            _quantize_in(state, name, target, tensor, where)
+        else:
+            dest.copy_(tensor)  # FP8 stays FP8; scales (fp32, bf16 or e8m0) become fp32
+
+
+def _quantize_in(state: _LoadState, name: str, target: _Target, tensor: torch.Tensor, where: str) -> None:
+    """A higher-precision weight into an FP8 parameter and its scale (`--quantization fp8`). Stacked experts'
+    gate_up_proj is quantized a half at a time, as the per-expert gate_proj and up_proj are (the same blocks
+    whichever layout the checkpoint has)."""
+    from ..quant.modules import scale_target
+
+    index = target.index
+    if target.param_name.endswith(".gate_up_proj") and len(index) < 2:  # both halves in one tensor
+        experts = index[0] if index else slice(None)
+        inter = tensor.shape[-2] // 2
+        for rows in (slice(0, inter), slice(inter, 2 * inter)):
+            _quantize_part(state, target.param_name, (experts, rows), tensor[..., rows, :])
+    else:
+        _quantize_part(state, target.param_name, index, tensor)
+    scale_name, scale_index = scale_target(target.param_name, index, state.params)
+    _cover(state, name + " (its scale)", _Target(scale_name, scale_index, target.cover), where)
+
+
+def _quantize_part(state: _LoadState, param_name: str, index: tuple, tensor: torch.Tensor) -> None:
+    from ..quant import fp8
+    from ..quant.modules import scale_target
+
+    scale_name, scale_index = scale_target(param_name, index, state.params)
+    q, scale = fp8.quantize(tensor, state.blocks[param_name])
+    state.params[param_name][index].copy_(q)
+    state.params[scale_name][scale_index].copy_(scale)
 
 
 class _SliceReader:
@@ -301,20 +345,54 @@ def _progress(enabled: bool | None, total: int | None):
     return progress, progress.add_task("load", total=total)
 
 
+def _fp8_blocks(model) -> dict[str, tuple[int, int]]:
+    """The scale block of every FP8 parameter (for online quantization)."""
+    blocks = {}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "gate_block"):  # quant.modules.Fp8Experts
+            blocks[f"{prefix}.gate_up_proj"], blocks[f"{prefix}.down_proj"] = module.gate_block, module.down_block
+        elif getattr(module, "keeps_dtypes", False):  # quant.modules.Fp8Linear
+            blocks[f"{prefix}.weight"] = module.block
+    return blocks
+
+
 def _full_parameters(cls, config: TrinityConfig) -> dict[str, torch.Tensor]:
     """The model's parameters at full shape, as meta tensors: where a sharded rank places checkpoint tensors."""
     with torch.device("meta"):
         return dict(cls(config).named_parameters())
 
 
+def quant_config_for(config: TrinityConfig, quantization: str | None):
+    """The checkpoint's quantization (its `quantization_config`), or online FP8 (`quantization="fp8"`) of an
+    unquantized one; None: neither. Refuses what cannot run (`quant.scheme.QuantizationError`)."""
+    from ..quant.scheme import QuantConfig, QuantizationError, from_hf
+
+    quant = from_hf(config.extra.get("quantization_config"))
+    if quantization in (None, "none"):
+        return quant
+    if quantization != "fp8":
+        raise QuantizationError(f"quantization = {quantization!r} is not supported: fp8 (online FP8) is")
+    if quant is not None:
+        raise QuantizationError("quantization = 'fp8' asks to quantize a checkpoint that is already quantized "
+                                "(its quantization_config); load it without --quantization")
+    return QuantConfig.online_fp8()
+
+
 def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.device | str = "cpu",
-                    progress: bool | None = None, shard: ShardPlan | None = None):
-    """`shard`: a `parallel.sharding.ShardPlan`: the rank's part of the model, read and allocated alone."""
+                    progress: bool | None = None, shard: ShardPlan | None = None, quantization: str | None = None):
+    """`shard`: a `parallel.sharding.ShardPlan`: the rank's part of the model, read and allocated alone.
+    `quantization`: "fp8" quantizes an unquantized checkpoint's projections and experts to FP8 as they load."""
     config = TrinityConfig.from_pretrained(path)
+    quant = quant_config_for(config, quantization)
+    if quant is not None and shard is not None:
+        from ..quant.scheme import QuantizationError
+        raise QuantizationError("FP8 weights with tensor parallelism are not supported yet: load on one device, "
+                                "or a bf16 checkpoint without --quantization")
     files = checkpoint_files(path)
-    model = cls.empty(config, resolve_dtype(dtype, config, device), device, shard=shard)
+    model = cls.empty(config, resolve_dtype(dtype, config, device), device, shard=shard, quant=quant)
     params = dict(model.named_parameters())  # tied head: named_parameters lists the shared weight once
     state = _LoadState(params) if shard is None else _LoadState(params, _full_parameters(cls, config), shard)
+    state.blocks = _fp8_blocks(model)
     local_bytes = sum(p.numel() * p.element_size() for p in params.values())
     budget = max(RELEASE_MIN_BYTES, int(local_bytes * RELEASE_FRACTION))
     bar = _progress(progress, len(files))

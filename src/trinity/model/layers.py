@@ -59,6 +59,11 @@ class FusedLinears:
         return linear(x, self.weight).split(self.sizes, dim=-1)
 
 
+def fusable(modules: list[nn.Module]) -> bool:
+    """Plain projections (an FP8 one holds its weight in another form: `quant.modules.Fp8Linear`)."""
+    return all(isinstance(m, nn.Linear) for m in modules)
+
+
 def fused_projections_usable(fused: FusedLinears | None) -> bool:
     return fused is not None and not torch.is_grad_enabled() and fused.valid()
 
@@ -155,7 +160,8 @@ class SwiGLU(nn.Module):
         self.fused: FusedLinears | None = None  # gate and up as one GEMM, after fuse_projections()
 
     def fuse_projections(self) -> None:
-        self.fused = FusedLinears([self.gate_proj, self.up_proj])
+        if fusable([self.gate_proj, self.up_proj]):
+            self.fused = FusedLinears([self.gate_proj, self.up_proj])
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate(x)) * up(x): the input of down_proj."""
@@ -197,7 +203,8 @@ class GatedAttention(nn.Module):
         self.fused: FusedLinears | None = None  # q, k, v and gate as one GEMM, after fuse_projections()
 
     def fuse_projections(self) -> None:
-        self.fused = FusedLinears([self.q_proj, self.k_proj, self.v_proj, self.gate_proj])
+        if fusable([self.q_proj, self.k_proj, self.v_proj, self.gate_proj]):
+            self.fused = FusedLinears([self.q_proj, self.k_proj, self.v_proj, self.gate_proj])
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if fused_projections_usable(self.fused):

@@ -157,7 +157,8 @@ class TrinityForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' dtype (the embedding's: an FP8 model's projections hold another)."""
+        return self.model.embed_tokens.weight.dtype
 
     def fuse_projections(self) -> "TrinityForCausalLM":
         """For inference: each attention's q/k/v/gate and each SwiGLU's gate/up projections as one GEMM
@@ -177,13 +178,17 @@ class TrinityForCausalLM(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def empty(cls, config: TrinityConfig, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu", shard=None) -> "TrinityForCausalLM":
+              device: torch.device | str = "cpu", shard=None, quant=None) -> "TrinityForCausalLM":
         """A model with uninitialised storage allocated once in its final dtype/device (no fp32 detour).
 
         `shard` (a `parallel.sharding.ShardPlan`): this rank's part only, restructured while still on the meta
         device, so the full model is never allocated; the vocabulary's padding rows are zero."""
         with torch.device("meta"):
             model = cls(config)
+        if quant is not None:  # `quant.scheme.QuantConfig`: FP8 modules in place of the quantized ones
+            from ..quant.modules import quantize_structure
+
+            quantize_structure(model, quant)
         if shard is not None:
             from ..parallel.sharding import meta_local, restructure
 
@@ -196,6 +201,8 @@ class TrinityForCausalLM(nn.Module):
                 if id(param) not in made:
                     full = f"{prefix}.{name}" if prefix else name
                     want = torch.float32 if model.keeps_fp32(full) else dtype
+                    if getattr(module, "keeps_dtypes", False):  # FP8 weights and their fp32 scales
+                        want = param.dtype
                     storage = torch.empty(param.shape, dtype=want, device=device)
                     split = shard.split(full) if shard is not None else None
                     if split is not None and split.pad:  # rows past the vocabulary: no checkpoint tensor fills them
@@ -217,12 +224,15 @@ class TrinityForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: torch.device | str = "cpu", progress: bool | None = None,
-                        shard=None) -> "TrinityForCausalLM":
+                        shard=None, quantization: str | None = None) -> "TrinityForCausalLM":
         """Load a local HF-layout safetensors checkpoint (single file or sharded; per-expert or stacked experts).
-        `shard` (a `parallel.sharding.ShardPlan`): only this rank's part, read from the files and held."""
+        `shard` (a `parallel.sharding.ShardPlan`): only this rank's part, read from the files and held. A checkpoint
+        with a compressed-tensors FP8 `quantization_config` loads with its weights in FP8; `quantization="fp8"`
+        quantizes an unquantized one while loading (`quant/`)."""
         from .checkpoint import load_checkpoint
 
-        return load_checkpoint(cls, path, dtype=dtype, device=device, progress=progress, shard=shard)
+        return load_checkpoint(cls, path, dtype=dtype, device=device, progress=progress, shard=shard,
+                               quantization=quantization)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         expert_layout: str = "per_expert", dtype: torch.dtype | str | None = None) -> None:

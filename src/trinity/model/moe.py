@@ -70,7 +70,9 @@ class MoEBlock(nn.Module):
         if self.stacked_valid():
             return
         shared = self.shared_experts
-        if shared is None or shared.down_proj.weight.shape != self.experts.down_proj.shape[1:]:
+        if shared is None or not getattr(self.experts, "whole_layer_kernels", True) \
+                or not isinstance(shared.down_proj, nn.Linear) \
+                or shared.down_proj.weight.shape != self.experts.down_proj.shape[1:]:
             if shared is not None:
                 shared.fuse_projections()
             return
@@ -99,6 +101,8 @@ class MoEBlock(nn.Module):
     def router_weight_fp32(self) -> torch.Tensor:
         """The router weight in fp32 for inference, converted once (a bf16 model otherwise copies it every step: one
         extra kernel per MoE layer), and again only if the weight is replaced or changed in place."""
+        if hasattr(self.router.gate, "dequantized"):  # a checkpoint that quantized the router too
+            return self.router.gate.dequantized(torch.float32)
         w = self.router.gate.weight
         if w.dtype == torch.float32 or torch.is_grad_enabled():  # under autograd the cast must stay differentiable
             return w
@@ -118,8 +122,9 @@ class MoEBlock(nn.Module):
 
     def _path(self, x: torch.Tensor, count_weight: torch.Tensor | None = None) -> str:
         """The implementation for this batch: "triton" or "native" (a whole-layer kernel), else "routed"."""
-        if self.record_router or self.expert_range is not None:  # training (the losses need the router logits),
-            return "routed"  # or some experts elsewhere
+        if self.record_router or self.expert_range is not None \
+                or not getattr(self.experts, "whole_layer_kernels", True):
+            return "routed"  # training (the losses need the router logits), experts elsewhere, or FP8 experts
         if moe_layer_triton_wanted(x):
             return "triton"
         if count_weight is None and moe_layer_native_wanted(x, self.experts.gate_up_proj):

@@ -24,7 +24,7 @@ FAILURE_EXIT_CODE = 3
 
 
 def load_engine(state: ServerState, model_spec: str | None, dtype: str, device: str,
-                engine_config: EngineConfig) -> None:
+                engine_config: EngineConfig, quantization: str | None = None) -> None:
     """Runs on a thread so /health can answer 503 while weights load."""
     try:
         from ..loading import load_model
@@ -37,7 +37,8 @@ def load_engine(state: ServerState, model_spec: str | None, dtype: str, device: 
                                                   on_failure=lambda reason: _fail(state, reason))
             loaded.model = model
         else:
-            loaded = load_model(model_spec, dtype=dtype, device=device)
+            loaded = load_model(model_spec, dtype=dtype, device=device, quantization=quantization)
+            log.info("weights: %.1f MB", weight_bytes(loaded.model) / 1e6)
         if state.settings.chat_template:
             loaded.tokenizer.chat_template = state.settings.chat_template
         if state.settings.served_model_name is None:
@@ -47,6 +48,11 @@ def load_engine(state: ServerState, model_spec: str | None, dtype: str, device: 
     except Exception as e:  # noqa: BLE001 - reported by /health and every request
         log.exception("failed to load the model")
         state.load_error = f"the model failed to load: {type(e).__name__}: {e}"
+
+
+def weight_bytes(model) -> int:
+    """What the model's parameters occupy (FP8 weights count one byte each, their scales four)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _fail(state: ServerState, reason: str) -> None:
@@ -93,12 +99,12 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(model_spec: str | None, settings: ServerSettings, engine_config: EngineConfig, host: str, port: int,
-          dtype: str = "auto", device: str = "auto", log_level: str = "info") -> None:
+          dtype: str = "auto", device: str = "auto", log_level: str = "info", quantization: str | None = None) -> None:
     state = ServerState(settings)
     app = build_app(state)
     # Weights load while uvicorn starts: /health says 503 until they are in.
-    threading.Thread(target=load_engine, args=(state, model_spec, dtype, device, engine_config), daemon=True,
-                     name="trinity-load").start()
+    threading.Thread(target=load_engine, args=(state, model_spec, dtype, device, engine_config, quantization),
+                     daemon=True, name="trinity-load").start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)))
     try:

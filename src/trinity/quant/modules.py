@@ -1,0 +1,185 @@
+"""The model's quantized modules, and the model restructured around them (`quantize_structure`).
+
+`Fp8Linear` replaces a bias-free projection and `Fp8Experts` a MoE block's stacked routed experts; each keeps its
+weights in FP8 (one byte each) beside fp32 block scales, under the same parameter names plus `*_scale` (so a
+checkpoint's `weight` / `weight_scale` tensors load into them). Their forward is the reference: dequantize what is
+used into the activations' dtype and compute as the unquantized module does (with the FP8 activations of the
+checkpoint's scheme emulated where it has them). Neither can be folded into fused kernels made for plain weights:
+`Fp8Linear.foldable` is False (the norm after it runs it first), and a MoE block with `Fp8Experts` takes its
+reference ("routed") path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.fp8 import linear_fp8
+from . import fp8
+from .scheme import ActivationScheme, QuantConfig, QuantizationError
+
+
+class Fp8Linear(nn.Module):
+    foldable = False  # `RMSNorm.forward` runs it before the norm instead of reading its weight
+    keeps_dtypes = True  # `TrinityForCausalLM.empty` allocates its parameters in their own dtypes
+
+    def __init__(self, out_features: int, in_features: int, block: tuple[int, int],
+                 activations: ActivationScheme | None = None):
+        super().__init__()
+        self.out_features, self.in_features, self.block = out_features, in_features, block
+        self.activations = activations
+        rows, cols = fp8.grid((out_features, in_features), block)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=fp8.FP8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(rows, cols), requires_grad=False)
+        if activations is not None and not activations.dynamic:
+            self.input_scale = nn.Parameter(torch.empty(1), requires_grad=False)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return fp8.dequantize(self.weight, self.weight_scale, self.block, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_fp8(_activations_in(x, self), self.weight, self.weight_scale, self.block)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={self.block}"
+
+
+def _activations_in(x: torch.Tensor, module) -> torch.Tensor:
+    """x as the w8a8 kernel of the checkpoint's activation scheme would see it (x itself without one)."""
+    acts = module.activations
+    if acts is None:
+        return x
+    if acts.dynamic:
+        return fp8.fake_quantize_activations(x, acts.group_size if acts.strategy == "group" else None)
+    scale = module.input_scale.float()  # static, per tensor
+    return ((x.float() / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8).float() * scale).to(x.dtype)
+
+
+class Fp8Experts(nn.Module):
+    """Stacked routed experts in FP8: gate_up_proj [E, 2I, H] with gate_up_proj_scale [E, 2 * rows(I), cols(H)]
+    (the gate half's block rows, then the up half's: each half is blocked on its own, as the checkpoint's per-expert
+    gate_proj and up_proj are), down_proj [E, H, I] with down_proj_scale [E, rows(H), cols(I)]."""
+
+    keeps_dtypes = True
+    whole_layer_kernels = False  # the fused MoE kernels take plain weights: the block uses its routed path
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, config: QuantConfig):
+        super().__init__()
+        self.inter, self.hidden = inter, hidden
+        self.gate_block = config.weights.block((inter, hidden))
+        self.down_block = config.weights.block((hidden, inter))
+        if config.activations is not None and not config.activations.dynamic:
+            raise QuantizationError("static activation scales for routed experts are not supported (their "
+                                    "input_scale per expert); dynamic ones are")
+        self.activations = config.activations
+        g_rows, g_cols = fp8.grid((inter, hidden), self.gate_block)
+        d_rows, d_cols = fp8.grid((hidden, inter), self.down_block)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=fp8.FP8),
+                                         requires_grad=False)
+        self.gate_up_proj_scale = nn.Parameter(torch.empty(num_experts, 2 * g_rows, g_cols), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=fp8.FP8), requires_grad=False)
+        self.down_proj_scale = nn.Parameter(torch.empty(num_experts, d_rows, d_cols), requires_grad=False)
+
+    def expert_linears(self, e: int):
+        """Expert e's three projections as (weight, scale, block) triples for `kernels.fp8.linear_fp8`: gate, up,
+        down."""
+        i, rows = self.inter, self.gate_up_proj_scale.shape[1] // 2
+        q, s = self.gate_up_proj[e], self.gate_up_proj_scale[e]
+        return ((q[:i], s[:rows], self.gate_block), (q[i:], s[rows:], self.gate_block),
+                (self.down_proj[e], self.down_proj_scale[e], self.down_block))
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up [2I, H], down [H, I]) dequantized into `dtype`."""
+        i, rows = self.inter, self.gate_up_proj_scale.shape[1] // 2
+        q, s = self.gate_up_proj[e], self.gate_up_proj_scale[e]
+        gate_up = torch.cat([fp8.dequantize(q[:i], s[:rows], self.gate_block, dtype),
+                             fp8.dequantize(q[i:], s[rows:], self.gate_block, dtype)])
+        return gate_up, fp8.dequantize(self.down_proj[e], self.down_proj_scale[e], self.down_block, dtype)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], each token's top-k (weights [T, k] fp32, ids [T, k]) -> [T, H]: each used expert's weights
+        dequantized once, its tokens through SwiGLU, the outputs summed per token in fp32 (as the reference)."""
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for e in ids.unique().tolist():
+            token, choice = (ids == e).nonzero(as_tuple=True)
+            gate, up, down = self.expert_linears(e)
+            xe = _activations_in(x[token], self)
+            h = _activations_in(F.silu(linear_fp8(xe, *gate)) * linear_fp8(xe, *up), self)
+            y = linear_fp8(h, *down)
+            out.index_add_(0, token, y.float() * weights[token, choice, None])
+        return out.to(x.dtype)
+
+
+def quantize_structure(model, config: QuantConfig) -> None:
+    """Replace every projection the config quantizes (bias-free `nn.Linear`s not ignored) by `Fp8Linear`, and every
+    MoE block's routed experts by `Fp8Experts`: empty parameters, on the model's device (meta for an empty model).
+    Module names are HF's (`model.layers.3.self_attn.q_proj`, `lm_head`), as the `ignore` list names them."""
+    from ..model.moe import RoutedExperts
+
+    device = next(model.parameters()).device
+    for name, module in list(model.named_modules()):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, nn.Linear) and module.bias is None and not config.ignored(name):
+            w = module.weight
+            with torch.device(device):
+                new = Fp8Linear(w.shape[0], w.shape[1], config.weights.block(tuple(w.shape)), config.activations)
+            setattr(parent, attr, new)
+        elif isinstance(module, RoutedExperts) and not _experts_ignored(config, name, module.gate_up_proj.shape[0]):
+            e, two_i, h = module.gate_up_proj.shape
+            with torch.device(device):
+                setattr(parent, attr, Fp8Experts(e, h, two_i // 2, config))
+    model.quant_config = config
+
+
+def _experts_ignored(config: QuantConfig, name: str, num_experts: int) -> bool:
+    """Whether the `ignore` list leaves a block's routed experts unquantized: it names the checkpoint's per-expert
+    projections (`...mlp.experts.3.gate_proj`), all of which one `Fp8Experts` holds, so all or none."""
+    names = [f"{name}.{e}.{proj}" for e in range(num_experts) for proj in ("gate_proj", "up_proj", "down_proj")]
+    ignored = [config.ignored(n) for n in names] + [config.ignored(name)]
+    if any(ignored[:-1]) and not all(ignored[:-1]):
+        raise QuantizationError(f"the ignore list leaves some of {name}'s expert projections unquantized and "
+                                "quantizes others; all or none of a layer's experts are supported")
+    return all(ignored[:-1]) or ignored[-1]
+
+
+def scale_target(param_name: str, index: tuple, model_params: dict) -> tuple[str, tuple] | None:
+    """For a checkpoint weight that fills `index` of FP8 parameter `param_name`, its scale's parameter and index:
+    the same experts, and the block rows of the same half (gate or up) of a stacked gate_up_proj."""
+    # a projection's `weight` -> `weight_scale`; stacked experts' `gate_up_proj` -> `gate_up_proj_scale`
+    scale_name = param_name[: -len(".weight")] + ".weight_scale" if param_name.endswith(".weight") \
+        else f"{param_name}_scale"
+    if scale_name not in model_params:
+        return None
+    if not index or len(index) == 1:
+        return scale_name, index
+    e, rows = index  # a half of gate_up_proj
+    inter = model_params[param_name].shape[1] // 2
+    half = rows.start // inter
+    n = model_params[scale_name].shape[1] // 2
+    return scale_name, (e, slice(half * n, (half + 1) * n))
+
+
+def quantize_model(model, config: QuantConfig):
+    """A loaded model's projections and experts quantized in place (online FP8 of a model in memory): each weight
+    replaced by its FP8 blocks and scales, one module at a time."""
+    from ..model.moe import RoutedExperts
+
+    originals = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, RoutedExperts))}
+    quantize_structure(model, config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            source = originals.get(name)
+            if isinstance(module, Fp8Linear):
+                module.weight.data, module.weight_scale.data = fp8.quantize(source.weight.detach(), module.block)
+            elif isinstance(module, Fp8Experts):
+                i = module.inter
+                gate_up = source.gate_up_proj.detach()
+                (qg, sg), (qu, su) = (fp8.quantize(gate_up[:, :i], module.gate_block),
+                                      fp8.quantize(gate_up[:, i:], module.gate_block))
+                module.gate_up_proj.data = torch.cat([qg, qu], dim=1)
+                module.gate_up_proj_scale.data = torch.cat([sg, su], dim=1)
+                module.down_proj.data, module.down_proj_scale.data = fp8.quantize(source.down_proj.detach(),
+                                                                                  module.down_block)
+    return model
