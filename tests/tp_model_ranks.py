@@ -23,3 +23,12 @@ def sharded_logits(group, cases: list[tuple[dict, int, bool, bool]], ids: list[l
             out.append(model(torch.tensor(ids)).numpy())
     return out
 
+
+
+def fp8_sharded_logits(group, path: str, expert_parallel: bool, ids: list[list[int]]):
+    """This rank's part of an FP8 checkpoint, loaded sharded, run over `ids` -> logits."""
+    model = TrinityForCausalLM.from_pretrained(
+        path, dtype=torch.float32,
+        shard=ShardPlan(TrinityConfig.from_pretrained(path), group.rank, group.size, expert_parallel, group))
+    with torch.inference_mode():
+        return model(torch.tensor(ids)).numpy()

@@ -46,7 +46,7 @@ RELEASE_FRACTION = 1 / 64
 RELEASE_MIN_BYTES = 1 << 20
 # bytes per element of the safetensors dtypes (what a read spans in the file)
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-             "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+             "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 FP8 = torch.float8_e4m3fn
 
@@ -214,6 +214,7 @@ def _copy_in(state: _LoadState, name: str, tensor: torch.Tensor, where: str) -> 
     with torch.no_grad():
         if dest.dtype == FP8 and tensor.dtype != FP8:  # online FP8: quantized as it streams in
             _quantize_in(state, name, target, tensor, where)
+            _cover_scale(state, name, target, where)
         else:
             dest.copy_(tensor)  # FP8 stays FP8; scales (fp32, bf16 or e8m0) become fp32
 
@@ -222,8 +223,6 @@ def _quantize_in(state: _LoadState, name: str, target: _Target, tensor: torch.Te
     """A higher-precision weight into an FP8 parameter and its scale (`--quantization fp8`). Stacked experts'
     gate_up_proj is quantized a half at a time, as the per-expert gate_proj and up_proj are (the same blocks
     whichever layout the checkpoint has)."""
-    from ..quant.modules import scale_target
-
     index = target.index
     if target.param_name.endswith(".gate_up_proj") and len(index) < 2:  # both halves in one tensor
         experts = index[0] if index else slice(None)
@@ -232,7 +231,13 @@ def _quantize_in(state: _LoadState, name: str, target: _Target, tensor: torch.Te
             _quantize_part(state, target.param_name, (experts, rows), tensor[..., rows, :])
     else:
         _quantize_part(state, target.param_name, index, tensor)
-    scale_name, scale_index = scale_target(target.param_name, index, state.params)
+
+
+def _cover_scale(state: _LoadState, name: str, target: _Target, where: str) -> None:
+    """An online-quantized weight's scale is filled with it: marked as the weight is."""
+    from ..quant.modules import scale_target
+
+    scale_name, scale_index = scale_target(target.param_name, target.index, state.full)
     _cover(state, name + " (its scale)", _Target(scale_name, scale_index, target.cover), where)
 
 
@@ -266,6 +271,9 @@ class _SliceReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.handle.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self.handle.get_slice(name).get_dtype()
 
     def row_bytes(self, name: str) -> int:
         """Bytes of one index of the tensor's first dimension (its whole size for a scalar)."""
@@ -308,10 +316,19 @@ def _copy_in_slices(state: _LoadState, name: str, reader: _SliceReader, where: s
     _cover(state, name, target, where)
     local, row_bytes = state.params[target.param_name], reader.row_bytes(name)
     with torch.no_grad():
+        if local.dtype == FP8 and reader.dtype(name) not in ("F8_E4M3",):  # online FP8 of the rank's part
+            for src, dst in parts:
+                part = reader.read(name, src, row_bytes * (shape[0] if shape else 1))
+                _quantize_in(state, name, _Target(target.param_name, dst, target.cover), part, where)
+            _cover_scale(state, name, target, where)
+            return
         for src, dst in parts:  # a split of several ranges (gate and up rows of stacked experts): one read each
             into = local[dst]  # the same shape as the checkpoint tensor at `src`, dimension for dimension
             for index, at, span in _pieces(src, shape, row_bytes, reader.budget):
-                into[at].copy_(reader.read(name, index, span))
+                piece = reader.read(name, index, span)
+                if piece.shape != into[at].shape:  # a scale saved flat
+                    piece = piece.reshape(into[at].shape)
+                into[at].copy_(piece)
 
 
 def _missing_report(state: _LoadState) -> str:
@@ -356,10 +373,14 @@ def _fp8_blocks(model) -> dict[str, tuple[int, int]]:
     return blocks
 
 
-def _full_parameters(cls, config: TrinityConfig) -> dict[str, torch.Tensor]:
+def _full_parameters(cls, config: TrinityConfig, quant=None) -> dict[str, torch.Tensor]:
     """The model's parameters at full shape, as meta tensors: where a sharded rank places checkpoint tensors."""
     with torch.device("meta"):
-        return dict(cls(config).named_parameters())
+        model = cls(config)
+    if quant is not None:
+        from ..quant.modules import quantize_structure
+        quantize_structure(model, quant)
+    return dict(model.named_parameters())
 
 
 def quant_config_for(config: TrinityConfig, quantization: str | None):
@@ -384,14 +405,12 @@ def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.devi
     `quantization`: "fp8" quantizes an unquantized checkpoint's projections and experts to FP8 as they load."""
     config = TrinityConfig.from_pretrained(path)
     quant = quant_config_for(config, quantization)
-    if quant is not None and shard is not None:
-        from ..quant.scheme import QuantizationError
-        raise QuantizationError("FP8 weights with tensor parallelism are not supported yet: load on one device, "
-                                "or a bf16 checkpoint without --quantization")
+    if shard is not None:
+        shard.quant = quant  # FP8 scales split with their weights
     files = checkpoint_files(path)
     model = cls.empty(config, resolve_dtype(dtype, config, device), device, shard=shard, quant=quant)
     params = dict(model.named_parameters())  # tied head: named_parameters lists the shared weight once
-    state = _LoadState(params) if shard is None else _LoadState(params, _full_parameters(cls, config), shard)
+    state = _LoadState(params) if shard is None else _LoadState(params, _full_parameters(cls, config, quant), shard)
     state.blocks = _fp8_blocks(model)
     local_bytes = sum(p.numel() * p.element_size() for p in params.values())
     budget = max(RELEASE_MIN_BYTES, int(local_bytes * RELEASE_FRACTION))

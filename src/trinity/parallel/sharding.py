@@ -51,6 +51,8 @@ class Split:
 
     def take(self, source) -> torch.Tensor:
         """This rank's part of `source` (a tensor, or a safetensors slice: only these rows are read)."""
+        if isinstance(source, torch.Tensor) and source.dtype.itemsize == 1 and source.is_floating_point():
+            return Split.take(self, source.view(torch.uint8)).view(source.dtype)  # FP8: cat works on bytes
         parts = [source[(slice(None),) * self.dim + (slice(a, b),)] for a, b in self.ranges]
         if self.pad:
             shape = list(parts[0].shape)
@@ -73,8 +75,11 @@ class ShardPlan:
     naming the sizes that would)."""
 
     def __init__(self, config: TrinityConfig, rank: int, size: int, expert_parallel: bool = False,
-                 group: TPGroup | None = None):
+                 group: TPGroup | None = None, quant=None):
+        """`quant`: the model's `quant.scheme.QuantConfig` when its weights are FP8 (their scales split with them)."""
         self.config, self.rank, self.size, self.expert_parallel = config, rank, size, expert_parallel
+        self.quant = quant
+        self.full_shapes = {}
         self.group = group or TPGroup(rank, size)
         check_sizes(config, size, expert_parallel)
         c, tp = config, size
@@ -97,6 +102,8 @@ class ShardPlan:
     # ------------------------------------------------------------------ per parameter
     def split(self, name: str) -> Split | None:
         """How parameter `name` (our names, full shapes) is split; None: every rank holds it whole."""
+        if name.endswith("_scale"):
+            return self._scale_split(name)
         c, rank, tp = self.config, self.rank, self.size
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             a, b = self.vocab_range
@@ -126,6 +133,45 @@ class ShardPlan:
             return Split(1 if module == "down_proj" else 0, (r,))
         return None
 
+    # ------------------------------------------------------------------ FP8 block scales
+    # An FP8 weight's scales (`quant/`) split with its rows or columns, a block at a time: a rank's part must start
+    # and end on block boundaries (or the dimension be one block, whose scale every rank then holds). `full_shapes`
+    # (the parameters' full shapes) is set by `restructure`.
+    full_shapes: dict[str, tuple[int, ...]] = {}
+
+    def _scale_split(self, name: str) -> Split | None:
+        weight = name.removesuffix("_scale")
+        split = self.split(weight)
+        if split is None or name.endswith("input_scale"):
+            return None
+        shape = self.full_shapes[weight]
+        if split.dim == 0 and len(shape) == 3:  # expert parallel: the same experts
+            return split
+        matrix = (shape[-2] // 2, shape[-1]) if weight.endswith("gate_up_proj") else tuple(shape[-2:])
+        block = self.local_block(weight, matrix, matrix)
+        d = split.dim - (len(shape) - 2)  # the split dimension within the matrix
+        size, b = matrix[d], block[d]
+        if size <= b:
+            return None  # one block along it: its scale applies to every rank's piece
+        rows_per_half = math.ceil(matrix[0] / block[0])
+        ranges = []
+        for i, (lo, hi) in enumerate(split.ranges):
+            offset = i * matrix[0] if len(split.ranges) == 2 else 0  # gate_up's second range: the up half
+            lo, hi = lo - offset, hi - offset
+            if lo % b or (hi % b and hi != size):
+                raise ShardingError(f"{weight}: rank {self.rank}'s part {lo}..{hi} of a dimension of {size} does not "
+                                    f"start and end on FP8 scale blocks of {b}; use a tensor_parallel_size that "
+                                    f"splits {size} into multiples of {b}")
+            base = i * rows_per_half if len(split.ranges) == 2 else 0
+            ranges.append((base + lo // b, base + math.ceil(hi / b)))
+        return Split(split.dim, tuple(ranges))
+
+    def local_block(self, weight: str, full: tuple[int, int], local: tuple[int, int]) -> tuple[int, int]:
+        """The scale block of a rank's part of an FP8 weight matrix: the checkpoint's, except along a dimension that
+        is one block whole, where the block is the rank's piece of it."""
+        block = self.quant.weights.block(full)
+        return tuple(lp if f <= b else b for f, lp, b in zip(full, local, block))
+
     def local_shape(self, name: str, full: torch.Size) -> tuple[int, ...]:
         s = self.split(name)
         if s is None:
@@ -149,6 +195,8 @@ class ShardPlan:
                 out.append((lead + (slice(a, b),), lead + (slice(offset, offset + b - a),)))
                 offset += b - a
             return out
+        if s is None:  # a scale every rank holds whole
+            return [((), index)]
         e, rest = index[0], index[1:]
         one = isinstance(e, int)  # the checkpoint tensor is one expert's (no expert dimension)
         if s.dim == 0:  # expert-parallel
@@ -158,8 +206,8 @@ class ShardPlan:
             return [((slice(e0, e1),), (slice(None), *rest))]
         (a, b), n = s.ranges[0], s.ranges[0][1] - s.ranges[0][0]
         lead = () if one else (slice(None),)
-        if s.dim == 1:  # an expert's gate or up rows: the rank's rows of that half
-            half = rest[0].start // self.config.moe_intermediate_size
+        if s.dim == 1:  # an expert's gate or up rows (or their scales' block rows): the rank's rows of that half
+            half = rest[0].start // (rest[0].stop - rest[0].start)
             return [(lead + (slice(a, b),), (e, slice(half * n, (half + 1) * n)))]
         return [(lead + (slice(None), slice(a, b)), (e,))]  # down: the rank's columns
 
@@ -248,8 +296,15 @@ def restructure(model, plan: ShardPlan, local: Callable[[str, torch.Tensor], tor
     from ..model.layers import GatedAttention, SwiGLU
     from ..model.moe import MoEBlock
 
+    from ..quant.modules import Fp8Experts, Fp8Linear
+
     group, cfg = plan.group, plan.config
     tied = cfg.tie_word_embeddings
+    plan.full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    plan.quant = plan.quant or getattr(model, "quant_config", None)
+    if isinstance(model.lm_head, Fp8Linear):
+        raise ShardingError("an FP8 lm_head cannot be split by vocabulary yet; checkpoints keep it unquantized "
+                            "(their ignore list names lm_head)")
     for prefix, module in list(model.named_modules()):
         for pname, param in list(module._parameters.items()):
             if param is None:
@@ -258,22 +313,41 @@ def restructure(model, plan: ShardPlan, local: Callable[[str, torch.Tensor], tor
             if tied and full == "lm_head.weight":
                 continue  # the embedding's
             module._parameters[pname] = nn.Parameter(local(full, param), requires_grad=param.requires_grad)
+    for prefix, module in model.named_modules():
+        if isinstance(module, Fp8Linear):  # its block within the rank's piece
+            full = plan.full_shapes[f"{prefix}.weight"]
+            module.out_features, module.in_features = module.weight.shape
+            module.block = plan.local_block(f"{prefix}.weight", full, tuple(module.weight.shape))
+        elif isinstance(module, Fp8Experts):
+            e, two_i, h = plan.full_shapes[f"{prefix}.gate_up_proj"]
+            module.inter = module.gate_up_proj.shape[1] // 2
+            module.gate_block = plan.local_block(f"{prefix}.gate_up_proj", (two_i // 2, h), (module.inter, h))
+            module.down_block = plan.local_block(f"{prefix}.down_proj", (h, two_i // 2), (h, module.inter))
     for module in model.modules():
         if isinstance(module, GatedAttention):
             module.num_heads, module.num_kv_heads = plan.num_heads, plan.num_kv_heads
-            module.o_proj = RowParallelLinear(module.o_proj.weight, group)
+            module.o_proj = _row_parallel(module.o_proj, group)
         elif isinstance(module, MoEBlock):
             module.reduce_output = group.all_reduce_
             if plan.expert_parallel:
                 module.expert_range = plan.expert_range
     for layer in model.model.layers:
         if isinstance(layer.mlp, SwiGLU):  # dense: its own all-reduce (a shared expert's is its block's)
-            layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj.weight, group)
+            layer.mlp.down_proj = _row_parallel(layer.mlp.down_proj, group)
     embed = VocabParallelEmbedding(model.model.embed_tokens.weight, plan.vocab_range[0], group)
     model.model.embed_tokens = embed
     head_weight = embed.weight if tied else model.lm_head.weight
     model.lm_head = VocabParallelLMHead(head_weight, cfg.vocab_size, group)
     model.shard_plan = plan
+
+
+def _row_parallel(proj: nn.Module, group: TPGroup) -> nn.Module:
+    """A row-parallel projection: a plain one becomes `RowParallelLinear`; an FP8 one keeps its module and sums its
+    output over the ranks (`Fp8Linear.reduce_output`)."""
+    if isinstance(proj, nn.Linear):
+        return RowParallelLinear(proj.weight, group)
+    proj.reduce_output = group.all_reduce_
+    return proj
 
 
 def shard_model(model, plan: ShardPlan):

@@ -38,8 +38,11 @@ class Fp8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return fp8.dequantize(self.weight, self.weight_scale, self.block, dtype)
 
+    reduce_output = None  # tensor parallelism, row-parallel: sums the rank's partial output (`parallel.sharding`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_fp8(_activations_in(x, self), self.weight, self.weight_scale, self.block)
+        y = linear_fp8(_activations_in(x, self), self.weight, self.weight_scale, self.block)
+        return y if self.reduce_output is None else self.reduce_output(y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={self.block}"
