@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every pending GPU check and timing of issue 5, in three parts that each fit one 10-minute device call.
 #
-#     bash benchmarks/gpu_session.sh 1      # correctness on the GPU, the epilogues, the launch count
+#     bash benchmarks/gpu_session.sh 1      # correctness on the GPU, the epilogues, the launch count, the FP8
+#                                           # kernels (checked, then timed: benchmarks/fp8_gpu.py)
 #     bash benchmarks/gpu_session.sh 2      # decode_gpu.py: Nano and Mini (the issue's table), HF at batch 1/16
 #     bash benchmarks/gpu_session.sh 3      # the tuners (MoE tiles and crossover, prefill tiles), the profile,
 #                                           # Mini's TTFT with and without prefix caching
@@ -20,6 +21,8 @@ part1=(
   "gpu_tests|$PY -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_last_program.py tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_linear_norm.py tests/test_kernels_embed.py tests/test_pdl.py"
   "last_program|$PY benchmarks/last_program_gpu.py"
   "launch_count|$PY benchmarks/launch_count.py --device cuda"
+  "fp8_tests|$PY -m pytest -q -p no:cacheprovider -m 'not slow' tests/test_kernels_fp8_triton.py"
+  "fp8_bench|$PY benchmarks/fp8_gpu.py"
 )
 part2=(
   "decode_nano|$PY benchmarks/decode_gpu.py --models nano"

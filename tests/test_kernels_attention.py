@@ -634,19 +634,23 @@ def test_kernels_compile_for_sm90(tk, dtype):
 
     act = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr",
                                     "gate_ptr")}
-    for split in (False, True):
-        for gate, new in ((False, False), (True, True)):
-            build(tk._decode_kernel, {**act, "part_ptr": "*fp32", "lse_ptr": "*fp32", "slots_ptr": "*i64",
-                                      "lens_ptr": "*i32", "qk_scale": "fp32", "new_k_ptr": f"*{dtype}",
-                                      "new_v_ptr": f"*{dtype}", "new_slots_ptr": "*i32", "lo_ptr": "*i32",
-                                      "rows_ptr": "*i32",
-                                      "qw_ptr": "*fp32", "kw_ptr": "*fp32", "cos_ptr": f"*{dtype}",
-                                      "sin_ptr": f"*{dtype}", "norm_eps": "fp32",
-                                      "counter_ptr": "*i32"},
-                  dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
-                       SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False,
-                       HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, ROWS=new, QK_NORM=new, ROPE=new,
-                       MERGE_LAST=split and new, BLOCK_S=32, PDL=False), 8)
+    act.update(k_scale_ptr="*fp32", v_scale_ptr="*fp32")
+    # the model's dtype in the cache; then fp8 caches (e4m3, e5m2) in the plainest and the fullest variants
+    variants = [(dtype, split, gate, new) for split in (False, True) for gate, new in ((False, False), (True, True))]
+    variants += [(fp8, split, split, split) for fp8 in ("fp8e4nv", "fp8e5") for split in (False, True)]
+    for cache, split, gate, new in variants:
+        build(tk._decode_kernel, {**act, "k_ptr": f"*{cache}", "v_ptr": f"*{cache}", "part_ptr": "*fp32",
+                                  "lse_ptr": "*fp32", "slots_ptr": "*i64",
+                                  "lens_ptr": "*i32", "qk_scale": "fp32", "new_k_ptr": f"*{dtype}",
+                                  "new_v_ptr": f"*{dtype}", "new_slots_ptr": "*i32", "lo_ptr": "*i32",
+                                  "rows_ptr": "*i32",
+                                  "qw_ptr": "*fp32", "kw_ptr": "*fp32", "cos_ptr": f"*{dtype}",
+                                  "sin_ptr": f"*{dtype}", "norm_eps": "fp32",
+                                  "counter_ptr": "*i32"},
+              dict(GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64 if dtype == "bf16" else 32,
+                   SPLIT=split, DOT_PRECISION=prec, UPCAST=False, HAS_GATE=gate, FIX_BF16=False,
+                   HAS_NEW=new, TABLE=new, BLOCK_SIZE=16, ROWS=new, QK_NORM=new, ROPE=new,
+                   MERGE_LAST=split and new, BLOCK_S=32, PDL=False), 8)
     for gate in (False, True):
         build(tk._decode_merge_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
                                         "gate_ptr": f"*{dtype}"},
@@ -656,7 +660,9 @@ def test_kernels_compile_for_sm90(tk, dtype):
                                    "k_pos_ptr": "*i64", "qk_scale": "fp32"},
               dict(GROUP=8, GROUP_P2=8, HEAD_DIM=128, BLOCK_M=rows // 8, BLOCK_N=32, BLOCK_D=128,
                    HAS_WINDOW=window, DOT_PRECISION=prec, UPCAST=False, CONTIGUOUS=False, SKIP_MASKS=False), 8)
-    build(tk._write_kv_kernel, {**act, "slots_ptr": "*i64"}, dict(HEADS=4, HEAD_DIM=128, BLOCK_H=4, BLOCK_D=128), 4)
+    for cache in (dtype, "fp8e4nv", "fp8e5"):
+        build(tk._write_kv_kernel, {**act, "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "slots_ptr": "*i64"},
+              dict(HEADS=4, HEAD_DIM=128, BLOCK_H=4, BLOCK_D=128), 4)
 
 
 @needs_compile_check
@@ -712,3 +718,237 @@ def test_chunk_attention_blocked_refuses_keys_that_do_not_end_with_the_queries()
     q, k = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
     with pytest.raises(ValueError, match="must end where the queries"):
         A.chunk_attention_blocked(q, k, k, 10, 5, None, 0.3)
+
+
+# ------------------------------------------------------------------------------------------- fp8 KV caches
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def fp8_scales(scaled: bool):
+    """A layer's (K, V) scales: e4m3 checkpoints ship values of either side of 1; None = 1.0."""
+    if not scaled:
+        return None, None
+    return torch.tensor([0.5], device=DEVICE), torch.tensor([3.0], device=DEVICE)
+
+
+def as_fp8(kc, vc, cache_dtype, ks, vs):
+    """fp32 caches stored as fp8 (the poison slot's NaN stays NaN: a read of it still shows)."""
+    return A.quantize_kv(kc.float(), cache_dtype, ks), A.quantize_kv(vc.float(), cache_dtype, vs)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_fp8_quantize_saturates_and_dequantizes_with_the_scale():
+    x = torch.tensor([1e6, -1e6, float("inf"), 3.0, -0.0])
+    for dt in FP8:
+        fmax = torch.finfo(dt).max
+        c = A.quantize_kv(x, dt, torch.tensor([2.0]))
+        assert c.dtype == dt
+        assert c.float().tolist()[:4] == [fmax, -fmax, fmax, 1.5]  # saturated, never inf
+        assert A.dequantize_kv(c, torch.float32, torch.tensor([2.0])).tolist()[3] == 3.0
+    bf = torch.randn(4, 2).bfloat16()
+    assert A.dequantize_kv(bf, torch.float32) is bf  # a cache in the model's dtype is read as it is
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", FP8)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp8_write_kv_stores_the_references_bytes(tk, cache_dtype, scaled):
+    """The Triton scatter quantizes as `quantize_kv` does, byte for byte: values past the format's range saturate,
+    ties round to even, subnormals and -0 survive; slots of -1 are skipped."""
+    g = torch.Generator().manual_seed(3)
+    ks, vs = fp8_scales(scaled)
+    kc = torch.zeros(20, 3, 16, dtype=cache_dtype, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    fused = torch.randn(5, 6, 16, generator=g) * torch.logspace(-7, 5, 16)  # every binade, past 57344 too
+    fused[0, 0, :4] = torch.tensor([1e9, -1e9, -0.0, 1e-12])
+    fused = fused.to(DEVICE)
+    k, v = fused[:, :3], fused[:, 3:]  # strided views of one tensor
+    slots = torch.tensor([7, -1, 0, 19, -1], device=DEVICE)
+    want_k, want_v = kc.clone(), vc.clone()
+    A.write_kv_reference(want_k, want_v, slots, k, v, ks, vs)
+    tk.write_kv(kc, vc, slots, k, v, k_scale=ks, v_scale=vs)
+    assert same_bytes(kc, want_k) and same_bytes(vc, want_v)
+    assert torch.isfinite(kc.float()).all() and torch.isfinite(vc.float()).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", FP8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp8_decode_matches_reference(tk, cache_dtype, dtype, scaled):
+    """The decode kernel over an fp8 cache (its scales folded into the scores and the output) against the
+    reference's dequantize-then-attend, split or not."""
+    lens = [1, 23, 7, 40]
+    q, kc, vc, slots, ctx_lens = decode_case(lens, 8, 2, 16, dtype, seed=13)
+    ks, vs = fp8_scales(scaled)
+    kc8, vc8 = as_fp8(kc, vc, cache_dtype, ks, vs)
+    ref = A.decode_attention_reference(q.float(), kc8, vc8, slots, ctx_lens, 0.25, ks, vs)
+    for splits in (1, 3):
+        out = tk.decode_attention(q, kc8, vc8, slots, ctx_lens, 0.25, num_splits=splits, block_n=16, k_scale=ks,
+                                  v_scale=vs)
+        assert out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], splits
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", FP8)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fp8_decode_writing_the_new_kv_matches_write_then_attend(tk, cache_dtype, splits, qk_norm):
+    """The new token's K/V quantized in the decode kernel (after its q/k norm): the cache gets `write_kv_reference`'s
+    bytes, and the output is the reference over the written cache (the new token read back quantized)."""
+    from trinity.kernels.norm import qk_norm_rope_reference
+    from trinity.model.layers import RotaryEmbedding
+    lens, d = [1, 17, 33, 40], 16
+    q, kc, vc, slots, ctx_lens = decode_case(lens, 8, 2, d, torch.float32, seed=17)
+    ks, vs = fp8_scales(True)
+    kc8, vc8 = as_fp8(kc, vc, cache_dtype, ks, vs)
+    g = torch.Generator().manual_seed(6)
+    new_k = (torch.randn(4, 2, d, generator=g) * 4).to(DEVICE)
+    new_k[0, 0, 0] = 1e7  # saturates
+    new_v = torch.randn(4, 2, d, generator=g).to(DEVICE)
+    new_slots = slots[torch.arange(4), ctx_lens.long() - 1].clone()
+    norm = None
+    nq, nk = q, new_k
+    if qk_norm:
+        qw, kw = (1 + 0.3 * torch.randn(d, generator=g)).to(DEVICE), (1 + 0.3 * torch.randn(d, generator=g)).to(DEVICE)
+        cos, sin = RotaryEmbedding(d, 10000.0).cos_sin(ctx_lens.long().to(DEVICE) + 100, torch.float32)
+        norm = (qw, kw, 1e-5, cos, sin, True)
+        nq, nk = qk_norm_rope_reference(q, new_k, *norm)
+    kc_want, vc_want = kc8.clone(), vc8.clone()
+    A.write_kv_reference(kc_want, vc_want, new_slots, nk, new_v, ks, vs)
+    want = A.decode_attention_reference(nq, kc_want, vc_want, slots, ctx_lens, 0.25, ks, vs)
+    got = tk.decode_attention(q, kc8, vc8, slots, ctx_lens, 0.25, new_kv=(new_k, new_v, new_slots), qk_norm=norm,
+                              num_splits=splits, block_n=16, k_scale=ks, v_scale=vs)
+    poison = kc8.shape[0] - 1  # NaN, never written: NaN bytes differ between formats' encodings, compare the rest
+    assert same_bytes(kc8[:poison], kc_want[:poison]) and same_bytes(vc8[:poison], vc_want[:poison])
+    assert rel_err(got, want) < 1e-4
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_fp8_decode_by_block_table_matches_reference(tk, cache_dtype):
+    kc, vc, table, lens = block_table_case(by_rows=True, seed=2)
+    ks, vs = fp8_scales(True)
+    kc8, vc8 = as_fp8(kc.to(DEVICE), vc.to(DEVICE), cache_dtype, ks, vs)
+    q = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(1))
+    dev = lambda t: t if t is None else t.to(DEVICE)  # noqa: E731
+    table_d = type(table)(dev(table.table), dev(table.lo), table.block_size, table.width, dev(table.rows))
+    want = A.decode_attention_reference(q, kc8.cpu(), vc8.cpu(), table.slots(), lens, 0.3, ks.cpu(), vs.cpu())
+    got = tk.decode_attention(dev(q), kc8, vc8, None, dev(lens), 0.3, table=table_d, num_splits=2, block_n=16,
+                              k_scale=ks, v_scale=vs)
+    assert rel_err(got.cpu(), want) < 1e-5
+
+
+def fp8_engine_step(window, cache_dtype):
+    """`engine_step` (decodes and prefill chunks interleaved) over fp8 pools with per-layer scales."""
+    from trinity.engine.paged_attention import PagedAttention, PagedKV
+    attn, step, kc, vc, q, k, v = engine_step(window)
+    kc8, vc8 = A.quantize_kv(kc, cache_dtype, torch.tensor(0.5)), A.quantize_kv(vc, cache_dtype, torch.tensor(2.0))
+    kv = PagedKV(k={"full": kc8[None].clone()}, v={"full": vc8[None].clone()}, layer_pool=[("full", 0)])
+    kv.set_scales(0, 0.5, 2.0)
+    return PagedAttention(kv, {"full": step}), step, kc8, vc8, q, k, v
+
+
+@pytest.mark.parametrize("fast", [False, pytest.param(True, marks=needs_triton)])
+@pytest.mark.parametrize("cache_dtype", FP8)
+@pytest.mark.parametrize("window", [None, 4])
+def test_fp8_engine_step_fast_and_native_paths_equal_the_reference(monkeypatch, fast, cache_dtype, window):
+    """The engine metadata over fp8 pools, the references forced (dequantize on read, quantize on write), against
+    the engine's default paths: the C decode kernel and blocked prefill on the CPU, or the Triton kernels. The same
+    output and the same cache bytes."""
+    ref_attn, step, kc8, vc8, q, k, v = fp8_engine_step(window, cache_dtype)
+    kernels.use_reference(True)
+    try:
+        want = ref_attn.attend(0, q, k, v, window, 0.25)
+    finally:
+        kernels.use_reference(None)
+    attn, step, _, _, _, _, _ = fp8_engine_step(window, cache_dtype)
+    if not fast:
+        got = attn.attend(0, q, k, v, window, 0.25)
+        kc_got, vc_got = attn.kv.k["full"][0], attn.kv.v["full"][0]
+    else:
+        monkeypatch.setenv("TRINITY_KERNELS", "triton")
+        dev = lambda t: t.to(DEVICE)  # noqa: E731
+        step_d = type(step)(**{f: dev(getattr(step, f)) if isinstance(getattr(step, f), torch.Tensor)
+                               else getattr(step, f) for f in step.__slots__})
+        step_d.prefills = [type(p)(**{f: getattr(p, f) if f in ("start", "num") else dev(getattr(p, f))
+                                      for f in p.__slots__ if f != "masks"}) for p in step.prefills]
+        kc_got, vc_got = dev(kc8.clone()), dev(vc8.clone())
+        ks, vs = (dev(s) for s in attn.kv.scales(0))
+        got = PagedAttention._attend_fast(kc_got, vc_got, step_d, dev(q), dev(k), dev(v), window, 0.25, ks, vs)
+    assert rel_err(got.cpu(), want) < 1e-4
+    assert same_bytes(kc_got.cpu(), ref_attn.kv.k["full"][0]) and same_bytes(vc_got.cpu(), ref_attn.kv.v["full"][0])
+
+
+@pytest.mark.parametrize("fast", [False, pytest.param(True, marks=needs_triton)])
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_fp8_decode_only_step_equals_reference(monkeypatch, fast, cache_dtype):
+    """A decode-only step over fp8 pools, gated: the C kernel's whole-batch call (CPU) or the one Triton launch
+    that also writes the new K/V, against the references."""
+    from trinity.kernels.norm import sigmoid_gate_reference
+    step, kc, vc, q, k, v = decode_only_step()
+    step.decode_only = True
+    gate = torch.randn_like(q)
+    on = (lambda t: t.to(DEVICE)) if fast else (lambda t: t)  # noqa: E731
+
+    def metadata(dev):
+        s = PoolStep(dec_rows=dev(step.dec_rows), dec_slots=dev(step.dec_slots), dec_ctx_slots=dev(step.dec_ctx_slots),
+                     dec_ctx_valid=dev(step.dec_ctx_valid), prefill_rows=dev(step.prefill_rows),
+                     prefill_slots=dev(step.prefill_slots), prefills=[], decode_only=True)
+        kv = PagedKV(k={"full": dev(A.quantize_kv(kc, cache_dtype, torch.tensor(0.5))[None])},
+                     v={"full": dev(A.quantize_kv(vc, cache_dtype, torch.tensor(2.0))[None])}, layer_pool=[("full", 0)])
+        kv.set_scales(0, 0.5, 2.0)
+        return PagedAttention(kv, {"full": s})
+    plain, gated = metadata(lambda t: t), metadata(on)
+    kernels.use_reference(True)
+    try:
+        want = sigmoid_gate_reference(plain.attend(0, q, k, v, None, 0.25), gate)
+    finally:
+        kernels.use_reference(None)
+    if fast:
+        monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    got = gated.attend_gated(0, on(q), on(k), on(v), None, 0.25, on(gate))
+    assert rel_err(got.cpu(), want) < 1e-5
+    assert same_bytes(gated.kv.k["full"].cpu(), plain.kv.k["full"])
+    assert same_bytes(gated.kv.v["full"].cpu(), plain.kv.v["full"])
+
+
+@pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="the engine on the Triton path: TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_engine_on_the_triton_path_equals_the_simulation(monkeypatch, name):
+    """The whole engine on the Triton kernels (prefill chunks that read the fp8 cache, decode steps that quantize
+    their new K/V in the attention launch) against the fp32 simulation of the fp8 cache (tests/test_kv_cache_fp8.py)."""
+    from test_kv_cache_fp8 import check_against_simulation
+    monkeypatch.setenv("TRINITY_KERNELS", "triton")
+    monkeypatch.setenv("TRINITY_CPU_NATIVE", "0")
+    check_against_simulation(name, lengths=(23,), max_tokens=6)
+
+
+@needs_compile_check
+@pytest.mark.parametrize("dtype,elem", [("bf16", 2), ("fp32", 4)])
+@pytest.mark.parametrize("cache", ["fp8e4nv", "fp8e5"])
+def test_fp8_decode_compiles_without_spills(tk, dtype, elem, cache):
+    """The decode kernel over an fp8 cache, every feature on (split with the last-split merge, the new K/V
+    quantized in the launch, q/k norm, RoPE, gate, block table) at the launch's keys per step, head_dim 128 and 8
+    query heads per KV head: no register spills on sm_90."""
+    from test_kernels_norm import spill_free
+    args = {n: "*" + dtype for n in ("q_ptr", "out_ptr", "gate_ptr", "new_k_ptr", "new_v_ptr", "cos_ptr", "sin_ptr")}
+    args.update({"k_ptr": "*" + cache, "v_ptr": "*" + cache, "part_ptr": "*fp32", "lse_ptr": "*fp32",
+                 "qw_ptr": "*fp32", "kw_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+                 "qk_scale": "fp32", "keys_per_split": "i32", "norm_eps": "fp32"})
+    for n in tk._decode_kernel.arg_names:
+        if n.endswith("_ptr") and n not in args:
+            args[n] = "*i32"  # slots, lengths, table rows, arrival counters
+        elif n.startswith("stride_"):
+            args[n] = "one" if n in ("stride_qd", "stride_kd", "stride_vd", "stride_od") else "i32"
+    block_n = tk.decode_block_n(elem, 1)
+    args.update({k: ("c", v) for k, v in dict(
+        GROUP=8, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=block_n, SPLIT=True,
+        DOT_PRECISION="ieee" if elem == 4 else "tf32", UPCAST=False, HAS_GATE=True, FIX_BF16=False, HAS_NEW=True,
+        TABLE=True, BLOCK_SIZE=16, ROWS=True, QK_NORM=True, ROPE=True, MERGE_LAST=True, BLOCK_S=32).items()})
+    use = compile_sm90(tk._decode_kernel, args, num_warps=8)
+    assert spill_free(use), (block_n, use)

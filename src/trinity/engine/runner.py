@@ -35,7 +35,7 @@ class CachePlan:
 def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, max_model_len: int,
                num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                gpu_memory_utilization: float = 0.9, prefix_caching: bool = False,
-               max_num_batched_tokens: int = 2048) -> CachePlan:
+               max_num_batched_tokens: int = 2048, kv_cache_dtype: str | torch.dtype = "auto") -> CachePlan:
     """How many blocks each pool gets.
 
     `num_kv_blocks`: exactly that many full-pool blocks, and as many sliding blocks (without prefix caching
@@ -45,11 +45,16 @@ def plan_cache(model: TrinityForCausalLM, block_size: int, max_num_seqs: int, ma
     prefill chunks), the rest to the full pool, never more than `max_num_seqs` sequences of `max_model_len` tokens
     can use. With prefix caching, budget the full pool cannot use goes to the sliding pool, where cached prefixes
     keep the blocks of their windows.
+
+    Blocks are sized in the pools' storage dtype (`kv_cache_dtype`, as `EngineConfig.kv_cache_dtype`): an fp8 cache's
+    value takes 1 byte, so a budget holds twice the blocks of a bf16 cache (its per-layer scales are not counted:
+    a few bytes per layer).
     """
     cfg = model.config
     n_sliding = sum(cfg.is_sliding_layer(i) for i in range(cfg.num_hidden_layers))
     n_full = cfg.num_hidden_layers - n_sliding
-    per_token_layer = 2 * kv_heads_held(model) * cfg.head_dim * model.dtype.itemsize
+    kv_dtype = kernels_attention.kv_storage_dtype(kv_cache_dtype, model.dtype)
+    per_token_layer = 2 * kv_heads_held(model) * cfg.head_dim * kv_dtype.itemsize
     full_bytes, sliding_bytes = n_full * block_size * per_token_layer, n_sliding * block_size * per_token_layer
     layout = KVLayout(block_size, cfg.sliding_window)
     # at once, a sequence holds its step's context and new blocks for the last window of its step's positions
@@ -110,22 +115,41 @@ def kv_budget(total: int, utilization: float, allocated: int, used_by_others: in
     return max(0, int(total * utilization) - allocated - used_by_others - reserve)
 
 
+def _take_kv_scales(model: TrinityForCausalLM, cache: PagedKV, kv_dtype: torch.dtype) -> None:
+    """An e4m3 cache takes the per-layer scales a quantized checkpoint ships (`k_scale` / `v_scale`, or one
+    `kv_scale` for both, as tensors or floats on each layer's attention module); a layer without them keeps 1.0.
+    e5m2 needs none (its range is bf16's). The model loader does not read these tensors yet: a checkpoint's
+    scales reach this only once it sets them on the modules."""
+    if kv_dtype != torch.float8_e4m3fn:
+        return
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        k_scale = getattr(attn, "k_scale", None)
+        v_scale = getattr(attn, "v_scale", None)
+        both = getattr(attn, "kv_scale", None)
+        k_scale, v_scale = (k_scale if k_scale is not None else both), (v_scale if v_scale is not None else both)
+        if k_scale is not None or v_scale is not None:
+            cache.set_scales(i, float(k_scale if k_scale is not None else 1.0),
+                             float(v_scale if v_scale is not None else 1.0))
+
+
 def build_runner(model: TrinityForCausalLM, config, max_model_len: int, agree=None) -> ModelRunner:
     """The runner of an `EngineConfig` (the engine's, and each tensor-parallel worker's). `agree`: plan -> the plan
     every rank can hold (`parallel.executor.agree_plan`)."""
     plan = plan_cache(model, config.block_size, config.max_num_seqs, max_model_len, config.num_kv_blocks,
                       config.kv_cache_memory, config.gpu_memory_utilization, config.enable_prefix_caching,
-                      config.max_num_batched_tokens)
+                      config.max_num_batched_tokens, config.kv_cache_dtype)
     if agree is not None:
         plan = agree(plan)
     return ModelRunner(model, plan, KVLayout(config.block_size, model.config.sliding_window),
                        max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
-                       enforce_eager=config.enforce_eager)
+                       enforce_eager=config.enforce_eager, kv_cache_dtype=config.kv_cache_dtype)
 
 
 class ModelRunner:
     def __init__(self, model: TrinityForCausalLM, plan: CachePlan, layout: KVLayout, *, max_num_seqs: int = 1,
-                 max_model_len: int | None = None, enforce_eager: bool = True):
+                 max_model_len: int | None = None, enforce_eager: bool = True,
+                 kv_cache_dtype: str | torch.dtype = "auto"):
         self.model = model
         self.plan = plan
         self.layout = layout
@@ -146,16 +170,19 @@ class ModelRunner:
         shape = (kv_heads_held(model), cfg.head_dim)
         fast = kernels_attention.use_fast_path(torch.empty(0, device=self.device, dtype=model.dtype))
         use_graphs = self.device.type == "cuda" and not enforce_eager and fast
+        # the pools' storage: the model's dtype, or fp8 (`plan_cache` sized the blocks in it)
+        self.kv_dtype = kernels_attention.kv_storage_dtype(kv_cache_dtype, model.dtype)
         k, v, scratch = {}, {}, {}
         for pool, layers, blocks in (("full", full, plan.num_full_blocks), ("sliding", sliding, plan.num_sliding_blocks)):
             if layers:
                 # on the Triton path one block more than the KV manager hands out: the scratch slot of a decode
                 # table's padding rows (cuda_graphs.DecodeTable)
                 slots = (blocks + fast) * plan.block_size
-                k[pool] = torch.zeros(len(layers), slots, *shape, dtype=model.dtype, device=self.device)
+                k[pool] = torch.zeros(len(layers), slots, *shape, dtype=self.kv_dtype, device=self.device)
                 v[pool] = torch.zeros_like(k[pool])
                 scratch[pool] = blocks * plan.block_size
         self.cache = PagedKV(k, v, layer_pool)
+        _take_kv_scales(model, self.cache, self.kv_dtype)
         # the persistent block tables: a row per running sequence, on the host and the device
         self.tables = WorkerBlockTables(max_num_seqs, layout.num_blocks(max_model_len or cfg.max_position_embeddings),
                                         self.device, {pool: n // plan.block_size for pool, n in scratch.items()})

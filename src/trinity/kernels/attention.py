@@ -14,6 +14,12 @@ Interfaces (shared by the references `*_reference` and the Triton kernels in `at
 - `pack_prefills(step.prefills)` (once per step and pool) and `paged_prefill_attention(q, k, v, k_cache,
   v_cache, packed, window, scale)`: the engine's whole prefill branch in one `prefill_attention` call.
 
+The caches may be stored in fp8 (`EngineConfig.kv_cache_dtype`; torch.float8_e4m3fn or float8_e5m2): every
+function that reads or writes a cache then takes the layer's `k_scale` / `v_scale` (a one-element fp32 tensor on
+the cache's device; None = 1.0). A cache holds x / scale, saturated to the format's largest finite value and rounded
+to nearest-even (`quantize_kv`); a read gives the stored value times the scale (`dequantize_kv`). Caches in the
+model's dtype ignore the scales.
+
 Selection, per call:
 - `TRINITY_KERNELS=reference` or `kernels.use_reference(True)`: the references.
 - `TRINITY_KERNELS=triton`: the Triton kernels wherever triton can run them: CUDA tensors, or CPU
@@ -25,6 +31,7 @@ Autograd always takes the references (the kernels have no backward).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +47,60 @@ def _kernels():
     return attention_triton
 
 
+# ------------------------------------------------------------------------------------------ fp8 KV storage
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# `EngineConfig.kv_cache_dtype` -> the pools' torch dtype ("auto": the model's)
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_storage_dtype(kv_cache_dtype: str | torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pools' dtype for a `kv_cache_dtype` setting (a name, or already a torch dtype)."""
+    if isinstance(kv_cache_dtype, torch.dtype):
+        return kv_cache_dtype
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; allowed: auto, {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[kv_cache_dtype]
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_KV_DTYPES
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x as a cache of `cache_dtype` stores it. fp8: x / scale in fp32, clamped to the format's largest finite value
+    (a key past it saturates instead of becoming inf or NaN, which would poison every later query), then rounded to
+    nearest-even by the cast. Other dtypes: a plain cast (the scale is ignored)."""
+    if not is_fp8(cache_dtype):
+        return x.to(cache_dtype)
+    y = x.float() if scale is None else x.float() / scale
+    fmax = torch.finfo(cache_dtype).max
+    return y.clamp(-fmax, fmax).to(cache_dtype)
+
+
+def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache.index_select(0, slots); an fp8 cache through its bytes: torch's indexing kernels have not covered the
+    fp8 dtypes on every device and version (pytorch#133605), byte gathers run everywhere."""
+    if is_fp8(cache.dtype):
+        return cache.view(torch.uint8).index_select(0, slots).view(cache.dtype)
+    return cache.index_select(0, slots)
+
+
+def dequantize_kv(c: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Cache rows as `dtype` for the attention math: fp8 rows times the scale (exact in fp32, then one rounding to
+    `dtype`), as every kernel reads them. Rows of another dtype come back as they are."""
+    if not is_fp8(c.dtype):
+        return c
+    y = c.float() if scale is None else c.float() * scale
+    return y.to(dtype)
+
+
 # ------------------------------------------------------------------------------------------ references
-def decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale):
-    """The decode math (the engine's, off the fast paths): gather each context by slot, masked SDPA with GQA."""
+def decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, k_scale=None,
+                               v_scale=None):
+    """The decode math (the engine's, off the fast paths): gather each context by slot, masked SDPA with GQA. An fp8
+    cache is gathered as stored (1 byte a value), then dequantized."""
     if ctx_valid_or_lens.dtype == torch.bool:
         valid = ctx_valid_or_lens
     else:
@@ -50,8 +108,9 @@ def decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens
     # padded entries may hold anything: point them at slot 0 so the gather stays in bounds
     slots = ctx_slots.masked_fill(~valid, 0).reshape(-1)
     # index_select copies whole rows (advanced indexing copies element by element: several times slower)
-    k_ctx = k_cache.index_select(0, slots).view(*ctx_slots.shape, *k_cache.shape[1:])  # [B, L, Hkv, D]
-    v_ctx = v_cache.index_select(0, slots).view(*ctx_slots.shape, *v_cache.shape[1:])
+    k_ctx = gather_kv(k_cache, slots).view(*ctx_slots.shape, *k_cache.shape[1:])  # [B, L, Hkv, D]
+    v_ctx = gather_kv(v_cache, slots).view(*ctx_slots.shape, *v_cache.shape[1:])
+    k_ctx, v_ctx = dequantize_kv(k_ctx, q.dtype, k_scale), dequantize_kv(v_ctx, q.dtype, v_scale)
     out = F.scaled_dot_product_attention(q[:, :, None], k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),
                                          attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)
     return out[:, :, 0]
@@ -70,14 +129,12 @@ def prefill_attention_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale
     return out
 
 
-def write_kv_reference(k_cache, v_cache, slots, k, v):
+def write_kv_reference(k_cache, v_cache, slots, k, v, k_scale=None, v_scale=None):
     keep = slots >= 0
-    if bool(keep.all()):
-        k_cache[slots] = k.to(k_cache.dtype)
-        v_cache[slots] = v.to(v_cache.dtype)
-    else:
-        k_cache[slots[keep]] = k[keep].to(k_cache.dtype)
-        v_cache[slots[keep]] = v[keep].to(v_cache.dtype)
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    k_cache[slots] = quantize_kv(k, k_cache.dtype, k_scale)
+    v_cache[slots] = quantize_kv(v, v_cache.dtype, v_scale)
 
 
 # ------------------------------------------------------------------------- packing the engine's prefills
@@ -114,11 +171,15 @@ def pack_prefills(prefills) -> PackedPrefills:
         k_pos=k_pos, max_q_len=max(nq))
 
 
-def paged_prefill_attention(q, k, v, k_cache, v_cache, packed: PackedPrefills, window, scale):
+def paged_prefill_attention(q, k, v, k_cache, v_cache, packed: PackedPrefills, window, scale, k_scale=None,
+                            v_scale=None):
     """The engine's prefill branch for all chunks at once: q/k/v are the step's flat [T, H, D] projections;
-    returns the attention output of packed.rows ([Tq, Hq, D]). Reads the cache only (write afterwards)."""
-    keys = torch.cat([k_cache[packed.ctx_slots], k[packed.rows]])[packed.kv_order]
-    values = torch.cat([v_cache[packed.ctx_slots], v[packed.rows]])[packed.kv_order]
+    returns the attention output of packed.rows ([Tq, Hq, D]). Reads the cache only (write afterwards). The cached
+    context is gathered as stored and dequantized (an fp8 cache) before the chunks' own keys join it."""
+    k_ctx = dequantize_kv(gather_kv(k_cache, packed.ctx_slots), k.dtype, k_scale)
+    v_ctx = dequantize_kv(gather_kv(v_cache, packed.ctx_slots), v.dtype, v_scale)
+    keys = torch.cat([k_ctx, k[packed.rows]])[packed.kv_order]
+    values = torch.cat([v_ctx, v[packed.rows]])[packed.kv_order]
     # each chunk's keys are its cached context (positions lo..s-1) then its own tokens (s..s+n-1): contiguous
     return prefill_attention(q[packed.rows], keys, values, packed.cu_q, packed.cu_k, packed.q_pos, packed.k_pos,
                              window, scale, max_q_len=packed.max_q_len, contiguous_keys=True)
@@ -150,26 +211,27 @@ class BlockTable:
 
 # ---------------------------------------------------------------------------------------- dispatchers
 def decode_attention(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, gate=None, new_kv=None,
-                     table: BlockTable | None = None, qk_norm: tuple | None = None):
+                     table: BlockTable | None = None, qk_norm: tuple | None = None, k_scale=None, v_scale=None):
     """`gate` ([B, Hq, D]): the output times sigmoid(gate) (the attention layer's output gate); `new_kv` = (k, v,
     slots): this step's K/V written to the cache first (`write_kv`); `table` (with ctx_slots None): the contexts
     by block table; `qk_norm` = (q_weight, k_weight, eps, cos, sin, apply_rope), with new_kv: q and the new k
-    still un-normed, `kernels.norm.qk_norm_rope` applied first. On the Triton path all in the one launch."""
+    still un-normed, `kernels.norm.qk_norm_rope` applied first; `k_scale` / `v_scale`: an fp8 cache's scales. On
+    the Triton path all in the one launch."""
     if not use_triton(q, k_cache, v_cache):
         if qk_norm is not None:
             q, k = qk_norm_rope_reference(q, new_kv[0], *qk_norm)
             new_kv = (k, new_kv[1], new_kv[2])
         if new_kv is not None:
-            write_kv_reference(k_cache, v_cache, new_kv[2], new_kv[0], new_kv[1])
+            write_kv_reference(k_cache, v_cache, new_kv[2], new_kv[0], new_kv[1], k_scale, v_scale)
         if table is not None:
             ctx_slots = table.slots()
-        out = decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale)
+        out = decode_attention_reference(q, k_cache, v_cache, ctx_slots, ctx_valid_or_lens, scale, k_scale, v_scale)
         return out if gate is None else sigmoid_gate_reference(out, gate)
     lens = ctx_valid_or_lens
     if lens.dtype == torch.bool:  # validity is a prefix of each row: its count is the length
         lens = lens.sum(dim=1, dtype=torch.int32)
     return _kernels().decode_attention(q, k_cache, v_cache, ctx_slots, lens, scale, gate=gate, new_kv=new_kv,
-                                       table=table, qk_norm=qk_norm)
+                                       table=table, qk_norm=qk_norm, k_scale=k_scale, v_scale=v_scale)
 
 
 def prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, *, max_q_len: int | None = None,
@@ -182,26 +244,48 @@ def prefill_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, window, scale, *, max_q
                                         contiguous_keys=contiguous_keys)
 
 
-def write_kv(k_cache, v_cache, slots, k, v):
+def write_kv(k_cache, v_cache, slots, k, v, k_scale=None, v_scale=None):
     if not use_triton(k_cache, k, v):
-        return write_kv_reference(k_cache, v_cache, slots, k, v)
-    return _kernels().write_kv(k_cache, v_cache, slots, k, v)
+        return write_kv_reference(k_cache, v_cache, slots, k, v, k_scale, v_scale)
+    return _kernels().write_kv(k_cache, v_cache, slots, k, v, k_scale=k_scale, v_scale=v_scale)
 
 
 # ------------------------------------------------------------------------------------- native CPU kernel
 def native_decode_wanted(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The C decode kernel (`attention_cpu.c`): fp32 or bf16 CPU inference where `native.library()` is built."""
+    """The C decode kernel (`attention_cpu.c`): fp32 or bf16 CPU inference where `native.library()` is built, over a
+    cache in the model's dtype or in fp8."""
     from . import reference_forced
     from .native import library
 
-    return (q.device.type == "cpu" and q.dtype == k_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and (k_cache.dtype == q.dtype or is_fp8(k_cache.dtype))
             and not reference_forced() and not torch.is_grad_enabled() and library() is not None)
 
 
+# the C kernel's cache formats: fp32, bf16, fp8 (read through a 256-entry table of the byte's value)
+_NATIVE_FORMAT = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 2}
+
+
+@functools.cache
+def fp8_table(dtype: torch.dtype) -> torch.Tensor:
+    """[256] fp32: the value of every byte of an fp8 format, as torch converts it (the C kernel's decoder)."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float()
+
+
+def _scale_ptr(scale: torch.Tensor | None):
+    """A CPU scale's address for the C kernel (NULL: 1.0)."""
+    if scale is None:
+        return None
+    if scale.dtype != torch.float32 or scale.device.type != "cpu" or scale.numel() != 1:
+        raise ValueError(f"a KV scale must be one fp32 value on the CPU, not {tuple(scale.shape)} {scale.dtype}")
+    return scale.data_ptr()
+
+
 def decode_attention_native(q, k_cache, v_cache, ctx_slots, ctx_valid, scale, new_k=None, new_v=None,
-                            new_slots=None):
+                            new_slots=None, k_scale=None, v_scale=None):
     """As the engine's reference decode (write the new K/V at `new_slots`, then attend over each row's context,
-    read by slot): q [B, Hq, D]; caches [slots, Hkv, D]; ctx_slots/ctx_valid [B, L] -> [B, Hq, D]."""
+    read by slot): q [B, Hq, D]; caches [slots, Hkv, D]; ctx_slots/ctx_valid [B, L] -> [B, Hq, D]. An fp8 cache:
+    the new K/V quantized here (`quantize_kv`), the kernel reading each byte through `fp8_table` times the scale."""
     from .native import library
 
     b, hq, d = q.shape
@@ -211,11 +295,15 @@ def decode_attention_native(q, k_cache, v_cache, ctx_slots, ctx_valid, scale, ne
     qf, ctx_slots, ctx_valid = q.float().contiguous(), ctx_slots.contiguous(), ctx_valid.contiguous()
     writes = new_k is not None
     if writes:
-        new_k, new_v = new_k.to(k_cache.dtype).contiguous(), new_v.to(k_cache.dtype).contiguous()
+        new_k = quantize_kv(new_k, k_cache.dtype, k_scale).contiguous()
+        new_v = quantize_kv(new_v, v_cache.dtype, v_scale).contiguous()
         new_slots = new_slots.contiguous()
+    fp8 = is_fp8(k_cache.dtype)
     out = torch.empty_like(qf)
     status = library().trinity_paged_decode_attention(
-        qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+        qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _NATIVE_FORMAT[k_cache.dtype],
+        fp8_table(k_cache.dtype).data_ptr() if fp8 else None, _scale_ptr(k_scale) if fp8 else None,
+        _scale_ptr(v_scale) if fp8 else None,
         new_k.data_ptr() if writes else None, new_v.data_ptr() if writes else None,
         new_slots.data_ptr() if writes else None, ctx_slots.data_ptr(), ctx_valid.data_ptr(), out.data_ptr(),
         b, hq, hkv, d, ctx_slots.shape[1], scale, torch.get_num_threads())
@@ -267,7 +355,8 @@ def chunk_attention_blocked(q, k, v, q_start: int, k_start: int, window: int | N
 
 __all__ = ["decode_attention", "prefill_attention", "write_kv", "triton_available", "BlockTable", "PackedPrefills",
            "pack_prefills", "paged_prefill_attention",
-           "decode_attention_reference", "prefill_attention_reference", "write_kv_reference"]
+           "decode_attention_reference", "prefill_attention_reference", "write_kv_reference",
+           "kv_storage_dtype", "is_fp8", "quantize_kv", "dequantize_kv"]
 
 
 def use_fast_path(q: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-/* Decode attention over a paged KV pool on the CPU, fp32 or bf16 K/V (queries and math in fp32): each sequence's
+/* Decode attention over a paged KV pool on the CPU, fp32, bf16 or fp8 K/V (queries and math in fp32): each sequence's
  * one new query token against its cached context, read in place by slot. Built and loaded by kernels/native.py;
  * the reference it must equal is `decode_attention_reference` in kernels/attention.py (gather + SDPA).
  *
@@ -17,26 +17,38 @@
 #define MAX_GROUP 16  /* query heads per KV head */
 #define MAX_DIM 512   /* head_dim */
 
-/* A cache row as fp32: the row itself (fp32 pool), or widened into buf (bf16 pool; exact). */
-static inline const float *cache_row(const void *cache, int bf16, long offset, int D, float *buf) {
-    if (!bf16) return (const float *)cache + offset;
-    const uint16_t *h = (const uint16_t *)cache + offset;
-    for (int d = 0; d < D; d++) buf[d] = bf16_to_f32(h[d]);
+enum { KV_FP32 = 0, KV_BF16 = 1, KV_FP8 = 2 }; /* the cache's format */
+
+/* A cache row as fp32: the row itself (fp32 pool), or widened into buf: bf16 (exact), or fp8 bytes through the
+ * format's 256-entry table of values times the layer's scale (as `dequantize_kv`: the product in fp32). */
+static inline const float *cache_row(const void *cache, int format, const float *fp8_table, float fp8_scale,
+                                     long offset, int D, float *buf) {
+    if (format == KV_FP32) return (const float *)cache + offset;
+    if (format == KV_BF16) {
+        const uint16_t *h = (const uint16_t *)cache + offset;
+        for (int d = 0; d < D; d++) buf[d] = bf16_to_f32(h[d]);
+    } else {
+        const uint8_t *c = (const uint8_t *)cache + offset;
+        for (int d = 0; d < D; d++) buf[d] = fp8_table[c[d]] * fp8_scale;
+    }
     return buf;
 }
 
-/* q: [B, Hq, D] fp32; k_cache, v_cache: [slots, Hkv, D], fp32 or (kv_bf16) bf16; new_k, new_v: [B, Hkv, D] in
- * the cache's dtype, written to new_slots[B] first (skipped when new_k is NULL); ctx_slots: [B, L] and
- * ctx_valid: [B, L] (1 byte each) each decode's context, its new token included; out: [B, Hq, D]. Returns 0,
- * or -1 if the shapes exceed MAX_GROUP / MAX_DIM. */
-int trinity_paged_decode_attention(const float *q, void *k_cache, void *v_cache, int kv_bf16, const void *new_k,
-                                   const void *new_v, const int64_t *new_slots, const int64_t *ctx_slots,
-                                   const uint8_t *ctx_valid, float *out, int B, int Hq, int Hkv, int D, int L,
-                                   float scale, int num_threads) {
+/* q: [B, Hq, D] fp32; k_cache, v_cache: [slots, Hkv, D] in kv_format (KV_FP32, KV_BF16, or KV_FP8: one byte a
+ * value, fp8_table[256] its value, times *k_scale / *v_scale, each 1.0 when NULL); new_k, new_v: [B, Hkv, D] in
+ * the cache's dtype (an fp8 cache's values already quantized by the caller), written to new_slots[B] first (skipped
+ * when new_k is NULL); ctx_slots: [B, L] and ctx_valid: [B, L] (1 byte each) each decode's context, its new token
+ * included; out: [B, Hq, D]. Returns 0, or -1 if the shapes exceed MAX_GROUP / MAX_DIM. */
+int trinity_paged_decode_attention(const float *q, void *k_cache, void *v_cache, int kv_format,
+                                   const float *fp8_table, const float *k_scale, const float *v_scale,
+                                   const void *new_k, const void *new_v, const int64_t *new_slots,
+                                   const int64_t *ctx_slots, const uint8_t *ctx_valid, float *out, int B, int Hq,
+                                   int Hkv, int D, int L, float scale, int num_threads) {
     int group = Hq / Hkv;
     if (group > MAX_GROUP || D > MAX_DIM || group * Hkv != Hq) return -1;
     long row = (long)Hkv * D; /* elements per slot */
-    long elem = kv_bf16 ? 2 : 4; /* bytes per element */
+    long elem = kv_format == KV_FP32 ? 4 : kv_format == KV_BF16 ? 2 : 1; /* bytes per element */
+    float ks = k_scale ? *k_scale : 1.0f, vs = v_scale ? *v_scale : 1.0f;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (long item = 0; item < (long)B * Hkv; item++) {
         int b = (int)(item / Hkv), h = (int)(item % Hkv);
@@ -55,8 +67,8 @@ int trinity_paged_decode_attention(const float *q, void *k_cache, void *v_cache,
         for (int j = 0; j < L; j++) {
             if (!ctx_valid[(long)b * L + j]) continue;
             long slot = ctx_slots[(long)b * L + j];
-            const float *kr = cache_row(k_cache, kv_bf16, slot * row + (long)h * D, D, kbuf);
-            const float *vr = cache_row(v_cache, kv_bf16, slot * row + (long)h * D, D, vbuf);
+            const float *kr = cache_row(k_cache, kv_format, fp8_table, ks, slot * row + (long)h * D, D, kbuf);
+            const float *vr = cache_row(v_cache, kv_format, fp8_table, vs, slot * row + (long)h * D, D, vbuf);
             for (int g = 0; g < group; g++) {
                 float s = dot_row_single(qh + (long)g * D, kr, D) * scale;
                 float p;

@@ -13,6 +13,12 @@ decode context is never gathered into a copy; prefill takes each sequence's keys
   whose positions are all after its last query or all before its first query's window.
 - `write_kv`: scatter new K/V rows to their slots; a slot of -1 is skipped.
 
+An fp8 cache (torch.float8_e4m3fn / float8_e5m2: the kernels specialise on the cache pointer's element type, no
+flag of their own) is read as bytes and widened to the queries' dtype; the layer's K scale folds into the score
+scale and its V scale into the output, so a tile costs one conversion per value and no multiply. Writes divide by
+the scale, saturate and round to nearest-even by hand (`_to_fp8`), so the stored bytes are torch's
+(`kernels.attention.quantize_kv`) on any Triton, the interpreter's flawed fp8 casts included.
+
 Softmax runs online in fp32 with base-2 exponentials (the scale is pre-multiplied by log2(e)); fp32 inputs
 use IEEE fp32 dot products (no TF32) so they match the torch reference to ~1e-5.
 
@@ -56,6 +62,41 @@ def _mm(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def _to_fp8(x, dtype: tl.constexpr):
+    """fp32 x -> the fp8 `dtype` (float8e4nv = e4m3fn or float8e5 = e5m2) as torch casts it after a clamp: saturated
+    to the largest finite value, rounded to nearest-even. The rounding is done in fp32 first, so the cast itself is
+    exact: adding and subtracting c, a power of two 23 - MBITS binades above x's fp8 exponent (the format's smallest
+    normal exponent for its subnormals), rounds x to a multiple of x's fp8 spacing (Triton's interpreter casts to fp8
+    wrongly: -7.99 gives -4 in e4m3)."""
+    if dtype == tl.float8e4nv:
+        MBITS: tl.constexpr = 3
+        EMIN: tl.constexpr = -6
+        FMAX: tl.constexpr = 448.0
+    else:
+        MBITS: tl.constexpr = 2
+        EMIN: tl.constexpr = -14
+        FMAX: tl.constexpr = 57344.0
+    x = tl.clamp(x, -FMAX, FMAX, propagate_nan=tl.PropagateNan.ALL)
+    bits = x.to(tl.int32, bitcast=True)
+    sign = bits & -2147483648
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, EMIN)  # x's binade, at least the format's smallest normal one
+    c = (((e - MBITS + 23 + 127) << 23) | sign).to(tl.float32, bitcast=True)
+    r = ((x + c) - c).to(tl.int32, bitcast=True) | sign  # the sign again: -tiny rounds to -0, as torch's cast
+    return r.to(tl.float32, bitcast=True).to(dtype)
+
+
+@triton.jit
+def _kv_stored(x, scale_ptr, dtype: tl.constexpr):
+    """x as a cache of `dtype` stores it: a cast; fp8: x / the layer's scale, saturated and rounded (`_to_fp8`). The
+    division correctly rounded (div_rn), as torch's: Triton's `/` on a GPU is approximate (div.full.f32, 2 ulp), which
+    near a rounding boundary would store another byte than the references."""
+    if dtype.is_fp8():
+        return _to_fp8(tl.div_rn(x.to(tl.float32), tl.load(scale_ptr)), dtype)
+    else:
+        return x.to(dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -72,7 +113,7 @@ def _program_target(device: torch.device) -> int:
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, gate_ptr,
                    new_k_ptr, new_v_ptr, new_slots_ptr, lo_ptr, rows_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-                   counter_ptr, qk_scale, keys_per_split, norm_eps,
+                   counter_ptr, k_scale_ptr, v_scale_ptr, qk_scale, keys_per_split, norm_eps,
                    stride_qb, stride_qh, stride_qd,
                    stride_ks, stride_kh, stride_kd,
                    stride_vs, stride_vh, stride_vd,
@@ -116,6 +157,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    # an fp8 cache: values widened to q's dtype, k's scale in the scores' scale, v's applied to the output
+    FP8: tl.constexpr = k_ptr.dtype.element_ty.is_fp8()
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     table_row = b
     if ROWS:  # the table's row for this sequence (a persistent table: one row per running sequence)
@@ -143,6 +188,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
             slot = tl.load(slot_row + offs_n * stride_sl, mask=n_mask, other=0).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_head + slot[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if FP8:
+            k = k.to(tl.float32).to(q_ptr.dtype.element_ty)
         s = _mm(q, tl.trans(k), UPCAST, DOT_PRECISION) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # every tile holds at least one valid key, so m_new is finite
@@ -151,6 +198,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_head + slot[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if FP8:
+            v = v.to(tl.float32).to(q_ptr.dtype.element_ty)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, DOT_PRECISION)
         m_i = m_new
     if HAS_NEW:
@@ -166,25 +215,30 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, part_ptr, 
             vn = tl.load(new_v_ptr + b.to(tl.int64) * stride_nvb + kvh * stride_nvh + offs_d[None, :],
                          mask=d_mask[None, :], other=0.0)
             new_slot = tl.load(new_slots_ptr + b * stride_ns).to(tl.int64)
+            kn = _kv_stored(kn, k_scale_ptr, k_ptr.dtype.element_ty)
+            vn = _kv_stored(vn, v_scale_ptr, v_ptr.dtype.element_ty)
             if new_slot >= 0:
-                tl.store(k_head + new_slot * stride_ks + offs_d[None, :] * stride_kd, kn.to(k_ptr.dtype.element_ty),
-                         mask=d_mask[None, :])
-                tl.store(v_head + new_slot * stride_vs + offs_d[None, :] * stride_vd, vn.to(v_ptr.dtype.element_ty),
-                         mask=d_mask[None, :])
-            kn = kn.to(k_ptr.dtype.element_ty).to(tl.float32)  # the values the cache holds from now on
-            vn = vn.to(v_ptr.dtype.element_ty).to(tl.float32)
+                tl.store(k_head + new_slot * stride_ks + offs_d[None, :] * stride_kd, kn, mask=d_mask[None, :])
+                tl.store(v_head + new_slot * stride_vs + offs_d[None, :] * stride_vd, vn, mask=d_mask[None, :])
+            kn = kn.to(tl.float32)  # the values the cache holds from now on (an fp8 cache's: before its scales)
+            vn = vn.to(tl.float32)
             s_new = tl.sum(q.to(tl.float32) * kn, axis=1) * qk_scale  # [BLOCK_H]
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p_new = tl.exp2(s_new - m_new)
             l_i = l_i * alpha + p_new
-            # p rounded to the cache dtype as the tiles' P @ V rounds it
-            p_new = p_new.to(v_ptr.dtype.element_ty).to(tl.float32)
+            # p rounded to the dtype of the tiles' P @ V (the cache's, or q's where the cache is fp8)
+            if FP8:
+                p_new = p_new.to(q_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                p_new = p_new.to(v_ptr.dtype.element_ty).to(tl.float32)
             acc = acc * alpha[:, None] + p_new[:, None] * vn
             m_i = m_new
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]
+    if FP8:
+        o = o * tl.load(v_scale_ptr)
     if SPLIT:
         # normalised partial output plus its log2-sum-exp; an empty split stores lse = -inf (weight 0)
         part = part_ptr + b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps
@@ -268,6 +322,35 @@ def _decode_splits(batch: int, kv_heads: int, width: int, block_n: int, device: 
     return triton.cdiv(max(width, 1), per_split), per_split
 
 
+def decode_block_n(q_elem: int, cache_elem: int) -> int:
+    """Keys per step of the decode kernel, picked from sm_90 register/spill reports (ptxas -v), not from timings:
+    64 for 16-bit queries, 32 for fp32 ones; 16 for fp32 queries over an fp8 cache, which at 32 keys spill inside
+    the loop (255 registers, 300 bytes of stack; `test_fp8_decode_compiles_without_spills`)."""
+    if q_elem == 2:
+        return 64
+    return 16 if cache_elem == 1 else 32
+
+
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def _scales(cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
+    """The scale pointers a launch passes: the given scales (an fp8 cache; 1.0 where None, one tensor per device made
+    on first use) or, for a cache in the model's dtype, the cache itself as a placeholder the kernel never reads."""
+    if cache.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return cache, cache
+    if k_scale is None or v_scale is None:
+        unit = _UNIT_SCALES.get(cache.device)
+        if unit is None:
+            unit = _UNIT_SCALES[cache.device] = torch.ones(1, dtype=torch.float32, device=cache.device)
+        k_scale, v_scale = (unit if k_scale is None else k_scale), (unit if v_scale is None else v_scale)
+    for t in (k_scale, v_scale):
+        if t.dtype != torch.float32 or t.numel() != 1 or t.device != cache.device:
+            raise ValueError(f"a KV scale must be one fp32 value on {cache.device}, not {tuple(t.shape)} {t.dtype} "
+                             f"on {t.device}")
+    return k_scale, v_scale
+
+
 def _qk_norm_args(qk_norm, has_new: bool, q: torch.Tensor, head_dim: int):
     """The decode kernel's q/k-norm arguments: (q weight, k weight, eps, cos, sin, rope); placeholders without."""
     if qk_norm is None:
@@ -290,7 +373,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      ctx_lens: torch.Tensor, scale: float, *, gate: torch.Tensor | None = None,
                      new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, table=None,
                      qk_norm: tuple | None = None, num_splits: int | None = None,
-                     block_n: int | None = None, merge_last: bool = True) -> torch.Tensor:
+                     block_n: int | None = None, merge_last: bool = True, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence against its slot-addressed context.
 
     q: [B, Hq, D]; k_cache/v_cache: [S, Hkv, D]; ctx_slots: [B, L] int slots of each context token (the
@@ -306,6 +390,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     - `qk_norm` = (q_weight, k_weight, eps, cos, sin, apply_rope), with `new_kv`: q and the new k come raw from the
       projection and get the per-head RMSNorm and (when apply_rope) RoPE here, exactly as `kernels.norm.qk_norm_rope`
       (cos/sin [B, D] in q's dtype); the cache receives the normed k.
+    - `k_scale` / `v_scale`: an fp8 cache's scales (one fp32 value each on q's device; None = 1.0), read by the kernel
+      (a CUDA graph replays whatever they hold); ignored for a cache in q's dtype.
     `num_splits` / `block_n` override the launch heuristics (tests, tuning). With key splits, the last split of
     each (sequence, kv head) to finish merges them (`kernels.last_program`); `merge_last=False` runs the merge as
     a second launch instead (tests compare the two).
@@ -318,6 +404,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if B == 0:
         return out
     group = Hq // Hkv
+    k_scale, v_scale = _scales(k_cache, k_scale, v_scale)
     if table is not None:
         slots, width, lo = table.table, table.width, table.lo
         rows = table.rows if table.rows is not None else lo  # unused without rows
@@ -325,8 +412,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         slots, width, lo, rows = ctx_slots, ctx_slots.shape[1], ctx_lens, ctx_lens  # lo, rows unused
         addressing = dict(TABLE=False, BLOCK_SIZE=1, ROWS=False)
-    # launch settings picked from sm_90 register/spill reports (ptxas -v), not from timings
-    block_n = block_n or (64 if q.element_size() == 2 else 32)
+    block_n = block_n or decode_block_n(q.element_size(), k_cache.element_size())
     block_h, block_d = _pow2(group), _pow2(D)
     splits, per_split = _decode_splits(B, Hkv, width, block_n, q.device, num_splits)
     if splits > 1:
@@ -357,7 +443,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     merge_block = _pow2(splits, 2) if counters is not None else 2
     _decode_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, slots, ctx_lens, out, part, lse, gate, new_k, new_v, new_slots, lo, rows, qw, kw, cos,
-        sin, counters if counters is not None else lse, scale * _LOG2E, per_split, norm_eps,
+        sin, counters if counters is not None else lse, k_scale, v_scale, scale * _LOG2E, per_split, norm_eps,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *slots.stride(), *out.stride(),
         *(part.stride()[:3] if splits > 1 else (0, 0, 0)), *gate_strides, *new_strides,
         ctx_lens.stride(0), new_slots.stride(0), lo.stride(0), rows.stride(0), cos.stride(0), sin.stride(0),
@@ -576,7 +662,7 @@ def _prefill_warps(rows: int, block_d: int) -> int:
 
 # -------------------------------------------------------------------------------------------- write_kv
 @triton.jit
-def _write_kv_kernel(k_cache_ptr, v_cache_ptr, slots_ptr, k_ptr, v_ptr,
+def _write_kv_kernel(k_cache_ptr, v_cache_ptr, slots_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
                      stride_kcs, stride_kch, stride_kcd,
                      stride_vcs, stride_vch, stride_vcd,
                      stride_kt, stride_kh, stride_kd,
@@ -593,26 +679,28 @@ def _write_kv_kernel(k_cache_ptr, v_cache_ptr, slots_ptr, k_ptr, v_ptr,
     k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
     tl.store(k_cache_ptr + slot * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :] * stride_kcd,
-             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+             _kv_stored(k, k_scale_ptr, k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + slot * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd,
-             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+             _kv_stored(v, v_scale_ptr, v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
+             v: torch.Tensor, *, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """k_cache[slots[t]] = k[t] (and v) for every t with slots[t] >= 0; slots must not repeat.
 
-    k_cache/v_cache: [S, Hkv, D]; slots: [T] int; k/v: [T, Hkv, D] (any strides, cast to the cache dtype).
+    k_cache/v_cache: [S, Hkv, D]; slots: [T] int; k/v: [T, Hkv, D] (any strides, cast to the cache dtype; an fp8
+    cache: quantized with `k_scale` / `v_scale` as `kernels.attention.quantize_kv` does).
     """
     T = slots.shape[0]
     if T == 0:
         return
     _, Hkv, D = k.shape
+    k_scale, v_scale = _scales(k_cache, k_scale, v_scale)
     _write_kv_kernel[(T,)](
-        k_cache, v_cache, slots, k, v,
+        k_cache, v_cache, slots, k, v, k_scale, v_scale,
         *k_cache.stride(), *v_cache.stride(), *k.stride(), *v.stride(),
         HEADS=Hkv, HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D),
         num_warps=4 if Hkv * D >= 512 else 1)
 
 
-__all__ = ["decode_attention", "prefill_attention", "prefill_launch_settings", "write_kv"]
+__all__ = ["decode_attention", "decode_block_n", "prefill_attention", "prefill_launch_settings", "write_kv"]

@@ -27,7 +27,7 @@ from .. import switches
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("moe_cpu.c", "attention_cpu.c", "norm_cpu.c", "linear_cpu.c")
+SOURCES = ("moe_cpu.c", "attention_cpu.c", "norm_cpu.c", "linear_cpu.c", "fp8_cpu.c")
 HEADERS = ("skinny_gemm.h", "skinny_gemm_body.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
@@ -107,11 +107,14 @@ def _load() -> ctypes.CDLL | None:
     signatures = {  # name: (argument types, result type); the C comments give the meanings
         "trinity_moe_experts": ([p] * 5 + [i] + [p] * 5 + [i] * 6, None),
         "trinity_moe_layer": ([p, p, p, i, i, f, i, p, p, p, i] + [p] * 8 + [i] * 5, None),
-        "trinity_paged_decode_attention": ([p, p, p, i] + [p] * 6 + [i] * 5 + [f, i], i),
+        "trinity_paged_decode_attention": ([p, p, p, i] + [p] * 9 + [i] * 5 + [f, i], i),
         "trinity_linear": ([p, p, i, p] + [i] * 4, None),
         "trinity_rms_norm": ([p, i, p, p, i, i, f, i], None),
         "trinity_norm_add_rms_norm": ([p, p, i, p, p, p, p, i, i, f, i], None),
         "trinity_qk_norm_rope": ([p, p, i] + [p] * 6 + [i] * 4 + [f, i], None),
+        "trinity_linear_fp8": ([p, i, p, p, i, i, p] + [i] * 4, i),
+        "trinity_fp8_dequantize": ([p, p, i, i, p] + [i] * 5, None),
+        "trinity_moe_experts_fp8": ([p, i, p, p, p, p, i, i, p, p, i, i, p] + [i] * 6, i),
     }
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)

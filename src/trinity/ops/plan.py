@@ -11,7 +11,8 @@ Assumptions (also listed under "assumptions" in the JSON):
   accuracy-critical).
 - w4a16 weights: the same linear layers at 4 bits, plus a bf16 scale and a bf16 zero point per group of 128 input
   channels per output row (AWQ/GPTQ-style, group size 128); everything else bf16.
-- KV cache: K and V of every KV head, 2 bytes (bf16) or 1 byte (fp8; its per-tensor scales are ignored).
+- KV cache: K and V of every KV head, 2 bytes (bf16) or 1 byte (fp8, e4m3 or e5m2, as the engine's
+  `--kv-cache-dtype` stores it; its per-layer scales are ignored).
   Full-attention layers keep every token; sliding layers keep at most `sliding_window` tokens per sequence.
   Counts are token-exact (the engine's paged blocks round a sliding window up to whole blocks: up to one block more).
 - Memory per GPU usable for the model: memory x gpu_memory_utilization (0.90 by default, as in vLLM), minus a
@@ -72,7 +73,9 @@ DEFAULT_RESERVE_GB = 4.0
 DEFAULT_UTILIZATION = 0.90
 DEFAULT_HOURS_PER_MONTH = 730.0
 WEIGHT_DTYPES = ("bf16", "fp8", "w4a16")
-KV_DTYPES = ("bf16", "fp8")
+# the engine's `--kv-cache-dtype` spellings of fp8 too: either format stores 1 byte a value
+KV_BYTES = {"bf16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+KV_DTYPES = tuple(KV_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +217,7 @@ class KVLayout:
 def kv_layout(cfg: TrinityConfig, kv_dtype: str) -> KVLayout:
     if kv_dtype not in KV_DTYPES:
         raise PlanError(f"unknown KV dtype {kv_dtype!r}; allowed: {', '.join(KV_DTYPES)}")
-    per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * (2 if kv_dtype == "bf16" else 1)  # K and V
+    per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * KV_BYTES[kv_dtype]  # K and V
     full = cfg.layer_types.count("full_attention")
     return KVLayout(per_layer * full, per_layer * (cfg.num_hidden_layers - full), cfg.sliding_window)
 

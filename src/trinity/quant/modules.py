@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fp8 import linear_fp8
+from ..kernels import use_triton
+from ..kernels.fp8 import experts_fp8_native, experts_native_wanted, linear_fp8
 from . import fp8
 from .scheme import ActivationScheme, QuantConfig, QuantizationError
 
@@ -41,11 +42,23 @@ class Fp8Linear(nn.Module):
     reduce_output = None  # tensor parallelism, row-parallel: sums the rank's partial output (`parallel.sharding`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear_fp8(_activations_in(x, self), self.weight, self.weight_scale, self.block)
+        group = _gpu_act_group(x, self.activations)
+        if group is not None:  # the GPU's w8a8 GEMM quantizes x itself
+            y = linear_fp8(x, self.weight, self.weight_scale, self.block, act_group=group)
+        else:
+            y = linear_fp8(_activations_in(x, self), self.weight, self.weight_scale, self.block)
         return y if self.reduce_output is None else self.reduce_output(y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={self.block}"
+
+
+def _gpu_act_group(x: torch.Tensor, acts: ActivationScheme | None) -> int | None:
+    """The Triton kernels' activation group for dynamic FP8 activations on the GPU (None: not that case)."""
+    if acts is None or not acts.dynamic or not use_triton(x):
+        return None
+    from ..kernels import fp8_triton
+    return acts.group_size if acts.strategy == "group" else fp8_triton.PER_TOKEN
 
 
 def _activations_in(x: torch.Tensor, module) -> torch.Tensor:
@@ -103,6 +116,18 @@ class Fp8Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], each token's top-k (weights [T, k] fp32, ids [T, k]) -> [T, H]: each used expert's weights
         dequantized once, its tokens through SwiGLU, the outputs summed per token in fp32 (as the reference)."""
+        if use_triton(x):  # the fused FP8 MoE kernels (w8a16; dynamic activations rounded by one launch each)
+            from ..kernels import fp8_triton
+            acts = self.activations
+            group = None if acts is None else acts.group_size if acts.strategy == "group" else fp8_triton.PER_TOKEN
+            out = fp8_triton.fused_moe_fp8(x, weights, ids, self.gate_up_proj, self.gate_up_proj_scale,
+                                           self.gate_block, self.down_proj, self.down_proj_scale, self.down_block,
+                                           act_group=group)
+            if out is not None:
+                return out
+        if self.activations is None and experts_native_wanted(x, ids, self.gate_up_proj):  # CPU decode: one C call
+            return experts_fp8_native(x, weights, ids, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
+                                      self.down_proj_scale, self.gate_block, self.down_block)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         for e in ids.unique().tolist():
             token, choice = (ids == e).nonzero(as_tuple=True)
