@@ -183,7 +183,7 @@ def _with(**changes):
     ({"config_groups__g__weights__num_bits": 4}, "num_bits/type = (4, 'float')"),
     ({"config_groups__g__targets": ["Attention"]}, "targets = ['Attention']"),
     ({"config_groups__g__weights__symmetric": False}, "weights.symmetric = False"),
-    ({"kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
+    ({"kv_cache_scheme": {"num_bits": 8, "type": "int", "strategy": "tensor"}}, "kv_cache_scheme"),
     ({"format": "pack-quantized"}, "format = 'pack-quantized'"),
     ({"mystery": 1}, "mystery = 1"),
 ])
@@ -238,3 +238,28 @@ def test_builtin_model_in_fp8_agrees_with_fp32_greedy(scheme):
     quantized = quantize_model(copy.deepcopy(loaded.model), QuantConfig(scheme, None, QuantConfig.online_fp8().ignore))
     want, got = run(loaded.model), run(quantized)
     assert sum(a == b for a, b in zip(want, got)) >= 18
+
+
+def test_kv_cache_scales_reach_an_e4m3_cache(tmp_path, model):
+    """A checkpoint's per-layer `k_scale` / `v_scale` (compressed-tensors' kv_cache_scheme) are taken by an e4m3 KV
+    cache and left alone by e5m2."""
+    from safetensors.torch import load_file, save_file
+
+    from trinity import LLM
+
+    tensors = write_fp8_checkpoint(model, str(tmp_path), "block", (32, 32))
+    tensors["model.layers.1.self_attn.k_scale"] = torch.tensor(0.5)
+    tensors["model.layers.1.self_attn.v_scale"] = torch.tensor(0.25)
+    save_file(tensors, os.path.join(tmp_path, "model.safetensors"), metadata={"format": "pt"})
+    config = json.load(open(os.path.join(tmp_path, "config.json")))
+    config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                        "dynamic": False, "symmetric": True}
+    json.dump(config, open(os.path.join(tmp_path, "config.json"), "w"))
+    assert load_file(os.path.join(tmp_path, "model.safetensors"))["model.layers.1.self_attn.k_scale"].numel() == 1
+    loaded = TrinityForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert loaded.model.layers[1].self_attn.k_scale == 0.5
+    llm = LLM(loaded, kv_cache_dtype="fp8_e4m3", num_kv_blocks=64)
+    assert [float(s) for s in llm.engine.runner.cache.scales(1)] == [0.5, 0.25]
+    assert [float(s) for s in llm.engine.runner.cache.scales(0)] == [1.0, 1.0]
+    out = llm.generate(prompt_token_ids=[[1, 2, 3, 4, 5]])
+    assert len(out[0].outputs[0].token_ids) > 0

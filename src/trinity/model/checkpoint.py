@@ -362,6 +362,23 @@ def _progress(enabled: bool | None, total: int | None):
     return progress, progress.add_task("load", total=total)
 
 
+# An FP8 KV cache's per-layer scales, as compressed-tensors (kv_cache_scheme) and vLLM's FP8 exports write them
+_KV_SCALE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.self_attn\.(?P<kind>k_scale|v_scale|kv_scale)$")
+
+
+def _take_kv_scale(model, name: str, handle) -> None:
+    """A layer's KV-cache scale onto its attention module, where an e4m3 KV cache takes it (`engine.runner`); the
+    value is the same on every tensor-parallel rank."""
+    m = _KV_SCALE.match(name)
+    layer = int(m["layer"])
+    if layer >= len(model.model.layers):
+        raise CheckpointError(f"{name}: the model has {len(model.model.layers)} layers")
+    tensor = handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle.handle.get_tensor(name)
+    if tensor.numel() != 1:
+        raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}; a KV-cache scale is one value per layer")
+    setattr(model.model.layers[layer].self_attn, m["kind"], float(tensor.float()))
+
+
 def _fp8_blocks(model) -> dict[str, tuple[int, int]]:
     """The scale block of every FP8 parameter (for online quantization)."""
     blocks = {}
@@ -425,6 +442,9 @@ def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.devi
                 where = os.path.basename(file)
                 for name in names if names is not None else list(handle.keys()):
                     if name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+                        continue
+                    if _KV_SCALE.match(name):
+                        _take_kv_scale(model, name, handle)
                         continue
                     if shard is None:
                         _copy_in(state, name, handle.get_tensor(name), where)

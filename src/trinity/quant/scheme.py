@@ -104,8 +104,11 @@ def from_hf(config: dict | None) -> QuantConfig | None:
         _refuse("sparsity_config", config["sparsity_config"], "sparse checkpoints are not")
     if config.get("transform_config"):
         _refuse("transform_config", config["transform_config"], "transformed (rotated) checkpoints are not")
-    if config.get("kv_cache_scheme"):
-        _refuse("kv_cache_scheme", config["kv_cache_scheme"], "use --kv-cache-dtype; a quantized KV scheme is not")
+    kv = config.get("kv_cache_scheme")
+    if kv and not (kv.get("num_bits") == 8 and kv.get("type") == "float" and kv.get("strategy") == "tensor"
+                   and not kv.get("dynamic", False)):
+        _refuse("kv_cache_scheme", kv, "FP8 per-tensor static scales (k_scale / v_scale, taken by "
+                                       "--kv-cache-dtype fp8_e4m3) are")
     groups = config.get("config_groups") or {}
     if not groups:
         _refuse("config_groups", groups, "at least one group is needed")
