@@ -70,3 +70,21 @@ def test_online_fp8_over_ranks(tmp_path, model):
         experts = part.model.layers[1].mlp.experts
         assert experts.gate_up_proj.dtype == torch.float8_e4m3fn
         assert experts.gate_up_proj.shape[1] == CFG.moe_intermediate_size  # half of 2 * I
+
+
+@pytest.mark.slow
+def test_engine_over_two_ranks_with_online_fp8_and_an_fp8_cache():
+    """`LLM(..., tensor_parallel_size=2, quantization="fp8", kv_cache_dtype="fp8_e4m3")` on the built-in model: each
+    rank quantizes its own part (the intermediate size 384 splits into 192s, not whole 128-blocks), and the pair
+    answers the arithmetic question as the unquantized model does."""
+    from trinity import LLM, SamplingParams
+
+    question = [{"role": "user", "content": "What is 27 + 58?"}]
+    params = SamplingParams(max_tokens=200, temperature=0)
+    llm = LLM("trinity-tiny", dtype="float32", tensor_parallel_size=2, quantization="fp8", kv_cache_dtype="fp8_e4m3")
+    try:
+        assert type(llm.engine.model.model.layers[0].mlp.down_proj).__name__ == "Fp8Linear"
+        text = llm.chat(question, params)[0].outputs[0].text
+    finally:
+        llm.shutdown()
+    assert "The answer is 85." in text

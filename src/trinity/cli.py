@@ -293,8 +293,8 @@ def _cmd_serve(args) -> int:
         from .loading import resolve_device
         from .parallel.executor import ModelSource, join_torchrun
 
-        join_torchrun(ModelSource(spec=model, dtype=args.dtype, seed=engine_config.seed or 0), engine_config,
-                      resolve_device(args.device))
+        join_torchrun(ModelSource(spec=model, dtype=args.dtype, seed=engine_config.seed or 0,
+                                  quantization=args.quantization), engine_config, resolve_device(args.device))
         return 0
     serve(model, settings, engine_config, args.host, args.port, dtype=args.dtype, device=args.device,
           log_level=args.log_level.lower(), quantization=args.quantization)

@@ -16,8 +16,9 @@ class LLM:
     """Batch generation over the engine.
 
     `model`: a checkpoint folder, a preset name, or a `TrinityForCausalLM` (then pass `tokenizer`, or use
-    token ids only). `quantization="fp8"` (or `dtype="fp8"`): FP8 weights quantized while loading. The other keywords are `EngineConfig`'s fields (max_model_len, max_num_seqs, block_size,
-    seed, ...: see `inspect.signature(LLM)`), derived from it so that a new engine setting needs no edit here.
+    token ids only). `quantization="fp8"` (or `dtype="fp8"`): FP8 weights quantized while loading. The other
+    keywords are `EngineConfig`'s fields (max_model_len, max_num_seqs, block_size, seed, ...: see
+    `inspect.signature(LLM)`), derived from it so that a new engine setting needs no edit here.
     """
 
     def __init__(self, model=None, tokenizer=None, dtype: str = "auto", device: str = "auto",
@@ -29,7 +30,7 @@ class LLM:
         if config.tensor_parallel_size > 1:
             from ..parallel.executor import start_rank0
 
-            model, loaded, executor = start_rank0(model, dtype, device, config)
+            model, loaded, executor = start_rank0(model, dtype, device, config, quantization=quantization)
             tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else None)
         elif not isinstance(model, TrinityForCausalLM):
             from ..loading import load_model

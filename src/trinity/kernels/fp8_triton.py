@@ -470,16 +470,7 @@ def fused_moe_fp8(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
     routing); the experts' fp8 weights and scales as `Fp8Experts` holds them -> [T, H] in x's dtype, or None where
     `moe_usable` says no. act_group: the dynamic activations' group (None: none; PER_TOKEN: per token), applied to
     x and to the SwiGLU output as the module's `_activations_in` does (each fake-quantized by one launch; the GEMMs
-    are w8a16). `Fp8Experts.forward` calls it first and keeps its loop for None:
-
-        if kernels.use_triton(x):
-            acts = self.activations  # None, or dynamic (static ones are refused at construction)
-            group = None if acts is None else acts.group_size if acts.strategy == "group" else fp8_triton.PER_TOKEN
-            out = fp8_triton.fused_moe_fp8(x, weights, ids, self.gate_up_proj, self.gate_up_proj_scale,
-                                           self.gate_block, self.down_proj, self.down_proj_scale, self.down_block,
-                                           act_group=group)
-            if out is not None:
-                return out
+    are w8a16). `Fp8Experts.forward` calls it first on the Triton path and keeps its loop for None.
     """
     from .moe_triton import (ALIGN_KERNEL_MAX_SLOTS, _combine_kernel, get_config, moe_align,
                              moe_align_triton)

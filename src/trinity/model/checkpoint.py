@@ -423,7 +423,8 @@ def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.devi
     config = TrinityConfig.from_pretrained(path)
     quant = quant_config_for(config, quantization)
     if shard is not None:
-        shard.quant = quant  # FP8 scales split with their weights
+        shard.quant = quant  # FP8 scales split with their weights, or (online) cover each rank's own piece
+        shard.quantize_local = quant is not None and quant.online
     files = checkpoint_files(path)
     model = cls.empty(config, resolve_dtype(dtype, config, device), device, shard=shard, quant=quant)
     params = dict(model.named_parameters())  # tied head: named_parameters lists the shared weight once

@@ -42,6 +42,7 @@ class ModelSource:
     model: object | None = None  # a TrinityForCausalLM
     dtype: str = "auto"
     seed: int = 0
+    quantization: str | None = None  # "fp8": each rank quantizes the part it reads
 
 
 def load_shard(source: ModelSource, rank: int, size: int, expert_parallel: bool, group: TPGroup,
@@ -54,7 +55,8 @@ def load_shard(source: ModelSource, rank: int, size: int, expert_parallel: bool,
     from ..loading import load_model
 
     loaded = load_model(source.spec, dtype=source.dtype, device=str(device), seed=source.seed,
-                        shard=lambda cfg: ShardPlan(cfg, rank, size, expert_parallel, group))
+                        shard=lambda cfg: ShardPlan(cfg, rank, size, expert_parallel, group),
+                        quantization=source.quantization)
     return loaded.model, loaded
 
 
@@ -233,7 +235,7 @@ def join_torchrun(source: ModelSource, engine_config, device: torch.device):
     return model, loaded, Executor(group, [], local)
 
 
-def start_rank0(model, dtype: str, device: str, engine_config, on_failure=None):
+def start_rank0(model, dtype: str, device: str, engine_config, on_failure=None, quantization: str | None = None):
     """Rank 0 of a tensor-parallel engine, from what `LLM` or `trinity serve` was given (a model name, or a model
     in memory): joins torchrun's group when torchrun started this process, else starts local workers.
     -> (rank 0's model, LoadedModel or None, Executor); under torchrun, ranks > 0 serve steps here and exit."""
@@ -241,7 +243,7 @@ def start_rank0(model, dtype: str, device: str, engine_config, on_failure=None):
     from ..model.model import TrinityForCausalLM
 
     source = ModelSource(model=model) if isinstance(model, TrinityForCausalLM) \
-        else ModelSource(spec=model, dtype=dtype, seed=engine_config.seed or 0)
+        else ModelSource(spec=model, dtype=dtype, seed=engine_config.seed or 0, quantization=quantization)
     dev = resolve_device(device)
     if torchrun_rank() is None:
         return start(source, engine_config, dev, on_failure)

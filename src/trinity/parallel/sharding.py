@@ -103,7 +103,7 @@ class ShardPlan:
     def split(self, name: str) -> Split | None:
         """How parameter `name` (our names, full shapes) is split; None: every rank holds it whole."""
         if name.endswith("_scale"):
-            return self._scale_split(name)
+            return None if self.quantize_local else self._scale_split(name)
         c, rank, tp = self.config, self.rank, self.size
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             a, b = self.vocab_range
@@ -166,6 +166,22 @@ class ShardPlan:
             ranges.append((base + lo // b, base + math.ceil(hi / b)))
         return Split(split.dim, tuple(ranges))
 
+    # Online FP8 of a sharded load (`--quantization fp8` with tensor parallelism): each rank quantizes the part it
+    # reads, its blocks starting at its own origin, so its scales are a grid over its piece (no split to follow).
+    quantize_local = False
+
+    def _local_scale_shape(self, name: str) -> tuple[int, ...]:
+        from ..quant.fp8 import grid
+
+        weight = name.removesuffix("_scale")
+        full = self.full_shapes[weight]
+        local = self.local_shape(weight, full)
+        halves = 2 if weight.endswith("gate_up_proj") else 1
+        full_m = (full[-2] // halves, full[-1])
+        local_m = (local[-2] // halves, local[-1])
+        rows, cols = grid(local_m, self.local_block(weight, full_m, local_m))
+        return (*local[:-2], rows * halves, cols)
+
     def local_block(self, weight: str, full: tuple[int, int], local: tuple[int, int]) -> tuple[int, int]:
         """The scale block of a rank's part of an FP8 weight matrix: the checkpoint's, except along a dimension that
         is one block whole, where the block is the rank's piece of it."""
@@ -173,6 +189,8 @@ class ShardPlan:
         return tuple(lp if f <= b else b for f, lp, b in zip(full, local, block))
 
     def local_shape(self, name: str, full: torch.Size) -> tuple[int, ...]:
+        if name.endswith("_scale") and self.quantize_local:
+            return self._local_scale_shape(name)
         s = self.split(name)
         if s is None:
             return tuple(full)

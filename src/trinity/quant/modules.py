@@ -180,6 +180,10 @@ def scale_target(param_name: str, index: tuple, model_params: dict) -> tuple[str
         else f"{param_name}_scale"
     if scale_name not in model_params:
         return None
+    if not param_name.endswith("gate_up_proj"):
+        # a projection's part is the rank's whole piece (one range: index () or its row or column slice), whose
+        # scales are the whole local scale; an expert (e,) or experts (slice,) of down_proj keep their index
+        return scale_name, index if len(index) == 1 and model_params[param_name].dim() == 3 else ()
     if not index or len(index) == 1:
         return scale_name, index
     e, rows = index  # a half of gate_up_proj

@@ -34,11 +34,13 @@ def load_engine(state: ServerState, model_spec: str | None, dtype: str, device: 
             from ..parallel.executor import start_rank0
 
             model, loaded, executor = start_rank0(model_spec, dtype, device, engine_config,
-                                                  on_failure=lambda reason: _fail(state, reason))
+                                                  on_failure=lambda reason: _fail(state, reason),
+                                                  quantization=quantization)
             loaded.model = model
         else:
             loaded = load_model(model_spec, dtype=dtype, device=device, quantization=quantization)
-            log.info("weights: %.1f MB", weight_bytes(loaded.model) / 1e6)
+        log.info("weights: %.1f MB%s", weight_bytes(loaded.model) / 1e6,
+                 " on rank 0" if executor is not None else "")
         if state.settings.chat_template:
             loaded.tokenizer.chat_template = state.settings.chat_template
         if state.settings.served_model_name is None:
@@ -99,7 +101,8 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(model_spec: str | None, settings: ServerSettings, engine_config: EngineConfig, host: str, port: int,
-          dtype: str = "auto", device: str = "auto", log_level: str = "info", quantization: str | None = None) -> None:
+          dtype: str = "auto", device: str = "auto", log_level: str = "info",
+          quantization: str | None = None) -> None:
     state = ServerState(settings)
     app = build_app(state)
     # Weights load while uvicorn starts: /health says 503 until they are in.
