@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from test_checkpoint import make_model
+from test_checkpoint import file_tensors, make_model, write_checkpoint
 
 from trinity import CheckpointError, TrinityForCausalLM, preset
 from trinity.parallel.sharding import ShardPlan, shard_model
@@ -100,20 +99,6 @@ def test_empty_allocates_local_shapes_with_zero_padding():
     assert plan.vocab_range == (228, 301)
     assert not embed[73:].any() and not model.lm_head.weight[73:].any()  # rows 301..303: padding
     assert model.model.layers[1].mlp.experts.gate_up_proj.shape == (8, 2 * 32 // 4, cfg.hidden_size)
-
-
-def file_tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
-
-
-def write_checkpoint(path, tensors: dict[str, torch.Tensor], cfg) -> None:
-    os.makedirs(path)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    cfg.save_pretrained(path)
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True])

@@ -144,20 +144,22 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
 # ------------------------------------------------------------------------------------------------ routed experts
 def experts_fp8_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                           gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor,
-                          gate_block: tuple[int, int], down_block: tuple[int, int]) -> torch.Tensor:
+                          gate_block: tuple[int, int], down_block: tuple[int, int], *,
+                          linear=linear_fp8_reference, round_activations=None) -> torch.Tensor:
     """Routed experts with FP8 weights (`quant.modules.Fp8Experts`' layout: gate_up [E, 2I, H] with the gate
     half's block rows of scales before the up half's, down [E, H, I]): x [T, H], each token's top-k (weights
-    [T, k], ids [T, k]) -> [T, H] in x's dtype. Each used expert's projections through `linear_fp8_reference`,
-    SwiGLU in x's dtype, the outputs summed per token in fp32."""
+    [T, k], ids [T, k]) -> [T, H] in x's dtype. Each used expert's projections through `linear` (the reference;
+    the module passes the dispatcher `linear_fp8`), SwiGLU in x's dtype, the outputs summed per token in fp32.
+    `round_activations`: the checkpoint's FP8 activations, applied to each projection's input."""
+    rounded = round_activations or (lambda t: t)
     inter, rows = down.shape[2], gate_up_scale.shape[1] // 2
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         token, choice = (ids == e).nonzero(as_tuple=True)
-        xe = x[token]
+        xe = rounded(x[token])
         q, s = gate_up[e], gate_up_scale[e]
-        h = (F.silu(linear_fp8_reference(xe, q[:inter], s[:rows], gate_block))
-             * linear_fp8_reference(xe, q[inter:], s[rows:], gate_block))
-        y = linear_fp8_reference(h, down[e], down_scale[e], down_block)
+        h = rounded(F.silu(linear(xe, q[:inter], s[:rows], gate_block)) * linear(xe, q[inter:], s[rows:], gate_block))
+        y = linear(h, down[e], down_scale[e], down_block)
         out.index_add_(0, token, y.float() * weights[token, choice, None])
     return out.to(x.dtype)
 

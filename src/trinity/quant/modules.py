@@ -12,11 +12,10 @@ reference ("routed") path.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import use_triton
-from ..kernels.fp8 import experts_fp8_native, experts_native_wanted, linear_fp8
+from ..kernels.fp8 import experts_fp8_native, experts_fp8_reference, experts_native_wanted, linear_fp8
 from . import fp8
 from .scheme import ActivationScheme, QuantConfig, QuantizationError
 
@@ -97,14 +96,6 @@ class Fp8Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=fp8.FP8), requires_grad=False)
         self.down_proj_scale = nn.Parameter(torch.empty(num_experts, d_rows, d_cols), requires_grad=False)
 
-    def expert_linears(self, e: int):
-        """Expert e's three projections as (weight, scale, block) triples for `kernels.fp8.linear_fp8`: gate, up,
-        down."""
-        i, rows = self.inter, self.gate_up_proj_scale.shape[1] // 2
-        q, s = self.gate_up_proj[e], self.gate_up_proj_scale[e]
-        return ((q[:i], s[:rows], self.gate_block), (q[i:], s[rows:], self.gate_block),
-                (self.down_proj[e], self.down_proj_scale[e], self.down_block))
-
     def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (gate_up [2I, H], down [H, I]) dequantized into `dtype`."""
         i, rows = self.inter, self.gate_up_proj_scale.shape[1] // 2
@@ -118,25 +109,17 @@ class Fp8Experts(nn.Module):
         dequantized once, its tokens through SwiGLU, the outputs summed per token in fp32 (as the reference)."""
         if use_triton(x):  # the fused FP8 MoE kernels (w8a16; dynamic activations rounded by one launch each)
             from ..kernels import fp8_triton
-            acts = self.activations
-            group = None if acts is None else acts.group_size if acts.strategy == "group" else fp8_triton.PER_TOKEN
             out = fp8_triton.fused_moe_fp8(x, weights, ids, self.gate_up_proj, self.gate_up_proj_scale,
                                            self.gate_block, self.down_proj, self.down_proj_scale, self.down_block,
-                                           act_group=group)
+                                           act_group=_gpu_act_group(x, self.activations))
             if out is not None:
                 return out
         if self.activations is None and experts_native_wanted(x, ids, self.gate_up_proj):  # CPU decode: one C call
             return experts_fp8_native(x, weights, ids, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
                                       self.down_proj_scale, self.gate_block, self.down_block)
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        for e in ids.unique().tolist():
-            token, choice = (ids == e).nonzero(as_tuple=True)
-            gate, up, down = self.expert_linears(e)
-            xe = _activations_in(x[token], self)
-            h = _activations_in(F.silu(linear_fp8(xe, *gate)) * linear_fp8(xe, *up), self)
-            y = linear_fp8(h, *down)
-            out.index_add_(0, token, y.float() * weights[token, choice, None])
-        return out.to(x.dtype)
+        return experts_fp8_reference(x, weights, ids, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
+                                     self.down_proj_scale, self.gate_block, self.down_block, linear=linear_fp8,
+                                     round_activations=lambda t: _activations_in(t, self))
 
 
 def quantize_structure(model, config: QuantConfig) -> None:
