@@ -118,8 +118,8 @@ def kv_budget(total: int, utilization: float, allocated: int, used_by_others: in
 def _take_kv_scales(model: TrinityForCausalLM, cache: PagedKV, kv_dtype: torch.dtype) -> None:
     """An e4m3 cache takes the per-layer scales a quantized checkpoint ships (`k_scale` / `v_scale`, or one
     `kv_scale` for both, as tensors or floats on each layer's attention module); a layer without them keeps 1.0.
-    e5m2 needs none (its range is bf16's). The model loader does not read these tensors yet: a checkpoint's
-    scales reach this only once it sets them on the modules."""
+    e5m2 needs none (its range is bf16's). The checkpoint loader puts a checkpoint's `self_attn.k_scale` /
+    `v_scale` / `kv_scale` tensors on the modules (`model.checkpoint._take_kv_scale`)."""
     if kv_dtype != torch.float8_e4m3fn:
         return
     for i, layer in enumerate(model.model.layers):
