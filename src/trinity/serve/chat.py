@@ -38,7 +38,26 @@ class _Plan:
         return self.tool_choice == "required" or isinstance(self.tool_choice, tuple)
 
 
+@dataclass
+class ChatRun:
+    """A chat request made ready to run: the engine, how its text is read back, and the prepared request."""
+
+    engine: object
+    plan: _Plan
+    prepared: object
+
+
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, raw: Request):
+    run = prepare_chat(state, body)
+    if body.stream:
+        events = _stream_events(state, run.plan, state.run(run.engine, run.prepared), body.n)
+        return StreamingResponse(sse_stream(events), media_type="text/event-stream")
+    out = await state.collect(run.engine, run.prepared, raw)
+    return JSONResponse(_response(state, run.plan, out))
+
+
+def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun:
+    """Validate, template and admit one chat request (shared with the other chat-shaped routes)."""
     engine = state.admit(body.model)
     settings = state.settings
     tools = body.tools or None
@@ -75,11 +94,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                  bool(body.stream_options and body.stream_options.include_usage))
     prepared = state.prepare(engine, plan.request_id, state.tokenizer.encode(prompt), params, body.priority,
                              "messages", body.cache_salt)
-    if body.stream:
-        events = _stream_events(state, plan, state.run(engine, prepared), body.n)
-        return StreamingResponse(sse_stream(events), media_type="text/event-stream")
-    out = await state.collect(engine, prepared, raw)
-    return JSONResponse(_response(state, plan, out))
+    return ChatRun(engine, plan, prepared)
 
 
 def _constraint(state: ServerState, body: ChatCompletionRequest, choice, tools):
@@ -100,7 +115,7 @@ def _constraint(state: ServerState, body: ChatCompletionRequest, choice, tools):
 
 
 # ---------------------------------------------------------------------- reading the text back
-class _ChoiceReader:
+class ChoiceReader:
     """Turns one sequence's growing text into reasoning, content and tool calls (whole or as deltas)."""
 
     def __init__(self, state: ServerState, plan: _Plan):
@@ -209,7 +224,7 @@ def _response(state: ServerState, plan: _Plan, out: RequestOutput) -> dict:
         if c.finish_reason == "length" and plan.constrained_tools:
             raise APIError(400, "max_tokens ran out before the tool call was complete; raise max_tokens",
                            param="max_tokens")
-        reasoning, content, calls = _ChoiceReader(state, plan).whole(c.text)
+        reasoning, content, calls = ChoiceReader(state, plan).whole(c.text)
         # with tool calls, whitespace left between the call blocks is no content
         message = {"role": "assistant", "content": None if calls and not (content or "").strip() else content}
         if reasoning is not None:
@@ -228,7 +243,7 @@ async def _stream_events(state: ServerState, plan: _Plan, outputs: AsyncIterator
         return {"id": plan.request_id, "object": "chat.completion.chunk", "created": plan.created,
                 "model": plan.model, "choices": choices, **extra}
 
-    readers = [_ChoiceReader(state, plan) for _ in range(n)]
+    readers = [ChoiceReader(state, plan) for _ in range(n)]
     done = [False] * n
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(n)])
