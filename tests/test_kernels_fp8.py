@@ -186,6 +186,36 @@ def test_experts_native_equals_reference(tokens, experts, k, gate_block, down_bl
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,shared,counted", [(1, True, True), (6, True, False), (9, False, True)])
+def test_moe_layer_fp8_native_equals_routing_then_experts(tokens, shared, counted, dtype):
+    """The whole FP8 MoE layer in one C call = `route_reference` (fp32 router) then the experts' reference, with
+    the stacked shared expert as every token's last choice of weight 1; the routed tokens are counted."""
+    from trinity.kernels.moe import route_reference
+
+    hidden, inter, routed, k = 96, 80, 6, 2
+    block = (32, 48)
+    gate_up, gs, down, ds = random_experts(routed + shared, hidden, inter, block, block, seed=tokens)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    router, bias = torch.randn(routed, hidden, generator=g) / 8, torch.randn(routed, generator=g) / 10
+    counts = torch.zeros(routed, dtype=torch.long) if counted else None
+    with torch.no_grad():
+        got = kfp8.moe_layer_fp8_native(x, router, bias, k, True, 2.0, gate_up, gs, down, ds, block, block, shared,
+                                        counts)
+        w, ids = route_reference(x.float(), router, bias, k, True, 2.0)
+        if shared:
+            w = torch.cat([w, torch.ones(tokens, 1)], 1)
+            ids = torch.cat([ids, torch.full((tokens, 1), routed)], 1)
+        expected = kfp8.experts_fp8_reference(x.float(), w, ids, gate_up, gs, down, ds, block, block)
+    assert got.dtype == dtype
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.float(), expected, **tol)
+    if counted:
+        assert counts.tolist() == torch.bincount(ids[:, :k].flatten(), minlength=routed).tolist()
+
+
+@needs_native
 def test_fp8_experts_module_takes_the_native_kernel_for_decode_batches():
     """`Fp8Experts.forward` (the model's module) hands CPU decode batches to the C kernel, which agrees with its
     own per-expert loop (run with the references forced)."""
@@ -201,19 +231,19 @@ def test_fp8_experts_module_takes_the_native_kernel_for_decode_batches():
     x, w = torch.randn(3, 64), torch.rand(3, 2)
     ids = torch.tensor([[0, 5], [5, 7], [2, 0]])
     with torch.no_grad():
-        assert kfp8.experts_native_wanted(x, ids, module.gate_up_proj)
+        assert kfp8.experts_native_wanted(x, ids.numel(), module.gate_up_proj)
         got = module(x, w, ids)
         assert torch.equal(got, kfp8.experts_fp8_native(x, w, ids, gate_up, gs, down, ds, module.gate_block,
                                                         module.down_block))
         kernels.use_reference(True)
         try:
-            assert not kfp8.experts_native_wanted(x, ids, module.gate_up_proj)
+            assert not kfp8.experts_native_wanted(x, ids.numel(), module.gate_up_proj)
             expected = module(x, w, ids)
         finally:
             kernels.use_reference(None)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     many = torch.zeros(8 * kfp8.NATIVE_MAX_ROWS[torch.float32] + 1, 1, dtype=torch.long)  # a prefill's worth
-    assert not kfp8.experts_native_wanted(torch.randn(many.shape[0], 64), many, module.gate_up_proj)
+    assert not kfp8.experts_native_wanted(torch.randn(many.shape[0], 64), many.numel(), module.gate_up_proj)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
@@ -279,7 +309,8 @@ def test_generic_vector_path_agrees(tmp_path):
     here = Path(knative.__file__).parent
     target = tmp_path / "fp8_generic.so"
     subprocess.run([knative.find_compiler(), *knative.FLAGS, "-DTRINITY_FP8_GENERIC", "-o", str(target),
-                    str(here / "fp8_cpu.c"), "-lm"], check=True, capture_output=True, timeout=300)
+                    str(here / "fp8_cpu.c"), str(here / "moe_cpu.c"), "-lm"], check=True, capture_output=True,
+                   timeout=300)  # moe_cpu.c: the routing trinity_moe_layer_fp8 shares
     lib = ctypes.CDLL(str(target))
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.trinity_fp8_dequantize.argtypes = [p, p, i, i, p] + [i] * 5

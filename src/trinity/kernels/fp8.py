@@ -164,6 +164,20 @@ def experts_fp8_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Ten
     return out.to(x.dtype)
 
 
+def _expert_tensors(gate_up, gate_up_scale, down, down_scale, gate_block, down_block) -> tuple:
+    """The experts' codes and scales as the C kernels read them (codes as bytes, fp32 scales, contiguous), after
+    checking the scale grids (the kernels index them without bounds)."""
+    e, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    grid_g, grid_d = fp8_format.grid((inter, hidden), gate_block), fp8_format.grid((hidden, inter), down_block)
+    if (tuple(gate_up_scale.shape) != (e, 2 * grid_g[0], grid_g[1])
+            or tuple(down_scale.shape) != (e, *grid_d) or tuple(down.shape) != (e, hidden, inter)):
+        raise ValueError(f"FP8 experts: scales {tuple(gate_up_scale.shape)}, {tuple(down_scale.shape)} do not match "
+                         f"weights {tuple(gate_up.shape)}, {tuple(down.shape)} in blocks {gate_block}, {down_block}")
+    return (gate_up.contiguous().view(torch.uint8), gate_up_scale.float().contiguous(),
+            down.contiguous().view(torch.uint8), down_scale.float().contiguous())
+
+
 def experts_fp8_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                        gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor,
                        gate_block: tuple[int, int], down_block: tuple[int, int]) -> torch.Tensor:
@@ -171,15 +185,7 @@ def experts_fp8_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     combine, each used expert's weights streamed once per pass of up to 8 of its tokens, fp32 inside (for bf16
     only the output is rounded, where the reference rounds after every op)."""
     e, two_i, hidden = gate_up.shape
-    inter = two_i // 2
-    gq = gate_up.contiguous().view(torch.uint8)
-    dq = down.contiguous().view(torch.uint8)
-    grid_g, grid_d = fp8_format.grid((inter, hidden), gate_block), fp8_format.grid((hidden, inter), down_block)
-    if (tuple(gate_up_scale.shape) != (e, 2 * grid_g[0], grid_g[1])
-            or tuple(down_scale.shape) != (e, *grid_d) or tuple(down.shape) != (e, hidden, inter)):
-        raise ValueError(f"FP8 experts: scales {tuple(gate_up_scale.shape)}, {tuple(down_scale.shape)} do not match "
-                         f"weights {tuple(gate_up.shape)}, {tuple(down.shape)} in blocks {gate_block}, {down_block}")
-    gs, ds = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
+    gq, gs, dq, ds = _expert_tensors(gate_up, gate_up_scale, down, down_scale, gate_block, down_block)
     xc = x.contiguous()
     w = weights.float().contiguous()
     idc = ids.to(torch.int64).contiguous()
@@ -187,7 +193,7 @@ def experts_fp8_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     status = native.library().trinity_moe_experts_fp8(
         xc.data_ptr(), x.dtype == torch.bfloat16, w.data_ptr(), idc.data_ptr(), gq.data_ptr(), gs.data_ptr(),
         int(gate_block[0]), int(gate_block[1]), dq.data_ptr(), ds.data_ptr(), int(down_block[0]), int(down_block[1]),
-        out.data_ptr(), x.shape[0], hidden, inter, e, ids.shape[1], torch.get_num_threads())
+        out.data_ptr(), x.shape[0], hidden, two_i // 2, e, ids.shape[1], torch.get_num_threads())
     if status == -2:
         raise ValueError(f"FP8 experts: an expert id outside [0, {e})")
     if status:
@@ -195,9 +201,38 @@ def experts_fp8_native(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     return out
 
 
-def experts_native_wanted(x: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor) -> bool:
+def moe_layer_fp8_native(x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+                         route_norm: bool, route_scale: float, gate_up: torch.Tensor, gate_up_scale: torch.Tensor,
+                         down: torch.Tensor, down_scale: torch.Tensor, gate_block: tuple[int, int],
+                         down_block: tuple[int, int], shared: bool, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole MoE layer with FP8 experts in one C call (`trinity_moe_layer_fp8`), as `kernels.moe.
+    moe_layer_native` for plain weights: `route_reference`'s routing (router in fp32), then `experts_fp8_native`'s
+    computation over the chosen experts and, with `shared`, the shared expert stacked last in gate_up / down as
+    every token's extra choice of weight 1. `counts` ([routed experts] int64) gains the routed tokens."""
+    from .moe import NATIVE_MAX_EXPERTS
+
+    e_total, two_i, hidden = gate_up.shape
+    e_routed = e_total - int(shared)
+    if not 0 < top_k <= e_routed <= NATIVE_MAX_EXPERTS:
+        raise ValueError(f"top_k {top_k} of {e_routed} routed experts: not a valid native routing")
+    if counts is not None and not (counts.is_contiguous() and counts.dtype == torch.long):
+        raise ValueError("expert counts must be a contiguous int64 tensor")
+    gq, gs, dq, ds = _expert_tensors(gate_up, gate_up_scale, down, down_scale, gate_block, down_block)
+    xc = x.contiguous()
+    router, bias = router_weight.float().contiguous(), expert_bias.float().contiguous()
+    out = torch.empty_like(xc)
+    if native.library().trinity_moe_layer_fp8(
+            xc.data_ptr(), x.dtype == torch.bfloat16, router.data_ptr(), bias.data_ptr(), top_k, int(route_norm),
+            route_scale, int(shared), counts.data_ptr() if counts is not None else None, gq.data_ptr(),
+            gs.data_ptr(), int(gate_block[0]), int(gate_block[1]), dq.data_ptr(), ds.data_ptr(), int(down_block[0]),
+            int(down_block[1]), out.data_ptr(), x.shape[0], hidden, two_i // 2, e_routed, torch.get_num_threads()):
+        _failed("trinity_moe_layer_fp8")
+    return out
+
+
+def experts_native_wanted(x: torch.Tensor, assignments: int, gate_up: torch.Tensor) -> bool:
     """As `native_wanted`, for the routed experts, while their tokens average at most `NATIVE_MAX_ROWS` per
     expert (decode batches): beyond, a prefill's crowded experts go faster one at a time through
     `linear_fp8`, whose GEMM path takes their long groups."""
     return (native_wanted(x, gate_up, x) and x.dim() == 2
-            and ids.numel() <= gate_up.shape[0] * NATIVE_MAX_ROWS[x.dtype])
+            and assignments <= gate_up.shape[0] * NATIVE_MAX_ROWS[x.dtype])

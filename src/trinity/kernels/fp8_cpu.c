@@ -395,3 +395,43 @@ int trinity_moe_experts_fp8(const void *x, int act_bf16, const float *weights, c
     free(offsets), free(token_of), free(position), free(fill), free(act), free(ys);
     return ok ? 0 : -1;
 }
+
+/* In moe_cpu.c (the same library): the whole-layer kernels' routing. */
+void trinity_moe_route(const float *x, const float *router_w, const float *bias, int top_k, int route_norm,
+                       float route_scale, int shared, int64_t *ids, float *choice_w, int T, int H, int E_routed,
+                       int num_threads);
+
+/* A whole MoE layer with FP8 experts in one call, as `trinity_moe_layer` does for plain weights: the routing
+ * (`trinity_moe_route`: router_w [E_routed, H] fp32, bias [E_routed]), then `trinity_moe_experts_fp8` over the
+ * chosen experts and, with `shared`, the shared expert stacked as expert E_routed (gate_up / down hold
+ * E_routed + 1 experts). counts (int64 [E_routed] or NULL) gains each routed expert's tokens. x and out in fp32
+ * or (act_bf16) bf16; x is widened once for both the router and the experts. Returns as
+ * trinity_moe_experts_fp8. Why: a decode step's routing in torch is ~15 small ops per layer and the shared
+ * expert ~6 more, which cost more than the layer's arithmetic at small hidden sizes. */
+int trinity_moe_layer_fp8(const void *x, int act_bf16, const float *router_w, const float *bias, int top_k,
+                          int route_norm, float route_scale, int shared, int64_t *counts, const uint8_t *gate_up,
+                          const float *gate_up_scale, int gbr, int gbc, const uint8_t *down, const float *down_scale,
+                          int dbr, int dbc, void *out, int T, int H, int I, int E_routed, int num_threads) {
+    int kk = top_k + (shared ? 1 : 0);
+    long A = (long)T * kk;
+    const float *xf = activations_in(x, act_bf16, (long)T * H);
+    int64_t *ids = malloc((A > 0 ? A : 1) * sizeof *ids);
+    float *choice_w = malloc((A > 0 ? A : 1) * sizeof *choice_w);
+    float *of = act_bf16 ? scratch((long)T * H * sizeof *of) : out;
+    int status = -1;
+    if (xf && ids && choice_w && of) {
+        trinity_moe_route(xf, router_w, bias, top_k, route_norm, route_scale, shared, ids, choice_w, T, H, E_routed,
+                          num_threads);
+        status = trinity_moe_experts_fp8(xf, 0, choice_w, ids, gate_up, gate_up_scale, gbr, gbc, down, down_scale,
+                                         dbr, dbc, of, T, H, I, E_routed + (shared ? 1 : 0), kk, num_threads);
+        if (status == 0) {
+            if (counts)
+                for (long a = 0; a < A; a++)
+                    if (ids[a] < E_routed) counts[ids[a]]++;
+            activations_out(out, act_bf16, of, (long)T * H);
+        }
+    }
+    if (act_bf16) free((void *)xf), free(of);
+    free(ids), free(choice_w);
+    return status;
+}

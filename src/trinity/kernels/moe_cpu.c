@@ -81,22 +81,15 @@ void trinity_moe_experts(const float *x, const int64_t *token_of, const int64_t 
     }
 }
 
-/* The whole MoE layer after its pre-norm in one call: routing, grouping, experts, combine.
- *
- * Routing is `kernels.moe.route_reference`: fp32 logits x . router_w[e], scores = sigmoid, the top_k experts by
- * score + bias (ties to the lower index; the reference's torch.topk order is unspecified there), their unbiased
- * scores normalised to sum 1 when route_norm (plus 1e-20), times route_scale. With `shared`, each token also goes
- * to the stacked shared expert (index E_routed) with weight 1, as its last choice. counts (int64 [E_routed] or
- * NULL) gets each routed expert's token count added (the engine's expert-load telemetry).
- *
- * Scratch from the caller: ids [T, kk] and choice_w [T, kk] with kk = top_k + shared; token_of [T * kk];
- * offsets [E_total + 1]; position [T * kk]; act [T * kk, I]; ys [T * kk, H]. */
-void trinity_moe_layer(const float *x, const float *router_w, const float *bias, int top_k, int route_norm,
-                       float route_scale, int shared, int64_t *counts, const void *gate_up, const void *down,
-                       int weight_bf16, int64_t *ids, float *choice_w, int64_t *token_of, int64_t *offsets,
-                       int64_t *position, float *act, float *ys, float *out, int T, int H, int I, int E_routed,
+/* Routing for the whole-layer kernels (this file's and fp8_cpu.c's `trinity_moe_layer_fp8`), per token:
+ * `kernels.moe.route_reference`: fp32 logits x . router_w[e], scores = sigmoid, the top_k experts by score + bias
+ * (ties to the lower index; the reference's torch.topk order is unspecified there), their unbiased scores
+ * normalised to sum 1 when route_norm (plus 1e-20), times route_scale. With `shared`, each token also goes to the
+ * stacked shared expert (index E_routed) with weight 1, as its last choice. ids, choice_w: [T, top_k + shared]. */
+void trinity_moe_route(const float *x, const float *router_w, const float *bias, int top_k, int route_norm,
+                       float route_scale, int shared, int64_t *ids, float *choice_w, int T, int H, int E_routed,
                        int num_threads) {
-    int kk = top_k + (shared ? 1 : 0), E_total = E_routed + (shared ? 1 : 0);
+    int kk = top_k + (shared ? 1 : 0);
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (T >= 64)
     for (long t = 0; t < T; t++) {
         float score[1024], biased[1024];
@@ -128,6 +121,22 @@ void trinity_moe_layer(const float *x, const float *router_w, const float *bias,
             choice_w[t * kk + top_k] = 1.0f;
         }
     }
+}
+
+/* The whole MoE layer after its pre-norm in one call: routing (`trinity_moe_route`), grouping, experts, combine.
+ * counts (int64 [E_routed] or NULL) gets each routed expert's token count added (the engine's expert-load
+ * telemetry).
+ *
+ * Scratch from the caller: ids [T, kk] and choice_w [T, kk] with kk = top_k + shared; token_of [T * kk];
+ * offsets [E_total + 1]; position [T * kk]; act [T * kk, I]; ys [T * kk, H]. */
+void trinity_moe_layer(const float *x, const float *router_w, const float *bias, int top_k, int route_norm,
+                       float route_scale, int shared, int64_t *counts, const void *gate_up, const void *down,
+                       int weight_bf16, int64_t *ids, float *choice_w, int64_t *token_of, int64_t *offsets,
+                       int64_t *position, float *act, float *ys, float *out, int T, int H, int I, int E_routed,
+                       int num_threads) {
+    int kk = top_k + (shared ? 1 : 0), E_total = E_routed + (shared ? 1 : 0);
+    trinity_moe_route(x, router_w, bias, top_k, route_norm, route_scale, shared, ids, choice_w, T, H, E_routed,
+                      num_threads);
     /* group by expert: a counting sort, stable in (token, choice) order like the reference's argsort */
     for (int e = 0; e <= E_total; e++) offsets[e] = 0;
     for (long a = 0; a < (long)T * kk; a++) offsets[ids[a] + 1]++;

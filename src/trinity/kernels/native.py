@@ -115,6 +115,7 @@ def _load() -> ctypes.CDLL | None:
         "trinity_linear_fp8": ([p, i, p, p, i, i, p] + [i] * 4, i),
         "trinity_fp8_dequantize": ([p, p, i, i, p] + [i] * 5, None),
         "trinity_moe_experts_fp8": ([p, i, p, p, p, p, i, i, p, p, i, i, p] + [i] * 6, i),
+        "trinity_moe_layer_fp8": ([p, i, p, p, i, i, f, i, p, p, p, i, i, p, p, i, i, p] + [i] * 5, i),
     }
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)

@@ -59,12 +59,16 @@ class FusedLinears:
         return linear(x, self.weight).split(self.sizes, dim=-1)
 
 
-def fusable(modules: list[nn.Module]) -> bool:
-    """Plain projections (an FP8 one holds its weight in another form: `quant.modules.Fp8Linear`)."""
-    return all(isinstance(m, nn.Linear) for m in modules)
+def fuse_linears(modules: list[nn.Module]):
+    """Projections of one input as one GEMM: `FusedLinears` for plain ones, the modules' own `fuse` for another
+    form (`quant.modules.Fp8Linear`), or None where they cannot be fused."""
+    if all(isinstance(m, nn.Linear) for m in modules):
+        return FusedLinears(modules)
+    fuse = getattr(type(modules[0]), "fuse", None)
+    return fuse(modules) if fuse is not None else None
 
 
-def fused_projections_usable(fused: FusedLinears | None) -> bool:
+def fused_projections_usable(fused) -> bool:
     return fused is not None and not torch.is_grad_enabled() and fused.valid()
 
 
@@ -157,11 +161,10 @@ class SwiGLU(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
-        self.fused: FusedLinears | None = None  # gate and up as one GEMM, after fuse_projections()
+        self.fused = None  # gate and up as one GEMM, after fuse_projections()
 
     def fuse_projections(self) -> None:
-        if fusable([self.gate_proj, self.up_proj]):
-            self.fused = FusedLinears([self.gate_proj, self.up_proj])
+        self.fused = fuse_linears([self.gate_proj, self.up_proj])
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate(x)) * up(x): the input of down_proj."""
@@ -200,11 +203,10 @@ class GatedAttention(nn.Module):
         self.gate_proj = Linear(h, q_dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.fused: FusedLinears | None = None  # q, k, v and gate as one GEMM, after fuse_projections()
+        self.fused = None  # q, k, v and gate as one GEMM, after fuse_projections()
 
     def fuse_projections(self) -> None:
-        if fusable([self.q_proj, self.k_proj, self.v_proj, self.gate_proj]):
-            self.fused = FusedLinears([self.q_proj, self.k_proj, self.v_proj, self.gate_proj])
+        self.fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj, self.gate_proj])
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if fused_projections_usable(self.fused):

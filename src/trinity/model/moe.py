@@ -70,6 +70,10 @@ class MoEBlock(nn.Module):
         if self.stacked_valid():
             return
         shared = self.shared_experts
+        if shared is not None and hasattr(self.experts, "stack_shared"):  # FP8 experts stack in their own form
+            if not (self.experts.stacked_with(shared) or self.experts.stack_shared(shared)):
+                shared.fuse_projections()
+            return
         if shared is None or not getattr(self.experts, "whole_layer_kernels", True) \
                 or not isinstance(shared.down_proj, nn.Linear) \
                 or shared.down_proj.weight.shape != self.experts.down_proj.shape[1:]:
@@ -122,9 +126,10 @@ class MoEBlock(nn.Module):
 
     def _path(self, x: torch.Tensor, count_weight: torch.Tensor | None = None) -> str:
         """The implementation for this batch: "triton" or "native" (a whole-layer kernel), else "routed"."""
-        if self.record_router or self.expert_range is not None \
-                or not getattr(self.experts, "whole_layer_kernels", True):
-            return "routed"  # training (the losses need the router logits), experts elsewhere, or FP8 experts
+        if self.record_router or self.expert_range is not None:
+            return "routed"  # training (the losses need the router logits), or experts elsewhere
+        if not getattr(self.experts, "whole_layer_kernels", True):  # FP8 experts: their own C layer, CPU decode
+            return "fp8" if count_weight is None and self.experts.layer_wanted(x, self.top_k) else "routed"
         if moe_layer_triton_wanted(x):
             return "triton"
         if count_weight is None and moe_layer_native_wanted(x, self.experts.gate_up_proj):
@@ -133,11 +138,12 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, step=None, norm: tuple | None = None,
                 x_fp32: torch.Tensor | None = None):
-        """x: [T, H] -> [T, H], by one of three implementations (`_path`):
+        """x: [T, H] -> [T, H], by one of four implementations (`_path`):
 
         - "triton": the whole layer in the fused kernels (`kernels.moe.moe_layer_triton`), the shared expert in the
           same pass once stacked (`fuse_projections`);
         - "native": CPU inference, the whole layer in one C call (`kernels.moe.moe_layer_native`);
+        - "fp8": the same for FP8 experts (`quant.modules.Fp8Experts.layer`);
         - "routed": the router (`kernels.moe.route`, or under `record_router` the reference with its logits kept
           for the training losses), the routed experts (`kernels.moe.routed_experts`), then the shared expert.
 
@@ -152,6 +158,10 @@ class MoEBlock(nn.Module):
         stacked = None  # set where a whole-layer kernel computes the shared expert with the routed ones
         if path == "routed":
             out = self._routed(x, counts, count_weight)
+        elif path == "fp8":
+            stacked = self.experts.stacked_with(self.shared_experts) or None
+            out = self.experts.layer(x, self.router_weight_fp32(), self.expert_bias, self.top_k, self.route_norm,
+                                     self.route_scale, bool(stacked), counts)
         else:
             stacked = self.stacked if self.stacked_valid() else None
             gate_up, down = stacked or (self.experts.gate_up_proj, self.experts.down_proj)

@@ -11,11 +11,14 @@ reference ("routed") path.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..kernels import use_triton
-from ..kernels.fp8 import experts_fp8_native, experts_fp8_reference, experts_native_wanted, linear_fp8
+from ..kernels.fp8 import experts_fp8_native, experts_fp8_reference, experts_native_wanted, linear_fp8, \
+    moe_layer_fp8_native
 from . import fp8
 from .scheme import ActivationScheme, QuantConfig, QuantizationError
 
@@ -41,15 +44,72 @@ class Fp8Linear(nn.Module):
     reduce_output = None  # tensor parallelism, row-parallel: sums the rank's partial output (`parallel.sharding`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = _gpu_act_group(x, self.activations)
-        if group is not None:  # the GPU's w8a8 GEMM quantizes x itself
-            y = linear_fp8(x, self.weight, self.weight_scale, self.block, act_group=group)
-        else:
-            y = linear_fp8(_activations_in(x, self), self.weight, self.weight_scale, self.block)
+        y = _forward(x, self.weight, self.weight_scale, self.block, self)
         return y if self.reduce_output is None else self.reduce_output(y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={self.block}"
+
+    @staticmethod
+    def fuse(modules: list[nn.Module]) -> "Fp8FusedLinears | None":
+        """`layers.fuse_linears` for FP8 projections of one input: one GEMM where they can share it, else None."""
+        return Fp8FusedLinears(modules) if Fp8FusedLinears.possible(modules) else None
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], module):
+    """x through FP8 weights with `module`'s activation scheme (its `activations`, and `input_scale` if static)."""
+    group = _gpu_act_group(x, module.activations)
+    if group is not None:  # the GPU's w8a8 GEMM quantizes x itself
+        return linear_fp8(x, weight, scale, block, act_group=group)
+    return linear_fp8(_activations_in(x, module), weight, scale, block)
+
+
+class Fp8FusedLinears:
+    """`layers.FusedLinears` for `Fp8Linear`s: their codes concatenated by rows (the modules' weights become views,
+    as there) and one GEMM; what a decode step saves is the calls, as for plain weights.
+
+    A projection whose rows are not a whole number of scale blocks (the built-in model's 64-row k_proj in blocks
+    of 128) would put a block across the seam, so the fused scales use finer block rows (the gcd of the block
+    rows and every part's rows), each of the module's scales repeated over the rows it covers: the same value
+    for every weight, so the same products. The fused scales are a copy (1/block_rows of the codes' bytes or
+    less), made for inference after loading; `valid` notices a scale parameter replaced."""
+
+    def __init__(self, modules: list[Fp8Linear], weight: torch.Tensor | None = None):
+        """`weight`: storage that already holds the concatenated codes (`Fp8Experts.stack_shared` places the
+        shared expert's gate and up there); by default a new concatenation."""
+        self.modules = modules
+        self.sizes = [m.out_features for m in modules]
+        self.block = (math.gcd(modules[0].block[0], *self.sizes), modules[0].block[1])
+        self.activations = modules[0].activations
+        self.weight = torch.cat([m.weight.detach() for m in modules]) if weight is None else weight
+        self.scale = torch.cat([m.weight_scale.detach().float().repeat_interleave(m.block[0] // self.block[0], 0)
+                                [: -(-n // self.block[0])] for m, n in zip(modules, self.sizes)])
+        self._scales = [m.weight_scale for m in modules]
+        start = 0
+        for m, n in zip(modules, self.sizes):
+            m.weight = nn.Parameter(self.weight[start:start + n], requires_grad=False)
+            start += n
+
+    @staticmethod
+    def possible(modules: list[nn.Module]) -> bool:
+        """FP8 projections of one input, with the same column blocks, no static input scales (each would need its
+        own) and no output reduction; on a GPU only where the blocks need not change (its GEMM tiles follow them)."""
+        first = modules[0]
+        if not all(isinstance(m, Fp8Linear) and m.reduce_output is None and m.in_features == first.in_features
+                   and m.block[1] == first.block[1] and m.activations == first.activations for m in modules):
+            return False
+        if first.activations is not None and not first.activations.dynamic:
+            return False
+        rows = math.gcd(first.block[0], *(m.out_features for m in modules))
+        return all(m.block[0] % rows == 0 for m in modules) and (
+            first.weight.device.type == "cpu" or all(m.block[0] == rows for m in modules))
+
+    def valid(self) -> bool:
+        return (self.modules[0].weight.data_ptr() == self.weight.data_ptr()
+                and all(m.weight_scale is s for m, s in zip(self.modules, self._scales)))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _forward(x, self.weight, self.scale, self.block, self).split(self.sizes, dim=-1)
 
 
 def _gpu_act_group(x: torch.Tensor, acts: ActivationScheme | None) -> int | None:
@@ -77,7 +137,8 @@ class Fp8Experts(nn.Module):
     gate_proj and up_proj are), down_proj [E, H, I] with down_proj_scale [E, rows(H), cols(I)]."""
 
     keeps_dtypes = True
-    whole_layer_kernels = False  # the fused MoE kernels take plain weights: the block uses its routed path
+    # The plain-weight whole-layer kernels do not take FP8: the block runs `layer` (CPU) or its routed path.
+    whole_layer_kernels = False
 
     def __init__(self, num_experts: int, hidden: int, inter: int, config: QuantConfig):
         super().__init__()
@@ -95,6 +156,9 @@ class Fp8Experts(nn.Module):
         self.gate_up_proj_scale = nn.Parameter(torch.empty(num_experts, 2 * g_rows, g_cols), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=fp8.FP8), requires_grad=False)
         self.down_proj_scale = nn.Parameter(torch.empty(num_experts, d_rows, d_cols), requires_grad=False)
+        # After `stack_shared`: (gate_up, gate_up_scale, down, down_scale) of the routed experts and the shared
+        # expert as one more, which back the parameters of both.
+        self.stacked: tuple[torch.Tensor, ...] | None = None
 
     def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (gate_up [2I, H], down [H, I]) dequantized into `dtype`."""
@@ -103,6 +167,65 @@ class Fp8Experts(nn.Module):
         gate_up = torch.cat([fp8.dequantize(q[:i], s[:rows], self.gate_block, dtype),
                              fp8.dequantize(q[i:], s[rows:], self.gate_block, dtype)])
         return gate_up, fp8.dequantize(self.down_proj[e], self.down_proj_scale[e], self.down_block, dtype)
+
+    def stack_shared(self, shared) -> bool:
+        """For inference (`MoEBlock.fuse_projections`), as the plain block does: the shared expert (a `SwiGLU` of
+        `Fp8Linear`s as wide as a routed expert, in the same blocks) stacked after the routed experts, so that
+        `layer` computes it with them. Its parameters and the routed ones become views of the stacked tensors;
+        False (nothing changed) where it does not match."""
+        parts = (shared.gate_proj, shared.up_proj, shared.down_proj)
+        i, h = self.inter, self.hidden
+        if not (all(isinstance(p, Fp8Linear) and p.reduce_output is None and p.activations == self.activations
+                    for p in parts)
+                and (parts[0].block, parts[1].block, parts[2].block) == (self.gate_block,) * 2 + (self.down_block,)
+                and parts[0].weight.shape == parts[1].weight.shape == (i, h) and parts[2].weight.shape == (h, i)):
+            return False
+        gate, up, down = parts
+        e, rows = self.gate_up_proj.shape[0], gate.weight_scale.shape[0]
+        stacked = (torch.cat([self.gate_up_proj.detach(), torch.cat([gate.weight.detach(), up.weight.detach()])[None]]),
+                   torch.cat([self.gate_up_proj_scale.detach(),
+                              torch.cat([gate.weight_scale.detach(), up.weight_scale.detach()]).float()[None]]),
+                   torch.cat([self.down_proj.detach(), down.weight.detach()[None]]),
+                   torch.cat([self.down_proj_scale.detach(), down.weight_scale.detach().float()[None]]))
+        gu, gus, dn, dns = stacked
+        views = {self: {"gate_up_proj": gu[:e], "gate_up_proj_scale": gus[:e], "down_proj": dn[:e],
+                        "down_proj_scale": dns[:e]},
+                 gate: {"weight": gu[e, :i], "weight_scale": gus[e, :rows]},
+                 up: {"weight": gu[e, i:], "weight_scale": gus[e, rows:]},
+                 down: {"weight": dn[e], "weight_scale": dns[e]}}
+        for module, tensors in views.items():
+            for name, tensor in tensors.items():
+                setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+        # gate and up as one GEMM where the routed path runs the shared expert on its own (prefill, a GPU)
+        shared.fused = Fp8FusedLinears([gate, up], weight=gu[e]) if Fp8FusedLinears.possible([gate, up]) else None
+        self.stacked = stacked
+        return True
+
+    def stacked_with(self, shared) -> bool:
+        """`stack_shared`'s tensors still back the parameters (a load with assign=True or `.to()` replaces them)."""
+        if self.stacked is None or shared is None:
+            return False
+        gu, gus, dn, dns = self.stacked
+        e, pairs = gu.shape[0] - 1, ((self.gate_up_proj, gu), (self.gate_up_proj_scale, gus), (self.down_proj, dn),
+                                     (self.down_proj_scale, dns))
+        return (all(p.data_ptr() == t.data_ptr() for p, t in pairs)
+                and shared.gate_proj.weight.data_ptr() == gu[e].data_ptr()
+                and shared.down_proj.weight.data_ptr() == dn[e].data_ptr()
+                and shared.gate_proj.weight_scale.data_ptr() == gus[e].data_ptr()
+                and shared.down_proj.weight_scale.data_ptr() == dns[e].data_ptr())
+
+    def layer_wanted(self, x: torch.Tensor, top_k: int) -> bool:
+        """Whether `layer` takes this batch: CPU decode batches (as `experts_native_wanted`), no FP8 activations."""
+        return self.activations is None and experts_native_wanted(x, x.shape[0] * top_k, self.gate_up_proj)
+
+    def layer(self, x: torch.Tensor, router_weight: torch.Tensor, expert_bias: torch.Tensor, top_k: int,
+              route_norm: bool, route_scale: float, shared: bool, counts: torch.Tensor | None) -> torch.Tensor:
+        """The whole MoE layer in one C call (`kernels.fp8.moe_layer_fp8_native`): routing, these experts and,
+        with `shared` (`stacked_with` the block's shared expert), the shared expert."""
+        tensors = self.stacked if shared else (self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
+                                               self.down_proj_scale)
+        return moe_layer_fp8_native(x, router_weight, expert_bias, top_k, route_norm, route_scale, *tensors,
+                                    self.gate_block, self.down_block, shared, counts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], each token's top-k (weights [T, k] fp32, ids [T, k]) -> [T, H]: each used expert's weights
@@ -114,7 +237,7 @@ class Fp8Experts(nn.Module):
                                            act_group=_gpu_act_group(x, self.activations))
             if out is not None:
                 return out
-        if self.activations is None and experts_native_wanted(x, ids, self.gate_up_proj):  # CPU decode: one C call
+        if self.activations is None and experts_native_wanted(x, ids.numel(), self.gate_up_proj):  # CPU decode: one C call
             return experts_fp8_native(x, weights, ids, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
                                       self.down_proj_scale, self.gate_block, self.down_block)
         return experts_fp8_reference(x, weights, ids, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
