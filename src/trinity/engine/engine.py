@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,8 @@ class _Launched:
     batch: ScheduledBatch
     sample_seqs: list[Sequence]  # the sequences that get a token from it, in sampling-row order
     pending: PendingSample | None
+    # max_tokens=0 sequences whose prompt it completes: they end when it is read, with no token
+    prompt_only: list[Sequence] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -45,6 +47,21 @@ class _Request:
     seqs: list[Sequence]
     arrival_time: float
     prompt_logprobs_sent: bool = False
+
+
+def _take_prompt_only(batch: ScheduledBatch) -> list[Sequence]:
+    """Take the max_tokens=0 sequences (prompt scoring) out of a step's sampling: their last prompt row would
+    sample a token nobody asked for. The step's logits rows are the sampling rows, in `sample_seqs` order, then the
+    prompt-logprob rows; theirs go. -> those sequences (the step completes their prompts)."""
+    if not any(seq.max_tokens == 0 for seq in batch.sample_seqs):
+        return []
+    n = len(batch.sample_seqs)
+    rows = batch.step.logits_rows
+    keep = [i for i, seq in enumerate(batch.sample_seqs) if seq.max_tokens > 0]
+    prompt_only = [seq for seq in batch.sample_seqs if seq.max_tokens == 0]
+    batch.step.logits_rows = [rows[i] for i in keep] + rows[n:]
+    batch.sample_seqs = [batch.sample_seqs[i] for i in keep]
+    return prompt_only
 
 
 def prepare_model(model: TrinityForCausalLM) -> TrinityForCausalLM:
@@ -251,28 +268,24 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None) -> _Launched:
         """Queue the forward and the sampling of a step; `input_tokens` (device) for a look-ahead step."""
+        prompt_only = _take_prompt_only(batch)
         logits = self.runner.execute(batch.step, input_tokens)
         self.scheduler.on_launched(batch)
         self._update_expert_load()
         num_sampled = len(batch.sample_seqs)
         self._record_prompt_logprobs(logits[num_sampled:], batch.prompt_rows)
         pending = self.sampler.launch(logits[:num_sampled], batch.sample_seqs) if num_sampled else None
-        return _Launched(batch, batch.sample_seqs, pending)
+        return _Launched(batch, batch.sample_seqs, pending, prompt_only)
 
     def _complete(self, launched: _Launched) -> list[CoreOutput]:
         """Read a launched step's tokens and apply them (append, stop tokens, lengths); -> the deltas."""
-        if launched.pending is None:
-            return []
-        result = launched.pending.result()
-        rows = {id(seq): i for i, seq in enumerate(launched.sample_seqs)}
-        appended = self.scheduler.update_from_output(launched.sample_seqs, result.token_ids)
         updates: dict[str, list[SeqUpdate]] = {}
-        for seq in appended:
-            i = rows[id(seq)]
-            lps = result.logprobs[i]
-            updates.setdefault(seq.request_id, []).append(SeqUpdate(
-                seq.index, [result.token_ids[i]], None if lps is None else [lps],
-                None if lps is None else [result.token_logprobs[i]], seq.finish_reason, seq.stop_reason))
+        for seq in launched.prompt_only:
+            if not seq.finished:  # (unless aborted meanwhile) its prompt is computed: all it asked for
+                self.scheduler.finish(seq, "length")
+                updates.setdefault(seq.request_id, []).append(SeqUpdate(seq.index, finish_reason="length"))
+        if launched.pending is not None:
+            self._apply_sampled(launched, updates)
         outputs = []
         for request_id, seq_updates in updates.items():
             req = self.requests[request_id]
@@ -280,6 +293,17 @@ class LLMEngine:
             if all(s.finished for s in req.seqs):
                 del self.requests[request_id]
         return outputs
+
+    def _apply_sampled(self, launched: _Launched, updates: dict[str, list[SeqUpdate]]) -> None:
+        result = launched.pending.result()
+        rows = {id(seq): i for i, seq in enumerate(launched.sample_seqs)}
+        appended = self.scheduler.update_from_output(launched.sample_seqs, result.token_ids)
+        for seq in appended:
+            i = rows[id(seq)]
+            lps = result.logprobs[i]
+            updates.setdefault(seq.request_id, []).append(SeqUpdate(
+                seq.index, [result.token_ids[i]], None if lps is None else [lps],
+                None if lps is None else [result.token_logprobs[i]], seq.finish_reason, seq.stop_reason))
 
     def _lookahead(self, launched: _Launched) -> tuple[ScheduledBatch, torch.Tensor] | None:
         """The decode step to queue behind `launched` before its tokens are known, with its input tokens on the

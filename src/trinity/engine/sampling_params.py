@@ -30,7 +30,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
-    max_tokens: int | None = 16  # None = up to max_model_len
+    # None = up to max_model_len; 0 = compute the prompt only, for its prompt_logprobs (scoring): no token sampled
+    max_tokens: int | None = 16
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -76,8 +77,10 @@ class SamplingParams:
         check("repetition_penalty", 0 < self.repetition_penalty <= 2 and math.isfinite(self.repetition_penalty),
               "must be in (0, 2]")
         check("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0, "must be an integer >= 0")
-        check("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-              "must be an integer >= 1")
+        # 0 computes nothing but the prompt: useful (and allowed) only when its logprobs are asked for
+        check("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and (
+            self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None))),
+              "must be an integer >= 1, or 0 with prompt_logprobs (score the prompt only)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise SamplingError("min_tokens", f"min_tokens = {self.min_tokens} is invalid: must not exceed "
                                               f"max_tokens ({self.max_tokens})")
