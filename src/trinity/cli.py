@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allowed-origins", default="", help="comma-separated CORS origins")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds to let in-flight requests finish after SIGTERM")
+    srv.add_argument("--responses-store-size", type=int, default=1000,
+                     help="responses kept in memory for previous_response_id and GET /v1/responses/{id}, the least "
+                          "recently used dropped first (0: keep none)")
     srv.add_argument("--log-level", default="info")
 
     train = sub.add_parser("train", help="train or fine-tune (Muon, SMEBU, RSDB); torchrun for data parallel",
@@ -282,7 +285,7 @@ def _cmd_serve(args) -> int:
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice, chat_template=template,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
-        shutdown_timeout=args.shutdown_timeout)
+        shutdown_timeout=args.shutdown_timeout, responses_store_size=args.responses_store_size)
     engine_config = EngineConfig.from_cli_args(args)
     model = args.model or args.model_flag
     from .parallel.launch import torchrun_rank

@@ -12,7 +12,10 @@ from .chat import create_chat_completion
 from .completions import create_completion
 from .dashboard.routes import dashboard_router
 from .errors import APIError, install_error_handlers
+from .messages import create_message
+from .messages_protocol import MessagesRequest
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .responses import responses_router
 from .state import ServerState
 
 
@@ -28,7 +31,7 @@ class _BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
+            return await self._reject(scope, send)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -39,7 +42,7 @@ class _BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self._reject(send)
+                return await self._reject(scope, send)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -55,9 +58,9 @@ class _BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _reject(self, send):
+    async def _reject(self, scope, send):
         response = APIError(413, f"request body is larger than the server's limit of {self.max_bytes} bytes",
-                            code="request_too_large").response()
+                            code="request_too_large").response(scope.get("path"))
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(response.body)).encode())]})
@@ -79,10 +82,12 @@ def build_app(state: ServerState) -> FastAPI:
         if key is None:
             return
         header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
+        # Anthropic clients send the key as x-api-key (Claude Code's ANTHROPIC_API_KEY), OpenAI's as a bearer token
+        given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
         # constant-time compare, so the key cannot be found one character at a time
         if not hmac.compare_digest(given.encode(), key.encode()):
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>' or "
+                                "'x-api-key: <key>')",
                            code="invalid_api_key")
 
     auth = [Depends(authorize)]
@@ -107,6 +112,12 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await create_chat_completion(state, body, request)
+
+    @app.post("/v1/messages", dependencies=auth)  # Anthropic's Messages API over the same chat pipeline
+    async def messages(body: MessagesRequest, request: Request):
+        return await create_message(state, body, request)
+
+    app.include_router(responses_router(state, auth))  # OpenAI's Responses API over the same chat pipeline
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):

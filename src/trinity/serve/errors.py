@@ -1,4 +1,8 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, never a traceback."""
+"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, or on Anthropic's routes
+(/v1/messages) in Anthropic's, {"type": "error", "error": {"type", "message"}}; never a traceback.
+
+The shape is chosen by the request's path where the response is made, so one APIError serves both APIs and
+errors raised before a route runs (validation, auth, unknown paths, the body limit) have the caller's shape too."""
 
 from __future__ import annotations
 
@@ -15,6 +19,17 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
           429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
 
+# Anthropic's error types by status (docs.anthropic.com/en/api/errors); any other status is an api_error
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error",
+                    529: "overloaded_error"}
+
+
+def anthropic_path(path: str | None) -> bool:
+    """Whether a request path belongs to the Anthropic-shaped API."""
+    return path is not None and (path == "/v1/messages" or path.startswith("/v1/messages/"))
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -30,8 +45,14 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict:
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
+                                           "message": self.message}}
+
+    def response(self, path: str | None = None) -> JSONResponse:
+        """`path`: the request's, which picks the shape (OpenAI's when not given)."""
+        body = self.anthropic_body() if anthropic_path(path) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def _param(loc: tuple) -> str | None:
@@ -62,20 +83,21 @@ def validation_error(exc: RequestValidationError) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return validation_error(exc).response()
+        return validation_error(exc).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
                                                                                           str(exc.detail))
-        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response(
+            request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return APIError(500, f"internal error ({type(exc).__name__})").response()
+        return APIError(500, f"internal error ({type(exc).__name__})").response(request.url.path)

@@ -30,6 +30,7 @@ class ServerSettings:
     chat_template: str | None = None
     allowed_origins: list[str] = field(default_factory=list)
     shutdown_timeout: float = 30.0
+    responses_store_size: int = 1000  # /v1/responses kept for previous_response_id (LRU); 0: none
 
 
 class ServerState:
