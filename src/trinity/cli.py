@@ -25,6 +25,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "with an FP8 quantization_config loads as FP8 without it")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be an integer >= 1")
+    return value
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -68,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--enable-auto-tool-choice", action="store_true")
     srv.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "qwen3_coder"])
     srv.add_argument("--max-queued-requests", type=int, default=None,
-                     help="answer 503 when this many requests are already waiting")
+                     help="the most sequences (n x prompts of each request) admitted and not yet generating; a "
+                          "request that would pass it gets 503 queue_full with Retry-After (400 if it alone asks "
+                          "for more)")
     srv.add_argument("--max-request-bytes", type=int, default=4 << 20)
     srv.add_argument("--allowed-origins", default="", help="comma-separated CORS origins")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -76,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--responses-store-size", type=int, default=1000,
                      help="responses kept in memory for previous_response_id and GET /v1/responses/{id}, the least "
                           "recently used dropped first (0: keep none)")
+    srv.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                     help="fcfs: requests are served in arrival order, taking turns between requests, and a request's "
+                          "`priority` other than 0 is refused (400); priority: lower `priority` values go first")
+    srv.add_argument("--max-completion-prompts", type=_positive_int, default=1024,
+                     help="most prompts one /v1/completions request may list (400 above it)")
     srv.add_argument("--log-level", default="info")
 
     train = sub.add_parser("train", help="train or fine-tune (Muon, SMEBU, RSDB); torchrun for data parallel",
@@ -285,7 +299,8 @@ def _cmd_serve(args) -> int:
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice, chat_template=template,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
-        shutdown_timeout=args.shutdown_timeout, responses_store_size=args.responses_store_size)
+        shutdown_timeout=args.shutdown_timeout, responses_store_size=args.responses_store_size,
+        scheduling_policy=args.scheduling_policy, max_completion_prompts=args.max_completion_prompts)
     engine_config = EngineConfig.from_cli_args(args)
     model = args.model or args.model_flag
     from .parallel.launch import torchrun_rank

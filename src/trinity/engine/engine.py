@@ -109,9 +109,11 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def prepare_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
                         prompt_token_ids: list[int] | None = None, priority: int = 0,
-                        cache_salt: str | None = None) -> _Request:
+                        cache_salt: str | None = None, fairness_key: str | None = None) -> _Request:
         """Validate and build a request without touching engine state (safe from any thread). `cache_salt`: the
-        request shares prefix-cache blocks only with requests that give the same salt (tenants apart)."""
+        request shares prefix-cache blocks only with requests that give the same salt (tenants apart).
+        `fairness_key`: requests that give the same key share one turn in the scheduler with each other key (the
+        server gives each HTTP request its own, so a many-prompt completion cannot starve other clients)."""
         params = params or SamplingParams()
         if prompt_token_ids is None:
             if prompt is None:
@@ -145,7 +147,7 @@ class LLMEngine:
             seqs.append(Sequence(seq_id=request_id if params.n == 1 else f"{request_id}#{i}", request_id=request_id,
                                  index=i, prompt_token_ids=list(prompt_token_ids), params=params,
                                  max_tokens=max_tokens, priority=priority, sampling_seed=seed, arrival_time=now,
-                                 cache_salt=cache_salt))
+                                 cache_salt=cache_salt, fairness_key=fairness_key))
         return _Request(request_id, prompt, list(prompt_token_ids), seqs, now)
 
     def output_processor(self, request: _Request) -> OutputProcessor:
@@ -329,8 +331,7 @@ class LLMEngine:
 
     def _admissible_waiting(self) -> bool:
         """Whether a waiting sequence could start next step (then the scheduler, not the look-ahead, runs it)."""
-        sched = self.scheduler
-        return bool(sched.waiting) and len(sched.running) < sched.config.max_num_seqs
+        return self.scheduler.admissible()  # a free slot, or one a fairness group is owed
 
     @staticmethod
     def _lookahead_safe(seq: Sequence) -> bool:

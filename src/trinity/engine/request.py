@@ -70,6 +70,9 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its leading blocks, as computed
     cache_salt: str | None = None  # shares cached blocks only with requests of the same salt
+    # sequences sharing a key (the server's: one per HTTP request) take turns with other keys in the scheduler, so
+    # that one request's many sequences cannot hold the others back; None: ordered by priority and arrival alone
+    fairness_key: str | None = None
     # scored prompt positions, when the request asks for prompt_logprobs (text and outputs are built by the
     # output processor, not kept here)
     prompt_logprobs: list[PositionLogprobs | None] | None = None

@@ -136,12 +136,15 @@ class Sampler:
                 ids = torch.tensor(seq.output_token_ids, device=dev).clamp(max=vocab - 1)
                 counts[i].scatter_add_(0, ids, torch.ones(len(ids), device=dev))
             in_prompt[i, torch.tensor(seq.prompt_token_ids, device=dev).clamp(max=vocab - 1)] = True
-        rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=dev)[:, None]
+        # a penalty below fp32's smallest normal would round to 0: x / 0 and -inf * 0 give inf and NaN
+        rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=dev)[:, None].clamp(
+            min=torch.finfo(x.dtype).tiny)
         freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=dev)[:, None]
         pres = torch.tensor([s.params.presence_penalty for s in seqs], device=dev)[:, None]
         seen = in_prompt | (counts > 0)
         x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-        return x - freq * counts - pres * (counts > 0).float()
+        # a tiny penalty can still overflow a logit to +inf (softmax of inf is NaN): keep it the largest finite one
+        return (x - freq * counts - pres * (counts > 0).float()).clamp(max=torch.finfo(x.dtype).max)
 
     # ------------------------------------------------------------------ choosing
     def _choose(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -159,14 +162,19 @@ class Sampler:
                     g.manual_seed(token_seed(seq.sampling_seed, len(seq.output_token_ids)))
                     noise[j].exponential_(generator=g)
             # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race); zero-probability tokens lose
-            tokens[rows] = (probs / noise).argmax(dim=-1)
+            drawn = (probs / noise).argmax(dim=-1)
+            # never draw from NaN or an all-zero row (argmax would return a NaN's index, or token 0): such a row,
+            # which only extreme sampling values can produce, takes the greedy choice instead
+            broken = ~(torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0))
+            tokens[rows] = torch.where(broken, tokens[rows], drawn)
         return tokens
 
     @staticmethod
     def _filtered_probs(x: torch.Tensor, params: list) -> torch.Tensor:
         dev = x.device
         temp = torch.tensor([p.temperature for p in params], device=dev)[:, None]
-        x = x / temp
+        # greedy rows never come here, so temp >= GREEDY_TEMPERATURE; the quotient can still overflow: keep it finite
+        x = (x / temp).clamp(max=torch.finfo(x.dtype).max)
         if any(p.top_k or p.top_p < 1 for p in params):
             sorted_x, order = x.sort(dim=-1, descending=True)
             vocab = x.shape[-1]
@@ -175,8 +183,10 @@ class Sampler:
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
             sorted_probs = torch.softmax(sorted_x, dim=-1)
-            # drop a token once the tokens ranked above it already cover top_p (the first always stays)
+            # drop a token once the tokens ranked above it already cover top_p (the first always stays, even where a
+            # tiny top_p rounds to 0 in fp32)
             drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+            drop[:, 0] = False
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             x = torch.empty_like(x).scatter_(-1, order, sorted_x)
         probs = torch.softmax(x, dim=-1)

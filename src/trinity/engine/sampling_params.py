@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_LOGPROBS = 20
+# Below this a temperature is greedy (vLLM's rule): dividing logits by a smaller one overflows fp32 to inf, and the
+# softmax of inf is NaN, which would be sampled as token 0.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class SamplingError(ValueError):
@@ -21,7 +24,7 @@ class SamplingError(ValueError):
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # below GREEDY_TEMPERATURE (0 included) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0
@@ -99,7 +102,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

@@ -13,6 +13,13 @@ When blocks run out, the newest running sequence (lowest priority, latest arriva
 blocks are freed and it goes back to the waiting queue to be recomputed from scratch later (prompt plus
 the tokens it already generated), which gives identical results.
 
+Fairness: a sequence may carry a `fairness_key` (the server gives every HTTP request its own), and sequences that
+share one are a group that takes turns with the other groups, so that one request with hundreds of prompts times `n`
+cannot hold everyone else behind it: admission picks the waiting group with the fewest running sequences, prompt
+chunks share the step's token budget evenly between groups, and a preemption takes from the group holding the most
+sequences. Sequences without a key are ordered as before (priority, then first come first served): with no keys, or
+one group alone, every decision is the one the plain FIFO order makes.
+
 The scheduler owns every change of a sequence's state. A step is `schedule` (or `schedule_lookahead`), whose
 batch carries the runner's message (`step.StepInput`: tokens, positions, block-table changes, frees, logits
 rows), then `on_launched` once the runner has queued it (tokens computed, blocks offered to the cache), then
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .kv_cache import KVCacheManager, extend_block_keys
@@ -72,6 +80,9 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
+        # the waiting sequences by fairness key (None: those without one), each list sorted by Sequence.sort_key:
+        # fair admission looks only at each group's head (a few groups, not thousands of sequences, per admission)
+        self._waiting_groups: dict[str | None, list[Sequence]] = {}
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_prompt_tokens = 0  # prompt tokens computed (recomputation after preemption included)
@@ -96,14 +107,25 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.check_fits(len(seq.prompt_token_ids), seq.max_tokens)
         seq.status = Status.WAITING
+        self._enqueue_waiting(seq)
+
+    def _enqueue_waiting(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+        bisect.insort(self._waiting_groups.setdefault(seq.fairness_key, []), seq, key=Sequence.sort_key)
+
+    def _dequeue_waiting(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        group = self._waiting_groups[seq.fairness_key]
+        group.remove(seq)
+        if not group:
+            del self._waiting_groups[seq.fairness_key]
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the queues and free its blocks (finished or aborted)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
-            self.waiting.remove(seq)
+            self._dequeue_waiting(seq)
         self.kv.free(seq.seq_id)
 
     def has_unfinished(self) -> bool:
@@ -116,7 +138,7 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+        self._enqueue_waiting(seq)
         batch.preempted.append(seq)
 
     # ------------------------------------------------------------------ the step
@@ -124,14 +146,25 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()
+        self._make_room(batch)
+        fair_preempted = len(batch.preempted)  # not a sign of blocks running out: admission goes on
 
-        # 1. Running sequences: decodes (one token) before prefill chunks, each group in priority order.
-        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.sort_key())):
+        # 1. Running sequences: decodes (one token) before prefill chunks, each group in priority order; prefill
+        # chunks of several fairness groups share what the decodes leave of the budget (`_prefill_shares`).
+        order = sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.sort_key()))
+        shares = None
+        for seq in order:
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
+            if shares is None and seq.num_uncomputed > 1:
+                shares = self._prefill_shares(order, budget)
             n = min(seq.num_uncomputed, budget)
+            if shares:
+                n = min(n, shares[seq.fairness_key])
+                if n == 0:
+                    continue
             while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n):
-                victim = max((s for s in self.running if id(s) not in scheduled), key=Sequence.sort_key)
+                victim = self._victim(scheduled)
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
@@ -140,33 +173,118 @@ class Scheduler:
                 batch.num_tokens.append(n)
                 scheduled.add(id(seq))
                 budget -= n
+                if shares:
+                    shares[seq.fairness_key] -= n
 
-        # 2. Waiting sequences, in priority order, while nothing had to be preempted this step.
-        while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            if self._sibling_prefilling(seq):
-                break  # it waits for its sibling's prompt blocks instead of computing them again (first come first)
-            prefix = self._cached_prefix(seq)
-            start = len(prefix) * self.kv.block_size
-            n = min(seq.num_tokens - start, budget)
-            if not self.kv.allocate(seq.seq_id, start + n, prefix):
-                break
-            seq.num_computed_tokens = start
-            if self.config.enable_prefix_caching:
-                self.prefix_queried_tokens += seq.num_tokens
-                self.prefix_hit_tokens += start
-                self.cached_prompt_tokens += min(start, len(seq.prompt_token_ids))
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = start
-            self.waiting.pop(0)
-            seq.status = Status.RUNNING
-            bisect.insort(self.running, seq, key=Sequence.sort_key)
-            batch.seqs.append(seq)
-            batch.num_tokens.append(n)
-            budget -= n
+        # 2. Waiting sequences, in priority order (taking turns between fairness groups), while nothing had to be
+        # preempted this step for want of blocks.
+        if self._waiting_groups.keys() - {None}:
+            self._admit_fair(batch, budget, fair_preempted)
+        else:
+            while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                seq = self.waiting[0]
+                if self._sibling_prefilling(seq):
+                    break  # it waits for its sibling's prompt blocks instead of computing them again (first come first)
+                n = self._admit(seq, batch, budget)
+                if n is None:
+                    break
+                budget -= n
         self._plan_rows(batch)
         batch.step = self._step_input(batch)
         return batch
+
+    def _admit(self, seq: Sequence, batch: ScheduledBatch, budget: int) -> int | None:
+        """Move a waiting sequence to running with its first chunk in `batch`; -> its tokens (None: no blocks)."""
+        prefix = self._cached_prefix(seq)
+        start = len(prefix) * self.kv.block_size
+        n = min(seq.num_tokens - start, budget)
+        if not self.kv.allocate(seq.seq_id, start + n, prefix):
+            return None
+        seq.num_computed_tokens = start
+        if self.config.enable_prefix_caching:
+            self.prefix_queried_tokens += seq.num_tokens
+            self.prefix_hit_tokens += start
+            self.cached_prompt_tokens += min(start, len(seq.prompt_token_ids))
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = start
+        self._dequeue_waiting(seq)
+        seq.status = Status.RUNNING
+        bisect.insort(self.running, seq, key=Sequence.sort_key)
+        batch.seqs.append(seq)
+        batch.num_tokens.append(n)
+        return n
+
+    def _admit_fair(self, batch: ScheduledBatch, budget: int, fair_preempted: int) -> None:
+        """Admission when some waiting sequences have fairness keys: each time, the head of the group (sequences
+        without a key count as one group that is never ahead) with the best priority and then the fewest running
+        sequences goes next, so a new request's first sequence starts before a big request's next one."""
+        load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
+        skipped: set[str | None] = set()  # groups whose head waits for a sibling's prompt blocks this step
+        while len(batch.preempted) == fair_preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            heads = [g[0] for key, g in self._waiting_groups.items() if key not in skipped]
+            if not heads:
+                break
+            seq = min(heads, key=lambda s: (s.priority, load[s.fairness_key] if s.fairness_key else 0,
+                                            s.arrival_order))
+            if self._sibling_prefilling(seq):
+                skipped.add(seq.fairness_key)  # it waits for its sibling; the other groups need not
+                continue
+            n = self._admit(seq, batch, budget)
+            if n is None:
+                break
+            budget -= n
+            if seq.fairness_key is not None:
+                load[seq.fairness_key] += 1
+
+    def _starved(self) -> Sequence | None:
+        """With every running slot taken: the head of a waiting fairness group that has no sequence running, if some
+        group holds two or more slots one of which it could take (no lower priority than that group's victim)."""
+        if len(self.running) < self.config.max_num_seqs or not self._waiting_groups.keys() - {None}:
+            return None
+        load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
+        heads = [g[0] for key, g in self._waiting_groups.items() if key is not None and not load[key]]
+        if not heads or not self.running:
+            return None
+        want = min(heads, key=lambda s: (s.priority, s.arrival_order))
+        victim = self._victim(set())
+        if victim.fairness_key is None or load[victim.fairness_key] < 2 or victim.priority < want.priority:
+            return None
+        return victim
+
+    def _make_room(self, batch: ScheduledBatch) -> None:
+        """Without this a request arriving while another holds every running slot waits until one of that request's
+        sequences ends, however long it generates: one of them goes back to the queue (recomputed later, its
+        blocks mostly from the prefix cache) so each group has a turn."""
+        victim = self._starved()
+        if victim is not None:
+            self._preempt(victim, batch)
+
+    def admissible(self) -> bool:
+        """Whether the next `schedule` would start a waiting sequence (the engine's look-ahead then stops)."""
+        return bool(self.waiting) and (len(self.running) < self.config.max_num_seqs or self._starved() is not None)
+
+    def _prefill_shares(self, order: list[Sequence], budget: int) -> dict[str | None, int] | None:
+        """Each fairness group's share of `budget` for the prompt chunks of its running sequences (sequences without
+        a key are one group): an even split, a group needing less than its share leaving the rest to the others.
+        None when one group (or none) has prompt left: it takes the budget in order, as without fairness."""
+        demand: dict[str | None, int] = {}
+        for seq in order:
+            if seq.status is Status.RUNNING and seq.num_uncomputed > 1:
+                demand[seq.fairness_key] = demand.get(seq.fairness_key, 0) + seq.num_uncomputed
+        if len(demand) < 2:
+            return None
+        shares, left = {}, budget
+        for i, (key, need) in enumerate(sorted(demand.items(), key=lambda kv: kv[1])):
+            shares[key] = min(need, -(-left // (len(demand) - i)))
+            left -= shares[key]
+        return shares
+
+    def _victim(self, scheduled: set[int]) -> Sequence:
+        """The running sequence to preempt: the lowest priority, then the fairness group holding the most running
+        sequences (a sequence without a key counts as a group of one), then the newest."""
+        load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
+        return max((s for s in self.running if id(s) not in scheduled),
+                   key=lambda s: (s.priority, load[s.fairness_key] if s.fairness_key else 1, s.arrival_order))
 
     def schedule_lookahead(self, seqs: list[Sequence]) -> ScheduledBatch | None:
         """A decode step for `seqs` queued before the token each is about to get is known (the engine's look-ahead:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from .chat import create_chat_completion
 from .completions import create_completion
 from .dashboard.routes import dashboard_router
-from .errors import APIError, install_error_handlers
+from .errors import APIError, install_error_handlers, lone_surrogate_error
 from .messages import create_message
 from .messages_protocol import MessagesRequest
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -21,7 +21,8 @@ from .state import ServerState
 
 class _BodyLimit:
     """413 for bodies over the limit: checked on the declared length, and on the bytes actually sent (a chunked
-    body is read here, up to the limit, then replayed to the app)."""
+    body is read here, up to the limit, then replayed to the app). The buffered body is also checked for lone
+    UTF-16 surrogates (400), once for every route."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -45,6 +46,10 @@ class _BodyLimit:
                 return await self._reject(scope, send)
             if not message.get("more_body", False):
                 break
+        if chunks:  # the whole body is here: refuse text that is not Unicode before any route reads it
+            invalid = lone_surrogate_error(b"".join(chunks))
+            if invalid is not None:
+                return await invalid.response(scope.get("path"))(scope, receive, send)
         replayed = False
 
         async def replay():

@@ -50,8 +50,20 @@ def _params(state: ServerState, body: CompletionRequest, constraint) -> Sampling
         raise APIError(400, str(e), param=e.param) from None
 
 
+def _check_prompt_count(state: ServerState, prompt) -> None:
+    """Refuse a prompt list over the server's cap before tokenizing it: each prompt (times n) becomes its own engine
+    request, so an unbounded list is unbounded work and memory from one call (vLLM bounds it the same way)."""
+    count = 1 if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt) else len(prompt)
+    limit = state.settings.max_completion_prompts
+    if count > limit:
+        raise APIError(400, f"prompt lists {count} prompts; this server takes at most {limit} per request "
+                            f"(--max-completion-prompts): split them over several requests", param="prompt",
+                       code="invalid_value")
+
+
 async def create_completion(state: ServerState, body: CompletionRequest, raw: Request):
     engine = state.admit(body.model)
+    _check_prompt_count(state, body.prompt)
     constraint = None
     if body.response_format:
         from .structured import StructuredOutputError, constraint_for_response_format
@@ -63,8 +75,18 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     params = _params(state, body, constraint)
     base_id = state.new_id("cmpl")
     prompts = _prompts(state, body.prompt)
-    prepared = [state.prepare(engine, f"{base_id}-{i}", ids, params, body.priority, "prompt", body.cache_salt)
-                for i, (_, ids) in enumerate(prompts)]
+    # the whole request's sequences are admitted or refused together, before any is counted as queued
+    state.check_queue(len(prompts) * body.n, "prompt" if len(prompts) > 1 else "n")
+    prepared = []
+    try:
+        for i, (_, ids) in enumerate(prompts):
+            # the prompts share one fairness key: together they take one turn in the scheduler, as one prompt would
+            prepared.append(state.prepare(engine, f"{base_id}-{i}", ids, params, body.priority, "prompt",
+                                          body.cache_salt, fairness_key=base_id))
+    except APIError:
+        for p in prepared:  # the request is refused as a whole: what was counted for it stops counting
+            state.release(p)
+        raise
     echo = _Echo(state, body, prompts)
     if not body.stream:
         outs = await asyncio.gather(*(state.collect(engine, p, raw) for p in prepared))

@@ -6,7 +6,9 @@ errors raised before a route runs (validation, auth, unknown paths, the body lim
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,7 +82,84 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
 
+# A JSON escape that can only stand for a UTF-16 surrogate; a valid pair is merged by the JSON parser, so only a lone
+# one survives into a str, where encoding it to UTF-8 fails deep in the tokenizer. A cheap byte scan decides whether
+# the body needs parsing for it at all (most bodies never escape a surrogate).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _find_surrogate(value, path: list[str]) -> str | None:
+    """The dotted path of the first string (key or value) in parsed JSON that holds a lone surrogate."""
+    if isinstance(value, str):
+        return ".".join(path) if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _SURROGATE.search(key):
+                return ".".join([*path, key])
+            found = _find_surrogate(item, [*path, key])
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_surrogate(item, [*path, str(i)])
+            if found is not None:
+                return found
+    return None
+
+
+def lone_surrogate_error(body: bytes) -> APIError | None:
+    """400 naming the field when a JSON body holds a lone UTF-16 surrogate (e.g. "a\\ud800b"): such a string is not
+    Unicode text, cannot be tokenized, and is refused once here for every route and field rather than per field.
+    Bodies that are not valid JSON are left to the route's own validation."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    field = _find_surrogate(parsed, [])
+    if field is None:
+        return None
+    return APIError(400, f"{field or 'body'}: the string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                         "escape), which is not valid Unicode text", param=field or None, code="invalid_value")
+
+
+class _CatchAll:
+    """Answers an unexpected exception with a 500 in the caller's shape and keeps the connection open.
+
+    Starlette's own handler for `Exception` sends the response and then re-raises, so uvicorn closes the
+    connection and a keep-alive client's next request on it fails (ECONNRESET). Here the exception is logged and
+    handled; it propagates only when the response had already started (a stream), where nothing can be sent."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - answered below; the log has the trace
+            if started:
+                raise
+            log.exception("unhandled error on %s", scope.get("path"))
+            response = APIError(500, f"internal error ({type(exc).__name__})").response(scope.get("path"))
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    # the innermost of the user middlewares (added first), so CORS and the body limit wrap its 500s too
+    app.add_middleware(_CatchAll)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response(request.url.path)

@@ -7,11 +7,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from pydantic_core import PydanticCustomError
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Stop = str | list[str] | None
+
+
+def _has_type(value: dict[str, Any]) -> dict[str, Any]:
+    # {} is a client mistake, not a request for plain text, but the routes skip a falsy format: refuse it here (a
+    # non-empty format without a usable type is refused by structured.py, naming response_format.type)
+    if not value:
+        raise PydanticCustomError("response_format_type", "needs a 'type' (text, json_object or json_schema)")
+    return value
+
+
+ResponseFormat = Annotated[dict[str, Any], AfterValidator(_has_type)]
 
 
 class _Body(BaseModel):
@@ -87,18 +99,21 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    # vLLM's: the most reasoning tokens; then the reasoning's end tag is forced and the answer follows
+    thinking_token_budget: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] \
         | Annotated[list[list[int]], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    # 0 with echo scores the prompt without generating (lm-eval's loglikelihood requests); refused without echo
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(_Body):

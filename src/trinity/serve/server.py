@@ -76,9 +76,14 @@ def _fail(state: ServerState, reason: str) -> None:
     threading.Thread(target=exit_later, name="trinity-failure-exit", daemon=True).start()
 
 
+# After --shutdown-timeout: how long the requests still running have to send their server_shutdown errors
+END_STREAMS_GRACE_S = 5.0
+
+
 class _DrainingServer(uvicorn.Server):
     """First SIGTERM/SIGINT: answer new requests with 503 while in-flight ones finish (up to the timeout),
-    then stop. A second signal stops at once."""
+    then end the ones still running with an error (a stream's error event and terminator) and stop. A second
+    signal stops at once."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState):
         super().__init__(config)
@@ -95,6 +100,14 @@ class _DrainingServer(uvicorn.Server):
             deadline = time.monotonic() + state.settings.shutdown_timeout
             while state.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if state.in_flight > 0:
+                # time is up: end what still runs with a server_shutdown error, so each stream sends its error
+                # event and terminator (and each whole request its 503) before uvicorn closes the connections
+                log.info("shutdown timeout: ending %d requests still running", state.in_flight)
+                state.end_streams()
+                deadline = time.monotonic() + END_STREAMS_GRACE_S
+                while state.in_flight > 0 and time.monotonic() < deadline:
+                    time.sleep(0.02)
             self.should_exit = True
 
         threading.Thread(target=drain, daemon=True).start()

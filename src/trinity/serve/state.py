@@ -31,6 +31,10 @@ class ServerSettings:
     allowed_origins: list[str] = field(default_factory=list)
     shutdown_timeout: float = 30.0
     responses_store_size: int = 1000  # /v1/responses kept for previous_response_id (LRU); 0: none
+    # "fcfs": a request's `priority` other than 0 is refused (vLLM's rule: any client could otherwise put itself
+    # first); "priority": the scheduler orders by it (lower first), then fairly between requests, then by arrival
+    scheduling_policy: str = "fcfs"
+    max_completion_prompts: int = 1024  # prompts one /v1/completions request may list (vLLM's default)
 
 
 class ServerState:
@@ -44,6 +48,12 @@ class ServerState:
         self.failure: str | None = None  # the engine cannot run any more (a tensor-parallel worker died)
         self.draining = False
         self.in_flight = 0
+        # --max-queued-requests counts sequences admitted that have not started generating: counted here, on the
+        # event loop, when a request is admitted, so a burst sees its own admissions (the engine's stats are a
+        # snapshot refreshed after each step). request id -> [sequences, admitted at, run started]
+        self.queued = 0
+        self._queued: dict[str, list] = {}
+        self.shutting_down = False  # set when --shutdown-timeout ends the streams still running
         self.metrics = ServerMetrics()
         self.created = int(time.time())
         self._grammar = None
@@ -83,11 +93,44 @@ class ServerState:
         if model is not None and model != self.settings.served_model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.settings.served_model_name!r}", param="model", code="model_not_found")
-        limit = self.settings.max_queued_requests
-        if limit is not None and self.engine.stats.get("num_waiting", 0) >= limit:
-            raise APIError(503, f"the request queue is full ({limit} waiting); retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"})
+        self.check_queue(1, None)
         return self.engine
+
+    # A request prepared (counted) whose run never started, e.g. a stream whose client left before its body was
+    # sent, stops counting after this long: starting a run takes milliseconds after admission.
+    UNSTARTED_EXPIRY_S = 30.0
+
+    def check_queue(self, sequences: int, param: str | None) -> None:
+        """503 queue_full when admitting `sequences` more would put more than --max-queued-requests sequences in
+        the queue; 400 when one request alone asks for more than the limit (it could never be admitted)."""
+        limit = self.settings.max_queued_requests
+        if limit is None:
+            return
+        if self._queued:
+            now = time.monotonic()
+            for request_id, (_, admitted, started) in list(self._queued.items()):
+                if not started and now - admitted > self.UNSTARTED_EXPIRY_S:
+                    self._leave(request_id)
+        if sequences > limit:
+            raise APIError(400, f"this request asks for {sequences} sequences (n x prompts) but the server queues at "
+                                f"most {limit} (--max-queued-requests)", param=param, code="invalid_value")
+        if self.queued + sequences > limit:
+            raise APIError(503, f"the request queue is full ({self.queued} sequences waiting, limit {limit}); "
+                                "retry shortly", code="queue_full", headers={"Retry-After": "1"})
+
+    def _enqueue(self, request_id: str, sequences: int) -> None:
+        self._queued[request_id] = [sequences, time.monotonic(), False]
+        self.queued += sequences
+
+    def _leave(self, request_id: str) -> None:
+        """The request's sequences stop counting as queued (they started generating, or the request ended)."""
+        entry = self._queued.pop(request_id, None)
+        if entry is not None:
+            self.queued -= entry[0]
+
+    def release(self, prepared) -> None:
+        """A prepared request that will not be run (a later part of the same HTTP request failed)."""
+        self._leave(prepared.request_id)
 
     def sampling_params(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
                         constraint_factory=None) -> SamplingParams:
@@ -122,9 +165,25 @@ class ServerState:
             raise APIError(400, str(e), param=e.param) from None
 
     def prepare(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                priority: int, prompt_param: str, cache_salt: str | None = None):
+                priority: int, prompt_param: str, cache_salt: str | None = None, fairness_key: str | None = None):
+        """`fairness_key`: what the scheduler takes turns between (default: the request id; a completion with many
+        prompts gives all of them its one id, so together they get one turn, not one per prompt)."""
+        if priority and self.settings.scheduling_policy != "priority":
+            raise APIError(400, f"got priority {priority} but priority scheduling is not enabled (the server runs "
+                                f"with --scheduling-policy {self.settings.scheduling_policy}; start it with "
+                                f"--scheduling-policy priority to use it)", param="priority", code="invalid_value")
+        room = self.max_model_len - len(prompt_ids)
+        if params.max_tokens is None and 1 <= room < params.min_tokens:
+            # without max_tokens the request may generate up to the rest of the context: min_tokens must fit there
+            # (a prompt that leaves no room at all is the engine's context_length_exceeded)
+            raise APIError(400, f"min_tokens = {params.min_tokens} is more than the prompt ({len(prompt_ids)} tokens) "
+                                f"leaves of max_model_len ({self.max_model_len}): at most {room}",
+                           param="min_tokens", code="invalid_value")
+        # counted per prepared request, so the sequences admitted so far in this event-loop turn count too
+        self.check_queue(params.n, "n" if params.n > 1 else prompt_param)
         try:
-            return engine.engine.prepare_request(request_id, None, params, prompt_ids, priority, cache_salt)
+            prepared = engine.engine.prepare_request(request_id, None, params, prompt_ids, priority, cache_salt,
+                                                     fairness_key or request_id)
         except ContextLengthError as e:
             # prompt + max_tokens over max_model_len: the max_tokens the client chose is the field to change
             blame_max_tokens = e.limit == "max_model_len" and e.max_tokens is not None and params.max_tokens is not None
@@ -132,6 +191,8 @@ class ServerState:
                            code="context_length_exceeded") from None
         except ValueError as e:
             raise APIError(400, str(e), param=prompt_param, code="invalid_value") from None
+        self._enqueue(request_id, params.n)
+        return prepared
 
     # ------------------------------------------------------------------ running
     async def run(self, engine: AsyncEngine, prepared) -> AsyncIterator[RequestOutput]:
@@ -140,8 +201,13 @@ class ServerState:
         last_tokens = 0
         last_time = None
         final: RequestOutput | None = None
+        entry = self._queued.get(prepared.request_id)
+        if entry is not None:
+            entry[2] = True
         try:
             async for out in engine.submit(prepared):
+                if final is None:  # its first output: the request is generating, no longer waiting
+                    self._leave(prepared.request_id)
                 now = time.monotonic()
                 produced = sum(len(c.token_ids) for c in out.outputs)
                 if produced > last_tokens and last_time is not None:
@@ -152,10 +218,23 @@ class ServerState:
                     last_tokens, last_time = produced, now
                 final = out
                 yield out
+        except RuntimeError as e:
+            if self.shutting_down:  # end_streams: the stream ends with an error event rather than being cut
+                raise APIError(503, "the server shut down before this request finished (--shutdown-timeout)",
+                               code="server_shutdown") from e
+            raise
         finally:
+            self._leave(prepared.request_id)
             self.in_flight -= 1
             if final is not None and final.finished:
                 self._record(final)
+
+    def end_streams(self) -> None:
+        """At the end of --shutdown-timeout (from any thread): every request still running ends with a
+        server_shutdown error, so streams send their error event and terminator instead of being cut."""
+        self.shutting_down = True
+        if self.engine is not None:
+            self.engine.fail("the server is shutting down")
 
     def _record(self, out: RequestOutput) -> None:
         m, t = out.metrics, time.monotonic()
