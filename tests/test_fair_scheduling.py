@@ -155,7 +155,7 @@ def test_a_short_request_is_served_while_a_huge_completion_runs():
             _timed(http, SHORT)  # warm-up
         alone = min(_timed(http, SHORT) for _ in range(3))
 
-        big = {"prompt": [f"Document {i}: the weather today is" for i in range(200)], "n": 16, "max_tokens": 64,
+        big = {"prompt": [f"Document {i}: the weather today is" for i in range(200)], "n": 16, "max_tokens": 16,
                "temperature": 1.0, "ignore_eos": True}
         done = {}
 

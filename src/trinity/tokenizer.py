@@ -212,6 +212,7 @@ class TrinityTokenizer:
         self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self._token_bytes_cache: dict[int, bytes] = {}
         self._vocab_size: int | None = None
+        self._max_token_bytes: int | None = None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -305,6 +306,17 @@ class TrinityTokenizer:
         if add_special_tokens and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids
+
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))`` that costs no tokenizing: the text's UTF-8 bytes over twice the
+        longest token's. A token's string takes at least as many UTF-8 bytes as the text it covers (byte-level
+        tokens spell each byte with a 1-2 byte character), and the factor 2 covers normalizers that shorten text
+        (composing accents). Lets a server refuse a multi-megabyte prompt that cannot fit its context before
+        spending seconds tokenizing it."""
+        if self._max_token_bytes is None:
+            vocab = self._tok.get_vocab(with_added_tokens=True)
+            self._max_token_bytes = max((len(t.encode("utf-8")) for t in vocab), default=1)
+        return -(-len(text.encode("utf-8", "surrogatepass")) // (2 * self._max_token_bytes))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]  # accepts numpy / torch integer sequences

@@ -22,13 +22,13 @@ from .protocol import CompletionRequest
 from .state import ServerState
 
 
-def _prompts(state: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
+async def _prompts(state: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
     if isinstance(prompt, str):
-        return [(prompt, state.tokenizer.encode(prompt))]
+        return [(prompt, await state.encode(prompt, "prompt"))]
     if all(isinstance(p, int) for p in prompt):
         return [(None, list(prompt))]
     if all(isinstance(p, str) for p in prompt):
-        return [(p, state.tokenizer.encode(p)) for p in prompt]
+        return [(p, await state.encode(p, "prompt")) for p in prompt]
     return [(None, list(p)) for p in prompt]
 
 
@@ -74,7 +74,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
             raise APIError(400, str(e), param=e.param) from None
     params = _params(state, body, constraint)
     base_id = state.new_id("cmpl")
-    prompts = _prompts(state, body.prompt)
+    prompts = await _prompts(state, body.prompt)
     # the whole request's sequences are admitted or refused together, before any is counted as queued
     state.check_queue(len(prompts) * body.n, "prompt" if len(prompts) > 1 else "n")
     prepared = []

@@ -164,6 +164,20 @@ class ServerState:
         except SamplingError as e:
             raise APIError(400, str(e), param=e.param) from None
 
+    def check_fits(self, text: str, param: str) -> None:
+        """Refuse a text that cannot fit the context whatever its tokens (`TrinityTokenizer.fewest_tokens`), before
+        it is tokenized: a multi-megabyte prompt takes seconds to tokenize."""
+        fewest = self.tokenizer.fewest_tokens(text)
+        if fewest > self.max_model_len:
+            raise APIError(400, f"the prompt ({len(text)} characters) has at least {fewest} tokens, more than "
+                                f"max_model_len ({self.max_model_len})", param=param, code="context_length_exceeded")
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        """A prompt's ids, tokenized in a worker thread (`tokenizers` releases the GIL while it encodes): a long
+        prompt does not stall the event loop, and with it every other request's stream."""
+        self.check_fits(text, param)
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
     def prepare(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 priority: int, prompt_param: str, cache_salt: str | None = None, fairness_key: str | None = None):
         """`fairness_key`: what the scheduler takes turns between (default: the request id; a completion with many
