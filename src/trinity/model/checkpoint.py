@@ -130,10 +130,12 @@ class _Target:
 
 
 def _coverage_shape(name: str, param: torch.Tensor) -> tuple[int, ...]:
-    """Stacked gate_up: [experts, 2] (gate half, up half); stacked down: [experts]; anything else: [1]."""
-    if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.gate_up_proj_scale")):
+    """Stacked gate_up: [experts, 2] (gate half, up half); stacked down: [experts]; anything else: [1]. (With their
+    FP8 scales, and 4-bit zero points and g_idx, `quant.int4_modules`.)"""
+    parts = ("", "_scale", "_zero_point", "_g_idx")
+    if name.endswith(tuple(".mlp.experts.gate_up_proj" + p for p in parts)):
         return (param.shape[0], 2)
-    if name.endswith((".mlp.experts.down_proj", ".mlp.experts.down_proj_scale")):
+    if name.endswith(tuple(".mlp.experts.down_proj" + p for p in parts)):
         return (param.shape[0],)
     return (1,)
 
@@ -217,6 +219,29 @@ def _copy_in(state: _LoadState, name: str, tensor: torch.Tensor, where: str) -> 
             _cover_scale(state, name, target, where)
         else:
             dest.copy_(tensor)  # FP8 stays FP8; scales (fp32, bf16 or e8m0) become fp32
+
+
+def _fill(state: _LoadState, name: str, target: _Target, value: torch.Tensor, where: str) -> None:
+    """A converted tensor (4-bit, `quant.int4_load`) into its target, marked as `_copy_in` marks."""
+    _cover(state, name, target, where)
+    with torch.no_grad():
+        state.params[target.param_name][target.index].copy_(value)
+
+
+def _int4_modules(quant, shard, files: dict, config: TrinityConfig):
+    """A 4-bit checkpoint's QuantConfig, with its modules from its tensors where its config does not list them
+    (AWQ, GPTQ: `QuantConfig.only`). Tensor parallelism is refused: int4 weights do not split yet."""
+    from dataclasses import replace
+
+    from ..quant.int4_load import checkpoint_modules, tensor_names
+    from ..quant.scheme import QuantizationError
+
+    if shard is not None:
+        raise QuantizationError("int4 (W4A16) checkpoints do not support tensor parallelism yet; load them with "
+                                "tensor_parallel_size 1")
+    if quant.weights.format == "pack-quantized":  # its ignore list names every module it leaves
+        return quant
+    return replace(quant, only=checkpoint_modules(tensor_names(files), config.num_experts))
 
 
 def _quantize_in(state: _LoadState, name: str, target: _Target, tensor: torch.Tensor, where: str) -> None:
@@ -383,6 +408,8 @@ def _fp8_blocks(model) -> dict[str, tuple[int, int]]:
     """The scale block of every FP8 parameter (for online quantization)."""
     blocks = {}
     for prefix, module in model.named_modules():
+        if getattr(module, "int4", False):  # 4-bit modules have no blocks (and are never quantized online)
+            continue
         if hasattr(module, "gate_block"):  # quant.modules.Fp8Experts
             blocks[f"{prefix}.gate_up_proj"], blocks[f"{prefix}.down_proj"] = module.gate_block, module.down_block
         elif getattr(module, "keeps_dtypes", False):  # quant.modules.Fp8Linear
@@ -422,14 +449,20 @@ def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.devi
     `quantization`: "fp8" quantizes an unquantized checkpoint's projections and experts to FP8 as they load."""
     config = TrinityConfig.from_pretrained(path)
     quant = quant_config_for(config, quantization)
+    files = checkpoint_files(path)
+    if quant is not None and quant.int4:
+        quant = _int4_modules(quant, shard, files, config)
     if shard is not None:
         shard.quant = quant  # FP8 scales split with their weights, or (online) cover each rank's own piece
         shard.quantize_local = quant is not None and quant.online
-    files = checkpoint_files(path)
     model = cls.empty(config, resolve_dtype(dtype, config, device), device, shard=shard, quant=quant)
     params = dict(model.named_parameters())  # tied head: named_parameters lists the shared weight once
     state = _LoadState(params) if shard is None else _LoadState(params, _full_parameters(cls, config, quant), shard)
     state.blocks = _fp8_blocks(model)
+    int4 = None  # 4-bit tensors are converted into the modules' layout as they stream in (`quant.int4_load`)
+    if quant is not None and quant.int4:
+        from ..quant.int4_load import Int4Loading
+        int4 = Int4Loading(model, quant.weights)
     local_bytes = sum(p.numel() * p.element_size() for p in params.values())
     budget = max(RELEASE_MIN_BYTES, int(local_bytes * RELEASE_FRACTION))
     bar = _progress(progress, len(files))
@@ -447,7 +480,10 @@ def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.devi
                     if _KV_SCALE.match(name):
                         _take_kv_scale(model, name, handle)
                         continue
-                    if shard is None:
+                    if int4 is not None and int4.takes(name):
+                        for param_name, index, cover, value in int4.add(name, handle.get_tensor(name), where):
+                            _fill(state, name, _Target(param_name, index, cover), value, where)
+                    elif shard is None:
                         _copy_in(state, name, handle.get_tensor(name), where)
                     else:
                         _copy_in_slices(state, name, handle, where)
@@ -456,6 +492,8 @@ def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.devi
     finally:
         if bar:
             bar[0].stop()
+    if int4 is not None:
+        int4.finish()
     report = _missing_report(state)
     if report:
         raise CheckpointError(f"checkpoint at {path} is missing tensors: {report}")
@@ -494,6 +532,9 @@ def hf_layout(named: Iterator[tuple[str, torch.Tensor]], expert_layout: str = "p
 
 def save_checkpoint(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                     expert_layout: str = "per_expert", dtype: torch.dtype | str | None = None) -> None:
+    if any(getattr(m, "int4", False) for m in model.modules()):
+        raise ValueError("saving a model with 4-bit weights is not supported (their layout is the engine's own, "
+                         "not a checkpoint format); save the checkpoint it was loaded from instead")
     os.makedirs(path, exist_ok=True)
     out_dtype = parse_dtype(dtype) if dtype is not None else None
     write_shards(hf_tensors(model, expert_layout, out_dtype), path, parse_size(max_shard_size))

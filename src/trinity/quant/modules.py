@@ -251,6 +251,9 @@ def quantize_structure(model, config: QuantConfig) -> None:
     Module names are HF's (`model.layers.3.self_attn.q_proj`, `lm_head`), as the `ignore` list names them."""
     from ..model.moe import RoutedExperts
 
+    if config.int4:  # 4-bit weights: `int4_modules`
+        from .int4_modules import quantize_structure_int4
+        return quantize_structure_int4(model, config)
     device = next(model.parameters()).device
     for name, module in list(model.named_modules()):
         parent_name, _, attr = name.rpartition(".")

@@ -44,10 +44,17 @@ class ActivationScheme:
 
 @dataclass
 class QuantConfig:
-    weights: WeightScheme
+    weights: WeightScheme  # or `int4_scheme.Int4Scheme` (4-bit weights)
     activations: ActivationScheme | None = None
     ignore: list[str] = field(default_factory=list)
     online: bool = False  # quantized while loading a higher-precision checkpoint
+    # The modules the checkpoint quantizes, where its config does not list them (AWQ, GPTQ: the modules with a
+    # `qweight`, `int4_load.checkpoint_modules`); None: every module the ignore list leaves.
+    only: frozenset[str] | None = None
+
+    @property
+    def int4(self) -> bool:
+        return getattr(self.weights, "int4", False)
 
     @classmethod
     def online_fp8(cls) -> QuantConfig:
@@ -56,6 +63,8 @@ class QuantConfig:
         return cls(WeightScheme("block", ONLINE_BLOCK), None, ["lm_head", "re:.*mlp\\.router\\.gate$"], online=True)
 
     def ignored(self, module: str) -> bool:
+        if self.only is not None and module not in self.only:
+            return True
         for pattern in self.ignore:
             if pattern.startswith("re:"):
                 if re.match(pattern[3:], module):
@@ -94,9 +103,13 @@ def from_hf(config: dict | None) -> QuantConfig | None:
     """A checkpoint's `quantization_config` (None: not quantized) -> QuantConfig, or QuantizationError."""
     if not config:
         return None
+    from .int4_scheme import from_hf as int4_from_hf, int4_method
+
+    if int4_method(config):  # AWQ, GPTQ, compressed-tensors pack-quantized
+        return int4_from_hf(config)
     method = config.get("quant_method")
     if method != "compressed-tensors":
-        _refuse("quant_method", method, "compressed-tensors (FP8) is")
+        _refuse("quant_method", method, "compressed-tensors (FP8 or pack-quantized int4), awq and gptq are")
     for key in config:
         if key not in _INFORMATIONAL:
             _refuse(key, config[key], "unknown field")
