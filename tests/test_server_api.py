@@ -446,11 +446,17 @@ def _check_call(call, names=("get_weather", "ping")):
     return args
 
 
+# Forced calls are Hermes blocks after the reasoning: a short reasoning budget leaves the random model room for them,
+# and a bias on <|im_end|> ends the answer after the first block.
+SHORT_THINKING = {"thinking_token_budget": 8}
+
+
 def test_tool_choice_required(client, server):
-    close = bias_for(server, "]", value=50)  # one call, then close the array
+    close = bias_for(server, "<|im_end|>", value=50)  # one call, then stop
     for seed in range(2):
         r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=100, tools=TOOLS,
-                                           tool_choice="required", logit_bias=close, seed=seed)
+                                           tool_choice="required", logit_bias=close, seed=seed,
+                                           extra_body=SHORT_THINKING)
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls"
         assert choice.message.content is None and len(choice.message.tool_calls) >= 1
@@ -458,7 +464,7 @@ def test_tool_choice_required(client, server):
             _check_call(call)
     # without the bias the model may write several calls; each must still be valid
     r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=200, tools=[WEATHER],
-                                       tool_choice="required", seed=1)
+                                       tool_choice="required", seed=1, extra_body=SHORT_THINKING)
     if r.choices[0].finish_reason == "tool_calls":
         for call in r.choices[0].message.tool_calls:
             _check_call(call, ("get_weather",))
@@ -482,36 +488,39 @@ def _stream_tool_calls(client, **kw):
 
 
 def test_tool_choice_required_stream(client, server):
-    close = bias_for(server, "]", value=50)
+    close = bias_for(server, "<|im_end|>", value=50)
     _, calls, _ = _stream_tool_calls(client, messages=HI, max_tokens=100, tools=TOOLS, tool_choice="required",
-                                     logit_bias=close, seed=0)
+                                     logit_bias=close, seed=0, extra_body=SHORT_THINKING)
     assert calls
     for call in calls.values():
         assert call["name"] in SCHEMAS
         assert validates(json.loads(call["arguments"]), SCHEMAS[call["name"]])
     # same seed, whole response: the same calls
     whole = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=100, tools=TOOLS,
-                                           tool_choice="required", logit_bias=close, seed=0)
+                                           tool_choice="required", logit_bias=close, seed=0,
+                                           extra_body=SHORT_THINKING)
     assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls] == \
         [(c["name"], json.loads(c["arguments"])) for c in calls.values()]
 
 
 def test_tool_choice_required_stream_finish_reason(client, server):
-    close = bias_for(server, "]", value=50)
+    close = bias_for(server, "<|im_end|>", value=50)
     _, calls, finish = _stream_tool_calls(client, messages=HI, max_tokens=100, tools=TOOLS,
-                                          tool_choice="required", logit_bias=close, seed=0)
+                                          tool_choice="required", logit_bias=close, seed=0, extra_body=SHORT_THINKING)
     assert calls
     assert finish == "tool_calls"
 
 
 def test_named_tool_choice(client):
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=100, tools=TOOLS, tool_choice=choice)
+    r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=100, tools=TOOLS, tool_choice=choice,
+                                       extra_body=SHORT_THINKING)
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather"
     _check_call(call, ("get_weather",))
     assert r.choices[0].finish_reason == "tool_calls"
-    _, calls, _ = _stream_tool_calls(client, messages=HI, max_tokens=100, tools=TOOLS, tool_choice=choice)
+    _, calls, _ = _stream_tool_calls(client, messages=HI, max_tokens=100, tools=TOOLS, tool_choice=choice,
+                                     extra_body=SHORT_THINKING)
     assert [c["name"] for c in calls.values()] == ["get_weather"]
     assert validates(json.loads(calls[0]["arguments"]), SCHEMAS["get_weather"])
 
@@ -564,13 +573,14 @@ def test_response_format_json_schema(client):
               "required": ["ok", "color"], "additionalProperties": False}
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
     for seed in range(3):
-        r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=100, response_format=fmt, seed=seed)
+        r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=100, response_format=fmt, seed=seed,
+                                           extra_body=SHORT_THINKING)
         choice = r.choices[0]
         assert choice.finish_reason == "stop"
         value = json.loads(choice.message.content)
         assert validates(value, schema), value
-        assert reasoning_of(choice.message) is None  # structured output has no thinking prefill
-    _, _, content, finish = stream_chat(client, messages=HI, max_tokens=100, response_format=fmt, seed=0)
+    _, _, content, finish = stream_chat(client, messages=HI, max_tokens=100, response_format=fmt, seed=0,
+                                        extra_body=SHORT_THINKING)
     assert validates(json.loads(content[0]), schema) and finish == {0: "stop"}
 
 

@@ -11,13 +11,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..chat_template import ChatTemplateError
 from ..engine.request import CompletionOutput, RequestOutput
+from .chat_constraints import ChatTokens, auto_tool_calls, json_answer, reasoning_first, tool_call_answer
 from .errors import APIError
 from .formatting import chat_logprobs, sse_stream, usage
 from .protocol import ChatCompletionRequest
 from .reasoning import get_reasoning_parser
 from .state import ServerState
-from .tools import ToolCall, ToolCallDelta, ToolSchemaError, get_tool_parser, parse_tool_choice, tool_calls_from_json, \
-    tool_calls_json_schema, validate_tools
+from .structured import StructuredOutputError
+from .tools import HermesToolParser, ToolCall, ToolCallDelta, ToolSchemaError, get_tool_parser, parse_tool_choice, \
+    validate_tools
 
 
 @dataclass
@@ -70,110 +72,143 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun:
     if choice == "auto" and tools and not (settings.enable_auto_tool_choice and settings.tool_call_parser):
         raise APIError(400, '"auto" tool choice needs the server started with --enable-auto-tool-choice and '
                             "--tool-call-parser", param="tool_choice")
-    constraint = _constraint(state, body, choice, tools)
+    answer = _answer_constraint(state, body, choice, tools)
+    prompt = _render(state, body, tools if choice != "none" else None, constrained=answer is not None)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    prompt_ids = state.tokenizer.encode(prompt)
+    starts_in_reasoning = settings.reasoning_parser != "none" and prompt.endswith("<think>\n")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    room = max_tokens if max_tokens is not None else max(0, state.max_model_len - len(prompt_ids))
+    constraint = _decoding_constraint(state, body, choice, tools, answer, starts_in_reasoning, room)
+    params = state.sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                                   constraint)
+    plan = _Plan(state.new_id("chatcmpl"), settings.served_model_name, choice, tools, starts_in_reasoning,
+                 body.top_logprobs or 0, bool(body.stream_options and body.stream_options.include_usage))
+    prepared = state.prepare(engine, plan.request_id, prompt_ids, params, body.priority, "messages",
+                             body.cache_salt)
+    return ChatRun(engine, plan, prepared)
+
+
+def _render(state: ServerState, body: ChatCompletionRequest, tools: list[dict] | None, constrained: bool) -> str:
+    """The prompt: the chat template over the messages, with the thinking prefill unless the request turns it off
+    (or the answer is constrained and no reasoning parser would split the reasoning off it)."""
     template_kwargs = dict(body.chat_template_kwargs or {})
     reserved = sorted(set(template_kwargs) & {"messages", "tools", "add_generation_prompt", "tokenize"})
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: they are request fields",
                        param="chat_template_kwargs")
-    # Constrained output is the answer itself: no thinking prefill in front of it.
-    enable_thinking = bool(template_kwargs.pop("enable_thinking", True)) and constraint is None
+    enable_thinking = bool(template_kwargs.pop("enable_thinking", True))
+    if constrained and state.settings.reasoning_parser == "none":
+        enable_thinking = False
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     try:
-        prompt = state.tokenizer.apply_chat_template(
-            messages, tools=tools if choice != "none" else None, add_generation_prompt=body.add_generation_prompt,
-            enable_thinking=enable_thinking, **template_kwargs)
+        return state.tokenizer.apply_chat_template(messages, tools=tools,
+                                                   add_generation_prompt=body.add_generation_prompt,
+                                                   enable_thinking=enable_thinking, **template_kwargs)
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
-    if body.top_logprobs and not body.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    params = state.sampling_params(body, body.max_completion_tokens or body.max_tokens,
-                                   (body.top_logprobs or 0) if body.logprobs else None, constraint)
-    plan = _Plan(state.new_id("chatcmpl"), settings.served_model_name, choice, tools,
-                 settings.reasoning_parser != "none" and prompt.endswith("<think>\n"), body.top_logprobs or 0,
-                 bool(body.stream_options and body.stream_options.include_usage))
-    prepared = state.prepare(engine, plan.request_id, state.tokenizer.encode(prompt), params, body.priority,
-                             "messages", body.cache_salt)
-    return ChatRun(engine, plan, prepared)
 
 
-def _constraint(state: ServerState, body: ChatCompletionRequest, choice, tools):
-    from .structured import StructuredOutputError, constraint_for_response_format
-
+def _answer_constraint(state: ServerState, body: ChatCompletionRequest, choice, tools):
+    """The constraint a required answer is under (forced tool calls, or response_format's JSON), or None."""
     try:
         if choice == "required" or isinstance(choice, tuple):
-            schema = tool_calls_json_schema(tools, choice)
-            if choice == "required" and not body.parallel_tool_calls:
-                schema = dict(schema, maxItems=1)
-            # a tool schema keyword the grammar cannot enforce is ignored rather than refused
-            return state.grammar().json_schema(schema, param="tools", best_effort=True)
+            return tool_call_answer(state.grammar(), ChatTokens.of(state.tokenizer), tools, choice,
+                                    body.parallel_tool_calls)
         if body.response_format:
-            return constraint_for_response_format(state.grammar(), body.response_format)
+            return json_answer(state.grammar(), body.response_format)
     except StructuredOutputError as e:
         raise APIError(400, str(e), param=e.param) from None
     return None
 
 
+def _decoding_constraint(state: ServerState, body: ChatCompletionRequest, choice, tools, answer,
+                         starts_in_reasoning: bool, room: int):
+    """The whole generation's constraint: the reasoning free (up to its budget), then the answer's; tool-call
+    blocks checked wherever they open under "auto" with the hermes parser."""
+    tokens = ChatTokens.of(state.tokenizer)
+    calls = _auto_calls(state, tokens, tools) if choice == "auto" and tools else None
+    if starts_in_reasoning:
+        return reasoning_first(tokens, answer, calls, body.thinking_token_budget, room)
+    return answer or calls
+
+
+def _auto_calls(state: ServerState, tokens: ChatTokens, tools: list[dict]):
+    """Hermes blocks under "auto" are checked when the grammar library is there; without it they stay free text
+    (auto tool choice never needed it)."""
+    if state.settings.tool_call_parser != "hermes":
+        return None
+    try:
+        grammar = state.grammar()
+    except RuntimeError:
+        return None
+    return auto_tool_calls(grammar, tokens, tools)
+
+
 # ---------------------------------------------------------------------- reading the text back
 class ChoiceReader:
-    """Turns one sequence's growing text into reasoning, content and tool calls (whole or as deltas)."""
+    """Turns one sequence's growing text into reasoning, content and tool calls (whole or as deltas).
+
+    Forced tool calls (tool_choice "required" / named) are Hermes blocks after the reasoning: they are read with
+    the hermes parser from the content, of which nothing else is kept (the grammar leaves only the newlines
+    between blocks). Under "auto", calls are read from the reasoning and the content with the server's parser."""
 
     def __init__(self, state: ServerState, plan: _Plan):
         self.plan = plan
         parser_name = state.settings.reasoning_parser
         self.reasoning = get_reasoning_parser(parser_name)(plan.starts_in_reasoning)
         self.tool_parser_cls = None
-        if plan.tool_choice == "auto" and plan.tools and state.settings.tool_call_parser:
+        if plan.constrained_tools:
+            self.tool_parser_cls = HermesToolParser
+        elif plan.tool_choice == "auto" and plan.tools and state.settings.tool_call_parser:
             self.tool_parser_cls = get_tool_parser(state.settings.tool_call_parser)
+        self.calls_in_reasoning = self.tool_parser_cls is not None and not plan.constrained_tools
         self.counter = _Counter()
         if self.tool_parser_cls:
             self.tools_in_reasoning = self.tool_parser_cls(plan.tools, counter=self.counter)
             self.tools_in_content = self.tool_parser_cls(plan.tools, counter=self.counter)
         self.tokens_sent = 0
-        self.constrained_text = ""
         self.saw_tool_call = False
 
     def whole(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
-        if self.plan.constrained_tools:
-            return None, None, self._constrained_calls(text)
         reasoning, content = type(self.reasoning).extract(text, self.plan.starts_in_reasoning)
         calls: list[ToolCall] = []
         if self.tool_parser_cls:
-            if reasoning:
+            if reasoning and self.calls_in_reasoning:
                 reasoning, found = self.tool_parser_cls(self.plan.tools).extract(reasoning)
                 calls += found
             content, found = self.tool_parser_cls(self.plan.tools).extract(content)
             calls += found
+        if self.plan.constrained_tools:
+            self._require_calls(calls)
+            content = None
         return reasoning or None, content, calls
 
     def delta(self, new: str, final: bool) -> tuple[str, str, list[ToolCallDelta]]:
         """`new`: the text this output adds (`CompletionOutput.new_text`)."""
-        if self.plan.constrained_tools:
-            self.constrained_text += new
-            if not final:
-                return "", "", []
-            deltas = _deltas_from_calls(self._constrained_calls(self.constrained_text))
-            self.saw_tool_call |= bool(deltas)
-            return "", "", deltas
         r, c = self.reasoning.feed(new)
         if final:
             fr, fc = self.reasoning.flush()
             r, c = r + fr, c + fc
         deltas: list[ToolCallDelta] = []
         if self.tool_parser_cls:
-            r, d1 = self._through(self.tools_in_reasoning, r, final)
-            c, d2 = self._through(self.tools_in_content, c, final)
-            deltas = d1 + d2
+            if self.calls_in_reasoning:
+                r, deltas = self._through(self.tools_in_reasoning, r, final)
+            c, more = self._through(self.tools_in_content, c, final)
+            deltas += more
         self.saw_tool_call |= bool(deltas)
+        if self.plan.constrained_tools:
+            if final:
+                self._require_calls(self.saw_tool_call)
+            c = ""
         return r, c, deltas
 
-    def _constrained_calls(self, text: str) -> list[ToolCall]:
-        """Constrained tool choice: the output is a JSON array of calls (required) or one call (named)."""
-        try:
-            return tool_calls_from_json(text, self.plan.tool_choice)
-        except ValueError:
+    @staticmethod
+    def _require_calls(found) -> None:
+        if not found:
             raise APIError(500, "the constrained tool call output did not parse (was it cut off by max_tokens?)",
-                           code="tool_call_parse_error") from None
+                           code="tool_call_parse_error")
 
     @staticmethod
     def _through(parser, text: str, final: bool):
@@ -196,14 +231,6 @@ class _Counter:
 
     def __iter__(self):
         return self
-
-
-def _deltas_from_calls(calls: list[ToolCall]) -> list[ToolCallDelta]:
-    out = []
-    for i, call in enumerate(calls):
-        out.append(ToolCallDelta(index=i, id=call.id, name=call.name, arguments=""))
-        out.append(ToolCallDelta(index=i, arguments=call.arguments))
-    return out
 
 
 def _finish_reason(c: CompletionOutput, has_calls: bool) -> str | None:

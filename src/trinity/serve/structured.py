@@ -14,7 +14,9 @@ Choices:
   tokenizer. Added tokens (`<|im_end|>`, `<think>`, `<tool_call>`, ...) and the model's padding ids past the
   tokenizer's vocabulary get an empty encoding, which xgrammar treats as never-allowed special tokens; the
   tokenizer's EOS ids are the grammar's stop tokens (allowed only once the JSON value is complete).
-- Output is compact JSON (no optional whitespace, separators "," and ":") so constrained outputs stay short.
+- No optional whitespace: the JSON is written with fixed separators, compact ("," and ":") by default so
+  constrained outputs stay short. `separators=MODEL_SEPARATORS` (", " and ": ", `json.dumps`' default) gives the
+  form models are trained on: chat answers that follow a model's reasoning use it (`serve/chat_constraints.py`).
 - A sequence is finished as soon as its JSON value is complete and nothing but a stop token could follow (an
   object, array, string, ... at the top level); the engine then ends it with finish_reason "stop" without
   the model having to emit EOS. A value that could still go on (a top-level number) ends at EOS instead.
@@ -50,14 +52,14 @@ __all__ = [
 
 SCHEMA_PARAM = "response_format.json_schema.schema"
 
-# JSON mode: any JSON object, compact (no whitespace at all; xgrammar's built-in "any value" rules put a space
-# after commas). Strings take no raw control characters, as RFC 8259 requires.
-JSON_OBJECT_EBNF = r"""
+# JSON mode: any JSON object, written with the given separators and no other whitespace (xgrammar's built-in
+# "any value" rules allow any whitespace). Strings take no raw control characters, as RFC 8259 requires.
+_JSON_OBJECT_EBNF = r"""
 root ::= object
 value ::= object | array | string | number | "true" | "false" | "null"
-object ::= "{" "}" | "{" member ("," member)* "}"
-member ::= string ":" value
-array ::= "[" "]" | "[" value ("," value)* "]"
+object ::= "{" "}" | "{" member (COMMA member)* "}"
+member ::= string COLON value
+array ::= "[" "]" | "[" value (COMMA value)* "]"
 string ::= "\"" char* "\""
 char ::= [^"\\\0-\x1f] | "\\" escape
 escape ::= ["\\/bfnrt] | "u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9]
@@ -66,7 +68,19 @@ integer ::= "0" | [1-9] [0-9]*
 fraction ::= "." [0-9]+
 exponent ::= [eE] [+\-]? [0-9]+
 """
+
+
+def json_object_ebnf(separators: tuple[str, str]) -> str:
+    """The JSON-mode grammar with `separators` (item, key) as in `json.dumps`."""
+    comma, colon = (json.dumps(s) for s in separators)
+    return _JSON_OBJECT_EBNF.replace("COMMA", comma).replace("COLON", colon)
+
+
 _SEPARATORS = (",", ":")  # compact JSON
+# What `json.dumps` writes by default, so what chat templates render tool calls with and models learn to write:
+# a model's answer after its reasoning follows its training closest in this form.
+MODEL_SEPARATORS = (", ", ": ")
+JSON_OBJECT_EBNF = json_object_ebnf(_SEPARATORS)
 _CONTROL_BYTES = re.compile(rb"[\x00-\x1f]")
 
 
@@ -237,15 +251,18 @@ class GrammarBackend:
                 self._cache.popitem(last=False)
         return compiled
 
-    def compile_json_object(self) -> Any:
-        """The compiled grammar for any JSON object (JSON mode)."""
-        return self._cached("json_object", lambda: self._compiler.compile_grammar(JSON_OBJECT_EBNF))
+    def compile_json_object(self, separators: tuple[str, str] = _SEPARATORS) -> Any:
+        """The compiled grammar for any JSON object (JSON mode), written with `separators`."""
+        key = "json_object" if separators == _SEPARATORS else f"json_object:{json.dumps(separators)}"
+        return self._cached(key, lambda: self._compiler.compile_grammar(json_object_ebnf(separators)))
 
-    def compile_json_schema(self, schema: dict, param: str = SCHEMA_PARAM, *, best_effort: bool = False) -> Any:
+    def compile_json_schema(self, schema: dict, param: str = SCHEMA_PARAM, *, best_effort: bool = False,
+                            separators: tuple[str, str] = _SEPARATORS) -> Any:
         """The compiled grammar for a JSON Schema (cached); raises StructuredOutputError(param) if unusable.
 
         A schema using a keyword the grammar cannot enforce (e.g. "uniqueItems", "not") is refused, unless
-        `best_effort`: then the keyword is ignored (outputs follow the rest of the schema but may break it)."""
+        `best_effort`: then the keyword is ignored (outputs follow the rest of the schema but may break it).
+        `separators` (item, key): how the JSON is written (compact by default; no other whitespace)."""
         if not isinstance(schema, dict):
             raise StructuredOutputError(param, f"{param} must be a JSON object (a JSON Schema), "
                                                f"got {_json_type(schema)}")
@@ -261,22 +278,23 @@ class GrammarBackend:
 
         def compile_it():
             try:
-                return self._compiler.compile_json_schema(text, any_whitespace=False, separators=_SEPARATORS,
+                return self._compiler.compile_json_schema(text, any_whitespace=False, separators=separators,
                                                           strict_mode=True)
             except Exception as e:  # xgrammar raises RuntimeError with a C++ log prefix
                 raise StructuredOutputError(param, f"{param} is invalid or not supported for structured "
                                                    f"output: {_clean_error(e)}") from None
 
-        return self._cached("schema:" + text, compile_it)
+        key = "schema:" if separators == _SEPARATORS else f"schema{json.dumps(separators)}:"
+        return self._cached(key + text, compile_it)
 
     # ------------------------------------------------------------------ factories
-    def json_object(self) -> GrammarConstraintFactory:
-        return GrammarConstraintFactory(self, self.compile_json_object(), "json_object")
+    def json_object(self, separators: tuple[str, str] = _SEPARATORS) -> GrammarConstraintFactory:
+        return GrammarConstraintFactory(self, self.compile_json_object(separators), "json_object")
 
-    def json_schema(self, schema: dict, param: str = SCHEMA_PARAM, *, best_effort: bool = False) \
-            -> GrammarConstraintFactory:
-        return GrammarConstraintFactory(self, self.compile_json_schema(schema, param, best_effort=best_effort),
-                                        "json_schema")
+    def json_schema(self, schema: dict, param: str = SCHEMA_PARAM, *, best_effort: bool = False,
+                    separators: tuple[str, str] = _SEPARATORS) -> GrammarConstraintFactory:
+        compiled = self.compile_json_schema(schema, param, best_effort=best_effort, separators=separators)
+        return GrammarConstraintFactory(self, compiled, "json_schema")
 
 
 # Keywords xgrammar accepts but does not enforce: outputs could break them, so such schemas are refused.
@@ -344,13 +362,14 @@ def _json_type(value: Any) -> str:
 _RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
-def constraint_for_response_format(backend: GrammarBackend | None, response_format: dict | None) \
-        -> GrammarConstraintFactory | None:
+def constraint_for_response_format(backend: GrammarBackend | None, response_format: dict | None, *,
+                                   separators: tuple[str, str] = _SEPARATORS) -> GrammarConstraintFactory | None:
     """OpenAI's `response_format` -> a constraint factory, or None for plain text.
 
     {"type": "text"} / None -> None; {"type": "json_object"} -> any JSON object;
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": bool}} -> that schema.
     `backend` may be None only for text (otherwise a StructuredOutputError says structured output is off).
+    `separators`: how the JSON is written (compact by default).
     """
     if response_format is None:
         return None
@@ -371,7 +390,7 @@ def constraint_for_response_format(backend: GrammarBackend | None, response_form
         raise StructuredOutputError("response_format", f"response_format {kind!r} is not available: this server "
                                                        "has structured output disabled")
     if kind == "json_object":
-        return backend.json_object()
+        return backend.json_object(separators)
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict):
         what = "is missing" if spec is None else f"must be an object, got {_json_type(spec)}"
@@ -383,4 +402,4 @@ def constraint_for_response_format(backend: GrammarBackend | None, response_form
                                     "response_format.json_schema.name must be a string")
     if "schema" not in spec:
         raise StructuredOutputError(SCHEMA_PARAM, f"{SCHEMA_PARAM} is missing")
-    return backend.json_schema(spec["schema"], SCHEMA_PARAM)
+    return backend.json_schema(spec["schema"], SCHEMA_PARAM, separators=separators)

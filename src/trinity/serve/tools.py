@@ -692,6 +692,17 @@ def _call_schema(tool: dict) -> dict:
     }
 
 
+def call_object_schema(tools: list, name: str | None = None) -> dict:
+    """JSON schema of one call's object, ``{"name": NAME, "arguments": {...}}`` (the JSON inside a Hermes
+    ``<tool_call>`` block): the tool called ``name``, or any of ``tools`` (``anyOf`` one branch per tool, so
+    each name pairs with its own parameters)."""
+    chosen = [t for t in tools if name is None or t.get("function", t).get("name") == name]
+    if not chosen:
+        raise ValueError(f"no tool named {name!r}" if name is not None else "no tools to call")
+    branches = [_call_schema(t) for t in chosen]
+    return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
 def tool_calls_json_schema(tools: list, mode: str | tuple[str, str]) -> dict:
     """JSON schema for forced tool calls.
 
