@@ -27,7 +27,7 @@ from .. import switches
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("moe_cpu.c", "attention_cpu.c", "norm_cpu.c", "linear_cpu.c", "fp8_cpu.c")
+SOURCES = ("moe_cpu.c", "attention_cpu.c", "norm_cpu.c", "linear_cpu.c", "fp8_cpu.c", "int4_cpu.c")
 HEADERS = ("skinny_gemm.h", "skinny_gemm_body.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
@@ -116,6 +116,10 @@ def _load() -> ctypes.CDLL | None:
         "trinity_fp8_dequantize": ([p, p, i, i, p] + [i] * 5, None),
         "trinity_moe_experts_fp8": ([p, i, p, p, p, p, i, i, p, p, i, i, p] + [i] * 6, i),
         "trinity_moe_layer_fp8": ([p, i, p, p, i, i, f, i, p, p, p, i, i, p, p, i, i, p] + [i] * 5, i),
+        "trinity_linear_int4": ([p, i, p, p, p, p, i, i, p] + [i] * 4, i),
+        "trinity_int4_dequantize": ([p] * 4 + [i, i, p] + [i] * 5, None),
+        "trinity_moe_experts_int4": ([p, i, p, p] + [p] * 4 + [i] + [p] * 4 + [i, p] + [i] * 6, i),
+        "trinity_moe_layer_int4": ([p, i, p, p, i, i, f, i, p] + [p] * 4 + [i] + [p] * 4 + [i, p] + [i] * 5, i),
     }
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)
