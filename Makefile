@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py \
 		tests/test_kernels_embed.py tests/test_kernels_linear_norm.py tests/test_last_program.py tests/test_launch_count.py \
-		tests/test_decode_table.py tests/test_kernels_fp8_triton.py
+		tests/test_decode_table.py tests/test_kernels_fp8_triton.py tests/test_kernels_int4_triton.py
 
 # The inner loop: everything but the tests marked slow, server (a `trinity serve` subprocess) or gpu; stops at the
 # first failure. The markers are registered in tests/conftest.py.
@@ -76,8 +76,8 @@ device-compat:
 	TRINITY_COMPILE_CHECK=1 TRINITY_KERNEL_AOT=1 PYTHONPATH=src:tests $(DEVICE_VENV)/bin/python -m pytest -p no:cacheprovider \
 		tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_embed.py \
 		tests/test_kernels_linear_norm.py tests/test_last_program.py tests/test_pdl.py tests/test_kernels_fp8_triton.py \
-		-k "compile or barrier or wait"
+		tests/test_kernels_int4_triton.py -k "compile or barrier or wait"
 	TRITON_INTERPRET=1 PYTHONPATH=src:tests $(DEVICE_VENV)/bin/python -m pytest -p no:cacheprovider \
 		tests/test_kernels_attention.py tests/test_kernels_moe.py tests/test_kernels_norm.py tests/test_kernels_embed.py \
 		tests/test_kernels_linear_norm.py tests/test_last_program.py tests/test_launch_count.py tests/test_decode_table.py \
-		tests/test_kernels_fp8_triton.py
+		tests/test_kernels_fp8_triton.py tests/test_kernels_int4_triton.py

@@ -2,7 +2,8 @@
 # Every pending GPU check and timing of issue 5, in three parts that each fit one 10-minute device call.
 #
 #     bash benchmarks/gpu_session.sh 1      # correctness on the GPU, the epilogues, the launch count, the FP8
-#                                           # kernels (checked, then timed: benchmarks/fp8_gpu.py)
+#                                           # kernels (checked, then timed: benchmarks/fp8_gpu.py), the W4A16
+#                                           # ones (the same: benchmarks/w4a16_gpu.py)
 #     bash benchmarks/gpu_session.sh 2      # decode_gpu.py: Nano and Mini (the issue's table), HF at batch 1/16
 #     bash benchmarks/gpu_session.sh 3      # the tuners (MoE tiles and crossover, prefill tiles), the profile,
 #                                           # Mini's TTFT with and without prefix caching
@@ -23,6 +24,8 @@ part1=(
   "launch_count|$PY benchmarks/launch_count.py --device cuda"
   "fp8_tests|$PY -m pytest -q -p no:cacheprovider -m 'not slow' tests/test_kernels_fp8_triton.py"
   "fp8_bench|$PY benchmarks/fp8_gpu.py"
+  "w4a16_tests|$PY -m pytest -q -p no:cacheprovider -m 'not slow' tests/test_kernels_int4_triton.py"
+  "w4a16_bench|$PY benchmarks/w4a16_gpu.py"
 )
 part2=(
   "decode_nano|$PY benchmarks/decode_gpu.py --models nano"
