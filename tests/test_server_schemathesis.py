@@ -1,9 +1,11 @@
 """Property-based fuzzing of `trinity serve` with schemathesis, from the server's own /openapi.json.
 
 Every API operation gets generated requests, both valid ones (positive) and ones that break the schema
-(negative); none may get a 5xx. Generation is derandomized so a run is reproducible. Generated bodies may ask
-for long generations, so max_tokens is capped (only where the generated value was already a valid one, so
-negative cases stay negative); the shared server's short context bounds everything else.
+(negative); none may get a 5xx, and every status and error body must be one /openapi.json documents
+(schemathesis's status-code and response-schema conformance checks). Generation is derandomized so a run is
+reproducible. Generated bodies may ask for long generations, so max_tokens is capped (only where the generated
+value was already a valid one, so negative cases stay negative); the shared server's short context bounds
+everything else.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
 from server_helpers import AUTH
 
@@ -22,6 +24,9 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 OPERATIONS = [
     ("POST", "/v1/chat/completions", 45),
     ("POST", "/v1/completions", 50),
+    ("POST", "/v1/responses", 30),
+    ("POST", "/v1/messages", 30),
+    ("GET", "/v1/responses/{response_id}", 10),
     ("POST", "/tokenize", 40),
     ("POST", "/detokenize", 30),
     ("GET", "/v1/models", 3),
@@ -50,7 +55,7 @@ def cap_generation(case) -> None:
     body = case.body
     if not isinstance(body, dict):
         return
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if _is_count(body.get(key)) and body[key] > MAX_TOKENS_CAP:
             body[key] = MAX_TOKENS_CAP
         elif key in body and body[key] is None:  # null: the rest of the context
@@ -58,6 +63,8 @@ def cap_generation(case) -> None:
     if case.path in ("/v1/chat/completions", "/v1/completions") and \
             "max_tokens" not in body and "max_completion_tokens" not in body:
         body["max_tokens"] = MAX_TOKENS_CAP
+    if case.path == "/v1/responses" and "max_output_tokens" not in body:
+        body["max_output_tokens"] = MAX_TOKENS_CAP
 
 
 VOCAB = 512  # the tiny preset's model vocabulary
@@ -124,7 +131,7 @@ REPAIRED = "repaired"  # positive cases after `repair`
 
 
 def _modes(method: str) -> list:
-    # a GET without parameters has nothing to negate or repair
+    # a GET has no body to negate or repair
     if method == "GET":
         return [GenerationMode.POSITIVE]
     return [GenerationMode.POSITIVE, GenerationMode.NEGATIVE, REPAIRED]
@@ -155,7 +162,8 @@ def test_no_server_errors(schema, default_server, method, path, examples, mode):
         SENT[key] += 1
         STATUSES[response.status_code] = STATUSES.get(response.status_code, 0) + 1
         assert response.status_code < 500, (response.status_code, response.text[:2000], case.body)
-        case.validate_response(response, checks=[not_a_server_error], headers=AUTH)
+        case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
+                                                  response_schema_conformance], headers=AUTH)
 
     run()
     assert SENT[key] >= 1

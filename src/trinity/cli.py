@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "`priority` other than 0 is refused (400); priority: lower `priority` values go first")
     srv.add_argument("--max-completion-prompts", type=_positive_int, default=1024,
                      help="most prompts one /v1/completions request may list (400 above it)")
+    srv.add_argument("--max-grammar-compile-seconds", type=float, default=5.0,
+                     help="how long a request's JSON Schema (response_format, or the tools under tool_choice) may take "
+                          "to compile into a grammar; longer: 400 schema_too_complex")
     srv.add_argument("--log-level", default="info")
 
     train = sub.add_parser("train", help="train or fine-tune (Muon, SMEBU, RSDB); torchrun for data parallel",
@@ -110,7 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--max-shard-size", default="5GB")
     init.add_argument("--expert-layout", default="per_expert", choices=["per_expert", "stacked"])
+
+    quant = sub.add_parser("quantize", help="write a compressed-tensors FP8 or W4A16 (RTN, AWQ, GPTQ) checkpoint, "
+                                            "one decoder layer at a time")
+    _add_quantize_args(quant)
     return parser
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="float checkpoint folder, or trinity-tiny (the built-in model)")
+    p.add_argument("--scheme", required=True, choices=["fp8-block", "fp8-channel", "w4a16"])
+    p.add_argument("--method", default="rtn", choices=["rtn", "awq", "gptq"], help="w4a16 only (default rtn)")
+    p.add_argument("--group-size", type=_positive_int, default=128, help="w4a16: input columns per scale")
+    p.add_argument("--calibration", default=None, help="jsonl of chat conversations (messages, with assistant "
+                                                       "reasoning_content); default: synthetic conversations")
+    p.add_argument("--num-samples", type=_positive_int, default=128, help="calibration conversations")
+    p.add_argument("--max-tokens", type=_positive_int, default=512, help="tokens per calibration conversation")
+    p.add_argument("--min-expert-tokens", type=int, default=32,
+                   help="a MoE expert routed fewer calibration tokens is quantized by RTN")
+    p.add_argument("--ignore", action="append", default=[],
+                   help="another module name (or re:pattern) to leave in float; repeatable")
+    p.add_argument("--max-memory", default=None,
+                   help="fail when the peak resident memory grows by more than this (e.g. 200MB)")
+    p.add_argument("--out", required=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             switches.get()  # a bad TRINITY_* value: one clear line now, not an error inside the first step
         if args.command == "init":
             return _cmd_init(args)
+        if args.command == "quantize":
+            return _cmd_quantize(args)
         if args.command == "bench":
             return _cmd_bench(args)
         if args.command == "plan":
@@ -300,7 +327,8 @@ def _cmd_serve(args) -> int:
         enable_auto_tool_choice=args.enable_auto_tool_choice, chat_template=template,
         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
         shutdown_timeout=args.shutdown_timeout, responses_store_size=args.responses_store_size,
-        scheduling_policy=args.scheduling_policy, max_completion_prompts=args.max_completion_prompts)
+        scheduling_policy=args.scheduling_policy, max_completion_prompts=args.max_completion_prompts,
+        max_grammar_compile_seconds=args.max_grammar_compile_seconds)
     engine_config = EngineConfig.from_cli_args(args)
     model = args.model or args.model_flag
     from .parallel.launch import torchrun_rank
@@ -360,6 +388,19 @@ def _cmd_init(args) -> int:
                             expert_layout=args.expert_layout)
     build_byte_level_tokenizer().save_pretrained(args.out)
     print(args.out)
+    return 0
+
+
+
+def _cmd_quantize(args) -> int:
+    from .model.checkpoint import parse_size
+    from .quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    opts = QuantizeOptions(scheme=args.scheme, method=args.method, group_size=args.group_size,
+                           calibration=args.calibration, num_samples=args.num_samples, max_tokens=args.max_tokens,
+                           min_expert_tokens=args.min_expert_tokens, ignore=args.ignore,
+                           max_memory=parse_size(args.max_memory) if args.max_memory else None)
+    print(json.dumps(quantize_checkpoint(args.model, args.out, opts)))
     return 0
 
 

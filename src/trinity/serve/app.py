@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from .chat import create_chat_completion
 from .completions import create_completion
 from .dashboard.routes import dashboard_router
-from .errors import APIError, install_error_handlers, lone_surrogate_error
+from .errors import APIError, document_errors, install_error_handlers, lone_surrogate_error
 from .messages import create_message
 from .messages_protocol import MessagesRequest
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -161,4 +161,13 @@ def build_app(state: ServerState) -> FastAPI:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(dashboard_router(state))  # /dashboard and its event stream; own key check
+
+    generated = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # built once, then served from FastAPI's cache
+            app.openapi_schema = document_errors(generated())
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,15 +12,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..chat_template import ChatTemplateError
 from ..engine.request import CompletionOutput, RequestOutput
-from .chat_constraints import ChatTokens, auto_tool_calls, json_answer, reasoning_first, tool_call_answer
-from .errors import APIError
+from .chat_constraints import ChatTokens, auto_tool_calls_async, json_answer_async, reasoning_first, \
+    tool_call_answer_async
+from .errors import APIError, structured_output_error
 from .formatting import chat_logprobs, sse_stream, usage
 from .protocol import ChatCompletionRequest
 from .reasoning import get_reasoning_parser
 from .state import ServerState
 from .structured import StructuredOutputError
-from .tools import HermesToolParser, ToolCall, ToolCallDelta, ToolSchemaError, get_tool_parser, parse_tool_choice, \
-    validate_tools
+from .tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, HermesToolParser, ToolCall, ToolCallDelta, ToolSchemaError, \
+    get_tool_parser, parse_tool_choice, validate_tools
+
+log = logging.getLogger("trinity.serve")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class _Plan:
     starts_in_reasoning: bool
     top_logprobs: int
     include_usage: bool
+    # the request field whose stops could cut a forced tool call short ("stop" / "stop_token_ids"), if any
+    client_stop: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -50,7 +56,7 @@ class ChatRun:
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, raw: Request):
-    run = prepare_chat(state, body)
+    run = await prepare_chat(state, body)
     if body.stream:
         events = _stream_events(state, run.plan, state.run(run.engine, run.prepared), body.n)
         return StreamingResponse(sse_stream(events), media_type="text/event-stream")
@@ -58,8 +64,9 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     return JSONResponse(_response(state, run.plan, out))
 
 
-def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun:
-    """Validate, template and admit one chat request (shared with the other chat-shaped routes)."""
+async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun:
+    """Validate, template and admit one chat request (shared with the other chat-shaped routes). Grammars compile
+    and the prompt is tokenized in worker threads, so a large schema or prompt does not stall the event loop."""
     engine = state.admit(body.model)
     settings = state.settings
     tools = body.tools or None
@@ -72,19 +79,20 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun:
     if choice == "auto" and tools and not (settings.enable_auto_tool_choice and settings.tool_call_parser):
         raise APIError(400, '"auto" tool choice needs the server started with --enable-auto-tool-choice and '
                             "--tool-call-parser", param="tool_choice")
-    answer = _answer_constraint(state, body, choice, tools)
-    prompt = _render(state, body, tools if choice != "none" else None, constrained=answer is not None)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    prompt_ids = state.tokenizer.encode(prompt)
+    answer = await _answer_constraint(state, body, choice, tools)
+    prompt = _render(state, body, tools if choice != "none" else None, constrained=answer is not None)
+    prompt_ids = await state.encode(prompt, "messages")
     starts_in_reasoning = settings.reasoning_parser != "none" and prompt.endswith("<think>\n")
     max_tokens = body.max_completion_tokens or body.max_tokens
     room = max_tokens if max_tokens is not None else max(0, state.max_model_len - len(prompt_ids))
-    constraint = _decoding_constraint(state, body, choice, tools, answer, starts_in_reasoning, room)
+    constraint = await _decoding_constraint(state, body, choice, tools, answer, starts_in_reasoning, room)
     params = state.sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                    constraint)
     plan = _Plan(state.new_id("chatcmpl"), settings.served_model_name, choice, tools, starts_in_reasoning,
-                 body.top_logprobs or 0, bool(body.stream_options and body.stream_options.include_usage))
+                 body.top_logprobs or 0, bool(body.stream_options and body.stream_options.include_usage),
+                 "stop" if body.stop else "stop_token_ids" if body.stop_token_ids else None)
     prepared = state.prepare(engine, plan.request_id, prompt_ids, params, body.priority, "messages",
                              body.cache_salt)
     return ChatRun(engine, plan, prepared)
@@ -110,49 +118,62 @@ def _render(state: ServerState, body: ChatCompletionRequest, tools: list[dict] |
         raise APIError(400, str(e), param="messages") from None
 
 
-def _answer_constraint(state: ServerState, body: ChatCompletionRequest, choice, tools):
+async def _answer_constraint(state: ServerState, body: ChatCompletionRequest, choice, tools):
     """The constraint a required answer is under (forced tool calls, or response_format's JSON), or None."""
     try:
         if choice == "required" or isinstance(choice, tuple):
-            return tool_call_answer(state.grammar(), ChatTokens.of(state.tokenizer), tools, choice,
-                                    body.parallel_tool_calls)
+            return await tool_call_answer_async(await state.grammar_async(), ChatTokens.of(state.tokenizer), tools,
+                                                choice, body.parallel_tool_calls)
         if body.response_format:
-            return json_answer(state.grammar(), body.response_format)
+            return await json_answer_async(await state.grammar_async(), body.response_format)
     except StructuredOutputError as e:
-        raise APIError(400, str(e), param=e.param) from None
+        raise structured_output_error(e) from None
     return None
 
 
-def _decoding_constraint(state: ServerState, body: ChatCompletionRequest, choice, tools, answer,
+async def _decoding_constraint(state: ServerState, body: ChatCompletionRequest, choice, tools, answer,
                          starts_in_reasoning: bool, room: int):
     """The whole generation's constraint: the reasoning free (up to its budget), then the answer's; tool-call
     blocks checked wherever they open under "auto" with the hermes parser."""
     tokens = ChatTokens.of(state.tokenizer)
-    calls = _auto_calls(state, tokens, tools) if choice == "auto" and tools else None
+    calls = await _auto_calls(state, tokens, tools) if choice == "auto" and tools else None
     if starts_in_reasoning:
         return reasoning_first(tokens, answer, calls, body.thinking_token_budget, room)
     return answer or calls
 
 
-def _auto_calls(state: ServerState, tokens: ChatTokens, tools: list[dict]):
-    """Hermes blocks under "auto" are checked when the grammar library is there; without it they stay free text
-    (auto tool choice never needed it)."""
+async def _auto_calls(state: ServerState, tokens: ChatTokens, tools: list[dict]):
+    """Hermes blocks under "auto" are checked when the grammar library is there and the tools compile (within the
+    schema limits and time limit); otherwise they stay free text (auto tool choice never needed the grammar)."""
     if state.settings.tool_call_parser != "hermes":
         return None
     try:
-        grammar = state.grammar()
+        return await auto_tool_calls_async(await state.grammar_async(), tokens, tools)
     except RuntimeError:
         return None
-    return auto_tool_calls(grammar, tokens, tools)
+    except StructuredOutputError as e:
+        log.warning("tool_choice auto: tool calls are not constrained for this request: %s", e.message)
+        return None
 
 
 # ---------------------------------------------------------------------- reading the text back
+_UNKNOWN = object()  # a ChoiceReader caller that does not pass the output's stop_reason
+
+
 class ChoiceReader:
     """Turns one sequence's growing text into reasoning, content and tool calls (whole or as deltas).
 
     Forced tool calls (tool_choice "required" / named) are Hermes blocks after the reasoning: they are read with
     the hermes parser from the content, of which nothing else is kept (the grammar leaves only the newlines
-    between blocks). Under "auto", calls are read from the reasoning and the content with the server's parser."""
+    between blocks). Under "auto", calls are read from the reasoning and the content with the server's parser.
+
+    A forced call that does not parse is never a server error. The grammar holds the stop tokens back until the
+    calls are complete, so an output that ends before that (still in the reasoning, or inside a `<tool_call>`
+    block) was cut short by the request's own limits: its stop strings / stop tokens (as max_tokens running out,
+    which the routes check first): a 400 naming the field when known. Blocks that are complete but do not parse
+    (the grammar should not allow it) come back as content with no tool calls, logged as a warning.
+    `stop_reason` (the output's, where the caller has it) says whether a stop cut the output; without it, any
+    stop the request set is taken as the cause."""
 
     def __init__(self, state: ServerState, plan: _Plan):
         self.plan = plan
@@ -170,9 +191,11 @@ class ChoiceReader:
             self.tools_in_content = self.tool_parser_cls(plan.tools, counter=self.counter)
         self.tokens_sent = 0
         self.saw_tool_call = False
+        self._held = []  # forced calls: the content held back, returned if no call parses
 
-    def whole(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
+    def whole(self, text: str, stop_reason=_UNKNOWN) -> tuple[str | None, str | None, list[ToolCall]]:
         reasoning, content = type(self.reasoning).extract(text, self.plan.starts_in_reasoning)
+        raw_content = content
         calls: list[ToolCall] = []
         if self.tool_parser_cls:
             if reasoning and self.calls_in_reasoning:
@@ -181,16 +204,21 @@ class ChoiceReader:
             content, found = self.tool_parser_cls(self.plan.tools).extract(content)
             calls += found
         if self.plan.constrained_tools:
-            self._require_calls(calls)
-            content = None
+            if calls:
+                content = None
+            else:
+                self._unparsed(stop_reason, raw_content)
+                content = raw_content
         return reasoning or None, content, calls
 
-    def delta(self, new: str, final: bool) -> tuple[str, str, list[ToolCallDelta]]:
+    def delta(self, new: str, final: bool, stop_reason=_UNKNOWN) -> tuple[str, str, list[ToolCallDelta]]:
         """`new`: the text this output adds (`CompletionOutput.new_text`)."""
         r, c = self.reasoning.feed(new)
         if final:
             fr, fc = self.reasoning.flush()
             r, c = r + fr, c + fc
+        if self.plan.constrained_tools:
+            self._held.append(c)
         deltas: list[ToolCallDelta] = []
         if self.tool_parser_cls:
             if self.calls_in_reasoning:
@@ -199,16 +227,27 @@ class ChoiceReader:
             deltas += more
         self.saw_tool_call |= bool(deltas)
         if self.plan.constrained_tools:
-            if final:
-                self._require_calls(self.saw_tool_call)
             c = ""
+            if final and not self.saw_tool_call:
+                c = "".join(self._held)
+                self._unparsed(stop_reason, c)
         return r, c, deltas
 
-    @staticmethod
-    def _require_calls(found) -> None:
-        if not found:
-            raise APIError(500, "the constrained tool call output did not parse (was it cut off by max_tokens?)",
-                           code="tool_call_parse_error")
+    def _unparsed(self, stop_reason, content: str | None) -> None:
+        """A forced tool call that did not parse: 400 when the output was cut short (see the class doc)."""
+        cause = self.plan.client_stop if stop_reason is _UNKNOWN else \
+            "stop" if isinstance(stop_reason, str) else "stop_token_ids" if stop_reason is not None else None
+        content = content or ""
+        cut = not content.strip() or content.rfind(TOOL_CALL_OPEN) > content.rfind(TOOL_CALL_CLOSE)
+        if cause is not None:
+            what = "stop string" if cause == "stop" else "stop token"
+            raise APIError(400, f"a {what} of the request ({cause}) ended the output before the forced tool call "
+                                f"was complete; leave {cause} out with tool_choice \"required\" or a named tool",
+                           param=cause, code="tool_call_incomplete")
+        if cut:
+            raise APIError(400, "the output ended before the forced tool call was complete (cut short by the "
+                                "request's limits: max_tokens, min_tokens, stop)", code="tool_call_incomplete")
+        log.warning("a forced tool call did not parse; its text is returned as content")
 
     @staticmethod
     def _through(parser, text: str, final: bool):
@@ -251,7 +290,7 @@ def _response(state: ServerState, plan: _Plan, out: RequestOutput) -> dict:
         if c.finish_reason == "length" and plan.constrained_tools:
             raise APIError(400, "max_tokens ran out before the tool call was complete; raise max_tokens",
                            param="max_tokens")
-        reasoning, content, calls = ChoiceReader(state, plan).whole(c.text)
+        reasoning, content, calls = ChoiceReader(state, plan).whole(c.text, c.stop_reason)
         # with tool calls, whitespace left between the call blocks is no content
         message = {"role": "assistant", "content": None if calls and not (content or "").strip() else content}
         if reasoning is not None:
@@ -287,7 +326,7 @@ async def _stream_events(state: ServerState, plan: _Plan, outputs: AsyncIterator
             if final and c.finish_reason == "length" and plan.constrained_tools:
                 raise APIError(400, "max_tokens ran out before the tool call was complete; raise max_tokens",
                                param="max_tokens")
-            r, text, deltas = reader.delta(c.new_text, final)
+            r, text, deltas = reader.delta(c.new_text, final, c.stop_reason)
             delta: dict = {}
             if r:
                 delta["reasoning_content"] = delta["reasoning"] = r

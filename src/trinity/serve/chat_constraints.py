@@ -29,7 +29,13 @@ from functools import partial
 
 from ..engine.constraints import Chain, ForcedTokens, ReasoningGate, Repeat, Triggered
 from .reasoning import THINK_CLOSE
-from .structured import MODEL_SEPARATORS, GrammarBackend, GrammarConstraintFactory, constraint_for_response_format
+from .structured import (
+    MODEL_SEPARATORS,
+    GrammarBackend,
+    GrammarConstraintFactory,
+    constraint_for_response_format,
+    constraint_for_response_format_async,
+)
 from .tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, call_object_schema
 
 Factory = Callable[[], object]
@@ -77,22 +83,53 @@ def json_answer(grammar: GrammarBackend, response_format: dict | None) -> Gramma
     return constraint_for_response_format(grammar, response_format, separators=MODEL_SEPARATORS)
 
 
+async def json_answer_async(grammar: GrammarBackend, response_format: dict | None) -> GrammarConstraintFactory | None:
+    """`json_answer` for the event loop: compiled in a worker, within the backend's time limit."""
+    return await constraint_for_response_format_async(grammar, response_format, separators=MODEL_SEPARATORS)
+
+
+# a tool schema keyword the grammar cannot enforce is ignored rather than refused
+_CALL_SCHEMA = dict(param="tools", best_effort=True, separators=MODEL_SEPARATORS)
+
+
 def _call_json(grammar: GrammarBackend, tools: list[dict], name: str | None) -> GrammarConstraintFactory:
-    # a tool schema keyword the grammar cannot enforce is ignored rather than refused
-    return grammar.json_schema(call_object_schema(tools, name), param="tools", best_effort=True,
-                               separators=MODEL_SEPARATORS)
+    return grammar.json_schema(call_object_schema(tools, name), **_CALL_SCHEMA)
+
+
+async def _call_json_async(grammar: GrammarBackend, tools: list[dict], name: str | None) -> GrammarConstraintFactory:
+    return await grammar.json_schema_async(call_object_schema(tools, name), **_CALL_SCHEMA)
+
+
+def _call_blocks(call: Factory, tokens: ChatTokens, name: str | None, parallel: bool) -> Factory:
+    block = partial(Chain, (partial(ForcedTokens, tokens.call_open + tokens.newline), call,
+                            partial(ForcedTokens, tokens.newline + tokens.call_close)))
+    if name is not None or not parallel:
+        return block
+    return partial(Repeat, block, tokens.newline, tokens.stop)
+
+
+def _choice_name(choice: str | tuple) -> str | None:
+    return choice[1] if isinstance(choice, tuple) else None
 
 
 def tool_call_answer(grammar: GrammarBackend, tokens: ChatTokens, tools: list[dict], choice: str | tuple,
                      parallel: bool) -> Factory:
     """tool_choice "required" / ("named", NAME) -> Hermes call blocks (see the module doc)."""
-    name = choice[1] if isinstance(choice, tuple) else None
-    block = partial(Chain, (partial(ForcedTokens, tokens.call_open + tokens.newline),
-                            _call_json(grammar, tools, name),
-                            partial(ForcedTokens, tokens.newline + tokens.call_close)))
-    if name is not None or not parallel:
-        return block
-    return partial(Repeat, block, tokens.newline, tokens.stop)
+    name = _choice_name(choice)
+    return _call_blocks(_call_json(grammar, tools, name), tokens, name, parallel)
+
+
+async def tool_call_answer_async(grammar: GrammarBackend, tokens: ChatTokens, tools: list[dict],
+                                 choice: str | tuple, parallel: bool) -> Factory:
+    """`tool_call_answer` for the event loop: compiled in a worker, within the backend's time limit."""
+    name = _choice_name(choice)
+    return _call_blocks(await _call_json_async(grammar, tools, name), tokens, name, parallel)
+
+
+def _triggered_calls(call: Factory, tokens: ChatTokens) -> Factory:
+    inside = partial(Chain, (partial(ForcedTokens, tokens.newline), call,
+                             partial(ForcedTokens, tokens.newline + tokens.call_close)))
+    return partial(Triggered, tokens.call_open, inside)
 
 
 def auto_tool_calls(grammar: GrammarBackend, tokens: ChatTokens, tools: list[dict]) -> Factory | None:
@@ -100,9 +137,14 @@ def auto_tool_calls(grammar: GrammarBackend, tokens: ChatTokens, tools: list[dic
     not one token: there is then nothing to trigger on)."""
     if len(tokens.call_open) != 1:
         return None
-    inside = partial(Chain, (partial(ForcedTokens, tokens.newline), _call_json(grammar, tools, None),
-                             partial(ForcedTokens, tokens.newline + tokens.call_close)))
-    return partial(Triggered, tokens.call_open, inside)
+    return _triggered_calls(_call_json(grammar, tools, None), tokens)
+
+
+async def auto_tool_calls_async(grammar: GrammarBackend, tokens: ChatTokens, tools: list[dict]) -> Factory | None:
+    """`auto_tool_calls` for the event loop: compiled in a worker, within the backend's time limit."""
+    if len(tokens.call_open) != 1:
+        return None
+    return _triggered_calls(await _call_json_async(grammar, tools, None), tokens)
 
 
 def reasoning_first(tokens: ChatTokens, answer: Factory | None, auto_calls: Factory | None, budget: int | None,

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.request import CompletionOutput, RequestOutput
 from ..engine.sampling_params import SamplingError, SamplingParams
-from .errors import APIError
+from .errors import APIError, structured_output_error
 from .formatting import completion_logprobs, join_logprobs, next_offset, prompt_logprobs, sse_stream, usage
 from .protocol import CompletionRequest
 from .state import ServerState
@@ -66,12 +66,13 @@ async def create_completion(state: ServerState, body: CompletionRequest, raw: Re
     _check_prompt_count(state, body.prompt)
     constraint = None
     if body.response_format:
-        from .structured import StructuredOutputError, constraint_for_response_format
+        from .structured import StructuredOutputError, constraint_for_response_format_async
 
-        try:
-            constraint = constraint_for_response_format(state.grammar(), body.response_format)
+        try:  # compiled in a worker thread, within --max-grammar-compile-seconds
+            grammar = await state.grammar_async()
+            constraint = await constraint_for_response_format_async(grammar, body.response_format)
         except StructuredOutputError as e:
-            raise APIError(400, str(e), param=e.param) from None
+            raise structured_output_error(e) from None
     params = _params(state, body, constraint)
     base_id = state.new_id("cmpl")
     prompts = await _prompts(state, body.prompt)

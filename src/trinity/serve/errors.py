@@ -57,6 +57,62 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+# ---------------------------------------------------------------------- /openapi.json
+_NULLABLE_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+ERROR_SCHEMAS = {
+    "Error": {"type": "object", "title": "Error", "required": ["error"], "description": "OpenAI's error shape",
+              "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],
+                                       "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                                      "param": _NULLABLE_STRING, "code": _NULLABLE_STRING}}}},
+    "AnthropicError": {"type": "object", "title": "AnthropicError", "required": ["type", "error"],
+                       "description": "Anthropic's error shape (the /v1/messages routes)",
+                       "properties": {"type": {"type": "string", "enum": ["error"]},
+                                      "error": {"type": "object", "required": ["type", "message"],
+                                                "properties": {"type": {"type": "string"},
+                                                               "message": {"type": "string"}}}}},
+}
+_STATUS_TEXT = {400: "Invalid request (a bad field, invalid JSON, a schema the server refuses)",
+                401: "Missing or invalid API key (when the server has one)",
+                404: "Unknown model or stored response", 413: "The request body is over --max-request-bytes",
+                500: "Internal error", 503: "Loading, shutting down, the queue is full, or busy compiling a grammar"}
+
+
+def _error_statuses(path: str, method: str, has_body: bool) -> tuple[int, ...]:
+    """The error statuses an operation answers (besides 500, which any can)."""
+    if path == "/health":
+        return (503,)
+    if path == "/metrics":
+        return ()
+    if not has_body:  # GET /v1/models, GET / DELETE /v1/responses/{id}
+        return (401, 404) if "{" in path else (401,)
+    return (400, 401, 404, 413, 503)
+
+
+def document_errors(schema: dict) -> dict:
+    """Make /openapi.json say what the server answers: FastAPI documents a 422 (HTTPValidationError) that never
+    comes (validation errors are 400s in OpenAI's shape), and none of the errors that do."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components.update(ERROR_SCHEMAS)
+    for path, operations in schema.get("paths", {}).items():
+        ref = {"$ref": "#/components/schemas/" + ("AnthropicError" if anthropic_path(path) else "Error")}
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for status in (*_error_statuses(path, method, "requestBody" in operation), 500):
+                responses[str(status)] = {"description": _STATUS_TEXT[status],
+                                          "content": {"application/json": {"schema": ref}}}
+    return schema
+
+
+def structured_output_error(e) -> APIError:
+    """A `structured.StructuredOutputError` as the API's error: its status (400, or 503 when the grammar compile
+    workers were busy, with Retry-After), param and code."""
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return APIError(e.status, e.message, param=e.param, code=e.code, headers=headers)
+
+
 def _param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else [str(p) for p in loc]
     # pydantic names union branches in the location ("str", "list[TextPart]", ...): drop them

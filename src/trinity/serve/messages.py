@@ -25,7 +25,7 @@ from .tools import ToolCall, ToolCallDelta
 
 
 async def create_message(state: ServerState, body: MessagesRequest, raw: Request):
-    run = prepare_chat(state, to_chat_request(body))
+    run = await prepare_chat(state, to_chat_request(body))
     if body.stream:
         events = _stream_events(state, run, state.run(run.engine, run.prepared))
         return StreamingResponse(_sse_stream(events), media_type="text/event-stream")

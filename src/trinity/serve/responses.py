@@ -70,7 +70,7 @@ async def create_response(state: ServerState, store: ResponseStore, body: Respon
         previous = _stored(store, body.previous_response_id, raw, "previous_response_id")
         conversation = previous.history + conversation
     try:
-        run = prepare_chat(state, chat_request(body, conversation))
+        run = await prepare_chat(state, chat_request(body, conversation))
     except APIError as e:
         raise _renamed(e) from None
     envelope = _Envelope(body, state.settings.served_model_name)

@@ -35,6 +35,12 @@ class ServerSettings:
     # first); "priority": the scheduler orders by it (lower first), then fairly between requests, then by arrival
     scheduling_policy: str = "fcfs"
     max_completion_prompts: int = 1024  # prompts one /v1/completions request may list (vLLM's default)
+    # how long a request waits for its JSON Schema / tools grammar to compile (then 400: the schema is too complex)
+    max_grammar_compile_seconds: float = 5.0
+
+    def __post_init__(self):
+        if not self.max_grammar_compile_seconds > 0:
+            raise ValueError(f"--max-grammar-compile-seconds must be positive, got {self.max_grammar_compile_seconds}")
 
 
 class ServerState:
@@ -57,6 +63,7 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.created = int(time.time())
         self._grammar = None
+        self._grammar_build: asyncio.Future | None = None
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ lifecycle
@@ -74,7 +81,23 @@ class ServerState:
         if self._grammar is None:
             from .structured import GrammarBackend
 
-            self._grammar = GrammarBackend(self.tokenizer, self.vocab_size)
+            self._grammar = GrammarBackend(self.tokenizer, self.vocab_size,
+                                           compile_seconds=self.settings.max_grammar_compile_seconds)
+        return self._grammar
+
+    async def grammar_async(self):
+        """`grammar()` for the event loop: the first build (importing xgrammar, indexing the vocabulary: about a
+        second) runs in a worker thread, once however many requests wait for it."""
+        if self._grammar is None:
+            if self._grammar_build is None:
+                self._grammar_build = asyncio.ensure_future(asyncio.to_thread(self.grammar))
+            build = self._grammar_build
+            try:
+                await asyncio.shield(build)
+            except RuntimeError:  # e.g. no xgrammar: the next request tries (and says so) again
+                if self._grammar_build is build:
+                    self._grammar_build = None
+                raise
         return self._grammar
 
     def new_id(self, prefix: str) -> str:
