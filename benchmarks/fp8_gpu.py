@@ -11,8 +11,8 @@
   experts, `fused_moe_fp8` on the fp8 ones (with its error against `Fp8Experts.forward`), and that module's
   reference loop (eager: it syncs with the host, so the time includes its launch gaps).
 
-Kernels are captured in a CUDA graph as back-to-back calls over enough copies of the weights to overflow the L2 cache
-(a decode step reads them cold); the time is per call, the median of several replays. Prints a table, then one JSON
+Timing and shapes: `quant_gpu_timing.py` (CUDA-graph replays over copies of the weights that overflow the L2
+cache, as a decode step reads them cold; the time per call is the median of several replays). Prints a table, then one JSON
 object last. The tile configs (`fp8_triton.gemm_config`, the MoE table) are first guesses from the sm_90 compile:
 these numbers are what tuning starts from.
 """
@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
@@ -35,6 +33,8 @@ if args.smoke:  # before triton is imported
     os.environ["TRINITY_KERNELS"] = "triton"
 
 import torch  # noqa: E402
+
+from quant_gpu_timing import Shapes, Timer, max_rel  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
@@ -48,73 +48,11 @@ from trinity.quant.scheme import QuantConfig, WeightScheme  # noqa: E402
 DEVICE = torch.device("cpu" if args.smoke else "cuda")
 DTYPE = torch.bfloat16
 BLOCK = (128, 128)
-COLD_BYTES = 256 << 20  # weights cycled per graph: more than an H100's 50 MB L2
-# Mini: hidden 2048, 32 heads x 128, dense intermediate 6144
-PROJECTIONS = {"q_proj": (4096, 2048), "o_proj": (2048, 4096), "dense gate_up": (12288, 2048),
-               "dense down": (2048, 6144)}
-ROWS = (1, 8, 256, 2048)
-EXPERTS = {"nano": (1024, 256), "mini": (2048, 1024)}  # (hidden, moe intermediate)
-TOKENS = (1, 8, 64, 512)
-NUM_EXPERTS, TOP_K = 128, 8
-if args.smoke:
-    PROJECTIONS = {"smoke": (192, 320)}
-    ROWS = (1, 130)
-    EXPERTS = {"smoke": (256, 192)}
-    TOKENS = (1, 20)
-    NUM_EXPERTS, TOP_K = 8, 2
-
-
-def copies_for(nbytes: int) -> int:
-    return 1 if args.smoke else max(2, -(-COLD_BYTES // max(nbytes, 1)))
-
-
-def per_call_us(calls: list) -> float:
-    """Median microseconds per call of `calls` (closures, cycled) captured back to back in one CUDA graph."""
-    if DEVICE.type != "cuda":  # the interpreter: run once, the time means nothing
-        start = time.perf_counter()
-        calls[0]()
-        return (time.perf_counter() - start) * 1e6
-    n = max(args.calls, len(calls))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile outside the capture
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n):
-            calls[i % len(calls)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n)
-    del graph
-    return statistics.median(times)
-
-
-def eager_us(fn, reps: int = 5) -> float:
-    fn()
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(1 if args.smoke else reps):
-        start = time.perf_counter()
-        fn()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
-
-
-def max_rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+SHAPES = Shapes(args.smoke)
+PROJECTIONS, ROWS, EXPERTS, TOKENS = SHAPES.projections, SHAPES.rows, SHAPES.experts, SHAPES.tokens
+NUM_EXPERTS, TOP_K = SHAPES.num_experts, SHAPES.top_k
+TIMER = Timer(DEVICE, args.smoke, args.calls)
+copies_for, per_call_us, eager_us = TIMER.copies_for, TIMER.per_call_us, TIMER.eager_us
 
 
 def projection(name: str, n: int, k: int, rows: int) -> dict:

@@ -35,7 +35,7 @@ def test_a_late_small_request_is_admitted_before_a_big_requests_rest():
     big = [seq(f"big{i}", 2, key="B") for i in range(10)]
     for s in big:
         sched.add(s)
-    sched.add(small := seq("small", 2, key="S"))
+    sched.add(seq("small", 2, key="S"))
     batch = sched.schedule()
     # the big request's first sequence, then the newcomer (no running sequence yet), then the big one's next ones
     assert [s.seq_id for s in batch.seqs] == ["big0", "small", "big1", "big2"]
@@ -69,7 +69,7 @@ def test_prompt_chunks_share_the_budget_between_groups():
     for i in range(3):
         sched.add(seq(f"big{i}", 30, key="B"))
     fake_run(sched, sched.schedule())  # the big prompts take the whole budget
-    sched.add(small := seq("small", 6, key="S"))
+    sched.add(seq("small", 6, key="S"))
     batch = sched.schedule()
     got = batch.as_dict()
     assert got["small"] == 6  # its whole prompt: it needs less than half of the budget
@@ -84,7 +84,7 @@ def test_a_full_house_gives_a_slot_to_a_group_with_none():
         sched.add(seq(f"big{i}", 2, key="B", max_tokens=100))
     fake_run(sched, sched.schedule())
     assert len(sched.running) == 4
-    sched.add(small := seq("small", 2, key="S"))
+    sched.add(seq("small", 2, key="S"))
     assert sched.admissible()
     batch = sched.schedule()
     assert [s.seq_id for s in batch.preempted] == ["big3"]

@@ -17,23 +17,14 @@ from trinity.quant.scheme import QuantConfig, QuantizationError, WeightScheme, f
 
 pytest.importorskip("compressed_tensors")
 from fp8_helpers import library_dequantized, write_fp8_checkpoint  # noqa: E402
+from quant_helpers import IDS, logits, rel  # noqa: E402
 
-IDS = torch.tensor([[1, 5, 9, 22, 7, 3, 100, 42, 17, 250]])
 CFG = preset("tiny", vocab_size=301)
 
 
 @pytest.fixture(scope="module")
 def model():
     return TrinityForCausalLM.random(CFG, seed=0).eval()
-
-
-def logits(m, ids=IDS):
-    with torch.inference_mode():
-        return m(ids).float()
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def with_weights(model, weights: dict[str, torch.Tensor]):

@@ -22,23 +22,14 @@ pytest.importorskip("compressed_tensors")
 from int4_helpers import (AWQ_ORDER, awq_dequantized, ct_dequantized, gptq_weight, int4_module_bytes,  # noqa: E402
                           pack_columns, pack_rows, stack_experts, write_awq_checkpoint, write_ct_checkpoint,
                           write_gptq_checkpoint)
+from quant_helpers import IDS, loaded_weight, logits, rel  # noqa: E402
 
-IDS = torch.tensor([[1, 5, 9, 22, 7, 3, 100, 42, 17, 250]])
 CFG = preset("tiny", vocab_size=301)
 
 
 @pytest.fixture(scope="module")
 def model():
     return TrinityForCausalLM.random(CFG, seed=0).eval()
-
-
-def logits(m, ids=IDS):
-    with torch.inference_mode():
-        return m(ids).float()
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def with_weights(model, weights: dict[str, torch.Tensor]):
@@ -62,16 +53,6 @@ def with_weights(model, weights: dict[str, torch.Tensor]):
 
 def modules_of(tensors: dict, part: str) -> list[str]:
     return sorted(n.removesuffix("." + part) for n in tensors if n.endswith("." + part))
-
-
-def loaded_weight(model, module: str) -> torch.Tensor:
-    """What the loaded model computes with for an HF module name (fp32)."""
-    if ".mlp.experts." in module:
-        prefix, e, proj = module.rsplit(".", 2)
-        gate_up, down = model.get_submodule(prefix).expert_weights(int(e), torch.float32)
-        i = down.shape[1]
-        return {"gate_proj": gate_up[:i], "up_proj": gate_up[i:], "down_proj": down}[proj]
-    return model.get_submodule(module).dequantized(torch.float32)
 
 
 def check_loaded(ours, model, reference: dict[str, torch.Tensor]) -> float:

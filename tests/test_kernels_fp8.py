@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from trinity import kernels
 from trinity.kernels import fp8 as kfp8

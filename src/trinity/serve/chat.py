@@ -132,7 +132,7 @@ async def _answer_constraint(state: ServerState, body: ChatCompletionRequest, ch
 
 
 async def _decoding_constraint(state: ServerState, body: ChatCompletionRequest, choice, tools, answer,
-                         starts_in_reasoning: bool, room: int):
+                               starts_in_reasoning: bool, room: int):
     """The whole generation's constraint: the reasoning free (up to its budget), then the answer's; tool-call
     blocks checked wherever they open under "auto" with the hermes parser."""
     tokens = ChatTokens.of(state.tokenizer)
