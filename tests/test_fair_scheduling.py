@@ -84,7 +84,7 @@ def test_a_full_house_gives_a_slot_to_a_group_with_none():
         sched.add(seq(f"big{i}", 2, key="B", max_tokens=100))
     fake_run(sched, sched.schedule())
     assert len(sched.running) == 4
-    sched.add(seq("small", 2, key="S"))
+    sched.add(small := seq("small", 2, key="S"))
     assert sched.admissible()
     batch = sched.schedule()
     assert [s.seq_id for s in batch.preempted] == ["big3"]
