@@ -133,9 +133,13 @@ def test_queue_limit_counts_sequences_at_admission():
         r = s.http.post(CHAT, json={"messages": HI, "max_tokens": 1, "n": 3})
         assert_error(r, 400, BAD, param="n", code="invalid_value")
         statuses: list[int] = []
+        # all at once, and each long enough (the running one included) that none finishes during the burst, also
+        # on a busy machine where the threads start far apart
+        start = threading.Barrier(12)
 
         def one() -> None:
-            r = httpx.post(s.base_url + COMPLETIONS, json={"prompt": "x", "max_tokens": 30, "ignore_eos": True},
+            start.wait(30)
+            r = httpx.post(s.base_url + COMPLETIONS, json={"prompt": "x", "max_tokens": 200, "ignore_eos": True},
                            headers=s.headers, timeout=120)
             statuses.append(r.status_code)
             if r.status_code == 503:
