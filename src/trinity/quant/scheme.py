@@ -94,7 +94,8 @@ def _refuse(field_name: str, value: Any, allowed: str) -> None:
 
 # keys of a compressed-tensors config that carry no instruction for running the model
 _INFORMATIONAL = {"quant_method", "format", "config_groups", "ignore", "quantization_status",
-                  "global_compression_ratio", "version", "sparsity_config", "transform_config", "kv_cache_scheme"}
+                  "global_compression_ratio", "version", "sparsity_config", "transform_config", "kv_cache_scheme",
+                  "moe_sparsity_config"}
 _ARG_KEYS = {"num_bits", "type", "symmetric", "strategy", "block_structure", "group_size", "dynamic", "observer",
              "observer_kwargs", "actorder", "scale_dtype", "zp_dtype"}
 
