@@ -108,9 +108,23 @@ def compare(name: str, models: dict, tokenizer, vocab: int, args) -> dict:
         row[f"{variant}_weight_mb"] = round(weight_bytes(m) / 1e6, 1)
         for b in BATCHES:
             row[f"{variant}_b{b}_tok_s"] = round(best[variant, b], 1)
-    for b in BATCHES:
-        row[f"fp8_over_bf16_b{b}"] = round(best["fp8", b] / best["bf16", b], 2)
+    for variant in models:  # each quantized variant against bf16
+        if variant != "bf16":
+            for b in BATCHES:
+                row[f"{variant}_over_bf16_b{b}"] = round(best[variant, b] / best["bf16", b], 2)
     return row
+
+
+def print_table(rows: list[dict], variant: str, label: str) -> None:
+    """The rows of `compare` (plus each variant's `*_decode_read_mb`) as a table: bf16, then `variant`, then their
+    ratio per batch size under `label`."""
+    print(f"{'model':<14}{'variant':<8}{'weights MB':>11}{'read/token MB':>15}"
+          + "".join(f"{f'b{b} tok/s':>12}" for b in BATCHES))
+    for row in rows:
+        for v in ("bf16", variant):
+            print(f"{row['model']:<14}{v:<8}{row[f'{v}_weight_mb']:>11}{row[f'{v}_decode_read_mb']:>15}"
+                  + "".join(f"{row[f'{v}_b{b}_tok_s']:>12}" for b in BATCHES))
+        print(f"{'':<14}{label:<8}{'':>26}" + "".join(f"{row[f'{variant}_over_bf16_b{b}']:>11}x" for b in BATCHES))
 
 
 def crossover(threads: int) -> list[dict]:
@@ -181,14 +195,7 @@ def main() -> None:
         rows.append(row)
         del models
 
-    print(f"{'model':<14}{'variant':<8}{'weights MB':>11}{'read/token MB':>15}"
-          + "".join(f"{f'b{b} tok/s':>12}" for b in BATCHES))
-    for row in rows:
-        for variant in ("bf16", "fp8"):
-            print(f"{row['model']:<14}{variant:<8}{row[f'{variant}_weight_mb']:>11}"
-                  f"{row[f'{variant}_decode_read_mb']:>15}"
-                  + "".join(f"{row[f'{variant}_b{b}_tok_s']:>12}" for b in BATCHES))
-        print(f"{'':<14}{'fp8/bf16':<8}{'':>26}" + "".join(f"{row[f'fp8_over_bf16_b{b}']:>11}x" for b in BATCHES))
+    print_table(rows, "fp8", "fp8/bf16")
     print(json.dumps({"benchmark": "fp8_cpu", "threads": args.threads, "clock": args.clock, "rounds": args.rounds,
                       "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS, "torch": torch.__version__,
                       "models": rows}))

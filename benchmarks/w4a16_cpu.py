@@ -43,8 +43,6 @@ from trinity.quant import int4  # noqa: E402
 from trinity.quant.int4_modules import Int4Experts, Int4Linear  # noqa: E402
 from trinity.quant.int4_scheme import Int4Scheme  # noqa: E402
 
-BATCHES = common.BATCHES
-
 
 def _fill(module: nn.Module, base: str, w: int4.Int4Weight) -> None:
     for suffix, value in (("", w.codes), ("_scale", w.scale), ("_zero_point", w.zero_point)):
@@ -86,26 +84,6 @@ def quantize_int4(model: nn.Module, group: int | None, symmetric: bool) -> nn.Mo
             _fill(q, "down_proj", _stack([int4.quantize(module.down_proj[x], group, symmetric) for x in range(e)]))
             setattr(parent, attr, q)
     return model
-
-
-def compare(name: str, models: dict, tokenizer, vocab: int, args) -> dict:
-    llms = {v: common.make_llm(m, tokenizer, common.PROMPT_TOKENS + args.new_tokens + 8) for v, m in models.items()}
-    for llm in llms.values():  # warm-up: builds the C kernels, oneDNN's packed weights, the allocator's pools
-        for b in BATCHES:
-            common.decode_rate(llm, b, 4, vocab)
-    best = {(v, b): 0.0 for v in llms for b in BATCHES}
-    for _ in range(args.rounds):
-        for b in BATCHES:
-            for variant, llm in llms.items():
-                best[variant, b] = max(best[variant, b], common.decode_rate(llm, b, args.new_tokens, vocab))
-    row = {"model": name}
-    for variant, m in models.items():
-        row[f"{variant}_weight_mb"] = round(common.weight_bytes(m) / 1e6, 1)
-        for b in BATCHES:
-            row[f"{variant}_b{b}_tok_s"] = round(best[variant, b], 1)
-    for b in BATCHES:
-        row[f"w4a16_over_bf16_b{b}"] = round(best["w4a16", b] / best["bf16", b], 2)
-    return row
 
 
 def crossover(group: int | None, symmetric: bool) -> list[dict]:
@@ -169,20 +147,13 @@ def main() -> None:
         if name == "trinity-tiny" and args.skip_builtin:
             continue
         models, tokenizer, cfg = make()
-        row = compare(name, models, tokenizer, cfg.vocab_size, args)
+        row = common.compare(name, models, tokenizer, cfg.vocab_size, args)
         for variant, m in models.items():
             row[f"{variant}_decode_read_mb"] = round(common.decode_bytes_per_token(m, cfg) / 1e6, 1)
         rows.append(row)
         del models
 
-    print(f"{'model':<14}{'variant':<8}{'weights MB':>11}{'read/token MB':>15}"
-          + "".join(f"{f'b{b} tok/s':>12}" for b in BATCHES))
-    for row in rows:
-        for variant in ("bf16", "w4a16"):
-            print(f"{row['model']:<14}{variant:<8}{row[f'{variant}_weight_mb']:>11}"
-                  f"{row[f'{variant}_decode_read_mb']:>15}"
-                  + "".join(f"{row[f'{variant}_b{b}_tok_s']:>12}" for b in BATCHES))
-        print(f"{'':<14}{'w4/bf16':<8}{'':>26}" + "".join(f"{row[f'w4a16_over_bf16_b{b}']:>11}x" for b in BATCHES))
+    common.print_table(rows, "w4a16", "w4/bf16")
     print(json.dumps({"benchmark": "w4a16_cpu", "threads": args.threads, "clock": args.clock, "rounds": args.rounds,
                       "new_tokens": args.new_tokens, "prompt_tokens": common.PROMPT_TOKENS, "group": group,
                       "symmetric": symmetric, "torch": torch.__version__, "models": rows}))
