@@ -294,15 +294,22 @@ def test_accepted_configs():
     assert ct.int4 and ct.weights.group_size is None and not ct.weights.symmetric
 
 
-def test_tensor_parallel_is_refused_at_load(tmp_path, model):
-    from trinity.parallel.sharding import ShardPlan
-
-    write_ct_checkpoint(model, str(tmp_path), "group", 32, symmetric=True)
-    with pytest.raises(QuantizationError, match="tensor parallelism"):
-        TrinityForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, shard=ShardPlan(CFG, 0, 2))
-    ours = TrinityForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    with pytest.raises(QuantizationError, match="tensor parallelism"):
-        ours.model.layers[0].self_attn.o_proj.reduce_output = lambda y: y
+def test_quantization_flag_names_the_checkpoints_method(tmp_path, model):
+    """vLLM's `--quantization awq` / `compressed_tensors` on a checkpoint of that method loads it as without the flag;
+    a method the checkpoint does not have is refused, naming what it has."""
+    write_awq_checkpoint(model, str(tmp_path / "awq"), 32)
+    write_ct_checkpoint(model, str(tmp_path / "ct"), "group", 32)
+    plain = TrinityForCausalLM.from_pretrained(tmp_path / "awq", dtype=torch.float32)
+    flagged = TrinityForCausalLM.from_pretrained(tmp_path / "awq", dtype=torch.float32, quantization="awq")
+    assert rel(logits(flagged), logits(plain)) == 0
+    for alias in ("compressed-tensors", "compressed_tensors"):
+        ct = TrinityForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32, quantization=alias)
+        assert isinstance(ct.model.layers[0].self_attn.q_proj, Int4Linear)
+    with pytest.raises(QuantizationError, match="quant_method 'awq'"):
+        TrinityForCausalLM.from_pretrained(tmp_path / "awq", dtype=torch.float32, quantization="gptq")
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(QuantizationError, match="not quantized"):
+        TrinityForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32, quantization="awq")
 
 
 def test_bad_checkpoints_are_named(tmp_path, model):

@@ -74,10 +74,10 @@ def test_fp8_large_bytes_by_hand():
 
 
 def test_w4a16_mini_routed_experts_by_hand():
-    # gate/up [1024, 2048]: half a byte per weight + (bf16 scale + bf16 zero) per 128 inputs per row -> 16 groups;
+    # gate/up [1024, 2048]: half a byte per weight + (fp32 scale + uint8 zero) per 128 inputs per row -> 16 groups;
     # down [2048, 1024]: 8 groups per row.
-    gate = 1024 * 2048 // 2 + 4 * 1024 * 16
-    down = 2048 * 1024 // 2 + 4 * 2048 * 8
+    gate = 1024 * 2048 // 2 + 5 * 1024 * 16
+    down = 2048 * 1024 // 2 + 5 * 2048 * 8
     plan = _plan("mini", weights_dtype="w4a16", max_model_len=4096)
     assert plan["weights"]["groups"]["routed_experts"]["bytes"] == 30 * 128 * (2 * gate + down)
     assert plan["weights"]["groups"]["embed_tokens"]["bytes"] == 2 * VOCAB * 2048  # stays bf16

@@ -130,3 +130,26 @@ def test_plan_and_engine_agree_on_large_per_gpu(tp):
         budget = kv_budget(int(480 * GB), 0.9, weights, 0, int(planned["gpu"]["reserve_gb"] * GB))
         assert budget > 0
         assert budget == pytest.approx(fit["kv_budget_gb_per_gpu"] * GB, rel=5e-3)
+
+
+@pytest.mark.parametrize("tp", [4, 8])
+def test_plan_and_engine_agree_on_large_w4a16_per_gpu(tp):
+    """Seed 001's budget path: Trinity Large in W4A16 (groups of 128, asymmetric, lm_head and routers left in 16
+    bits) over 4 or 8 GPUs: `trinity plan --weights-dtype w4a16` and a rank of the engine hold the same weights per
+    GPU (its packed codes, fp32 scales and uint8 zero points, built on the meta device)."""
+    from trinity.ops.plan import GB, PlanInputs, make_plan
+    from trinity.quant.scheme import from_hf
+
+    quant = from_hf({"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": [
+        "lm_head", "re:.*mlp\\.router\\.gate$"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}}}})
+    large = preset("large")
+    planned = make_plan(PlanInputs(model="large", config=large, gpus=tp, tensor_parallel_size=tp,
+                                   weights_dtype="w4a16", memory_gb=80))
+    for rank in (0, tp - 1):
+        model = TrinityForCausalLM.empty(large, torch.bfloat16, "meta", quant=quant,
+                                         shard=ShardPlan(large, rank, tp, quant=quant))
+        assert type(model.model.layers[-1].mlp.experts).__name__ == "Int4Experts"
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert weights == pytest.approx(planned["fit"]["weights_gb_per_gpu"] * GB, rel=2e-3)
+    assert planned["fit"]["fits"] and planned["fit"]["weights_gb_per_gpu"] < 60

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from distributed_helpers import run_ranks
-from tp_model_ranks import fp8_sharded_logits
+from tp_model_ranks import checkpoint_sharded_logits
 
 from trinity import TrinityForCausalLM, preset
 from trinity.parallel.sharding import ShardingError, ShardPlan, shard_model
@@ -56,7 +56,7 @@ def test_fp8_ranks_compute_the_whole_fp8_model(tmp_path, model, ep):
     whole = TrinityForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     with torch.inference_mode():
         want = whole(torch.tensor(IDS)).numpy()
-    for logits in run_ranks(fp8_sharded_logits, 2, str(tmp_path), ep, IDS):
+    for logits in run_ranks(checkpoint_sharded_logits, 2, str(tmp_path), ep, IDS):
         assert np.abs(logits - want).max() / np.abs(want).max() < 1e-5
 
 

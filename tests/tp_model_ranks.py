@@ -25,10 +25,13 @@ def sharded_logits(group, cases: list[tuple[dict, int, bool, bool]], ids: list[l
 
 
 
-def fp8_sharded_logits(group, path: str, expert_parallel: bool, ids: list[list[int]]):
-    """This rank's part of an FP8 checkpoint, loaded sharded, run over `ids` -> logits."""
+def checkpoint_sharded_logits(group, path: str, expert_parallel: bool, ids: list[list[int]], fused: bool = False):
+    """This rank's part of a checkpoint (FP8, 4-bit), loaded sharded, run over `ids` -> logits. `fused`: with its
+    projections fused for inference first (the whole-layer C kernels' stacked shared expert)."""
     model = TrinityForCausalLM.from_pretrained(
         path, dtype=torch.float32,
         shard=ShardPlan(TrinityConfig.from_pretrained(path), group.rank, group.size, expert_parallel, group))
+    if fused:
+        model.fuse_projections()
     with torch.inference_mode():
         return model(torch.tensor(ids)).numpy()

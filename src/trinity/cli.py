@@ -10,8 +10,14 @@ from collections.abc import Sequence
 
 from .config import PRESETS
 from .engine.config import EngineConfig
+from .quant.scheme import QUANTIZATION_CHOICES
 
 _request_ids = itertools.count()
+
+
+QUANTIZATION_HELP = ("fp8: quantize the weights to FP8 while loading (--dtype fp8 is the same); awq, gptq, "
+                     "compressed-tensors: the checkpoint's own method, checked (a quantized checkpoint loads as it "
+                     "says without the flag)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -20,9 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: config dtype on "
                                                    "GPU, float32 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
-                   help="fp8: quantize the weights to FP8 while loading (--dtype fp8 is the same); a checkpoint "
-                        "with an FP8 quantization_config loads as FP8 without it")
+    p.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_CHOICES, help=QUANTIZATION_HELP)
 
 
 def _positive_int(text: str) -> int:
@@ -67,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes")
     srv.add_argument("--dtype", default="auto")
     srv.add_argument("--device", default="auto")
-    srv.add_argument("--quantization", "-q", default=None, choices=["fp8"],
-                     help="fp8: quantize the weights to FP8 while loading (--dtype fp8 is the same)")
+    srv.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_CHOICES, help=QUANTIZATION_HELP)
     EngineConfig.add_cli_arguments(srv.add_argument_group("engine"))  # one flag per EngineConfig field
     srv.add_argument("--chat-template", default=None, help="a jinja file replacing the model's chat template")
     srv.add_argument("--reasoning-parser", default="trinity", choices=["trinity", "deepseek_r1", "none"])

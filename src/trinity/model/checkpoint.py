@@ -222,23 +222,54 @@ def _copy_in(state: _LoadState, name: str, tensor: torch.Tensor, where: str) -> 
 
 
 def _fill(state: _LoadState, name: str, target: _Target, value: torch.Tensor, where: str) -> None:
-    """A converted tensor (4-bit, `quant.int4_load`) into its target, marked as `_copy_in` marks."""
+    """A converted tensor (4-bit, `quant.int4_load`) into its target, marked as `_copy_in` marks; sharded, the
+    rank's part of it (nothing for another expert-parallel rank's expert)."""
+    if state.plan is None:
+        pieces = [(target.index, value)]
+    else:
+        pieces = _local_pieces(state, target.param_name, target.index, value)
+        if not pieces:
+            return
     _cover(state, name, target, where)
     with torch.no_grad():
-        state.params[target.param_name][target.index].copy_(value)
+        for index, part in pieces:
+            state.params[target.param_name][index].copy_(part)
 
 
-def _int4_modules(quant, shard, files: dict, config: TrinityConfig):
+def _local_pieces(state: _LoadState, param_name: str, index: tuple, value: torch.Tensor) \
+        -> list[tuple[tuple, torch.Tensor]]:
+    """`value`, which fills `index` of full parameter `param_name`, cut to this rank's part: [(index into the local
+    parameter, the part of value)], one per range of the split that `index` reaches."""
+    full_shape = state.full[param_name].shape
+    at = []
+    for d, i in enumerate(index):  # an int index as a slice of one, and value given that dimension
+        if isinstance(i, int):
+            i, value = slice(i, i + 1), value.unsqueeze(d)
+        at.append(i)
+    at += [slice(None)] * (len(full_shape) - len(at))
+    split = state.plan.split(param_name)
+    if split is None:
+        return [(tuple(at), value)]
+    d = split.dim
+    r0, r1, _ = at[d].indices(full_shape[d])
+    pieces, offset = [], 0
+    for a, b in split.ranges:
+        lo, hi = max(a, r0), min(b, r1)
+        if lo < hi:
+            dst, src = list(at), [slice(None)] * value.dim()
+            dst[d], src[d] = slice(offset + lo - a, offset + hi - a), slice(lo - r0, hi - r0)
+            pieces.append((tuple(dst), value[tuple(src)]))
+        offset += b - a
+    return pieces
+
+
+def _int4_modules(quant, files: dict, config: TrinityConfig):
     """A 4-bit checkpoint's QuantConfig, with its modules from its tensors where its config does not list them
-    (AWQ, GPTQ: `QuantConfig.only`). Tensor parallelism is refused: int4 weights do not split yet."""
+    (AWQ, GPTQ: `QuantConfig.only`)."""
     from dataclasses import replace
 
     from ..quant.int4_load import checkpoint_modules, tensor_names
-    from ..quant.scheme import QuantizationError
 
-    if shard is not None:
-        raise QuantizationError("int4 (W4A16) checkpoints do not support tensor parallelism yet; load them with "
-                                "tensor_parallel_size 1")
     if quant.weights.format == "pack-quantized":  # its ignore list names every module it leaves
         return quant
     return replace(quant, only=checkpoint_modules(tensor_names(files), config.num_experts))
@@ -308,11 +339,20 @@ class _SliceReader:
     def read(self, name: str, index: tuple, span: int) -> torch.Tensor:
         """`index` of tensor `name`, a view of the map spanning at most `span` bytes of the file. The view must be
         dropped before the next read (it holds the map open)."""
+        self._reserve(span)
+        return self.handle.get_slice(name)[index]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """All of tensor `name` (a KV scale; a 4-bit module's packed tensors, converted whole, then split)."""
+        shape = self.shape(name)
+        self._reserve(self.row_bytes(name) * (shape[0] if shape else 1))
+        return self.handle.get_tensor(name)
+
+    def _reserve(self, span: int) -> None:
         if self.touched and self.touched + span > self.budget:
             self.handle.__exit__(None, None, None)
             self.handle, self.touched = safe_open(self.path, framework="pt", device="cpu"), 0
         self.touched += span
-        return self.handle.get_slice(name)[index]
 
 
 def _pieces(src: tuple, shape: tuple[int, ...], row_bytes: int, budget: int) -> Iterator[tuple[tuple, tuple, int]]:
@@ -398,7 +438,7 @@ def _take_kv_scale(model, name: str, handle) -> None:
     layer = int(m["layer"])
     if layer >= len(model.model.layers):
         raise CheckpointError(f"{name}: the model has {len(model.model.layers)} layers")
-    tensor = handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle.handle.get_tensor(name)
+    tensor = handle.get_tensor(name)
     if tensor.numel() != 1:
         raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}; a KV-cache scale is one value per layer")
     setattr(model.model.layers[layer].self_attn, m["kind"], float(tensor.float()))
@@ -417,26 +457,35 @@ def _fp8_blocks(model) -> dict[str, tuple[int, int]]:
     return blocks
 
 
-def _full_parameters(cls, config: TrinityConfig, quant=None) -> dict[str, torch.Tensor]:
-    """The model's parameters at full shape, as meta tensors: where a sharded rank places checkpoint tensors."""
+def _full_model(cls, config: TrinityConfig, quant=None):
+    """The model at full shape on the meta device: where a sharded rank places checkpoint tensors."""
     with torch.device("meta"):
         model = cls(config)
     if quant is not None:
         from ..quant.modules import quantize_structure
         quantize_structure(model, quant)
-    return dict(model.named_parameters())
+    return model
 
 
 def quant_config_for(config: TrinityConfig, quantization: str | None):
     """The checkpoint's quantization (its `quantization_config`), or online FP8 (`quantization="fp8"`) of an
     unquantized one; None: neither. Refuses what cannot run (`quant.scheme.QuantizationError`)."""
-    from ..quant.scheme import QuantConfig, QuantizationError, from_hf
+    from ..quant.scheme import CHECKPOINT_METHODS, QuantConfig, QuantizationError, from_hf
 
-    quant = from_hf(config.extra.get("quantization_config"))
+    hf_config = config.extra.get("quantization_config")
+    quant = from_hf(hf_config)
     if quantization in (None, "none"):
         return quant
+    if quantization in CHECKPOINT_METHODS:  # vLLM's flag for a quantized checkpoint: its own method, checked
+        method = (hf_config or {}).get("quant_method")
+        if method != CHECKPOINT_METHODS[quantization]:
+            raise QuantizationError(f"quantization = {quantization!r}, but the checkpoint's quantization_config says "
+                                    f"{'quant_method ' + repr(method) if hf_config else 'it is not quantized'}; "
+                                    "leave --quantization out to load it as it is")
+        return quant
     if quantization != "fp8":
-        raise QuantizationError(f"quantization = {quantization!r} is not supported: fp8 (online FP8) is")
+        raise QuantizationError(f"quantization = {quantization!r} is not supported: fp8 (online FP8) is, and "
+                                f"{', '.join(CHECKPOINT_METHODS)} name a checkpoint's own method")
     if quant is not None:
         raise QuantizationError("quantization = 'fp8' asks to quantize a checkpoint that is already quantized "
                                 "(its quantization_config); load it without --quantization")
@@ -451,18 +500,19 @@ def load_checkpoint(cls, path: str | os.PathLike, dtype=None, device: torch.devi
     quant = quant_config_for(config, quantization)
     files = checkpoint_files(path)
     if quant is not None and quant.int4:
-        quant = _int4_modules(quant, shard, files, config)
+        quant = _int4_modules(quant, files, config)
     if shard is not None:
         shard.quant = quant  # FP8 scales split with their weights, or (online) cover each rank's own piece
         shard.quantize_local = quant is not None and quant.online
     model = cls.empty(config, resolve_dtype(dtype, config, device), device, shard=shard, quant=quant)
     params = dict(model.named_parameters())  # tied head: named_parameters lists the shared weight once
-    state = _LoadState(params) if shard is None else _LoadState(params, _full_parameters(cls, config, quant), shard)
+    full = model if shard is None else _full_model(cls, config, quant)
+    state = _LoadState(params) if shard is None else _LoadState(params, dict(full.named_parameters()), shard)
     state.blocks = _fp8_blocks(model)
-    int4 = None  # 4-bit tensors are converted into the modules' layout as they stream in (`quant.int4_load`)
-    if quant is not None and quant.int4:
+    int4 = None  # 4-bit tensors are converted into the modules' layout as they stream in (`quant.int4_load`), at
+    if quant is not None and quant.int4:  # full shape; sharded, `_fill` keeps the rank's part
         from ..quant.int4_load import Int4Loading
-        int4 = Int4Loading(model, quant.weights)
+        int4 = Int4Loading(full, quant.weights)
     local_bytes = sum(p.numel() * p.element_size() for p in params.values())
     budget = max(RELEASE_MIN_BYTES, int(local_bytes * RELEASE_FRACTION))
     bar = _progress(progress, len(files))

@@ -9,8 +9,9 @@ Assumptions (also listed under "assumptions" in the JSON):
   weight plus one fp32 scale per 128x128 block (the layout of the released `*-FP8-Block` checkpoints); the
   embeddings, lm_head, router, expert bias and norms stay bf16 (quantizers leave them alone: they are small or
   accuracy-critical).
-- w4a16 weights: the same linear layers at 4 bits, plus a bf16 scale and a bf16 zero point per group of 128 input
-  channels per output row (AWQ/GPTQ-style, group size 128); everything else bf16.
+- w4a16 weights: the same linear layers at 4 bits, plus an fp32 scale and a uint8 zero point per group of 128
+  input channels per output row (AWQ/GPTQ-style, group size 128, asymmetric: the engine's in-memory layout,
+  `quant.int4`, whatever the checkpoint stores); everything else bf16.
 - KV cache: K and V of every KV head, 2 bytes (bf16) or 1 byte (fp8, e4m3 or e5m2, as the engine's
   `--kv-cache-dtype` stores it; its per-layer scales are ignored).
   Full-attention layers keep every token; sliding layers keep at most `sliding_window` tokens per sequence.
@@ -73,6 +74,7 @@ DEFAULT_RESERVE_GB = 4.0
 DEFAULT_UTILIZATION = 0.90
 DEFAULT_HOURS_PER_MONTH = 730.0
 WEIGHT_DTYPES = ("bf16", "fp8", "w4a16")
+W4A16_GROUP_BYTES = 5  # an fp32 scale and a uint8 zero point per group
 # the engine's `--kv-cache-dtype` spellings of fp8 too: either format stores 1 byte a value
 KV_BYTES = {"bf16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 KV_DTYPES = tuple(KV_BYTES)
@@ -123,7 +125,7 @@ def _linear_bytes(out_features: int, in_features: int, dtype: str) -> int:
     if dtype == "fp8":
         return n + 4 * math.ceil(out_features / QUANT_BLOCK) * math.ceil(in_features / QUANT_BLOCK)
     if dtype == "w4a16":
-        return n // 2 + (n % 2) + 4 * out_features * math.ceil(in_features / QUANT_BLOCK)
+        return n // 2 + (n % 2) + W4A16_GROUP_BYTES * out_features * math.ceil(in_features / QUANT_BLOCK)
     raise PlanError(f"unknown weights dtype {dtype!r}; allowed: {', '.join(WEIGHT_DTYPES)}")
 
 
@@ -436,7 +438,8 @@ ASSUMPTIONS = {
     "bf16": "2 bytes per parameter, every tensor",
     "fp8": "linear weights 1 byte + one fp32 scale per 128x128 block; embeddings, lm_head, router, expert bias, "
            "norms bf16",
-    "w4a16": "linear weights 4 bits + bf16 scale and bf16 zero per 128 input channels per row; the rest bf16",
+    "w4a16": "linear weights 4 bits + fp32 scale and uint8 zero per 128 input channels per row (the engine's "
+             "layout); the rest bf16",
     "kv_cache": "K and V per KV head; full layers keep every token, sliding layers at most sliding_window tokens "
                 "(token-exact; paged blocks add up to one block); fp8 scales ignored",
     "memory": "usable per GPU = memory x utilization - reserve - weights on that GPU",

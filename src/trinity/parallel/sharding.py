@@ -102,8 +102,14 @@ class ShardPlan:
     # ------------------------------------------------------------------ per parameter
     def split(self, name: str) -> Split | None:
         """How parameter `name` (our names, full shapes) is split; None: every rank holds it whole."""
+        if self.int4_params and _int4_base(name)[0] in self.int4_params:
+            return self._int4_split(name)
         if name.endswith("_scale"):
             return None if self.quantize_local else self._scale_split(name)
+        return self._weight_split(name)
+
+    def _weight_split(self, name: str) -> Split | None:
+        """The split of a weight by the layout above (in elements of its full shape)."""
         c, rank, tp = self.config, self.rank, self.size
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             a, b = self.vocab_range
@@ -165,6 +171,54 @@ class ShardPlan:
             base = i * rows_per_half if len(split.ranges) == 2 else 0
             ranges.append((base + lo // b, base + math.ceil(hi / b)))
         return Split(split.dim, tuple(ranges))
+
+    # ------------------------------------------------------------------ 4-bit weights
+    # A 4-bit weight (`quant.int4_modules`) is its codes (two per byte along the input), group scales and zero points
+    # [.., out, G] and, with activation order, g_idx [.., P, in] (one column order per row block). Split along its
+    # rows (or experts) every tensor follows the weight's rows, except g_idx, whose rows are column orders; split
+    # along its input the codes split by bytes, the scales and zero points by groups (a rank's part must be whole
+    # groups), g_idx by columns. With activation order a rank's columns use groups from the whole weight, so it
+    # keeps every group's scale (as vLLM keeps GPTQ act-order scales whole on every rank). Set by `restructure`:
+    # weight name -> (full input size, group, activation order).
+    int4_params: dict[str, tuple[int, int, bool]] = {}
+
+    def _int4_split(self, name: str) -> Split | None:
+        base, part = _int4_base(name)
+        split = self._weight_split(base)
+        inp, group, act_order = self.int4_params[base]
+        input_dim = len(self.full_shapes[base]) - 1
+        if split is None or split.dim < input_dim:  # whole, or rows / experts
+            rows_of_orders = part == "_g_idx" and split is not None and split.dim == input_dim - 1
+            return None if rows_of_orders else split
+        if part == "_g_idx":
+            return split
+        if part and (act_order or group >= inp):
+            return None  # every group's scale, or one group along the input: the same on every rank
+        step, unit = (2, "bytes of two 4-bit codes") if not part else (group, f"4-bit groups of {group} columns")
+        ranges = []
+        for a, b in split.ranges:
+            if a % step or (b % step and b != inp):
+                raise ShardingError(f"{base}: rank {self.rank}'s columns {a}..{b} of {inp} do not start and end on "
+                                    f"{unit}; use a tensor_parallel_size that splits {inp} into multiples of {step}")
+            ranges.append((a // step, math.ceil(b / step)))
+        return Split(split.dim, tuple(ranges))
+
+    def int4_local(self, base: str) -> tuple[int, int]:
+        """(input size, group) of this rank's part of 4-bit weight `base`. With activation order and the input split,
+        the group is chosen so that the kernels' group count ceil(in / group) stays the whole weight's (their scale
+        columns, all kept; g_idx alone says which column uses which)."""
+        inp, group, act_order = self.int4_params[base]
+        split = self._weight_split(base)
+        if split is None or split.dim < len(self.full_shapes[base]) - 1:
+            return inp, group
+        local = split.size
+        if not act_order:
+            return local, min(group, local) if group >= inp else group
+        groups = math.ceil(inp / group)
+        if (local * group) % inp or math.ceil(local / (local * group // inp)) != groups:
+            raise ShardingError(f"{base}: a part of {local} of {inp} columns in act-order groups of {group} cannot "
+                                f"keep the weight's {groups} groups; use a tensor_parallel_size that divides {group}")
+        return local, local * group // inp
 
     # Online FP8 of a sharded load (`--quantization fp8` with tensor parallelism): each rank quantizes the part it
     # reads, its blocks starting at its own origin, so its scales are a grid over its piece (no split to follow).
@@ -228,6 +282,14 @@ class ShardPlan:
             half = rest[0].start // (rest[0].stop - rest[0].start)
             return [(lead + (slice(a, b),), (e, slice(half * n, (half + 1) * n)))]
         return [(lead + (slice(None), slice(a, b)), (e,))]  # down: the rank's columns
+
+
+def _int4_base(name: str) -> tuple[str, str]:
+    """(the weight's name, the tensor's suffix: "" for the codes, "_scale", "_zero_point" or "_g_idx")."""
+    for part in ("_scale", "_zero_point", "_g_idx"):
+        if name.endswith(part):
+            return name.removesuffix(part), part
+    return name, ""
 
 
 def check_sizes(config: TrinityConfig, tp: int, expert_parallel: bool = False) -> None:
@@ -314,11 +376,13 @@ def restructure(model, plan: ShardPlan, local: Callable[[str, torch.Tensor], tor
     from ..model.layers import GatedAttention, SwiGLU
     from ..model.moe import MoEBlock
 
+    from ..quant.int4_modules import Int4Experts, Int4Linear
     from ..quant.modules import Fp8Experts, Fp8Linear
 
     group, cfg = plan.group, plan.config
     tied = cfg.tie_word_embeddings
     plan.full_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    plan.int4_params = _int4_params(model)
     plan.quant = plan.quant or getattr(model, "quant_config", None)
     if isinstance(model.lm_head, Fp8Linear):
         raise ShardingError("an FP8 lm_head cannot be split by vocabulary yet; checkpoints keep it unquantized "
@@ -341,6 +405,11 @@ def restructure(model, plan: ShardPlan, local: Callable[[str, torch.Tensor], tor
             module.inter = module.gate_up_proj.shape[1] // 2
             module.gate_block = plan.local_block(f"{prefix}.gate_up_proj", (two_i // 2, h), (module.inter, h))
             module.down_block = plan.local_block(f"{prefix}.down_proj", (h, two_i // 2), (h, module.inter))
+        elif isinstance(module, Int4Linear):
+            module.in_features, module.group = plan.int4_local(f"{prefix}.weight")
+            module.out_features = module.weight.shape[0]
+        elif isinstance(module, Int4Experts):  # the hidden size (gate_up's input) is never split
+            module.inter, module.down_group = plan.int4_local(f"{prefix}.down_proj")
     for module in model.modules():
         if isinstance(module, GatedAttention):
             module.num_heads, module.num_kv_heads = plan.num_heads, plan.num_kv_heads
@@ -359,9 +428,24 @@ def restructure(model, plan: ShardPlan, local: Callable[[str, torch.Tensor], tor
     model.shard_plan = plan
 
 
+def _int4_params(model) -> dict[str, tuple[int, int, bool]]:
+    """`ShardPlan.int4_params` of a model's 4-bit modules, at full shape."""
+    from ..quant.int4_modules import Int4Experts, Int4Linear
+
+    found = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, Int4Linear):
+            found[f"{prefix}.weight"] = (module.in_features, module.group, module.scheme.act_order)
+        elif isinstance(module, Int4Experts):
+            act_order = module.scheme.act_order
+            found[f"{prefix}.gate_up_proj"] = (module.hidden, module.gate_group, act_order)
+            found[f"{prefix}.down_proj"] = (module.inter, module.down_group, act_order)
+    return found
+
+
 def _row_parallel(proj: nn.Module, group: TPGroup) -> nn.Module:
-    """A row-parallel projection: a plain one becomes `RowParallelLinear`; an FP8 one keeps its module and sums its
-    output over the ranks (`Fp8Linear.reduce_output`)."""
+    """A row-parallel projection: a plain one becomes `RowParallelLinear`; a quantized one keeps its module and sums
+    its output over the ranks (`Fp8Linear.reduce_output`, `Int4Linear.reduce_output`)."""
     if isinstance(proj, nn.Linear):
         return RowParallelLinear(proj.weight, group)
     proj.reduce_output = group.all_reduce_

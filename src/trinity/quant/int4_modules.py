@@ -22,9 +22,7 @@ from ..kernels.int4 import experts_int4_native, experts_int4_reference, experts_
 from . import int4
 from .int4 import Int4Weight
 from .int4_scheme import Int4Scheme
-from .scheme import QuantConfig, QuantizationError
-
-_TP_REFUSED = "int4 (W4A16) weights do not support tensor parallelism yet; load them with tensor_parallel_size 1"
+from .scheme import QuantConfig
 
 
 def _parameters(module: nn.Module, base: str, lead: tuple[int, ...], out: int, inp: int, scheme: Int4Scheme,
@@ -65,18 +63,11 @@ class Int4Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return int4.dequantize(self.packed(), dtype)
 
+    reduce_output = None  # tensor parallelism, row-parallel: sums the rank's partial output (`parallel.sharding`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_int4(x, self.packed())
-
-    # Tensor parallelism sets this on row-parallel projections (`parallel.sharding._row_parallel`): refused here,
-    # where an int4 model is cut from memory (the loader refuses a sharded load before).
-    @property
-    def reduce_output(self):
-        return None
-
-    @reduce_output.setter
-    def reduce_output(self, value) -> None:
-        raise QuantizationError(_TP_REFUSED)
+        y = linear_int4(x, self.packed())
+        return y if self.reduce_output is None else self.reduce_output(y)
 
     def extra_repr(self) -> str:
         s = self.scheme
@@ -114,7 +105,7 @@ class Int4FusedLinears:
     def possible(modules: list[nn.Module]) -> bool:
         first = modules[0]
         return (all(isinstance(m, Int4Linear) and m.scheme == first.scheme and m.in_features == first.in_features
-                    for m in modules) and not first.scheme.act_order)
+                    and m.reduce_output is None for m in modules) and not first.scheme.act_order)
 
     def valid(self) -> bool:
         return (self.modules[0].weight.data_ptr() == self.weight.codes.data_ptr()

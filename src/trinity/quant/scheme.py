@@ -100,6 +100,13 @@ _ARG_KEYS = {"num_bits", "type", "symmetric", "strategy", "block_structure", "gr
              "observer_kwargs", "actorder", "scale_dtype", "zp_dtype"}
 
 
+# `--quantization` values that name a quantized checkpoint's method (vLLM's spelling -> its quant_method): accepted
+# when the checkpoint says the same, which loads it as it would load without the flag
+CHECKPOINT_METHODS = {"awq": "awq", "gptq": "gptq", "compressed-tensors": "compressed-tensors",
+                      "compressed_tensors": "compressed-tensors"}
+QUANTIZATION_CHOICES = ["fp8", *CHECKPOINT_METHODS]
+
+
 def from_hf(config: dict | None) -> QuantConfig | None:
     """A checkpoint's `quantization_config` (None: not quantized) -> QuantConfig, or QuantizationError."""
     if not config:
