@@ -2,6 +2,7 @@
 sharpened model, the byte-level tokenizer, the shared server). Helpers that tests import stay in engine_helpers.py
 and server_helpers.py."""
 
+import os
 import sys
 
 import pytest
@@ -17,6 +18,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: minutes on 2 CPU cores (fuzzing, sustained load, training runs)")
     config.addinivalue_line("markers", "server: starts `trinity serve` in a subprocess (tests/server_helpers.py)")
+    config.addinivalue_line("markers", "script_smoke: runs a benchmark script's --smoke mode in a subprocess, which "
+                                       "sets Triton's interpreter itself: run once, by the main pass of `make test`")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `make test`'s second pass (TRITON_INTERPRET=1) repeats its kernel files under the interpreter; a script smoke
+    # test would only run the same subprocess again
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        skip = pytest.mark.skip(reason="the main pass ran this script's smoke mode (the same subprocess)")
+        for item in items:
+            if "script_smoke" in item.keywords:
+                item.add_marker(skip)
 
 
 class _SwitchesMonkeyPatch(pytest.MonkeyPatch):

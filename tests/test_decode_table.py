@@ -61,12 +61,12 @@ def test_table_forward_equals_the_eager_runner(dtype):
         return eager_execute(step, input_tokens)
 
     runner.execute = execute
-    for i, (prompt, new) in enumerate([(5, 6), (19, 16), (3, 16)]):
+    for i, (prompt, new) in enumerate([(5, 4), (19, 10), (3, 10)]):  # both long ones move past the window of 8
         engine.add_request(str(i), prompt_token_ids=list(range(10 + i, 10 + i + prompt)),
                            params=SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    assert len(compared) >= 14
+    assert len(compared) >= 8
     assert (3, 4) in compared and (2, 2) in compared  # a padded bucket, then the batch after one finished
 
 

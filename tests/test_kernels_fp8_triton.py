@@ -375,6 +375,7 @@ def test_fp8_moe_kernels_compile_for_sm90(ft, dtype):
 
 
 # ============================================================================== the GPU benchmark
+@pytest.mark.script_smoke
 @pytest.mark.slow  # about 20 s of interpreter
 @needs_triton_module
 def test_fp8_benchmark_smoke():

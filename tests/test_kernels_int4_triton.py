@@ -309,6 +309,7 @@ def test_int4_moe_kernels_compile_for_sm90(it, dtype):
 
 
 # ============================================================================== the GPU benchmark
+@pytest.mark.script_smoke
 @pytest.mark.slow  # about 20 s of interpreter
 @needs_triton_module
 def test_w4a16_benchmark_smoke():

@@ -180,6 +180,7 @@ def _run(engine: LLMEngine) -> list[list[int]]:
     return [done[k] for k in sorted(done)]
 
 
+@pytest.mark.script_smoke
 @pytest.mark.slow  # the tuning sweep's CPU smoke mode: most of a minute on 2 cores
 def test_moe_tuning_script_smoke():
     """benchmarks/tune_moe.py (a GPU sweep) runs end to end in its CPU smoke mode and ends with its JSON."""
@@ -199,6 +200,7 @@ def test_moe_tuning_script_smoke():
     assert all(r["triton_us"] > 0 and r["grouped_mm_us"] > 0 for r in result["nano_crossover"])
 
 
+@pytest.mark.script_smoke
 def test_last_program_benchmark_smoke():
     """benchmarks/last_program_gpu.py (each last-program epilogue against its two launches, on a GPU) runs end to end
     in its CPU smoke mode, every user timed both ways, and ends with its JSON."""
@@ -216,6 +218,7 @@ def test_last_program_benchmark_smoke():
     assert all(r["fused_us"] > 0 and r["separate_us"] > 0 for r in result["results"])
 
 
+@pytest.mark.script_smoke
 def test_prefill_tuning_script_smoke():
     """benchmarks/tune_prefill.py (the prefill attention's tiles against torch's attention, on a GPU) runs end to end
     in its CPU smoke mode, every case timed with both candidates checked, and ends with its JSON."""

@@ -24,10 +24,13 @@ class Hessian:
         self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.n = 0
 
+    CHUNK_ROWS = 2048  # rows widened to fp64 at a time: a copy of a chunk, never of every calibration token
+
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.h += x.T @ x
-        self.n += x.shape[0]
+        for rows in x.reshape(-1, x.shape[-1]).split(self.CHUNK_ROWS):
+            rows = rows.double()
+            self.h += rows.T @ rows
+            self.n += rows.shape[0]
 
     def value(self) -> torch.Tensor:
         return (2.0 / max(self.n, 1)) * self.h

@@ -205,6 +205,38 @@ def _layer_pass(layer, x: torch.Tensor, rope, attn) -> tuple[torch.Tensor, dict[
     return out, acts
 
 
+# The layer runs over the calibration tokens this many at a time (whole sequences): its intermediates (attention,
+# SwiGLU, routed experts' gathers) then scale with a chunk, not with the calibration set; only the layer's input,
+# output and the inputs its projections see are held whole.
+PASS_CHUNK_TOKENS = 2048
+
+
+def _layer_pass_chunked(layer, x: torch.Tensor, rope, seq_lens: list[int]):
+    """`_layer_pass` over chunks of whole sequences, concatenated: the same values, a chunk's intermediates at a
+    time."""
+    from ..model.attention import PackedSequences
+
+    outs, parts, masks, start, lens = [], [], {}, 0, []
+
+    def run(lens: list[int]) -> None:
+        nonlocal start
+        end = start + sum(lens)
+        out, acts = _layer_pass(layer, x[start:end], (rope[0][start:end], rope[1][start:end]),
+                                PackedSequences(lens, masks))
+        outs.append(out)
+        parts.append(acts)
+        start = end
+
+    for n in seq_lens:
+        if lens and sum(lens) + n > PASS_CHUNK_TOKENS:
+            run(lens)
+            lens = []
+        lens.append(n)
+    if lens:
+        run(lens)
+    return torch.cat(outs), {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
 def _swiglu_input(w: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
     """silu(gate(x)) * up(x): down_proj's input (float weights)."""
     return F.silu(x @ w[f"{prefix}.gate_proj.weight"].T) * (x @ w[f"{prefix}.up_proj.weight"].T)
@@ -389,13 +421,13 @@ class Quantizer:
                 x = units[unit]
                 if x is not None and x.shape[0] < self._min_tokens(unit):
                     x = None
-                if x is not None and proj == "down_proj":
-                    x = _swiglu_input(w, unit, x)
             if x is None:
                 cache[key] = None
             else:
-                h = Hessian(x.shape[1])
-                h.add(x)
+                down = unit != "self_attn" and proj == "down_proj"
+                h = Hessian(w[f"{unit}.down_proj.weight"].shape[1] if down else x.shape[1])
+                for rows in x.split(PASS_CHUNK_TOKENS):  # down_proj's input, made a chunk at a time
+                    h.add(_swiglu_input(w, unit, rows) if down else rows)
                 cache[key] = h.value()
         return cache[key]
 
@@ -414,7 +446,6 @@ def quantize_checkpoint(model: str, out: str, opts: QuantizeOptions, log=None) -
 
     from ..config import TrinityConfig
     from ..loading import BUILTIN_MODEL, builtin_model_path
-    from ..model.attention import PackedSequences
     from ..model.layers import RotaryEmbedding
 
     # imported before the baseline: code is not weights
@@ -441,7 +472,7 @@ def quantize_checkpoint(model: str, out: str, opts: QuantizeOptions, log=None) -
     calibrate = opts.scheme == "w4a16" and opts.method != "rtn"
     notes: list[str] = []
 
-    x = rope = attn = None
+    x = rope = attn = None  # calibration: hidden states, rotary tables, sequence lengths
     tokens = 0
     if calibrate:
         from .calibration import calibration_ids
@@ -457,7 +488,7 @@ def quantize_checkpoint(model: str, out: str, opts: QuantizeOptions, log=None) -
             x = x * config.hidden_size ** 0.5
         positions = torch.cat([torch.arange(s.numel()) for s in seqs])
         rope = RotaryEmbedding(config.head_dim, config.rope_theta).cos_sin(positions, torch.float32)
-        attn = PackedSequences([s.numel() for s in seqs])
+        attn = [s.numel() for s in seqs]
     for note in notes:
         log(note)
 
@@ -488,7 +519,7 @@ def quantize_checkpoint(model: str, out: str, opts: QuantizeOptions, log=None) -
         acts = None
         if calibrate:
             layer = _build_layer(config, i, w)
-            x_next, acts = _layer_pass(layer, x, rope, attn)
+            x_next, acts = _layer_pass_chunked(layer, x, rope, attn)
             del layer
         report = LayerReport(i)
         tensors = quantizer.quantize_layer(i, w, acts, report)
