@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Options come from --config (TOML or JSON) and can be overridden with "
                                        "--key value for any TrainConfig field, e.g. --steps 200 --lr 1e-3.")
     train.add_argument("--config", default=None)
+    train.add_argument("--stage", default=None, choices=["supervised", "grpo"],
+                       help="supervised (next-token loss on documents, the default) or grpo (RL on rewards "
+                            "computed by code: prompts, group_size, clip_eps, kl_coeff, lora_rank, ... see "
+                            "train/grpo_config.py)")
 
     plan = sub.add_parser("plan", help="memory, tensor-parallel fit, decode bounds and cost on given GPUs")
     _add_plan_args(plan)
@@ -300,7 +304,10 @@ def _overrides(extra: list[str]) -> dict[str, str]:
 def _cmd_train(args) -> int:
     from .train.trainer import Trainer, load_train_config
 
-    cfg = load_train_config(args.config, args.overrides)
+    overrides = dict(args.overrides, **({"stage": args.stage} if args.stage else {}))
+    cfg = load_train_config(args.config, overrides)
+    if cfg.stage == "grpo":
+        return _cmd_train_grpo(cfg)
     if not cfg.data:
         raise ValueError("no training data: set `data` in the config or pass --data PATH[,PATH...]")
     trainer = Trainer(cfg)
@@ -308,6 +315,18 @@ def _cmd_train(args) -> int:
     if history and trainer.rank == 0:  # one summary line, not one per data-parallel process
         print(json.dumps({"steps": history[-1]["step"], "first_loss": history[0]["loss"],
                           "final_loss": history[-1]["loss"], "out_dir": cfg.out_dir}))
+    return 0
+
+
+def _cmd_train_grpo(cfg) -> int:
+    from .train.grpo import GRPOTrainer
+
+    trainer = GRPOTrainer(cfg)
+    history = trainer.run()
+    if history:
+        print(json.dumps({"steps": history[-1]["step"], "first_reward": history[0]["reward_mean"],
+                          "final_reward": history[-1]["reward_mean"], "final_kl": history[-1]["kl"],
+                          "out_dir": cfg.out_dir, "curves": trainer.curves}))
     return 0
 
 

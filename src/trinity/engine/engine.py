@@ -444,6 +444,33 @@ class LLMEngine:
         """Forget every cached block (running requests keep theirs); later prompts compute from scratch."""
         self.kv.reset_prefix_cache()
 
+    def update_weights(self, weights) -> int:
+        """Serve new weights from now on: copy each (name, tensor) (a mapping or pairs, under the checkpoint's
+        names) into the model's tensor in place, then forget the prefix cache, whose blocks hold keys and values
+        the old weights computed. In place, so what the engine built on the weights follows them: the fused
+        projections' concatenated weights (the parameters are views of them), copies keyed on a tensor's version
+        (packed CPU weights, the router's fp32 copy) and CUDA graphs (they read the same storage).
+        Only between requests: a running sequence's cache would mix two models. -> the number of tensors copied."""
+        if self.executor is not None:
+            raise NotImplementedError("update_weights with tensor parallelism: each rank holds its own shard")
+        if self.has_unfinished():
+            raise RuntimeError("update_weights while requests run: finish or abort them first")
+        targets = dict(self.model.named_parameters(remove_duplicate=False))
+        targets.update(self.model.named_buffers(remove_duplicate=False))
+        copied = 0
+        with torch.no_grad():
+            for name, value in (weights.items() if hasattr(weights, "items") else weights):
+                target = targets.get(name)
+                if target is None:
+                    raise KeyError(f"update_weights: the served model has no tensor {name!r}")
+                if target.shape != value.shape:
+                    raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the served model's "
+                                     f"{tuple(target.shape)}")
+                target.copy_(value)
+                copied += 1
+        self.reset_prefix_cache()
+        return copied
+
     def kv_tokens_held(self, request_id: str) -> dict[str, int]:
         """Token slots per layer each pool holds for a running request (its first sequence)."""
         req = self.requests[request_id]

@@ -50,6 +50,11 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
 
+    def update_weights(self, weights) -> int:
+        """Serve new weights (name -> tensor, the checkpoint's names), copied in place; the prefix cache is
+        forgotten. For a trainer that generates with this LLM between optimizer steps (`LLMEngine.update_weights`)."""
+        return self.engine.update_weights(weights)
+
     def generate(self, prompts=None, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  prompt_token_ids: Seq[Seq[int]] | None = None, priority: Seq[int] | None = None) \
             -> list[RequestOutput]:

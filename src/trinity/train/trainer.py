@@ -27,8 +27,14 @@ from .parallel import MODES as DATA_PARALLEL_MODES
 from .parallel import DataParallel, clip_grad_norm_, resolve_mode
 
 
+STAGES = ("supervised", "grpo")
+
+
 @dataclass
 class TrainConfig:
+    # which trainer runs: "supervised" (next-token loss on documents, this file) or "grpo" (RL on verifiable
+    # rewards, train/grpo.py, whose own options live in train/grpo_config.py)
+    stage: str = "supervised"
     # model
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # config.json keys overriding the preset
@@ -76,6 +82,8 @@ class TrainConfig:
     data_parallel: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage {self.stage!r}: allowed {', '.join(STAGES)}")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"schedule {self.schedule!r}: allowed cosine, wsd, constant")
         if self.data_order not in ("rsdb", "sequential"):
@@ -98,13 +106,30 @@ def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfi
                 data = tomllib.load(f)
             else:
                 data = json.load(f)
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    cls = config_class(str(overrides.get("stage", data.get("stage", "supervised"))))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in list(data) + list(overrides) if k not in fields]
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(set(unknown)))}")
     for key, raw in overrides.items():
-        data[key] = _coerce(raw, getattr(TrainConfig(), key))
-    return TrainConfig(**data)
+        data[key] = _coerce(raw, _default(fields[key]))
+    return cls(**data)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default without building the dataclass (a stage may require options that have none)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def config_class(stage: str) -> type[TrainConfig]:
+    """The options dataclass of a training stage (GRPO adds its own fields to TrainConfig's)."""
+    if stage == "grpo":
+        from .grpo_config import GRPOConfig  # imported here: it subclasses TrainConfig
+
+        return GRPOConfig
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: allowed {', '.join(STAGES)}")
+    return TrainConfig
 
 
 def _coerce(raw: Any, like: Any) -> Any:
@@ -160,8 +185,55 @@ def lr_scale(cfg: TrainConfig, step: int) -> float:
     return 1.0 - (1 - cfg.min_lr_ratio) * progress
 
 
+# ---------------------------------------------------------------------- helpers shared with the GRPO trainer
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def build_tokenizer(name: str):
+    """"byte" (the built-in byte-level tokenizer) or a folder with tokenizer.json."""
+    from ..tokenizer import TrinityTokenizer, build_byte_level_tokenizer
+
+    return build_byte_level_tokenizer() if name == "byte" else TrinityTokenizer.from_pretrained(name)
+
+
+def build_model(cfg: TrainConfig, tokenizer) -> TrinityForCausalLM:
+    """fp32 on the CPU: `init_from`'s weights, or the preset (with `cfg.model` overrides) initialised like the
+    report with `cfg.seed` (so the same config always rebuilds the same starting weights)."""
+    if cfg.init_from:
+        return TrinityForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+    config = preset(cfg.preset, **cfg.model)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens; the model's vocab_size is "
+                         f"{config.vocab_size}")
+    model = TrinityForCausalLM.empty(config, torch.float32, "cpu")
+    init_like_report_(model, cfg.seed)
+    return model
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]  # a weights_only load gives the tuple back as lists
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_atomic(state: dict, path: str) -> None:
+    """torch.save through a temporary file: a run killed while saving keeps its previous checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        if cfg.stage != "supervised":
+            raise ValueError(f"Trainer runs the supervised stage; stage {cfg.stage!r} has its own (train/grpo.py)")
         self.cfg = cfg
         self.world, self.rank = 1, 0
         self._owns_process_group = False
@@ -204,26 +276,13 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     @staticmethod
     def _seed_everything(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % (1 << 32))
-        torch.manual_seed(seed)
+        seed_everything(seed)
 
     def _tokenizer(self):
-        from ..tokenizer import TrinityTokenizer, build_byte_level_tokenizer
-
-        return build_byte_level_tokenizer() if self.cfg.tokenizer == "byte" \
-            else TrinityTokenizer.from_pretrained(self.cfg.tokenizer)
+        return build_tokenizer(self.cfg.tokenizer)
 
     def _model(self) -> TrinityForCausalLM:
-        if self.cfg.init_from:
-            return TrinityForCausalLM.from_pretrained(self.cfg.init_from, dtype=torch.float32)
-        config = preset(self.cfg.preset, **self.cfg.model)
-        if self.tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens; the model's vocab_size is "
-                             f"{config.vocab_size}")
-        model = TrinityForCausalLM.empty(config, torch.float32, "cpu")
-        init_like_report_(model, self.cfg.seed)
-        return model
+        return build_model(self.cfg, self.tokenizer)
 
     @property
     def checkpoint_path(self) -> str:
@@ -351,11 +410,8 @@ class Trainer:
             return
         state = {"step": self.step, "model": model_state, "optimizer": optimizer_state,
                  "balancer": self.balancer.state_dict(), "data": self.loader.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                 "config": dataclasses.asdict(self.cfg)}
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+                 "rng": rng_state(), "config": dataclasses.asdict(self.cfg)}
+        save_atomic(state, path)
 
     def load_checkpoint(self, path: str) -> None:
         # weights_only: a checkpoint cannot run code when loaded
@@ -365,9 +421,7 @@ class Trainer:
                                         for key, opt in self.optimizer.named_optimizers().items()})
         self.balancer.load_state_dict(state["balancer"])
         self.loader.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        version, internal, gauss = state["rng"]["python"]
-        random.setstate((version, tuple(internal), gauss))
+        set_rng_state(state["rng"])
         self.step = state["step"]
 
     def export(self, path: str) -> None:
