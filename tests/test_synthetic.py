@@ -98,7 +98,7 @@ def test_heldout_prompts_are_disjoint_from_training(train, heldout):
             assert key not in seen, task["id"]
     fresh = [t for t in heldout if not t.get("seen_in_train")]
     assert len(fresh) >= 0.9 * len(heldout)
-    assert {t["check"] for t in heldout} == {"arithmetic", "tool_call", "no_tool", "json", "contains"}
+    assert {t["check"] for t in heldout} == {"arithmetic", "tool_call", "tool_calls", "no_tool", "json", "contains"}
 
 
 def test_heldout_task_is_a_prefix_of_a_full_conversation(heldout):
@@ -136,8 +136,10 @@ def test_loss_covers_exactly_the_assistant_turns(train, tok):
         for segment, turn in zip(segments, turns):
             # the model writes its reasoning (after the server's <think>\n prefill), closes it, then answers
             expected = turn["reasoning_content"] + "\n</think>\n" + (turn["content"] or "")
-            for call in turn.get("tool_calls") or []:
+            for n, call in enumerate(turn.get("tool_calls") or []):
                 args = json.dumps(json.loads(call["function"]["arguments"]))
+                # parallel calls: one block each, a newline between blocks (as after content)
+                expected += "\n" if n or turn["content"] else ""
                 expected += f'<tool_call>\n{{"name": "{call["function"]["name"]}", "arguments": {args}}}\n</tool_call>'
             # the template's newline after <|im_end|> comes with the turn (generation stops at <|im_end|>)
             assert segment == expected + "<|im_end|>\n", (segment, expected)
@@ -174,11 +176,11 @@ def test_tool_calls_agree_with_backends_and_schemas(train):
     for record in train:
         messages, offered = record["messages"], {t["function"]["name"]: t for t in record.get("tools") or []}
         for i, m in enumerate(messages):
-            for call in m.get("tool_calls") or []:
+            for k, call in enumerate(m.get("tool_calls") or []):  # parallel calls: results in the calls' order
                 name, args = call["function"]["name"], json.loads(call["function"]["arguments"])
                 assert name in offered, "called a tool that was not offered"
                 jsonschema.validate(args, offered[name]["function"]["parameters"])
-                result = messages[i + 1]
+                result = messages[i + 1 + k]
                 assert result["role"] == "tool" and result["tool_call_id"] == call["id"]
                 assert json.loads(result["content"]) == run_tool(name, args, record["meta"]["day"])
                 calls += 1

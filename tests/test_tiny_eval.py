@@ -52,9 +52,17 @@ def test_evaluator_end_to_end(setup, tmp_path):
     result = json.loads(lines[-1])
     assert result["tasks"] == TASKS and result["errors"] == 0 and result["model"] == "model"
     metrics = result["metrics"]
-    checks = [t["check"] for t in read_jsonl(str(heldout))]
+    tasks = read_jsonl(str(heldout))
+    checks = [t["check"] for t in tasks]
     assert metrics["think_closed"]["n"] == TASKS
-    assert metrics["tool_call_accuracy"]["n"] == checks.count("tool_call")
+    # each tool-call split on its own: the tools seen in training, unseen tools, forced calls (tool_choice)
+    unseen = [t for t in tasks if t["family"].startswith("unseen_tool") and t["check"] in ("tool_call", "tool_calls")]
+    forced = [t for t in tasks if "tool_choice" in t]
+    assert unseen and forced  # this corpus' first tasks have both, so the new split is measured end to end
+    assert metrics["unseen_tool_accuracy"]["n"] == len(unseen)
+    assert metrics["forced_call_accuracy"]["n"] == len(forced)
+    assert metrics["tool_call_accuracy"]["n"] == checks.count("tool_call") - len(forced) - \
+        sum(t["check"] == "tool_call" for t in unseen)
     assert metrics["arithmetic_exact"]["n"] == checks.count("arithmetic")
     assert metrics["json_valid"]["n"] == checks.count("json")
     for m in metrics.values():

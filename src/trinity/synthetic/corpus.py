@@ -19,6 +19,9 @@ from .conversations import HELDOUT_MIX, TRAIN_MIX, example_at
 from .example import Checkpoint, Example
 
 HELDOUT_REDRAWS = 64
+# chat request fields a family puts in its meta for the evaluator to send (generated_conversations.py's forced
+# calls, reasoned_json.py's response_format); such families have checkpoints only where the field applies
+REQUEST_FIELDS = ("tool_choice", "response_format")
 
 
 def prompt_key(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
@@ -34,7 +37,7 @@ def train_examples(seed: int, count: int, mix: Mapping[str, float] = TRAIN_MIX) 
 
 def _pick_checkpoint(rng: random.Random, example: Example) -> Checkpoint:
     # tool calls are what the issue measures, so a tool conversation is more often tested at its call
-    weights = [3 if c.check == "tool_call" else 1 for c in example.checkpoints]
+    weights = [3 if c.check in ("tool_call", "tool_calls") else 1 for c in example.checkpoints]
     return rng.choices(example.checkpoints, weights)[0]
 
 
@@ -54,6 +57,9 @@ def heldout_task(seed: int, index: int, mix: Mapping[str, float], taken: set[str
         task["tools"] = example.tools
     if example.meta:
         task["meta"] = example.meta
+    for field in REQUEST_FIELDS:  # what the evaluator must send with the messages (tool_choice, response_format)
+        if field in example.meta:
+            task[field] = example.meta[field]
     if key in taken:
         task["seen_in_train"] = True
     taken.add(key)

@@ -17,10 +17,11 @@ from .words import SYSTEM_PROMPTS
 # What a checkpoint's `expected` holds, per check kind:
 #   arithmetic  {"answer": int}                       content states "The answer is N."
 #   tool_call   {"name": str, "arguments": dict}      exactly one call with these (normalised) arguments
+#   tool_calls  {"calls": [{"name", "arguments"}]}    parallel calls: exactly these, in any order
 #   no_tool     {"contains": [str, ...]}              no call; content holds every string (any case)
 #   json        {"schema": dict, "value": dict}       content is one JSON object valid under schema
 #   contains    {"contains": [str, ...]}              content holds every string (any case)
-CHECKS = ("arithmetic", "tool_call", "no_tool", "json", "contains")
+CHECKS = ("arithmetic", "tool_call", "tool_calls", "no_tool", "json", "contains")
 
 
 @dataclass(slots=True)

@@ -89,6 +89,29 @@ def validate_json(content: str | None, schema: dict[str, Any]) -> tuple[Any, str
     return value, ""
 
 
+def _parsed_calls(calls: list[tuple[str, str]]) -> list[tuple[str, Any]] | None:
+    try:
+        return [(name, json.loads(arguments)) for name, arguments in calls]
+    except json.JSONDecodeError:
+        return None
+
+
+def _score_parallel(expected: list[dict[str, Any]], calls: list[tuple[str, str]], closed: bool) -> Score:
+    """Parallel calls: exactly the expected calls, each matched once, in any order (a client runs them all)."""
+    if len(calls) != len(expected):
+        return Score(False, closed, f"{len(calls)} tool calls, expected {len(expected)}")
+    parsed = _parsed_calls(calls)
+    if parsed is None:
+        return Score(False, closed, "arguments are not JSON")
+    left = list(parsed)
+    for want in expected:
+        match = next((c for c in left if c[0] == want["name"] and same_value(want["arguments"], c[1])), None)
+        if match is None:
+            return Score(False, closed, f"no call matches {want['name']} {json.dumps(want['arguments'])}")
+        left.remove(match)
+    return Score(True, closed)
+
+
 def score(task: dict[str, Any], reply: Reply) -> Score:
     check, expected = task["check"], task["expected"]
     if reply.error is not None:
@@ -106,6 +129,8 @@ def score(task: dict[str, Any], reply: Reply) -> Score:
             return Score(False, closed, f"called {name}, expected {expected['name']}")
         ok = same_value(expected["arguments"], parsed)
         return Score(ok, closed, "" if ok else f"arguments {arguments}")
+    if check == "tool_calls":
+        return _score_parallel(expected["calls"], reply.tool_calls, closed)
     if reply.tool_calls:
         return Score(False, closed, f"unexpected tool call {reply.tool_calls[0][0]}")
     if check == "arithmetic":

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from .generated_backend import is_generated_tool, run_generated_tool
 from .words import TIMEZONES, WEATHER_CONDITIONS
 
 
@@ -130,6 +131,8 @@ BACKENDS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def run_tool(name: str, arguments: dict[str, Any], day: int) -> dict[str, Any]:
+    if is_generated_tool(name):  # the tools generated_tools.py makes up (tool_domains.py's actions)
+        return run_generated_tool(name, arguments, day)
     if name not in BACKENDS:
         raise ValueError(f"unknown tool {name!r}; known: {', '.join(BACKENDS)}")
     return BACKENDS[name](**arguments, day=day)
