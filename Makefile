@@ -37,12 +37,15 @@ serve: install
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
 
-# The built-in tiny model from scratch (issue 7): synthetic corpus -> BPE tokenizer -> `trinity train` with
-# configs/tiny_model.toml -> the export copied into the package. Everything under out/tiny is rebuilt.
-# TINY_TRAIN_ARGS passes training overrides, e.g. TINY_TRAIN_ARGS="--steps 30" for a smoke run.
+# The built-in tiny model from scratch (issues 7 and 24): synthetic corpus -> BPE tokenizer -> `trinity train` with
+# configs/tiny_model.toml (supervised) -> GRPO with configs/tiny_grpo.toml -> its export copied into the package.
+# Everything under out/tiny is rebuilt. TINY_TRAIN_ARGS / TINY_GRPO_ARGS pass overrides to either stage, e.g.
+# TINY_TRAIN_ARGS="--steps 30" TINY_GRPO_ARGS="--steps 2" for a smoke run.
 TINY        := out/tiny
 TINY_ASSETS := src/trinity/assets/trinity-tiny
 TINY_CORPUS := --train 60000 --heldout 300 --seed 0
+# GRPO's tasks: the training families only (no held-out tool domain), their own seed
+TINY_RL     := --train 0 --heldout 3000 --seed 7 --heldout-mix arithmetic=0.25,arithmetic_chain=0.1,tool_use=0.1,gen_tool_call=0.2,gen_tool_parallel=0.05,gen_tool_none=0.05,tool_choice_forced=0.1,json_schema_reasoned=0.05,json=0.1
 # glibc returns large freed blocks to the OS, so every big activation buffer page-faults anew on first touch:
 # keeping them in the heap measured ~15% more training tokens/s on 2 cores.
 TINY_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
@@ -53,8 +56,10 @@ tiny-model: install
 	$(PY) -m trinity.synthetic --out $(TINY)/data $(TINY_CORPUS)
 	$(PY) -m trinity.synthetic tokenizer --corpus $(TINY)/data --vocab 2560 --out $(TINY)/tokenizer
 	$(TINY_MALLOC) $(VENV)/bin/trinity train --config configs/tiny_model.toml $(TINY_TRAIN_ARGS)
+	$(PY) -m trinity.synthetic --out $(TINY)/rl $(TINY_RL)
+	$(TINY_MALLOC) $(VENV)/bin/trinity train --config configs/tiny_grpo.toml $(TINY_GRPO_ARGS)
 	rm -rf $(TINY_ASSETS) && mkdir -p $(TINY_ASSETS)
-	cp $(TINY)/export/* $(TINY_ASSETS)/
+	cp $(TINY)/grpo/export/* $(TINY_ASSETS)/
 	cp $(TINY)/tokenizer/* $(TINY_ASSETS)/  # the same tokenizer, with the chat template in tokenizer_config.json
 	cp configs/tiny_model_card.md $(TINY_ASSETS)/README.md
 

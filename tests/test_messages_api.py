@@ -154,6 +154,23 @@ def test_tool_use_round_trip(client):
 
 
 @pytest.mark.server
+def test_count_tokens_is_what_the_model_reads(client, server):
+    """`messages.count_tokens` (POST /v1/messages/count_tokens) gives the `usage.input_tokens` the same messages,
+    system prompt, tools and thinking get from /v1/messages; tools and a system prompt add their tokens; a bad body
+    is an Anthropic-shaped 400."""
+    system = "Answer briefly."
+    for kw in ({}, {"system": system}, {"tools": TOOLS}, {"system": system, "tools": TOOLS},
+               {"thinking": {"type": "disabled"}}):
+        counted = client.messages.count_tokens(model=BUILTIN_MODEL, messages=WEATHER, **kw).input_tokens
+        assert counted == create(client, WEATHER, max_tokens=1, **kw).usage.input_tokens, kw
+    plain = client.messages.count_tokens(model=BUILTIN_MODEL, messages=WEATHER).input_tokens
+    both = client.messages.count_tokens(model=BUILTIN_MODEL, messages=WEATHER, system=system, tools=TOOLS)
+    assert both.input_tokens > plain + len(system.split())
+    r = server.http.post("/v1/messages/count_tokens", json={"model": BUILTIN_MODEL, "messages": []})
+    assert "messages" in assert_anthropic_error(r, 400, "invalid_request_error")
+
+
+@pytest.mark.server
 @pytest.mark.parametrize("messages,tools", [(ARITHMETIC, None), (WEATHER, TOOLS)], ids=["text", "tool_use"])
 def test_streamed_equals_whole(client, messages, tools):
     kw = {"tools": tools} if tools else {}

@@ -26,6 +26,7 @@ OPERATIONS = [
     ("POST", "/v1/completions", 50),
     ("POST", "/v1/responses", 30),
     ("POST", "/v1/messages", 30),
+    ("POST", "/v1/messages/count_tokens", 15),
     ("GET", "/v1/responses/{response_id}", 10),
     ("POST", "/tokenize", 40),
     ("POST", "/detokenize", 30),

@@ -12,8 +12,8 @@ from .chat import create_chat_completion
 from .completions import create_completion
 from .dashboard.routes import dashboard_router
 from .errors import APIError, document_errors, install_error_handlers, lone_surrogate_error
-from .messages import create_message
-from .messages_protocol import MessagesRequest
+from .messages import count_message_tokens, create_message
+from .messages_protocol import MessagesCountTokensRequest, MessagesRequest
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .responses import responses_router
 from .state import ServerState
@@ -121,6 +121,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/messages", dependencies=auth)  # Anthropic's Messages API over the same chat pipeline
     async def messages(body: MessagesRequest, request: Request):
         return await create_message(state, body, request)
+
+    @app.post("/v1/messages/count_tokens", dependencies=auth)
+    async def messages_count_tokens(body: MessagesCountTokensRequest):
+        return await count_message_tokens(state, body)
 
     app.include_router(responses_router(state, auth))  # OpenAI's Responses API over the same chat pipeline
 

@@ -69,16 +69,7 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> ChatR
     and the prompt is tokenized in worker threads, so a large schema or prompt does not stall the event loop."""
     engine = state.admit(body.model)
     settings = state.settings
-    tools = body.tools or None
-    try:
-        if body.tools is not None:
-            validate_tools(body.tools)
-        choice = parse_tool_choice(body.tool_choice, tools)
-    except ToolSchemaError as e:
-        raise APIError(400, str(e), param=e.param) from None
-    if choice == "auto" and tools and not (settings.enable_auto_tool_choice and settings.tool_call_parser):
-        raise APIError(400, '"auto" tool choice needs the server started with --enable-auto-tool-choice and '
-                            "--tool-call-parser", param="tool_choice")
+    tools, choice = _tools_and_choice(state, body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     answer = await _answer_constraint(state, body, choice, tools)
@@ -96,6 +87,33 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> ChatR
     prepared = state.prepare(engine, plan.request_id, prompt_ids, params, body.priority, "messages",
                              body.cache_salt)
     return ChatRun(engine, plan, prepared)
+
+
+async def prompt_tokens(state: ServerState, body: ChatCompletionRequest) -> int:
+    """How many tokens `prepare_chat` would prompt the model with for this request, validated as there but with no
+    grammar compiled (whether the answer is constrained is read from the request)."""
+    state.admit(body.model)
+    tools, choice = _tools_and_choice(state, body)
+    fmt = body.response_format
+    constrained = choice == "required" or isinstance(choice, tuple) or bool(fmt and fmt.get("type") != "text")
+    prompt = _render(state, body, tools if choice != "none" else None, constrained)
+    return len(await state.encode(prompt, "messages"))
+
+
+def _tools_and_choice(state: ServerState, body: ChatCompletionRequest) -> tuple[list[dict] | None, object]:
+    """The request's tools (validated; None when it has none) and its parsed tool_choice."""
+    tools = body.tools or None
+    try:
+        if body.tools is not None:
+            validate_tools(body.tools)
+        choice = parse_tool_choice(body.tool_choice, tools)
+    except ToolSchemaError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    settings = state.settings
+    if choice == "auto" and tools and not (settings.enable_auto_tool_choice and settings.tool_call_parser):
+        raise APIError(400, '"auto" tool choice needs the server started with --enable-auto-tool-choice and '
+                            "--tool-call-parser", param="tool_choice")
+    return tools, choice
 
 
 def _render(state: ServerState, body: ChatCompletionRequest, tools: list[dict] | None, constrained: bool) -> str:

@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from ..engine.request import CompletionOutput, RequestOutput
-from .chat import ChatRun, ChoiceReader, prepare_chat
+from .chat import ChatRun, ChoiceReader, prepare_chat, prompt_tokens
 from .errors import APIError
-from .messages_protocol import Message, MessagesRequest, Tool, ToolChoice, ToolResultBlock
+from .messages_protocol import Message, MessagesCountTokensRequest, MessagesRequest, Tool, ToolChoice, \
+    ToolResultBlock
 from .protocol import ChatCompletionRequest
 from .state import ServerState
 from .tools import ToolCall, ToolCallDelta
@@ -31,6 +32,13 @@ async def create_message(state: ServerState, body: MessagesRequest, raw: Request
         return StreamingResponse(_sse_stream(events), media_type="text/event-stream")
     out = await state.collect(run.engine, run.prepared, raw)
     return JSONResponse(_message(state, run, out))
+
+
+async def count_message_tokens(state: ServerState, body: MessagesCountTokensRequest) -> dict:
+    """The prompt's tokens as `/v1/messages` would render them for the same messages, system, tools and thinking:
+    its response's `usage.input_tokens`."""
+    request = MessagesRequest.model_validate({**body.model_dump(exclude_none=True), "max_tokens": 1})
+    return {"input_tokens": await prompt_tokens(state, to_chat_request(request))}
 
 
 # ---------------------------------------------------------------------- the request, as a chat request

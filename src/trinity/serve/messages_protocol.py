@@ -118,3 +118,14 @@ class MessagesRequest(_Body):
     thinking: Thinking | None = None
     metadata: dict[str, Any] | None = None  # accepted and ignored (Anthropic's user_id for abuse tracking)
 
+
+
+class MessagesCountTokensRequest(_Body):
+    """`POST /v1/messages/count_tokens`: what the model would read for a Messages request (no sampling fields)."""
+
+    model: str
+    messages: Annotated[list[Message], Field(min_length=1)]
+    system: str | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None

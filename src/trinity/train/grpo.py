@@ -29,7 +29,8 @@ from .optim import CombinedOptimizer
 from .parallel import clip_grad_norm_
 from .rewards import task_reward
 from .rollouts import Rollout, RolloutEngine, load_tasks, render_prompt, round_tasks
-from .trainer import build_model, build_tokenizer, lr_scale, rng_state, save_atomic, seed_everything, set_rng_state
+from .trainer import build_model, build_tokenizer, lr_scale, rng_state, run_steps, save_atomic, seed_everything, \
+    set_rng_state
 
 THINK_PREFILL = "<think>\n"
 
@@ -213,26 +214,8 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ run, checkpoints, export
     def run(self) -> list[dict]:
         cfg = self.cfg
-        progress = None
-        if cfg.progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            progress = Progress(TextColumn("grpo"), MofNCompleteColumn(), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            task = progress.add_task("grpo", total=cfg.steps, completed=self.step, info="")
-            progress.start()
-        try:
-            while self.step < cfg.steps:
-                record = self.train_step()
-                if progress is not None:
-                    progress.update(task, completed=self.step,
-                                    info=f"reward {record['reward_mean']:.3f} kl {record['kl']:.4f} "
-                                         f"clip {record['clip_fraction']:.3f} loss {record['loss']:.4f}")
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint(self.checkpoint_path)
-        finally:
-            if progress is not None:
-                progress.stop()
+        run_steps(self, "grpo", lambda r: f"reward {r['reward_mean']:.3f} kl {r['kl']:.4f} "
+                                          f"clip {r['clip_fraction']:.3f} loss {r['loss']:.4f}", show=cfg.progress)
         self.save_checkpoint(self.checkpoint_path)
         self.export(cfg.export_dir or os.path.join(cfg.out_dir, "export"))
         self.curves = write_curves(self.log_path, cfg.out_dir)

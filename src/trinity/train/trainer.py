@@ -230,6 +230,30 @@ def save_atomic(state: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def run_steps(trainer, label: str, describe, show: bool) -> None:
+    """`trainer.train_step()` until `trainer.cfg.steps`, saving a checkpoint every `checkpoint_every` steps (the last
+    is the caller's), with a progress bar (`label`, and `describe(record)` after each step) when `show`."""
+    cfg = trainer.cfg
+    progress = None
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn(label), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn())
+        task = progress.add_task(label, total=cfg.steps, completed=trainer.step, info="")
+        progress.start()
+    try:
+        while trainer.step < cfg.steps:
+            record = trainer.train_step()
+            if progress is not None:
+                progress.update(task, completed=trainer.step, info=describe(record))
+            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps:
+                trainer.save_checkpoint(trainer.checkpoint_path)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         if cfg.stage != "supervised":
@@ -367,27 +391,12 @@ class Trainer:
     # ------------------------------------------------------------------ run, checkpoints, export
     def run(self) -> list[dict]:
         cfg = self.cfg
-        progress = None
-        if cfg.progress and self.rank == 0:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            task = progress.add_task("train", total=cfg.steps, completed=self.step, info="")
-            progress.start()
-        try:
-            while self.step < cfg.steps:
-                record = self.train_step()
-                if progress is not None:
-                    info = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
-                    if record["maxvio"] is not None:
-                        info += f" maxvio {record['maxvio']:.2f}"
-                    progress.update(task, completed=self.step, info=info)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint(self.checkpoint_path)
-        finally:
-            if progress is not None:
-                progress.stop()
+        def describe(record: dict) -> str:
+            info = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+            return info + (f" maxvio {record['maxvio']:.2f}" if record["maxvio"] is not None else "")
+
+        run_steps(self, "step", describe, show=cfg.progress and self.rank == 0)
         self.save_checkpoint(self.checkpoint_path)
         self.export(cfg.export_dir or os.path.join(cfg.out_dir, "export"))
         self.close()
