@@ -20,8 +20,8 @@ from trinity.quant import awq, gptq, int4
 pytest.importorskip("compressed_tensors")
 from fp8_helpers import library_dequantized  # noqa: E402
 from int4_helpers import ct_dequantized  # noqa: E402
+from quant_helpers import IDS, loaded_weight, logits, rel  # noqa: E402
 
-IDS = torch.tensor([[1, 5, 9, 22, 7, 3, 100, 42, 17, 250]])
 CFG = preset("tiny", vocab_size=301)
 GROUP = 32
 
@@ -31,15 +31,6 @@ def float_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("float")
     TrinityForCausalLM.random(CFG, seed=0).save_pretrained(path)
     return path
-
-
-def logits(m, ids=IDS):
-    with torch.inference_mode():
-        return m(ids).float()
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def quantize(model, out, *args) -> dict:
@@ -56,15 +47,6 @@ def read_all(path) -> dict[str, torch.Tensor]:
         if f.endswith(".safetensors"):
             out.update(load_file(os.path.join(path, f)))
     return out
-
-
-def loaded_weight(model, module: str) -> torch.Tensor:
-    if ".mlp.experts." in module:
-        prefix, e, proj = module.rsplit(".", 2)
-        gate_up, down = model.get_submodule(prefix).expert_weights(int(e), torch.float32)
-        i = down.shape[1]
-        return {"gate_proj": gate_up[:i], "up_proj": gate_up[i:], "down_proj": down}[proj]
-    return model.get_submodule(module).dequantized(torch.float32)
 
 
 CASES = [("fp8-block", "rtn"), ("fp8-channel", "rtn"), ("w4a16", "rtn"), ("w4a16", "awq"), ("w4a16", "gptq")]

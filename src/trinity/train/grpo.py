@@ -30,7 +30,7 @@ from .parallel import clip_grad_norm_
 from .rewards import task_reward
 from .rollouts import Rollout, RolloutEngine, load_tasks, render_prompt, round_tasks
 from .trainer import build_model, build_tokenizer, lr_scale, rng_state, run_steps, save_atomic, seed_everything, \
-    set_rng_state
+    set_rng_state, start_or_resume
 
 THINK_PREFILL = "<think>\n"
 
@@ -91,14 +91,7 @@ class GRPOTrainer:
         self.policy.train()
         self.pad_id = self.tokenizer.pad_token_id if getattr(self.tokenizer, "pad_token_id", None) is not None \
             else self.tokenizer.eos_token_id
-        self.step = 0
-        self.history: list[dict] = []
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
-        if os.path.exists(self.checkpoint_path):
-            self.load_checkpoint(self.checkpoint_path)
-        elif os.path.exists(self.log_path):
-            os.remove(self.log_path)  # a fresh run: the old log would mix with this one
+        start_or_resume(self)
         self.engine = self._rollout_engine()
 
     # ------------------------------------------------------------------ setup

@@ -230,6 +230,19 @@ def save_atomic(state: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def start_or_resume(trainer, writes_log: bool = True) -> None:
+    """A trainer's run state: step 0, an empty history and `out_dir/log.jsonl`, or what `out_dir`'s checkpoint
+    saved. A fresh run removes an old log (`writes_log`: the process that writes it), which would mix with its own."""
+    trainer.step = 0
+    trainer.history = []
+    os.makedirs(trainer.cfg.out_dir, exist_ok=True)
+    trainer.log_path = os.path.join(trainer.cfg.out_dir, "log.jsonl")
+    if os.path.exists(trainer.checkpoint_path):
+        trainer.load_checkpoint(trainer.checkpoint_path)
+    elif writes_log and os.path.exists(trainer.log_path):
+        os.remove(trainer.log_path)
+
+
 def run_steps(trainer, label: str, describe, show: bool) -> None:
     """`trainer.train_step()` until `trainer.cfg.steps`, saving a checkpoint every `checkpoint_every` steps (the last
     is the caller's), with a progress bar (`label`, and `describe(record)` after each step) when `show`."""
@@ -288,14 +301,7 @@ class Trainer:
         eos = self.tokenizer.eos_token_id
         self.loader = make_loader(cfg.data_order, load_documents(cfg.data, self.tokenizer, eos), cfg.seq_len,
                                   cfg.seed, cfg.buffer_size, streams=cfg.data_streams)
-        self.step = 0
-        self.history: list[dict] = []
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
-        if os.path.exists(self.checkpoint_path):
-            self.load_checkpoint(self.checkpoint_path)
-        elif self.rank == 0 and os.path.exists(self.log_path):
-            os.remove(self.log_path)  # a fresh run: the old log would mix with this one
+        start_or_resume(self, writes_log=self.rank == 0)
 
     # ------------------------------------------------------------------ setup
     @staticmethod
