@@ -157,6 +157,19 @@ def test_awq_scales_beat_rtn_on_the_layer_output_error():
     assert awq.output_error(x, w, awq.rtn(clipped, GROUP)) <= errors[0.0] * (1 + 1e-9)
 
 
+def test_awq_clip_per_group_beats_one_ratio_for_the_whole_weight():
+    """AWQ's clip search picks a ratio per (row, group): better than the best single ratio, far better than RTN."""
+    x, w = outlier_problem(1)
+    clipped, ratio = awq.search_clip(w, x, GROUP)
+    err = awq.output_error(x, w, awq.rtn(clipped, GROUP))
+    per_weight = []
+    for r in awq.CLIP_RATIOS:
+        limit = r * w.abs().reshape(w.shape[0], -1, GROUP).amax(-1).repeat_interleave(GROUP, 1)
+        per_weight.append(awq.output_error(x, w, awq.rtn(torch.maximum(torch.minimum(w, limit), -limit), GROUP)))
+    assert err < 0.9 * min(per_weight) and err < 0.5 * per_weight[0]  # per_weight[0]: ratio 1.0, plain RTN
+    assert 0.5 <= ratio < 1.0
+
+
 def test_int4_rtn_is_the_canonical_quantize():
     _, w = outlier_problem(2)
     q = int4.quantize(w, GROUP, True)

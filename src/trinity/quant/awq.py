@@ -75,19 +75,34 @@ def search_scales(pairs: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]]], 
     return best[2], best[1], errors
 
 
+CLIP_RATIOS = tuple(1.0 - 0.05 * k for k in range(11))  # down to half the group's range, as AWQ's clip search
+
+
 def search_clip(w: torch.Tensor, x: torch.Tensor, group: int, scale_dtype: torch.dtype = torch.float32,
-                ratios: Sequence[float] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)) -> tuple[torch.Tensor, float]:
-    """w [out, in] clipped to ratio * each group's absolute maximum, the ratio with the smallest output error on x
-    (1.0: no clipping, plain RTN). Returns (the clipped float weight to quantize, the ratio)."""
+                ratios: Sequence[float] = CLIP_RATIOS) -> tuple[torch.Tensor, float]:
+    """w [out, in] with each (row, group) clipped to the ratio of its absolute maximum that gives the smallest
+    error of that group's part of the output on x (1.0: no clipping, plain RTN), as AWQ does. The groups' parts
+    are judged apart (the Gram matrix's diagonal blocks), so the choice is re-checked on the whole output against
+    no clipping and the best single ratio: the result never does worse than RTN on x.
+    Returns (the clipped float weight to quantize, the mean ratio)."""
     out, inp = w.shape
     groups = torch.arange(inp) // group
-    amax = torch.zeros(out, int(groups.max()) + 1).scatter_reduce(1, groups.expand(out, inp), w.abs(), "amax")
-    limit = amax.index_select(1, groups)
-    best = (float("inf"), 1.0, w)
+    count = int(groups.max()) + 1
+    amax = torch.zeros(out, count).scatter_reduce(1, groups.expand(out, inp), w.abs(), "amax")
     g = gram(x)
+    starts = range(0, inp, group)
+    candidates, part_errors = [], []
     for r in ratios:
-        clipped = torch.maximum(torch.minimum(w, r * limit), -r * limit)
-        err = gram_error(g, w, rtn(clipped, group, scale_dtype))
-        if err < best[0]:
-            best = (err, r, clipped)
-    return best[2], best[1]
+        limit = (r * amax).index_select(1, groups)
+        clipped = torch.maximum(torch.minimum(w, limit), -limit)
+        d = (w - rtn(clipped, group, scale_dtype)).double()
+        part_errors.append(torch.stack([((d[:, a:a + group] @ g[a:a + group, a:a + group]) * d[:, a:a + group])
+                                        .sum(1) for a in starts], 1))
+        candidates.append(clipped)
+    pick = torch.stack(part_errors).argmin(0)  # [out, groups]: the best ratio's index per (row, group)
+    per_group = torch.stack(candidates).gather(0, pick.index_select(1, groups)[None]).squeeze(0)
+    options = [(gram_error(g, w, rtn(c, group, scale_dtype)), float(r), c) for r, c in zip(ratios, candidates)]
+    ratio_mean = float(torch.tensor(ratios, dtype=torch.float64)[pick].mean())
+    options.append((gram_error(g, w, rtn(per_group, group, scale_dtype)), ratio_mean, per_group))
+    _, ratio, best = min(options, key=lambda o: o[0])
+    return best, ratio

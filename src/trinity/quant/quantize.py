@@ -323,10 +323,12 @@ class Quantizer:
 
     # -------------------------------------------------------------- AWQ: scales folded into the float weights
     def _awq(self, w: dict[str, torch.Tensor], acts: dict, report: LayerReport, prefix: str) -> dict[str, torch.Tensor]:
-        """Rescale the layer's float weights in place (the float function unchanged); returns o_proj's clipped
-        weight to quantize."""
+        """Rescale the layer's float weights in place (the float function unchanged), then clip each targeted
+        weight but q/k (whose errors pass through the softmax: AWQ leaves them unclipped) on the input it sees
+        after the scales; returns the clipped weights to quantize, by name."""
         g, dt = self.opts.group_size, self.scale_dtype
         q = lambda name: self.targeted(prefix + name)  # noqa: E731
+        inputs: dict[str, torch.Tensor] = {}  # weight name -> its calibration input once the scales are folded
         # attention: 1 / s into input_layernorm, s into q/k/v/gate columns
         names = [f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "gate_proj")]
         xn = acts["attn"]
@@ -336,26 +338,31 @@ class Quantizer:
                 w[n] = w[n] * s
             w["input_layernorm.weight"] = w["input_layernorm.weight"] / s
             report.awq_alpha["attn"] = alpha
+            inputs.update({n: xn / s for n in names[2:]})
+        inputs["self_attn.o_proj.weight"] = acts["o"]  # no op to fold a scale into: clipping only
         # MLP gate/up (shared expert, routed experts on their tokens): 1 / s into pre_mlp_layernorm, s into their
         # columns and the router's (it reads the same normed input and stays in float)
-        units = _mlp_units(w, acts, self.config.num_experts)
+        units = [(unit, x) for unit, x in _mlp_units(w, acts, self.config.num_experts)
+                 if x is not None and x.shape[0] >= self._min_tokens(unit)]
         pairs = []
         for unit, x in units:
             gu = [f"{unit}.gate_proj.weight", f"{unit}.up_proj.weight"]
-            if x is not None and x.shape[0] >= self._min_tokens(unit) and any(q(n) for n in gu):
+            if any(q(n) for n in gu):
                 pairs.append((x, [w[n] for n in gu if q(n)]))
-        downs = {unit: _swiglu_input(w, unit, x) for unit, x in units
-                 if x is not None and x.shape[0] >= self._min_tokens(unit) and q(f"{unit}.down_proj.weight")}
+        downs = {unit: _swiglu_input(w, unit, x) for unit, x in units if q(f"{unit}.down_proj.weight")}
+        s_mlp = torch.ones(w["pre_mlp_layernorm.weight"].shape[0])
         if pairs:
             xm = acts["mlp"]
-            s, alpha, _ = awq_mod.search_scales(pairs, xm.abs().mean(0), g, dt)
-            for unit, _ in units:
+            s_mlp, alpha, _ = awq_mod.search_scales(pairs, xm.abs().mean(0), g, dt)
+            for unit, _ in _mlp_units(w, acts, self.config.num_experts):
                 for p in ("gate_proj", "up_proj"):
-                    w[f"{unit}.{p}.weight"] = w[f"{unit}.{p}.weight"] * s
+                    w[f"{unit}.{p}.weight"] = w[f"{unit}.{p}.weight"] * s_mlp
             if "mlp.router.gate.weight" in w:
-                w["mlp.router.gate.weight"] = w["mlp.router.gate.weight"].float() * s
-            w["pre_mlp_layernorm.weight"] = w["pre_mlp_layernorm.weight"] / s
+                w["mlp.router.gate.weight"] = w["mlp.router.gate.weight"].float() * s_mlp
+            w["pre_mlp_layernorm.weight"] = w["pre_mlp_layernorm.weight"] / s_mlp
             report.awq_alpha["mlp"] = alpha
+        for unit, x in units:
+            inputs.update({f"{unit}.{p}.weight": x / s_mlp for p in ("gate_proj", "up_proj")})
         # down_proj: 1 / s into up_proj's rows (silu(gate) * up is linear in up), s into down's columns
         for unit, z in downs.items():
             down = f"{unit}.down_proj.weight"
@@ -364,10 +371,13 @@ class Quantizer:
             w[f"{unit}.up_proj.weight"] = w[f"{unit}.up_proj.weight"] / s[:, None]
             if unit in ("mlp", "mlp.shared_experts"):
                 report.awq_alpha["down" if unit == "mlp" else "shared_down"] = alpha
+            inputs[down] = z / s
         clipped = {}
-        if q("self_attn.o_proj.weight"):  # no op to fold a scale into: clipping only
-            clipped["self_attn.o_proj.weight"], report.clip["o_proj"] = awq_mod.search_clip(
-                w["self_attn.o_proj.weight"], acts["o"], g, dt)
+        for name, x in inputs.items():
+            if q(name) and name in w:
+                clipped[name], ratio = awq_mod.search_clip(w[name], x, g, dt)
+                if not name.startswith("mlp.experts."):  # per expert would flood the report
+                    report.clip[name.removesuffix(".weight")] = round(ratio, 3)
         return clipped
 
     def _min_tokens(self, unit: str) -> int:
