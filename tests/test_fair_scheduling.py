@@ -24,9 +24,9 @@ def seq(seq_id, prompt_len, key=None, max_tokens=4, priority=0, request_id=None)
                     fairness_key=key)
 
 
-def make_sched(max_num_seqs=8, budget=64, blocks=200, prefix_caching=False):
+def make_sched(max_num_seqs=8, budget=64, blocks=200, prefix_caching=False, fair_share_seqs=None):
     kv = KVCacheManager(4, blocks, blocks, 8, prefix_caching=prefix_caching)
-    return Scheduler(SchedulerConfig(max_num_seqs, budget, 1000, prefix_caching), kv)
+    return Scheduler(SchedulerConfig(max_num_seqs, budget, 1000, prefix_caching, fair_share_seqs), kv)
 
 
 # ---------------------------------------------------------------------- unit tests
@@ -104,6 +104,46 @@ def test_no_slot_is_taken_for_a_sequence_without_key_or_from_a_lone_sequence():
     assert not sched.admissible() and not sched.schedule().preempted  # each group holds only one slot
 
 
+def test_a_big_request_gives_back_all_but_its_fair_share_while_another_runs():
+    """fair_share_seqs (the engine's default on the CPU): alone, a big request uses every slot; when another
+    request arrives it keeps only its share (the rest preempted at once, not after they finish generating), and
+    it takes every slot again once it is alone."""
+    sched = make_sched(max_num_seqs=8, fair_share_seqs=3)
+    for i in range(12):
+        sched.add(seq(f"big{i}", 2, key="B", max_tokens=50))
+    fake_run(sched, sched.schedule())
+    assert len(sched.running) == 8  # alone: no cap
+    sched.add(seq("small", 2, key="S", max_tokens=3))
+    assert sched.admissible()
+    batch = sched.schedule()
+    assert sorted(s.seq_id for s in batch.preempted) == [f"big{i}" for i in range(3, 8)]
+    assert sorted(batch.as_dict()) == ["big0", "big1", "big2", "small"]
+    while any(s.seq_id == "small" for s in sched.running + sched.waiting):
+        batch = sched.schedule()
+        assert len(batch.seqs) == 4 and not batch.preempted  # no more slots for the big request meanwhile
+        fake_run(sched, batch)
+    batch = sched.schedule()
+    assert len(batch.seqs) == 8  # alone again: every slot
+    # without a share (the default on a GPU) the newcomer only takes one slot from the big request
+    sched = make_sched(max_num_seqs=8)
+    for i in range(12):
+        sched.add(seq(f"big{i}", 2, key="B", max_tokens=50))
+    fake_run(sched, sched.schedule())
+    sched.add(seq("small", 2, key="S", max_tokens=3))
+    assert len(sched.schedule().seqs) == 8
+
+
+def test_the_fair_share_default_depends_on_the_device():
+    from trinity.engine.config import CPU_FAIR_SHARE_SEQS, EngineConfig, EngineConfigError
+
+    assert EngineConfig().fair_share_for("cpu") == CPU_FAIR_SHARE_SEQS
+    assert EngineConfig().fair_share_for("cuda") is None
+    assert EngineConfig(fair_share_seqs=0).fair_share_for("cpu") is None
+    assert EngineConfig(fair_share_seqs=4).fair_share_for("cuda") == 4
+    with pytest.raises(EngineConfigError, match="fair_share_seqs"):
+        EngineConfig(fair_share_seqs=-1)
+
+
 def test_priority_goes_before_fairness():
     sched = make_sched(max_num_seqs=3)
     for i in range(4):
@@ -172,8 +212,8 @@ def test_a_short_request_is_served_while_a_huge_completion_runs():
         thread.join(600)
         assert done.get("status") == 200
         # first come first served made it wait for all 3200 sequences (30 s timeouts in issue 26); now it takes a
-        # turn: it ends while the big request still runs, in a small share of its time. The batch it joins is ~130
-        # sequences, so its steps are slower than alone: the bound is generous.
+        # turn: it ends while the big request still runs, in a small share of its time. The batch it joins is the
+        # big request's fair share (16 on the CPU), so its steps are slower than alone: the bound is generous.
         print(f"short alone {alone:.3f} s, during 200 x n=16: {loaded:.3f} s ({loaded / alone:.1f}x); "
               f"big request {done['s']:.1f} s")
         assert big_running, "the short request should end before the big one"

@@ -30,6 +30,7 @@ class EngineConfigError(ValueError):
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+CPU_FAIR_SHARE_SEQS = 16  # fairness.py: a short request beside a 3200-sequence one, 1.92x its time alone
 
 
 def _setting(default: Any, help: str, **meta: Any) -> Any:
@@ -41,6 +42,14 @@ class EngineConfig:
     max_model_len: int | None = _setting(
         None, "longest sequence (prompt + output) in tokens (default: the model's max_position_embeddings)")
     max_num_seqs: int = _setting(128, "most sequences running at once")
+    # While several requests share the engine, a request with many sequences (n > 1, a prompt list) holds at most
+    # this many running, its others preempted or kept waiting until it is alone again: on the CPU a decode step
+    # costs in proportion to the batch, so a big request's 128 sequences made another client's short request 4.9x
+    # slower than alone (benchmarks/README.md, fairness). None: 16 on the CPU, no cap on a GPU (a step of 128
+    # decodes costs about what one does there); 0: no cap.
+    fair_share_seqs: int | None = _setting(
+        None, "while other requests are in flight, the most sequences one request may hold running (default: 16 on "
+              "the CPU, no cap on a GPU; 0: no cap)")
     max_num_batched_tokens: int = _setting(2048, "most tokens computed in one step (prefill chunks included)")
     block_size: int = _setting(16, "tokens per KV cache block")
     num_kv_blocks: int | None = _setting(None, "exact KV blocks per pool (overrides memory)")
@@ -76,6 +85,12 @@ class EngineConfig:
         "auto", "KV cache storage: auto (the model's dtype), fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2",
         choices=KV_CACHE_DTYPES)
 
+    def fair_share_for(self, device_type: str) -> int | None:
+        """The cap `fair_share_seqs` means on a device ("cpu", "cuda", ...): None for no cap."""
+        if self.fair_share_seqs is None:
+            return CPU_FAIR_SHARE_SEQS if device_type == "cpu" else None
+        return self.fair_share_seqs or None
+
     def __post_init__(self) -> None:
         # Only values that failed later anyway (with a less helpful error) are refused here: inputs that worked
         # before keep working (e.g. max_model_len=0 still means the model's limit; gpu_memory_utilization is
@@ -87,6 +102,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not (_is_int(value) and value >= 1):
                 raise EngineConfigError(name, value, "must be an integer >= 1")
+        if self.fair_share_seqs is not None and not (_is_int(self.fair_share_seqs) and self.fair_share_seqs >= 0):
+            raise EngineConfigError("fair_share_seqs", self.fair_share_seqs,
+                                    "must be an integer >= 1, 0 for no cap, or None for the device's default")
         if not (_is_real(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1):
             raise EngineConfigError("max_num_batched_tokens", self.max_num_batched_tokens, "must be an integer >= 1")
         if self.num_kv_blocks is not None and not (_is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1):

@@ -91,7 +91,8 @@ class LLMEngine:
                                  prefix_caching=config.enable_prefix_caching)
         self.cache_plan = plan
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len, config.enable_prefix_caching), self.kv)
+                                                   self.max_model_len, config.enable_prefix_caching,
+                                                   config.fair_share_for(model.device.type)), self.kv)
         self.runner = executor.wrap(runner) if executor else runner
         self.sampler = Sampler(model.device, config.seed)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None

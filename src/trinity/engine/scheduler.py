@@ -45,11 +45,16 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     enable_prefix_caching: bool = False
+    # the most running sequences one fairness group may hold while another group has sequences running or waiting
+    # (None: no cap; a group alone may always use every slot)
+    fair_share_seqs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.fair_share_seqs is not None and self.fair_share_seqs < 1:
+            raise ValueError(f"fair_share_seqs = {self.fair_share_seqs} must be >= 1 (None: no cap)")
 
 
 @dataclass(slots=True)
@@ -221,7 +226,8 @@ class Scheduler:
         load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
         skipped: set[str | None] = set()  # groups whose head waits for a sibling's prompt blocks this step
         while len(batch.preempted) == fair_preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            heads = [g[0] for key, g in self._waiting_groups.items() if key not in skipped]
+            capped = self._capped_groups(load)
+            heads = [g[0] for key, g in self._waiting_groups.items() if key not in skipped and key not in capped]
             if not heads:
                 break
             seq = min(heads, key=lambda s: (s.priority, load[s.fairness_key] if s.fairness_key else 0,
@@ -251,17 +257,44 @@ class Scheduler:
             return None
         return victim
 
+    def _capped_groups(self, load: Counter) -> set[str]:
+        """The fairness groups holding their fair share (`fair_share_seqs`) of running sequences while another group
+        has sequences running or waiting: they get no more slots until they are alone."""
+        cap = self.config.fair_share_seqs
+        if cap is None:
+            return set()
+        active = set(load) | self._waiting_groups.keys()  # None: the sequences without a key, one group
+        if any(s.fairness_key is None for s in self.running):
+            active.add(None)
+        if len(active) < 2:
+            return set()
+        return {key for key, held in load.items() if held >= cap}
+
+    def _over_share(self) -> Sequence | None:
+        """A running sequence of a group holding more than its fair share while others want the engine (the newest
+        of the group's lowest priority), or None."""
+        load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
+        over = {key for key in self._capped_groups(load) if load[key] > self.config.fair_share_seqs}
+        if not over:
+            return None
+        return max((s for s in self.running if s.fairness_key in over), key=lambda s: (s.priority, s.arrival_order))
+
     def _make_room(self, batch: ScheduledBatch) -> None:
         """Without this a request arriving while another holds every running slot waits until one of that request's
         sequences ends, however long it generates: one of them goes back to the queue (recomputed later, its
-        blocks mostly from the prefix cache) so each group has a turn."""
+        blocks mostly from the prefix cache) so each group has a turn. With a fair share set, a group holding more
+        than its share while another arrives gives back the excess at once: on the CPU every running sequence
+        slows everyone's step."""
+        while (victim := self._over_share()) is not None:
+            self._preempt(victim, batch)
         victim = self._starved()
         if victim is not None:
             self._preempt(victim, batch)
 
     def admissible(self) -> bool:
         """Whether the next `schedule` would start a waiting sequence (the engine's look-ahead then stops)."""
-        return bool(self.waiting) and (len(self.running) < self.config.max_num_seqs or self._starved() is not None)
+        return bool(self.waiting) and (len(self.running) < self.config.max_num_seqs or self._starved() is not None
+                                       or self._over_share() is not None)
 
     def _prefill_shares(self, order: list[Sequence], budget: int) -> dict[str | None, int] | None:
         """Each fairness group's share of `budget` for the prompt chunks of its running sequences (sequences without
