@@ -38,6 +38,7 @@ from typing import Any
 
 import openai
 
+from trinity.jsonl import read_jsonl
 from trinity.synthetic.conversations import HELDOUT_FAMILIES
 from trinity.synthetic.scoring import Reply, Score, score
 
@@ -233,8 +234,7 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    with open(args.heldout, encoding="utf-8") as f:
-        tasks = [json.loads(line) for line in f if line.strip()]
+    tasks = read_jsonl(args.heldout)
     tasks = tasks[:args.limit] if args.limit is not None else tasks
     if not tasks:
         raise ValueError(f"no tasks in {args.heldout}")

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from trinity.chat_template import BUILTIN_CHAT_TEMPLATE
 from trinity.synthetic.arithmetic import add_steps, multiply_steps, solve, subtract_steps
 from trinity.synthetic.conversations import FAMILIES, TRAIN_MIX, example_at, parse_mix
-from trinity.synthetic.corpus import prompt_key, read_jsonl, write_corpus
+from trinity.jsonl import read_jsonl
+from trinity.synthetic.corpus import prompt_key, write_corpus
 from trinity.synthetic.json_replies import describe
 from trinity.synthetic.scoring import Reply, reference_reply, score
 from trinity.synthetic.tokenizer_train import train_from_corpus
@@ -405,3 +406,12 @@ def test_cli_writes_corpus_and_tokenizer(tmp_path):
     bad = subprocess.run([*run, "tokenizer", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "e")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no training corpus" in bad.stderr
+
+
+def test_jsonl_reader_skips_blank_lines_and_names_a_bad_one(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"tasks\.jsonl:4: not valid JSON"):
+        read_jsonl(str(path))
+    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
+    assert read_jsonl(str(path)) == [{"a": 1}, {"a": 2}]

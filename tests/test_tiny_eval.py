@@ -17,7 +17,8 @@ import torch
 
 from trinity import preset
 from trinity.model.init import write_random_checkpoint
-from trinity.synthetic.corpus import read_jsonl, write_corpus
+from trinity.jsonl import read_jsonl
+from trinity.synthetic.corpus import write_corpus
 from trinity.synthetic.tokenizer_train import train_from_corpus
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,31 +13,28 @@ their own ("calibration"), so they are neither the training nor the held-out con
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
+
+from ..jsonl import iter_jsonl
 
 CALIBRATION_SPLIT = "calibration"
 
 
 def read_conversations(path: str, limit: int) -> list[dict[str, Any]]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if "messages" in record:
-                messages = record["messages"]
-            elif "prompt" in record:
-                messages = list(record["prompt"]) + ([record["reference"]] if record.get("reference") else [])
-            else:
-                raise ValueError(f"{path}:{n}: a calibration line needs `messages` (or `prompt` + `reference`)")
-            out.append({"messages": messages, "tools": record.get("tools")})
-            if len(out) >= limit:
-                break
+    for n, record in iter_jsonl(path):
+        if "messages" in record:
+            messages = record["messages"]
+        elif "prompt" in record:
+            messages = list(record["prompt"]) + ([record["reference"]] if record.get("reference") else [])
+        else:
+            raise ValueError(f"{path}:{n}: a calibration line needs `messages` (or `prompt` + `reference`)")
+        out.append({"messages": messages, "tools": record.get("tools")})
+        if len(out) >= limit:
+            break
     if not out:
         raise ValueError(f"{path} holds no conversations")
     return out

@@ -96,6 +96,3 @@ def write_corpus(out: str, train: int, heldout: int, seed: int, train_mix: Mappi
     return manifest
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

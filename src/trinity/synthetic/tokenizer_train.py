@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Iterable, Iterator
@@ -20,6 +19,7 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
 from ..chat_template import BUILTIN_CHAT_TEMPLATE
+from ..jsonl import read_jsonl
 from ..tokenizer import SPECIAL_TOKENS, TrinityTokenizer, _assemble_byte_level, _merges_of  # same id layout
 
 DEFAULT_VOCAB = 4096
@@ -70,8 +70,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB, model
 
 
 def _sample_records(path: str, max_docs: int | None, seed: int) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path)
     if max_docs is not None and len(records) > max_docs:
         records = random.Random(seed).sample(records, max_docs)
     return records

@@ -12,7 +12,6 @@ Both loaders are resumable: `state_dict()` holds every cursor and the RNG.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..jsonl import iter_jsonl
 
 IGNORE = -100
 
@@ -49,20 +50,13 @@ def corpus_files(paths: list[str] | str) -> list[str]:
 def iter_raw_documents(paths: list[str] | str) -> Iterator[str | dict]:
     for file in corpus_files(paths):
         if file.endswith(".jsonl"):
-            with open(file, encoding="utf-8") as f:
-                for n, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{file}:{n}: not valid JSON ({e.msg})") from None
-                    if "messages" in record:
-                        yield record
-                    elif "text" in record:
-                        yield record["text"]
-                    else:
-                        raise ValueError(f"{file}:{n}: a JSONL record needs 'text' or 'messages'")
+            for n, record in iter_jsonl(file):
+                if "messages" in record:
+                    yield record
+                elif "text" in record:
+                    yield record["text"]
+                else:
+                    raise ValueError(f"{file}:{n}: a JSONL record needs 'text' or 'messages'")
         else:
             with open(file, encoding="utf-8") as f:
                 yield f.read()

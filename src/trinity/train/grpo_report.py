@@ -6,18 +6,14 @@ series as `grpo_curves.csv`."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 
-
-def read_log(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+from ..jsonl import read_jsonl
 
 
 def write_curves(log_path: str, out_dir: str) -> str | None:
     """-> the file written (None when the log is empty)."""
-    records = read_log(log_path) if os.path.exists(log_path) else []
+    records = read_jsonl(log_path) if os.path.exists(log_path) else []
     if not records:
         return None
     steps = [r["step"] for r in records]

@@ -3,7 +3,6 @@ own engine, which serves the policy's current weights (copied in place after eve
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from ..engine.llm import LLM
+from ..jsonl import iter_jsonl
 from ..engine.sampling_params import SamplingParams
 from ..model.model import TrinityForCausalLM
 
@@ -28,17 +28,13 @@ def load_tasks(path: str) -> list[dict[str, Any]]:
     """One task per line: "prompt" (a list of chat messages, or a plain user string), optional "tools", and the
     verifier fields "check" and "expected" (the format of `python -m trinity.synthetic`'s heldout.jsonl)."""
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            task = json.loads(line)
-            missing = [k for k in ("prompt", "check", "expected") if k not in task]
-            if missing:
-                raise ValueError(f"{path}:{number}: task without {', '.join(missing)}")
-            if isinstance(task["prompt"], str):
-                task["prompt"] = [{"role": "user", "content": task["prompt"]}]
-            tasks.append(task)
+    for number, task in iter_jsonl(path):
+        missing = [k for k in ("prompt", "check", "expected") if k not in task]
+        if missing:
+            raise ValueError(f"{path}:{number}: task without {', '.join(missing)}")
+        if isinstance(task["prompt"], str):
+            task["prompt"] = [{"role": "user", "content": task["prompt"]}]
+        tasks.append(task)
     if not tasks:
         raise ValueError(f"{path}: no tasks")
     return tasks
