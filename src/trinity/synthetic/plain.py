@@ -65,7 +65,7 @@ def _opposite(rng: random.Random) -> PlainQA:
 
 
 def _spelling(rng: random.Random) -> PlainQA:
-    word = rng.choice(sorted({*OPPOSITES, *OPPOSITES.values(), "apple", "river", "planet", "window", "garden"}))
+    word = rng.choice(sorted({*OPPOSITES, *OPPOSITES.values(), "apple", "river", "planet", "window", "forest"}))
     q = rng.choice(("How many letters are in the word {w}?", "How many letters does '{w}' have?",
                     "Count the letters in {w}.")).format(w=word)
     letters = list(word)
