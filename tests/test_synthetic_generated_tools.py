@@ -17,14 +17,12 @@ import pytest
 
 from trinity.synthetic.conversations import ALL_FAMILIES, FAMILIES, HELDOUT_FAMILIES, HELDOUT_MIX, TRAIN_MIX, \
     example_at, parse_mix
-from trinity.jsonl import read_jsonl
-from trinity.synthetic.corpus import write_corpus
+from trinity.synthetic.corpus import read_jsonl, write_corpus
 from trinity.synthetic.generated_backend import ACTION_BY_NAME, ERRORS
 from trinity.synthetic.generated_tools import draw_call, make_tool
-from trinity.synthetic.nonce_actions import NONCE_COUNT, NONCE_SET, TRAIN_PARAMS, nonce_action, nonce_word_in
 from trinity.synthetic.scoring import Reply, reference_reply, score
 from trinity.synthetic.tool_domains import HELDOUT_ACTIONS, HELDOUT_DOMAINS, HELDOUT_TOOL_NAMES, TRAIN_ACTIONS, \
-    TRAIN_DOMAINS, TRAIN_TOOL_NAMES, Param, name_forms
+    TRAIN_DOMAINS, TRAIN_TOOL_NAMES, Param
 from trinity.synthetic.tools import TOOL_SCHEMAS, run_tool
 from trinity.tokenizer import TrinityTokenizer
 from trinity.train.data import chat_document
@@ -149,46 +147,12 @@ def test_heldout_tools_never_appear_in_training():
             if name in TOOL_SCHEMAS:
                 continue  # the five corpus tools (among them the old `weather`) are not generated
             generated_names.add(name)
-            assert name in TRAIN_TOOL_NAMES or nonce_word_in(name), name
+            assert name in TRAIN_TOOL_NAMES
             assert not _words(json.dumps(tool)) & keywords, tool
         if record["family"] in NEW_TRAIN:
             said = " ".join(m["content"] or "" for m in record["messages"])
             assert not _words(said) & keywords, said
     assert len(generated_names) > 100  # many names: the model cannot learn them by heart
-
-
-def test_nonce_words_are_not_heldout_words():
-    heldout = {w for n in HELDOUT_TOOL_NAMES for w in _words(n)} | {k for a in HELDOUT_ACTIONS for k in a.keywords}
-    assert len(NONCE_SET) == NONCE_COUNT and not NONCE_SET & heldout
-    for name in HELDOUT_TOOL_NAMES:
-        assert nonce_word_in(name) is None, name
-
-
-def test_nonce_tools_are_half_the_needed_tools_and_rerun_by_name():
-    """Every spelling of a nonce tool's name finds its word (the backend re-runs calls from the name alone), and
-    about half the calls of gen_tool_call are to nonce tools: the model cannot learn those by heart."""
-    nonce = 0
-    for i in range(300):
-        example = example_at(3, "train", i, {"gen_tool_call": 1.0})
-        name, arguments = next(c for m in example.messages for c in _calls(m))
-        if nonce_word_in(name):
-            nonce += 1
-            description = next(t["function"]["description"] for t in example.tools if t["function"]["name"] == name)
-            words = re.findall(r"[a-z]+", description)
-            word = next(w if w in NONCE_SET else w[:-1] for w in words if w in NONCE_SET or w[:-1] in NONCE_SET)
-            # the request says the word its tool's description says (not always its name)
-            assert any(word in m["content"] for m in example.messages if m["role"] == "user")
-            assert run_tool(name, arguments, 5) == run_tool(name, arguments, 5)
-    assert 0.35 < nonce / 300 < 0.65
-    named = {True: 0, False: 0}
-    for seed in range(40):
-        action = nonce_action(random.Random(seed))
-        word, first = action.keywords[0], nonce_word_in(action.names[0])
-        assert all(nonce_word_in(form) == first for snake in action.names for form in name_forms(snake))
-        assert all(word in text for text in action.descriptions + action.requests)
-        named[first == word] += 1  # most names do not say the word: only the offered list tells which tool it is
-        assert any(not p.optional for p in action.params)
-    assert named[False] > named[True] > 5
 
 
 def test_unseen_families_call_only_heldout_tools(samples):
@@ -210,17 +174,14 @@ def test_training_mix_refuses_the_heldout_families():
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-def _params(name: str, key: str) -> list[Param]:
-    """The parameter a key spells; for a nonce tool (its parameters are drawn per conversation), every training
-    parameter that key may spell (nonce parameters are never booleans, the one case that needs the phrase)."""
-    params = ACTION_BY_NAME[name].params if name in ACTION_BY_NAME else TRAIN_PARAMS
-    return [p for p in params if key in p.names]
+def _param(name: str, key: str) -> Param:
+    return next(p for p in ACTION_BY_NAME[name].params if key in p.names)
 
 
-def _check_said(params: list[Param], value, text: str) -> None:
+def _check_said(param: Param, value, text: str) -> None:
     """The value is in the user's words: a string or number as written, a boolean by its phrase."""
     if isinstance(value, bool):
-        assert any(p.say(value) in text for p in params), ([p.phrase for p in params], value, text)
+        assert param.say(value) in text, (param.phrase, value, text)
     elif isinstance(value, dict):
         for v in value.values():
             assert str(v) in text, (value, text)
@@ -243,7 +204,7 @@ def test_expected_calls_satisfy_the_schema_and_come_from_the_users_words(samples
                     assert list(args) == [k for k in schema["properties"] if k in args]  # schema order
                     user = example.messages[i - 1]["content"]
                     for key, value in args.items():
-                        _check_said(_params(name, key), value, user)
+                        _check_said(_param(name, key), value, user)
                     checked += 1
     assert checked > 500
     for example in samples["json_schema_reasoned"]:
@@ -252,7 +213,7 @@ def test_expected_calls_satisfy_the_schema_and_come_from_the_users_words(samples
         text = example.messages[-2]["content"]
         for value in expected["value"].values():
             if not isinstance(value, bool):
-                _check_said([], value, text)
+                _check_said(None, value, text)  # type: ignore[arg-type]
 
 
 def test_results_agree_with_the_backends_and_the_answers_use_them(samples):
