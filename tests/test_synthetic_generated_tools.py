@@ -17,7 +17,8 @@ import pytest
 
 from trinity.synthetic.conversations import ALL_FAMILIES, FAMILIES, HELDOUT_FAMILIES, HELDOUT_MIX, TRAIN_MIX, \
     example_at, parse_mix
-from trinity.synthetic.corpus import read_jsonl, write_corpus
+from trinity.jsonl import read_jsonl
+from trinity.synthetic.corpus import write_corpus
 from trinity.synthetic.generated_backend import ACTION_BY_NAME, ERRORS
 from trinity.synthetic.generated_tools import draw_call, make_tool
 from trinity.synthetic.scoring import Reply, reference_reply, score
@@ -340,3 +341,14 @@ def test_evaluator_counts_a_forced_call_cut_short_as_wrong_not_as_an_error():
     reply = tiny_eval.ask(client, "m", forced, 12)
     assert reply.error is None and not score(forced, reply).passed
     assert tiny_eval.ask(client, "m", PROBE, 12).error  # without a forced call the same 400 is a failed request
+
+
+def test_the_makefiles_grpo_tasks_hold_no_heldout_family():
+    """`make tiny-model`'s RL tasks come from the held-out split's generator with a mix of their own; the mix keeps
+    the default weight of every family it does not name, so each held-out family must be named with weight 0 (it
+    was not, once: 15% of the GRPO tasks were tiny_eval's unseen-tool domains)."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    line = next(x for x in makefile.splitlines() if x.startswith("TINY_RL"))
+    mix = parse_mix(re.search(r"--heldout-mix (\S+)", line).group(1), HELDOUT_MIX)
+    assert all(mix[name] == 0 for name in HELDOUT_FAMILIES)
+    assert sum(mix.values()) > 0
