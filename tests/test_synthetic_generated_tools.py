@@ -352,3 +352,6 @@ def test_the_makefiles_grpo_tasks_hold_no_heldout_family():
     mix = parse_mix(re.search(r"--heldout-mix (\S+)", line).group(1), HELDOUT_MIX)
     assert all(mix[name] == 0 for name in HELDOUT_FAMILIES)
     assert sum(mix.values()) > 0
+    # without rest=0 the unnamed families keep their weights; with it only the named ones are drawn
+    assert parse_mix("json=0.5", HELDOUT_MIX)["unseen_tool_call"] == HELDOUT_MIX["unseen_tool_call"]
+    assert {k for k, w in parse_mix("json=0.5,rest=0", HELDOUT_MIX).items() if w} == {"json"}

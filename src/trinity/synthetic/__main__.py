@@ -19,7 +19,8 @@ def _corpus_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=300, help="held-out evaluation tasks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", default=None,
-                   help="training weights, e.g. arithmetic=0.3,json=0.1 (families: %s)" % ", ".join(FAMILIES))
+                   help="training weights, e.g. arithmetic=0.3,json=0.1 (the families not named keep their default "
+                        "weight; rest=0 drops them) (families: %s)" % ", ".join(FAMILIES))
     p.add_argument("--heldout-mix", default=None, help="held-out weights, same form as --mix")
     return p
 

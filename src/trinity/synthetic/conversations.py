@@ -75,11 +75,17 @@ HELDOUT_MIX: dict[str, float] = {"arithmetic": 0.15, "arithmetic_chain": 0.05, "
 
 
 def parse_mix(text: str | None, default: Mapping[str, float]) -> dict[str, float]:
-    """'arithmetic=0.3,json=0.2' changes those weights and keeps the others; a weight of 0 drops a family.
-    The held-out-only families are allowed only where the default names them (the held-out mix)."""
+    """'arithmetic=0.3,json=0.2' changes those weights and keeps the others; a weight of 0 drops a family, and
+    'rest=0' drops every family the text does not name (a mix of only the named ones: GRPO's tasks must not keep
+    the held-out mix's unseen-tool families by default). The held-out-only families are allowed only where the
+    default names them (the held-out mix)."""
     mix = dict(default)
     allowed = [*FAMILIES, *(n for n in HELDOUT_FAMILIES if n in default)]
-    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+    parts = [p.strip() for p in (text or "").split(",") if p.strip()]
+    if "rest=0" in parts:
+        mix = dict.fromkeys(default, 0.0)
+        parts.remove("rest=0")
+    for part in parts:
         name, sep, value = part.partition("=")
         if not sep or name not in allowed:
             raise ValueError(f"mix entry {part!r}: expected FAMILY=WEIGHT with FAMILY one of {', '.join(allowed)}")
