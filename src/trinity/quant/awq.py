@@ -12,8 +12,9 @@ Where the 1 / s goes (`trinity.quant.quantize`): into the RMSNorm before q/k/v/g
 gate/up (with the router's columns scaled by s, since the router reads the same normed input and stays in float);
 down_proj's into the rows of up_proj (silu(gate) * up is linear in up). o_proj's input is attention's gated output,
 where a per-channel factor would have to pass through the value heads shared by several query heads and the sigmoid
-gate's product: no folding there; o_proj gets a clipping search instead (the group's range shrunk by a ratio chosen
-for the smallest output error).
+gate's product: no folding there, o_proj gets only the clipping search. That search (`search_clip`) runs on every
+weight but q/k after the scales: each (row, group)'s range shrunk by the ratio that gives its part of the output the
+smallest error.
 """
 
 from __future__ import annotations
