@@ -152,22 +152,33 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
             probs = self._filtered_probs(x[rows], [seqs[i].params for i in rows])
-            noise = torch.empty_like(probs)
-            for j, i in enumerate(rows):
-                seq = seqs[i]
-                if seq.sampling_seed is None:
-                    noise[j].exponential_(generator=self.generator)
-                else:
-                    g = torch.Generator(device=self.device)
-                    g.manual_seed(token_seed(seq.sampling_seed, len(seq.output_token_ids)))
-                    noise[j].exponential_(generator=g)
-            # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race); zero-probability tokens lose
-            drawn = (probs / noise).argmax(dim=-1)
+            drawn = self._draw(probs, [seqs[i] for i in rows])
             # never draw from NaN or an all-zero row (argmax would return a NaN's index, or token 0): such a row,
             # which only extreme sampling values can produce, takes the greedy choice instead
             broken = ~(torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0))
             tokens[rows] = torch.where(broken, tokens[rows], drawn)
         return tokens
+
+    def _draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row drawn from `probs` by inverse CDF: one uniform number per row (the exponential race it
+        replaces drew a number per vocabulary entry: 1.08 ms for 17 rows of 2,560 on the CPU, ~20x greedy). A row
+        with a seed takes its number from a generator seeded by (seed, position), so it does not depend on the batch;
+        the others share the sampler's generator."""
+        u = torch.empty(len(seqs), 1, device=probs.device)
+        free = [j for j, s in enumerate(seqs) if s.sampling_seed is None]
+        if free:
+            u[free] = torch.rand(len(free), 1, generator=self.generator, device=probs.device)
+        for j, seq in enumerate(seqs):
+            if seq.sampling_seed is not None:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(token_seed(seq.sampling_seed, len(seq.output_token_ids)))
+                u[j] = torch.rand(1, generator=g, device=probs.device)
+        # the first token whose cumulative probability reaches (1 - u) * total: 1 - u lies in (0, 1], so a token of
+        # probability 0 (a flat step of the CDF) is never the first to reach it; fp64 keeps a 200k-token vocabulary's
+        # running sum exact enough for the tail
+        cdf = probs.double().cumsum(dim=-1)
+        target = (1 - u.double()) * cdf[:, -1:]
+        return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
     @staticmethod
     def _filtered_probs(x: torch.Tensor, params: list) -> torch.Tensor:
