@@ -14,6 +14,7 @@ import torch
 
 from trinity import LLM, SamplingParams, TrinityForCausalLM, preset
 from trinity.cli import main as cli_main
+from trinity.jsonl import read_jsonl
 from trinity.train.parallel import clip_grad_norm_, fsdp_available, resolve_mode
 from trinity.train.trainer import TrainConfig, Trainer, init_like_report_, load_train_config, lr_scale
 
@@ -48,8 +49,7 @@ def losses(history) -> list[float]:
 
 
 def read_log(out_dir: Path) -> list[dict]:
-    with open(out_dir / "log.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(str(out_dir / "log.jsonl"))
 
 
 @pytest.fixture(scope="module")

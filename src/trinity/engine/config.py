@@ -30,8 +30,7 @@ class EngineConfigError(ValueError):
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
-# fairness.py: a short request beside a 3200-sequence one took 2.3-2.8x its time alone (5.6x uncapped)
-CPU_FAIR_SHARE_SEQS = 16
+CPU_FAIR_SHARE_SEQS = 16  # fair_share_seqs' default on the CPU (benchmarks/README.md, fairness)
 
 
 def _setting(default: Any, help: str, **meta: Any) -> Any:
@@ -45,9 +44,8 @@ class EngineConfig:
     max_num_seqs: int = _setting(128, "most sequences running at once")
     # While several requests share the engine, a request with many sequences (n > 1, a prompt list) holds at most
     # this many running, its others preempted or kept waiting until it is alone again: on the CPU a decode step
-    # costs in proportion to the batch, so a big request's 128 sequences made another client's short request 5x
-    # slower than alone (benchmarks/README.md, fairness). None: 16 on the CPU, no cap on a GPU (a step of 128
-    # decodes costs about what one does there); 0: no cap.
+    # costs in proportion to the batch, so a big request's sequences slow every other client's steps. None: 16 on
+    # the CPU, no cap on a GPU (a step of 128 decodes costs about what one does there); 0: no cap.
     fair_share_seqs: int | None = _setting(
         None, "while other requests are in flight, the most sequences one request may hold running (default: 16 on "
               "the CPU, no cap on a GPU; 0: no cap)")

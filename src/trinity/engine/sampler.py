@@ -153,17 +153,17 @@ class Sampler:
         if rows:
             probs = self._filtered_probs(x[rows], [seqs[i].params for i in rows])
             drawn = self._draw(probs, [seqs[i] for i in rows])
-            # never draw from NaN or an all-zero row (argmax would return a NaN's index, or token 0): such a row,
-            # which only extreme sampling values can produce, takes the greedy choice instead
+            # never draw from NaN or an all-zero row (its CDF points at no real token): such a row, which only
+            # extreme sampling values can produce, takes the greedy choice instead
             broken = ~(torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0))
             tokens[rows] = torch.where(broken, tokens[rows], drawn)
         return tokens
 
     def _draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per row drawn from `probs` by inverse CDF: one uniform number per row (the exponential race it
-        replaces drew a number per vocabulary entry: 1.08 ms for 17 rows of 2,560 on the CPU, ~20x greedy). A row
-        with a seed takes its number from a generator seeded by (seed, position), so it does not depend on the batch;
-        the others share the sampler's generator."""
+        """One token per row drawn from `probs` by inverse CDF: one uniform number per row, where the exponential race
+        it replaced drew one per vocabulary entry and cost far more than the greedy path (benchmarks/README.md,
+        fairness). A row with a seed takes its number from a generator seeded by (seed, position), so it does not
+        depend on the batch; the others share the sampler's generator."""
         u = torch.empty(len(seqs), 1, device=probs.device)
         free = [j for j, s in enumerate(seqs) if s.sampling_seed is None]
         if free:

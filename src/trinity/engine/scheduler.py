@@ -270,14 +270,20 @@ class Scheduler:
             return set()
         return {key for key, held in load.items() if held >= cap}
 
-    def _over_share(self) -> Sequence | None:
-        """A running sequence of a group holding more than its fair share while others want the engine (the newest
-        of the group's lowest priority), or None."""
+    def _over_share(self) -> list[Sequence]:
+        """The running sequences past their group's fair share while others want the engine: of each such group,
+        the excess taken from its lowest priority, newest first."""
         load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
-        over = {key for key in self._capped_groups(load) if load[key] > self.config.fair_share_seqs}
-        if not over:
-            return None
-        return max((s for s in self.running if s.fairness_key in over), key=lambda s: (s.priority, s.arrival_order))
+        excess = {key: load[key] - self.config.fair_share_seqs for key in self._capped_groups(load)
+                  if load[key] > self.config.fair_share_seqs}
+        if not excess:
+            return []
+        victims = []
+        for seq in sorted(self.running, key=lambda s: (s.priority, s.arrival_order), reverse=True):
+            if excess.get(seq.fairness_key, 0) > 0:
+                victims.append(seq)
+                excess[seq.fairness_key] -= 1
+        return victims
 
     def _make_room(self, batch: ScheduledBatch) -> None:
         """Without this a request arriving while another holds every running slot waits until one of that request's
@@ -285,7 +291,7 @@ class Scheduler:
         blocks mostly from the prefix cache) so each group has a turn. With a fair share set, a group holding more
         than its share while another arrives gives back the excess at once: on the CPU every running sequence
         slows everyone's step."""
-        while (victim := self._over_share()) is not None:
+        for victim in self._over_share():
             self._preempt(victim, batch)
         victim = self._starved()
         if victim is not None:
@@ -294,7 +300,7 @@ class Scheduler:
     def admissible(self) -> bool:
         """Whether the next `schedule` would start a waiting sequence (the engine's look-ahead then stops)."""
         return bool(self.waiting) and (len(self.running) < self.config.max_num_seqs or self._starved() is not None
-                                       or self._over_share() is not None)
+                                       or bool(self._over_share()))
 
     def _prefill_shares(self, order: list[Sequence], budget: int) -> dict[str | None, int] | None:
         """Each fairness group's share of `budget` for the prompt chunks of its running sequences (sequences without

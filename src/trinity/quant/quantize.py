@@ -342,8 +342,8 @@ class Quantizer:
         inputs["self_attn.o_proj.weight"] = acts["o"]  # no op to fold a scale into: clipping only
         # MLP gate/up (shared expert, routed experts on their tokens): 1 / s into pre_mlp_layernorm, s into their
         # columns and the router's (it reads the same normed input and stays in float)
-        units = [(unit, x) for unit, x in _mlp_units(w, acts, self.config.num_experts)
-                 if x is not None and x.shape[0] >= self._min_tokens(unit)]
+        all_units = _mlp_units(w, acts, self.config.num_experts)  # every expert takes the norm's 1 / s
+        units = [(unit, x) for unit, x in all_units if x is not None and x.shape[0] >= self._min_tokens(unit)]
         pairs = []
         for unit, x in units:
             gu = [f"{unit}.gate_proj.weight", f"{unit}.up_proj.weight"]
@@ -354,7 +354,7 @@ class Quantizer:
         if pairs:
             xm = acts["mlp"]
             s_mlp, alpha, _ = awq_mod.search_scales(pairs, xm.abs().mean(0), g, dt)
-            for unit, _ in _mlp_units(w, acts, self.config.num_experts):
+            for unit, _ in all_units:
                 for p in ("gate_proj", "up_proj"):
                     w[f"{unit}.{p}.weight"] = w[f"{unit}.{p}.weight"] * s_mlp
             if "mlp.router.gate.weight" in w:

@@ -94,5 +94,3 @@ def write_corpus(out: str, train: int, heldout: int, seed: int, train_mix: Mappi
         json.dump(manifest, f, indent=2)
         f.write("\n")
     return manifest
-
-

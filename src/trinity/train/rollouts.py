@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from ..engine.llm import LLM
-from ..jsonl import iter_jsonl
 from ..engine.sampling_params import SamplingParams
+from ..jsonl import iter_jsonl
 from ..model.model import TrinityForCausalLM
 
 
