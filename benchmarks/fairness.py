@@ -3,7 +3,8 @@
 Starts `trinity serve` (the tiny model) and times a short completion alone, then while other clients send
 (1) `--big-requests` completions of `--prompts` prompts times `n` (issue 26 measured 200 x n=16 making a 0.36 s
 request time out at 30 s under first come first served), and (2) a ~4 MB prompt (tokenized on the server, then
-refused for its length). Prints the ratios loaded / alone; the last line is one JSON object.
+refused for its length), and (3) `--schemas` structured-output schemas as big as the server allows, then one over its
+limit. Prints the ratios loaded / alone; the last line is one JSON object.
 
     .venv/bin/python benchmarks/fairness.py [--prompts 200 --n 16 --big-max-tokens 16 --big-requests 1]
 """
@@ -35,6 +36,19 @@ def small_time(server: ServerProcess, repeats: int) -> float:
         r.raise_for_status()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def enum_schema(values: int, tag: str) -> dict:
+    return {"type": "object", "required": ["x"], "properties": {
+        "x": {"type": "string", "enum": [f"{tag}value number {i}" for i in range(values)]}}}
+
+
+def _timed_post(server: ServerProcess, body: dict) -> tuple[int | str, float]:
+    t = time.perf_counter()
+    try:
+        return server.http.post("/v1/completions", json=body, timeout=600).status_code, time.perf_counter() - t
+    except Exception as e:  # noqa: BLE001 - reported
+        return repr(e), time.perf_counter() - t
 
 
 def in_background(server: ServerProcess, body: dict, results: list, timeout: float = 1200) -> threading.Thread:
@@ -70,8 +84,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--big-max-tokens", type=int, default=16)
     ap.add_argument("--big-requests", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=15, help="short requests timed (the median is reported)")
     ap.add_argument("--huge-prompt-mb", type=float, default=4.0, help="0: skip the huge-prompt case")
+    ap.add_argument("--schema-enum", type=int, default=1000,
+                    help="enum values of the pathological schemas (the server's limit by default; 0: skip the case)")
+    ap.add_argument("--schemas", type=int, default=16, help="distinct schemas sent one after another")
     ap.add_argument("--flag", action="append", default=[], help="extra server flag (repeatable, e.g. --flag=--x)")
     args = ap.parse_args()
 
@@ -116,6 +133,28 @@ def main() -> None:
             out["huge_prompt_status"], out["huge_prompt_s"] = results[0][0], round(results[0][1], 2)
             print(f"short request during a {args.huge_prompt_mb} MB prompt: {loaded:.3f} s ({loaded / alone:.2f}x); "
                   f"the huge request answered {results[0][0]} after {results[0][1]:.2f} s", flush=True)
+
+        if args.schema_enum > 0:
+            # schemas as big as the limits allow (a distinct one each time: the compile cache cannot help), sent one
+            # after another, then one over the limit; the short request over and over meanwhile: median and worst
+            schemas = [enum_schema(args.schema_enum, f"{i}-") for i in range(args.schemas)]
+            schemas.append(enum_schema(5 * args.schema_enum, "over-"))
+            results, times = [], []
+            thread = threading.Thread(target=lambda: [results.append(_timed_post(server, {
+                "prompt": "x", "max_tokens": 4, "response_format": {
+                    "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})) for schema in schemas],
+                daemon=True)
+            thread.start()
+            while thread.is_alive():
+                times.append(small_time(server, 1))
+            thread.join()
+            med, worst = (statistics.median(times), max(times)) if times else (alone, alone)
+            out["small_with_schemas_s"] = {"median": round(med, 4), "worst": round(worst, 4), "n": len(times)}
+            out["schema_ratio"] = {"median": round(med / alone, 2), "worst": round(worst / alone, 2)}
+            out["schema_results"] = [(c, round(t, 2)) for c, t in results]
+            print(f"short request during {args.schemas} schemas of {args.schema_enum} enum values and one of "
+                  f"{5 * args.schema_enum}: median {med:.3f} s ({med / alone:.2f}x), worst {worst:.3f} s "
+                  f"({worst / alone:.2f}x) over {len(times)}; the schema requests: {out['schema_results']}", flush=True)
     print(json.dumps(out))
 
 

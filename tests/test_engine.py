@@ -430,3 +430,28 @@ def test_max_tokens_none_runs_to_max_model_len_and_duplicate_ids(model):
         engine.add_request("same", prompt_token_ids=[11, 12])
     engine.abort("same")
     assert_pools_free(engine)
+
+
+def test_greedy_identical_when_the_fair_share_pauses_and_resumes(model, prompts, reference):
+    """A big request's sequences paused for a newcomer (`fair_share_seqs`) keep their KV and go on where they
+    stopped: every output equals the reference, the table rows never run out (running + paused <= max_num_seqs,
+    the newcomer taking a paused sequence's row), and everything is freed at the end."""
+    llm = LLM(model, max_num_seqs=8, fair_share_seqs=2, block_size=4)
+    engine, params = llm.engine, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    for i, p in enumerate(prompts[:8]):
+        engine.enqueue(engine.prepare_request(f"big{i}", prompt_token_ids=p, params=params, fairness_key="B"))
+    outs, steps = {}, 0
+    while engine.has_unfinished():
+        if steps == 3:  # the big request holds all 8 rows, decoding: a newcomer arrives
+            assert len(engine.scheduler.running) == 8
+            engine.enqueue(engine.prepare_request("small", prompt_token_ids=prompts[8], params=params,
+                                                  fairness_key="S"))
+        for out in engine.step():
+            outs[out.request_id] = out
+        assert len(engine.scheduler.running) + len(engine.scheduler.paused) <= 8
+        steps += 1
+    stats = engine.stats()
+    assert stats["num_pauses"] == 6 and stats["num_preemptions"] == 1  # 6 paused, one of them gave its row
+    assert [outs[f"big{i}"].outputs[0].token_ids for i in range(8)] + [outs["small"].outputs[0].token_ids] \
+        == reference[:9]
+    assert_pools_free(engine)

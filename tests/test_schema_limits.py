@@ -41,6 +41,23 @@ def _accepts(backend, tok, schema: dict, text: str) -> bool:
     return all(matcher.accept_token(t) for t in tok.encode(text)) and matcher.is_completed()
 
 
+def test_the_backend_is_built_before_the_server_is_ready():
+    """Importing xgrammar holds the GIL for about half a second: done at the first request with a schema, it stalled
+    every stream (benchmarks/fairness.py: a short request took 0.37 s, 12x its time alone). The server builds the
+    backend while it loads, before it says it is ready."""
+    from engine_helpers import tiny_model
+    from trinity.engine.async_engine import AsyncEngine
+    from trinity.engine.engine import LLMEngine
+    from trinity.serve.state import ServerSettings, ServerState
+
+    state = ServerState(ServerSettings())
+    state.attach(AsyncEngine(LLMEngine(tiny_model(seed=0), build_byte_level_tokenizer())))
+    try:
+        assert state.ready and state._grammar is not None and state._grammar.vocab_size == state.vocab_size
+    finally:
+        state.engine.shutdown()
+
+
 # ---------------------------------------------------------------------- limits, checked before compiling
 @pytest.mark.parametrize("schema,limit", [
     (_enum_schema(1001), "1000 enum values"),

@@ -30,7 +30,7 @@ class EngineConfigError(ValueError):
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
-CPU_FAIR_SHARE_SEQS = 16  # fair_share_seqs' default on the CPU (benchmarks/README.md, fairness)
+CPU_FAIR_SHARE_SEQS = 4  # fair_share_seqs' default on the CPU (benchmarks/README.md, fairness)
 
 
 def _setting(default: Any, help: str, **meta: Any) -> Any:
@@ -42,13 +42,14 @@ class EngineConfig:
     max_model_len: int | None = _setting(
         None, "longest sequence (prompt + output) in tokens (default: the model's max_position_embeddings)")
     max_num_seqs: int = _setting(128, "most sequences running at once")
-    # While several requests share the engine, a request with many sequences (n > 1, a prompt list) holds at most
-    # this many running, its others preempted or kept waiting until it is alone again: on the CPU a decode step
-    # costs in proportion to the batch, so a big request's sequences slow every other client's steps. None: 16 on
-    # the CPU, no cap on a GPU (a step of 128 decodes costs about what one does there); 0: no cap.
+    # While a small request (at most this many sequences) is in flight, a big one (n > 1, a prompt list) holds at
+    # most this many running; its others are paused (KV kept) or kept waiting until no small request is left: on the
+    # CPU a decode step costs in proportion to the batch, so a big request's sequences slow every other client's
+    # steps. Big requests among themselves are not capped. None: 4 on the CPU, no cap on a GPU (a step of 128
+    # decodes costs about what one does there); 0: no cap.
     fair_share_seqs: int | None = _setting(
-        None, "while other requests are in flight, the most sequences one request may hold running (default: 16 on "
-              "the CPU, no cap on a GPU; 0: no cap)")
+        None, "while a request of at most this many sequences is in flight, the most sequences a bigger one may hold "
+              f"running (default: {CPU_FAIR_SHARE_SEQS} on the CPU, no cap on a GPU; 0: no cap)")
     max_num_batched_tokens: int = _setting(2048, "most tokens computed in one step (prefill chunks included)")
     block_size: int = _setting(16, "tokens per KV cache block")
     num_kv_blocks: int | None = _setting(None, "exact KV blocks per pool (overrides memory)")

@@ -419,8 +419,10 @@ class LLMEngine:
         kv = self.kv
         return {
             "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            "num_waiting": len(self.scheduler.waiting) + len(self.scheduler.paused),  # paused: not running either
+            "num_paused": len(self.scheduler.paused),
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_pauses": self.scheduler.num_pauses,
             "num_steps": self.num_steps,
             "num_lookahead_steps": self.num_lookahead_steps,
             "num_generated_tokens": self.scheduler.num_generated_tokens,

@@ -32,6 +32,7 @@ class ContextLengthError(ValueError):
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # set aside by the fair share: keeps its blocks and computed tokens, takes no slot
     FINISHED = "finished"
 
 

@@ -17,8 +17,15 @@ Fairness: a sequence may carry a `fairness_key` (the server gives every HTTP req
 share one are a group that takes turns with the other groups, so that one request with hundreds of prompts times `n`
 cannot hold everyone else behind it: admission picks the waiting group with the fewest running sequences, prompt
 chunks share the step's token budget evenly between groups, and a preemption takes from the group holding the most
-sequences. Sequences without a key are ordered as before (priority, then first come first served): with no keys, or
-one group alone, every decision is the one the plain FIFO order makes.
+sequences. Sequences without a key are ordered as before (priority, then first come first served): with no keys,
+or one group alone, every decision is the one the plain FIFO order makes.
+
+With a fair share (`fair_share_seqs`, for the CPU, where every running sequence slows the step), a big group holding
+more running sequences than the share while a small group (at most the share) wants the engine has the excess
+paused: they keep their blocks, table row and computed tokens, but take no slot in the step until no small group is
+left, so nothing is recomputed when they resume. Running and paused sequences together hold at most
+`max_num_seqs` rows; a newcomer that needs a row, or blocks, takes them from the newest paused sequence first
+(preempted: recomputed later).
 
 The scheduler owns every change of a sequence's state. A step is `schedule` (or `schedule_lookahead`), whose
 batch carries the runner's message (`step.StepInput`: tokens, positions, block-table changes, frees, logits
@@ -65,6 +72,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    running_preempted: int = 0  # of those, the ones that were running (not paused): a sign blocks ran out
     step: StepInput | None = None
     sample_seqs: list[Sequence] = field(default_factory=list)  # the sequences that get a token, in logits order
     prompt_rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, prompt position) after those
@@ -89,7 +97,9 @@ class Scheduler:
         # fair admission looks only at each group's head (a few groups, not thousands of sequences, per admission)
         self._waiting_groups: dict[str | None, list[Sequence]] = {}
         self.running: list[Sequence] = []
+        self.paused: list[Sequence] = []  # sorted by Sequence.sort_key; hold blocks, not slots (module docstring)
         self.num_preemptions = 0
+        self.num_pauses = 0  # running sequences paused for the fair share (module docstring)
         self.num_prompt_tokens = 0  # prompt tokens computed (recomputation after preemption included)
         self.num_generated_tokens = 0
         self.prefix_queried_tokens = 0  # tokens of sequences admitted with prefix caching on
@@ -129,15 +139,21 @@ class Scheduler:
         """Take a sequence out of the queues and free its blocks (finished or aborted)."""
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.paused:
+            self.paused.remove(seq)
         elif seq in self.waiting:
             self._dequeue_waiting(seq)
         self.kv.free(seq.seq_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.paused)
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        self.running.remove(seq)
+        if seq.status is Status.PAUSED:
+            self.paused.remove(seq)
+        else:
+            self.running.remove(seq)
+            batch.running_preempted += 1
         self.kv.free(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
@@ -152,7 +168,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: set[int] = set()
         self._make_room(batch)
-        fair_preempted = len(batch.preempted)  # not a sign of blocks running out: admission goes on
+        self._resume_paused()
+        fair_preempted = batch.running_preempted  # not a sign of blocks running out: admission goes on
 
         # 1. Running sequences: decodes (one token) before prefill chunks, each group in priority order; prefill
         # chunks of several fairness groups share what the decodes leave of the budget (`_prefill_shares`).
@@ -186,7 +203,8 @@ class Scheduler:
         if self._waiting_groups.keys() - {None}:
             self._admit_fair(batch, budget, fair_preempted)
         else:
-            while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            while (self.waiting and not batch.running_preempted and budget > 0
+                   and len(self.running) < self.config.max_num_seqs):
                 seq = self.waiting[0]
                 if self._sibling_prefilling(seq):
                     break  # it waits for its sibling's prompt blocks instead of computing them again (first come first)
@@ -203,8 +221,12 @@ class Scheduler:
         prefix = self._cached_prefix(seq)
         start = len(prefix) * self.kv.block_size
         n = min(seq.num_tokens - start, budget)
-        if not self.kv.allocate(seq.seq_id, start + n, prefix):
-            return None
+        if len(self.running) + len(self.paused) >= self.config.max_num_seqs:
+            self._preempt(self.paused[-1], batch)  # every table row is held: the newest paused sequence gives its own
+        while not self.kv.allocate(seq.seq_id, start + n, prefix):
+            if not self.paused:
+                return None
+            self._preempt(self.paused[-1], batch)  # a paused sequence's blocks before a newcomer waits for them
         seq.num_computed_tokens = start
         if self.config.enable_prefix_caching:
             self.prefix_queried_tokens += seq.num_tokens
@@ -223,9 +245,10 @@ class Scheduler:
         """Admission when some waiting sequences have fairness keys: each time, the head of the group (sequences
         without a key count as one group that is never ahead) with the best priority and then the fewest running
         sequences goes next, so a new request's first sequence starts before a big request's next one."""
-        load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
+        load = self._load()
         skipped: set[str | None] = set()  # groups whose head waits for a sibling's prompt blocks this step
-        while len(batch.preempted) == fair_preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (batch.running_preempted == fair_preempted and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
             capped = self._capped_groups(load)
             heads = [g[0] for key, g in self._waiting_groups.items() if key not in skipped and key not in capped]
             if not heads:
@@ -247,33 +270,68 @@ class Scheduler:
         group holds two or more slots one of which it could take (no lower priority than that group's victim)."""
         if len(self.running) < self.config.max_num_seqs or not self._waiting_groups.keys() - {None}:
             return None
-        load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
+        load = self._load()
         heads = [g[0] for key, g in self._waiting_groups.items() if key is not None and not load[key]]
         if not heads or not self.running:
             return None
         want = min(heads, key=lambda s: (s.priority, s.arrival_order))
-        victim = self._victim(set())
+        victim = self._victim(set(), paused=False)  # it must free a slot
         if victim.fairness_key is None or load[victim.fairness_key] < 2 or victim.priority < want.priority:
             return None
         return victim
 
     def _capped_groups(self, load: Counter) -> set[str]:
-        """The fairness groups holding their fair share (`fair_share_seqs`) of running sequences while another group
-        has sequences running or waiting: they get no more slots until they are alone."""
+        """The fairness groups holding their fair share (`fair_share_seqs`) of running sequences while a small group
+        (`_small_groups`) other than them wants the engine: they get no more slots until it is gone."""
+        cap = self.config.fair_share_seqs
+        small = self._small_groups()
+        return {key for key, held in load.items() if held >= cap and small - {key}} if small else set()
+
+    def _small_groups(self) -> set[str | None]:
+        """The groups (sequences without a key count as one) of at most `fair_share_seqs` sequences running, paused
+        or waiting: the interactive requests the fair share is for. Only they cap the others: big groups among
+        themselves share the slots by fair admission, each step as full as without a share."""
         cap = self.config.fair_share_seqs
         if cap is None:
             return set()
-        active = set(load) | self._waiting_groups.keys()  # None: the sequences without a key, one group
-        if any(s.fairness_key is None for s in self.running):
-            active.add(None)
-        if len(active) < 2:
-            return set()
-        return {key for key, held in load.items() if held >= cap}
+        size = Counter(s.fairness_key for s in self.running)
+        size.update(s.fairness_key for s in self.paused)
+        for key, group in self._waiting_groups.items():
+            size[key] += len(group)
+        return {key for key, n in size.items() if n <= cap} if len(size) > 1 else set()
+
+    def _resumable(self, load: Counter) -> list[Sequence]:
+        """The paused sequences that may run again now, in order: while slots are free, those of groups under their
+        share, or of any group once no small group wants the engine."""
+        cap, free = self.config.fair_share_seqs, self.config.max_num_seqs - len(self.running)
+        if not self.paused or free <= 0:
+            return []
+        small = self._small_groups()
+        held, out = Counter(load), []
+        for seq in self.paused:
+            key = seq.fairness_key
+            if key is not None and small - {key} and held[key] >= cap:
+                continue
+            out.append(seq)
+            held[key] += 1
+            if len(out) == free:
+                break
+        return out
+
+    def _resume_paused(self) -> None:
+        for seq in self._resumable(self._load()):
+            self.paused.remove(seq)
+            seq.status = Status.RUNNING
+            bisect.insort(self.running, seq, key=Sequence.sort_key)
+
+    def _load(self) -> Counter:
+        """Running sequences per fairness group (sequences without a key are not counted)."""
+        return Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
 
     def _over_share(self) -> list[Sequence]:
         """The running sequences past their group's fair share while others want the engine: of each such group,
         the excess taken from its lowest priority, newest first."""
-        load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
+        load = self._load()
         excess = {key: load[key] - self.config.fair_share_seqs for key in self._capped_groups(load)
                   if load[key] > self.config.fair_share_seqs}
         if not excess:
@@ -289,16 +347,21 @@ class Scheduler:
         """Without this a request arriving while another holds every running slot waits until one of that request's
         sequences ends, however long it generates: one of them goes back to the queue (recomputed later, its
         blocks mostly from the prefix cache) so each group has a turn. With a fair share set, a group holding more
-        than its share while another arrives gives back the excess at once: on the CPU every running sequence
-        slows everyone's step."""
-        for victim in self._over_share():
-            self._preempt(victim, batch)
+        than its share while another arrives has the excess paused at once (on the CPU every running sequence
+        slows everyone's step); paused, not preempted, so the step that resumes them recomputes nothing."""
+        for seq in self._over_share():
+            self.running.remove(seq)
+            seq.status = Status.PAUSED
+            bisect.insort(self.paused, seq, key=Sequence.sort_key)
+            self.num_pauses += 1
         victim = self._starved()
         if victim is not None:
             self._preempt(victim, batch)
 
     def admissible(self) -> bool:
         """Whether the next `schedule` would start a waiting sequence (the engine's look-ahead then stops)."""
+        if self._resumable(self._load()):
+            return True
         return bool(self.waiting) and (len(self.running) < self.config.max_num_seqs or self._starved() is not None
                                        or bool(self._over_share()))
 
@@ -318,12 +381,15 @@ class Scheduler:
             left -= shares[key]
         return shares
 
-    def _victim(self, scheduled: set[int]) -> Sequence:
-        """The running sequence to preempt: the lowest priority, then the fairness group holding the most running
-        sequences (a sequence without a key counts as a group of one), then the newest."""
-        load = Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
-        return max((s for s in self.running if id(s) not in scheduled),
-                   key=lambda s: (s.priority, load[s.fairness_key] if s.fairness_key else 1, s.arrival_order))
+    def _victim(self, scheduled: set[int], paused: bool = True) -> Sequence:
+        """The sequence to preempt (of the running ones, and the paused ones if `paused`): the lowest priority, then
+        a paused one (it is not computing), then the fairness group holding the most running sequences (a sequence
+        without a key counts as a group of one), then the newest."""
+        load = self._load()
+        candidates = self.running + self.paused if paused else self.running
+        return max((s for s in candidates if id(s) not in scheduled),
+                   key=lambda s: (s.priority, s.status is Status.PAUSED, load[s.fairness_key] if s.fairness_key else 1,
+                                  s.arrival_order))
 
     def schedule_lookahead(self, seqs: list[Sequence]) -> ScheduledBatch | None:
         """A decode step for `seqs` queued before the token each is about to get is known (the engine's look-ahead:

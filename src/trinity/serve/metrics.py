@@ -92,9 +92,11 @@ class ServerMetrics:
     def __init__(self):
         p = "trinity:"
         self.running = Gauge(p + "num_requests_running", "Sequences being computed.")
-        self.waiting = Gauge(p + "num_requests_waiting", "Sequences waiting for the scheduler.")
+        self.waiting = Gauge(p + "num_requests_waiting",
+                             "Sequences waiting for the scheduler (those paused by the fair share included).")
         self.kv_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of each KV pool's blocks in use (0-1).")
         self.preemptions = Gauge(p + "num_preemptions_total", "Sequences preempted (recomputed) so far.", "counter")
+        self.pauses = Gauge(p + "num_pauses_total", "Running sequences paused for the fair share so far.", "counter")
         self.lookahead_steps = Gauge(p + "num_lookahead_steps_total",
                                      "Decode steps queued before the previous step's tokens were read.", "counter")
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens of finished requests.")
@@ -112,7 +114,7 @@ class ServerMetrics:
                                    "Tokens routed to each expert of each MoE layer since start.", "counter")
         self.expert_imbalance = Gauge(p + "moe_load_imbalance",
                                       "Recent expert load per MoE layer: max over mean (1 = perfectly balanced).")
-        self._all = [self.running, self.waiting, self.kv_usage, self.preemptions, self.lookahead_steps,
+        self._all = [self.running, self.waiting, self.kv_usage, self.preemptions, self.pauses, self.lookahead_steps,
                      self.prompt_tokens, self.prefix_queries, self.prefix_hits,
                      self.generation_tokens, self.request_success, self.ttft, self.itl, self.e2e, self.queue,
                      self.expert_tokens, self.expert_imbalance]
@@ -123,6 +125,7 @@ class ServerMetrics:
         for pool, usage in stats["kv_cache_usage"].items():
             self.kv_usage.set(usage, pool=pool)
         self.preemptions.set(stats["num_preemptions"])
+        self.pauses.set(stats["num_pauses"])
         self.lookahead_steps.set(stats["num_lookahead_steps"])
         self.prefix_queries.set(stats["prefix_cache"]["queried_tokens"])
         self.prefix_hits.set(stats["prefix_cache"]["hit_tokens"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ from ..engine.sampling_params import SamplingError, SamplingParams
 from .errors import APIError
 from .metrics import ServerMetrics
 from .protocol import SamplingFields
+
+log = logging.getLogger("trinity.serve")
 
 
 @dataclass
@@ -71,7 +74,17 @@ class ServerState:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.model.config.vocab_size
+        self._prepare_grammar()
         self.engine = engine.start()
+
+    def _prepare_grammar(self) -> None:
+        """Build the structured-output backend before the server is ready: importing xgrammar holds the GIL for
+        about half a second (benchmarks/README.md, fairness), which stalled every stream when the first request with
+        a schema came in."""
+        try:
+            self.grammar()
+        except Exception as e:  # noqa: BLE001 - e.g. no xgrammar: the first request that needs it says why
+            log.info("structured output not prepared: %s", e)
 
     @property
     def ready(self) -> bool:
