@@ -198,6 +198,12 @@ def test_update_weights_refuses_unknown_names_and_running_requests():
     llm = LLM(TrinityForCausalLM.random(preset("tiny"), seed=0), max_model_len=64, num_kv_blocks=16)
     with pytest.raises(KeyError):
         llm.update_weights({"model.nope.weight": torch.zeros(1)})
+    # every tensor is checked before any is copied: a refused update leaves the served model as it was
+    served = llm.engine.model.model.embed_tokens.weight
+    kept = served.clone()
+    with pytest.raises(ValueError, match="shape"):
+        llm.update_weights({"model.embed_tokens.weight": kept + 1, "model.norm.weight": torch.zeros(3)})
+    assert torch.equal(served, kept)
     llm.engine.add_request("r", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=4))
     with pytest.raises(RuntimeError):
         llm.update_weights(model.state_dict())

@@ -153,3 +153,31 @@ def test_plan_and_engine_agree_on_large_w4a16_per_gpu(tp):
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         assert weights == pytest.approx(planned["fit"]["weights_gb_per_gpu"] * GB, rel=2e-3)
     assert planned["fit"]["fits"] and planned["fit"]["weights_gb_per_gpu"] < 60
+
+
+def test_update_weights_reaches_every_rank():
+    """GRPO's in-place weight update over two ranks: rank 0 sends each whole tensor, every rank copies its own slice,
+    and the greedy tokens are then those of one process serving the new weights (the prefix cache forgotten)."""
+    from engine_helpers import tiny_model
+
+    from trinity.engine import LLM, SamplingParams
+
+    old, new = tiny_model(seed=0), tiny_model(seed=3)
+    prompts = random_prompts([12, 30, 7], seed=8)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    def greedy(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+    want = greedy(LLM(new))
+    llm = LLM(old, tensor_parallel_size=2, enable_prefix_caching=True)
+    try:
+        before = greedy(llm)
+        assert llm.update_weights(new.state_dict()) == len(new.state_dict())
+        after = greedy(llm)
+        with pytest.raises(ValueError, match="shape"):  # whole shapes are checked before anything is sent
+            llm.update_weights({"model.embed_tokens.weight": torch.zeros(3, 3)})
+        assert greedy(llm) == after  # and the ranks still agree
+    finally:
+        llm.shutdown()
+    assert before != want and after == want

@@ -24,6 +24,7 @@ from .runner import build_runner
 from .sampler import PendingSample, Sampler, position_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from .weight_update import check_weights, copy_weights
 
 log = logging.getLogger("trinity.engine")
 
@@ -448,29 +449,17 @@ class LLMEngine:
         self.kv.reset_prefix_cache()
 
     def update_weights(self, weights) -> int:
-        """Serve new weights from now on: copy each (name, tensor) (a mapping or pairs, under the checkpoint's
-        names) into the model's tensor in place, then forget the prefix cache, whose blocks hold keys and values
-        the old weights computed. In place, so what the engine built on the weights follows them: the fused
-        projections' concatenated weights (the parameters are views of them), copies keyed on a tensor's version
-        (packed CPU weights, the router's fp32 copy) and CUDA graphs (they read the same storage).
-        Only between requests: a running sequence's cache would mix two models. -> the number of tensors copied."""
-        if self.executor is not None:
-            raise NotImplementedError("update_weights with tensor parallelism: each rank holds its own shard")
+        """Serve new weights from now on: copy each (name, tensor) (a mapping or pairs, under the model's names,
+        whole) into the model's tensor in place (`weight_update`), on every tensor-parallel rank, then forget the
+        prefix cache, whose blocks hold keys and values the old weights computed. Only between requests: a running
+        sequence's cache would mix two models. -> the number of tensors copied."""
         if self.has_unfinished():
             raise RuntimeError("update_weights while requests run: finish or abort them first")
-        targets = dict(self.model.named_parameters(remove_duplicate=False))
-        targets.update(self.model.named_buffers(remove_duplicate=False))
-        copied = 0
-        with torch.no_grad():
-            for name, value in (weights.items() if hasattr(weights, "items") else weights):
-                target = targets.get(name)
-                if target is None:
-                    raise KeyError(f"update_weights: the served model has no tensor {name!r}")
-                if target.shape != value.shape:
-                    raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the served model's "
-                                     f"{tuple(target.shape)}")
-                target.copy_(value)
-                copied += 1
+        pairs = list(weights.items() if hasattr(weights, "items") else weights)
+        check_weights(self.model, pairs)
+        if self.executor is not None:
+            self.executor.send_weights(pairs)  # each worker copies its slices as rank 0 does below
+        copied = copy_weights(self.model, pairs)
         self.reset_prefix_cache()
         return copied
 

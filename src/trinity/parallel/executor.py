@@ -78,15 +78,41 @@ class TensorParallelRunner:
 
 
 def worker_loop(runner, group: TPGroup) -> None:
-    """Run rank 0's steps until it says stop."""
+    """Run rank 0's steps until it says stop; apply the weight updates it sends between them."""
     while True:
         kind, step, tokens = group.broadcast_object(None)
         if kind == "stop":
             return
+        if kind == "weights":
+            receive_weights(runner.model, group, step, runner.device)
+            continue
         input_tokens = None
         if tokens is not None:
             input_tokens = group.broadcast_(torch.empty(tokens[0], dtype=tokens[1], device=runner.device))
         runner.execute(step, input_tokens)
+
+
+def send_weights(group: TPGroup, pairs: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
+    """Rank 0: every whole tensor of an update to the workers, one at a time over the device group (names, shapes
+    and dtypes first, over the gloo group)."""
+    group.broadcast_object(("weights", [(name, tuple(t.shape), t.dtype) for name, t in pairs], None))
+    for _, tensor in pairs:
+        group.broadcast_(_as_sent(tensor.detach().to(device).contiguous()))
+
+
+def receive_weights(model, group: TPGroup, meta: list, device: torch.device) -> None:
+    """A worker: receive rank 0's update and copy this rank's slices (`weight_update.copy_weights`)."""
+    from ..engine.weight_update import copy_weights
+
+    for name, shape, dtype in meta:
+        buffer = _as_sent(torch.empty(shape, dtype=dtype, device=device))
+        group.broadcast_(buffer)
+        copy_weights(model, [(name, buffer.view(dtype))])
+
+
+def _as_sent(t: torch.Tensor) -> torch.Tensor:
+    """One-byte floats (FP8 weights) travel as bytes: gloo has no FP8 types."""
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 and t.is_floating_point() else t
 
 
 def agree_plan(plan, group: TPGroup):
@@ -148,6 +174,9 @@ class Executor:
 
     def agree_plan(self, plan):
         return agree_plan(plan, self.group)
+
+    def send_weights(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        send_weights(self.group, pairs, self.device)
 
     def _monitor(self) -> None:
         by_sentinel = {p.sentinel: (rank, p) for rank, p in enumerate(self.processes, start=1)}
