@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from trinity import TrinityForCausalLM, preset
-from trinity.train.data import (IGNORE, Document, RSDBLoader, SequentialLoader, chat_document, corpus_files,
-                                load_documents, make_loader)
+from trinity.train.data import (IGNORE, Document, PackedLoader, RSDBLoader, SequentialLoader, chat_document,
+                                corpus_files, load_documents, make_loader)
 from trinity.train.trainer import init_like_report_
 
 STRIDE = 100_000  # synthetic token value = doc * STRIDE + position: every token says where it came from
@@ -194,6 +194,48 @@ def test_rsdb_reads_every_token_exactly_once_per_epoch(buffer_size):
     assert read == +expected
 
 
+# ---------------------------------------------------------------------------------------------- packed
+
+def test_packed_rows_hold_whole_documents_and_cut_only_longer_ones():
+    """Conversations: a row starts at a document's start and holds only whole documents, then padding without
+    loss; only a document longer than a row is cut, its rest starting the rows after. Every document is read in
+    full, once per epoch, as with RSDB."""
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(2, 30, size=40)] + [75]  # one longer than a row (31 + 1 tokens)
+    docs = encoded_docs(lengths)
+    loader = PackedLoader(docs, seq_len=31, seed=3, buffer_size=8, pad_id=-1)
+    taken = [slot[0] for slot in loader.buffer]
+    original = loader._take_document
+    loader._take_document = lambda: taken.append(original()) or taken[-1]
+    rows = [loader.next_sequence() for _ in range(300)]
+    read: Counter = Counter()
+    for ids, mask in rows:
+        assert len(ids) == len(mask) == 32
+        pad = ids == -1
+        assert not mask[pad].any() and (pad[pad.argmax():].all() if pad.any() else True)  # padding only at the end
+        tokens = ids[~pad].tolist()
+        read.update(tokens)
+        # pieces: runs of consecutive positions of one document
+        starts = [0] + [i for i in range(1, len(tokens)) if tokens[i] != tokens[i - 1] + 1]
+        for k, i in enumerate(starts):
+            doc, pos = divmod(tokens[i], STRIDE)
+            end = starts[k + 1] if k + 1 < len(starts) else len(tokens)
+            if lengths[doc] <= 32:
+                assert pos == 0 and end - i == lengths[doc]  # whole
+            else:
+                assert k == 0 or pos + end - i == lengths[doc]  # the long one: a row's first piece, or its end
+    # every taken document read in full, less what the buffered ones have not read yet; epochs are permutations
+    expected: Counter = Counter()
+    for index in taken:
+        expected.update(docs[index].ids.tolist())
+    for index, cursor in loader.buffer:
+        expected.subtract(docs[index].ids[cursor:].tolist())
+    assert read == +expected and len(taken) >= 3 * len(docs)
+    assert all(len(set(taken[e:e + len(docs)])) == len(taken[e:e + len(docs)]) for e in range(0, len(taken), len(docs)))
+    # padding is what no buffered document fitted: a few per cent here
+    assert sum(int((ids == -1).sum()) for ids, _ in rows) < 0.25 * 32 * len(rows)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 def _mixed_docs(tok):
@@ -202,7 +244,7 @@ def _mixed_docs(tok):
     return docs
 
 
-@pytest.mark.parametrize("order", ["sequential", "rsdb"])
+@pytest.mark.parametrize("order", ["sequential", "rsdb", "packed"])
 @pytest.mark.parametrize("transport", ["torch", "json", "pickle"])
 def test_loader_resumes_from_state_dict(order, transport, tok, tmp_path):
     docs = _mixed_docs(tok)

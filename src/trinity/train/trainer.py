@@ -20,7 +20,7 @@ from torch import nn
 from ..config import TrinityConfig, preset
 from ..model.model import TrinityForCausalLM
 from .balance import BalanceConfig, ExpertBalancer, max_violation, moe_blocks
-from .data import load_documents, make_loader
+from .data import DATA_ORDERS, load_documents, make_loader
 from .losses import router_z_loss, sequence_balance_loss
 from .optim import CombinedOptimizer
 from .parallel import MODES as DATA_PARALLEL_MODES
@@ -42,7 +42,7 @@ class TrainConfig:
     tokenizer: str = "byte"  # "byte" (built-in byte-level) or a folder with tokenizer.json
     # data
     data: list[str] = field(default_factory=list)
-    data_order: str = "rsdb"  # rsdb | sequential
+    data_order: str = "rsdb"  # rsdb | sequential | packed (whole documents per row: conversations, data.PackedLoader)
     buffer_size: int = 64
     # sequential order: readers starting at evenly spaced documents (like data workers on separate shards);
     # a step's batch is split into this many equal runs, one per reader. Independent of ranks and micro batches,
@@ -86,8 +86,8 @@ class TrainConfig:
             raise ValueError(f"stage {self.stage!r}: allowed {', '.join(STAGES)}")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ValueError(f"schedule {self.schedule!r}: allowed cosine, wsd, constant")
-        if self.data_order not in ("rsdb", "sequential"):
-            raise ValueError(f"data_order {self.data_order!r}: allowed rsdb, sequential")
+        if self.data_order not in DATA_ORDERS:
+            raise ValueError(f"data_order {self.data_order!r}: allowed {', '.join(DATA_ORDERS)}")
         if self.data_parallel not in DATA_PARALLEL_MODES:
             raise ValueError(f"data_parallel {self.data_parallel!r}: allowed {', '.join(DATA_PARALLEL_MODES)}")
         for name in ("seq_len", "batch_size", "steps"):
@@ -300,7 +300,7 @@ class Trainer:
             block.record_router = bool(self.aux_coeff or cfg.z_loss_coeff)
         eos = self.tokenizer.eos_token_id
         self.loader = make_loader(cfg.data_order, load_documents(cfg.data, self.tokenizer, eos), cfg.seq_len,
-                                  cfg.seed, cfg.buffer_size, streams=cfg.data_streams)
+                                  cfg.seed, cfg.buffer_size, streams=cfg.data_streams, pad_id=eos)
         start_or_resume(self, writes_log=self.rank == 0)
 
     # ------------------------------------------------------------------ setup
