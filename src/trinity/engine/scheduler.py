@@ -329,8 +329,8 @@ class Scheduler:
         return Counter(s.fairness_key for s in self.running if s.fairness_key is not None)
 
     def _over_share(self) -> list[Sequence]:
-        """The running sequences past their group's fair share while others want the engine: of each such group,
-        the excess taken from its lowest priority, newest first."""
+        """The running sequences past their group's fair share while a small group wants the engine: of each such
+        group, the excess taken from its lowest priority, newest first."""
         load = self._load()
         excess = {key: load[key] - self.config.fair_share_seqs for key in self._capped_groups(load)
                   if load[key] > self.config.fair_share_seqs}
@@ -347,7 +347,7 @@ class Scheduler:
         """Without this a request arriving while another holds every running slot waits until one of that request's
         sequences ends, however long it generates: one of them goes back to the queue (recomputed later, its
         blocks mostly from the prefix cache) so each group has a turn. With a fair share set, a group holding more
-        than its share while another arrives has the excess paused at once (on the CPU every running sequence
+        than its share while a small one arrives has the excess paused at once (on the CPU every running sequence
         slows everyone's step); paused, not preempted, so the step that resumes them recomputes nothing."""
         for seq in self._over_share():
             self.running.remove(seq)
