@@ -193,15 +193,19 @@ class RSDBLoader(_Loader):
         need = self.seq_len + 1
         ids, masks = [], []
         while need:
-            slot = self.rng.randrange(len(self.buffer))
-            doc, cursor = self.buffer[slot]
-            part, mask = self._read(doc, cursor, need)
-            ids.append(part)
-            masks.append(mask)
-            need -= len(part)
-            cursor += len(part)
-            self.buffer[slot] = [self._take_document(), 0] if cursor >= len(self.docs[doc].ids) else [doc, cursor]
+            need -= self._read_slot(self.rng.randrange(len(self.buffer)), need, ids, masks)
         return np.concatenate(ids), np.concatenate(masks)
+
+    def _read_slot(self, slot: int, need: int, ids: list, masks: list) -> int:
+        """Read up to `need` tokens of a buffered document into ids/masks (a finished document's slot takes the
+        next one); -> how many."""
+        doc, cursor = self.buffer[slot]
+        part, mask = self._read(doc, cursor, need)
+        ids.append(part)
+        masks.append(mask)
+        cursor += len(part)
+        self.buffer[slot] = [self._take_document(), 0] if cursor >= len(self.docs[doc].ids) else [doc, cursor]
+        return len(part)
 
     def state_dict(self) -> dict:
         return {"order": list(self.order), "next_doc": self.next_doc, "buffer": [list(b) for b in self.buffer],
@@ -231,13 +235,7 @@ class PackedLoader(RSDBLoader):
         ids, masks = [], []
         slot = self.rng.randrange(len(self.buffer))  # any document may start a row
         while slot is not None:
-            doc, cursor = self.buffer[slot]
-            part, mask = self._read(doc, cursor, need)
-            ids.append(part)
-            masks.append(mask)
-            need -= len(part)
-            cursor += len(part)
-            self.buffer[slot] = [self._take_document(), 0] if cursor >= len(self.docs[doc].ids) else [doc, cursor]
+            need -= self._read_slot(slot, need, ids, masks)
             fitting = [i for i, (d, c) in enumerate(self.buffer) if 0 < len(self.docs[d].ids) - c <= need]
             slot = self.rng.choice(fitting) if fitting else None
         if need:
