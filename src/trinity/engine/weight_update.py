@@ -32,14 +32,16 @@ def check_weights(model, pairs: list[tuple[str, torch.Tensor]]) -> None:
 
 
 def copy_weights(model, pairs) -> int:
-    """Copy each (name, whole tensor) into the model, this rank's slice of it when the model is sharded.
-    -> the number of tensors copied."""
+    """Copy each (name, whole tensor) into the model, this rank's slice of it when the model is sharded. `pairs`
+    may be a generator (a worker receives the tensors one at a time). -> the number of tensors copied."""
     targets, cut, plan = weight_targets(model), _cut_shapes(model), getattr(model, "shard_plan", None)
+    copied = 0
     with torch.no_grad():
         for name, value in pairs:
             split = plan.split(name) if name in cut else None
             targets[name].copy_(split.take(value) if split is not None else value)
-    return len(pairs)
+            copied += 1
+    return copied
 
 
 def _cut_shapes(model) -> dict[str, tuple]:

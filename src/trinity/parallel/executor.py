@@ -101,13 +101,17 @@ def send_weights(group: TPGroup, pairs: list[tuple[str, torch.Tensor]], device: 
 
 
 def receive_weights(model, group: TPGroup, meta: list, device: torch.device) -> None:
-    """A worker: receive rank 0's update and copy this rank's slices (`weight_update.copy_weights`)."""
+    """A worker: receive rank 0's update one tensor at a time and copy this rank's slices
+    (`weight_update.copy_weights`, which looks the model's tensors up once for the whole update)."""
     from ..engine.weight_update import copy_weights
 
-    for name, shape, dtype in meta:
-        buffer = _as_sent(torch.empty(shape, dtype=dtype, device=device))
-        group.broadcast_(buffer)
-        copy_weights(model, [(name, buffer.view(dtype))])
+    def received():
+        for name, shape, dtype in meta:
+            buffer = _as_sent(torch.empty(shape, dtype=dtype, device=device))
+            group.broadcast_(buffer)
+            yield name, buffer.view(dtype)
+
+    copy_weights(model, received())
 
 
 def _as_sent(t: torch.Tensor) -> torch.Tensor:
