@@ -359,8 +359,35 @@ def test_tokenizer_splits_digits(tok):
 
 @settings(max_examples=150, deadline=None)
 @given(text=st.text(max_size=80))
-def test_tokenizer_round_trips_any_text(tok, text):
+def test_tokenizer_round_trips_any_text(tok, bare_tok, text):
     assert tok.decode(tok.encode(text)) == text
+    assert bare_tok.decode(bare_tok.encode(text)) == text
+
+
+@pytest.fixture(scope="module")
+def bare_tok(corpus, tmp_path_factory) -> TrinityTokenizer:
+    out = tmp_path_factory.mktemp("bare_tokenizer")
+    train_from_corpus(str(corpus), str(out), vocab_size=1200, split="bare")
+    return TrinityTokenizer.from_pretrained(out)
+
+
+def _pieces(tokenizer: TrinityTokenizer, text: str) -> list[str]:
+    return [tokenizer.decode([i]) for i in tokenizer.encode(text)]
+
+
+@pytest.mark.parametrize("word", ["ferry", "Barcelona", "harbour", "dorvak"])
+def test_bare_split_keeps_a_word_the_same_tokens_in_text_names_and_json(bare_tok, tok, word):
+    """A word the user writes must be the same tokens in a tool's name and in a JSON value, or copying it is
+    a mapping the model has to learn per word; the GPT-2 split ("words") glues the space to the word."""
+    span = _pieces(bare_tok, word)
+    for context in (f"Find a {word} today.", f'"name": "{word}_schedule"', f'{{"port": "{word}"}}',
+                    f"The tool {word}_lookup does"):
+        pieces = _pieces(bare_tok, context)
+        assert any(pieces[i:i + len(span)] == span for i in range(len(pieces))), (context, pieces, span)
+    glued = _pieces(tok, f"a {word}")[1:]
+    assert "".join(glued).startswith(" ") and glued != _pieces(tok, word)  # what the default split does
+    assert bare_tok.decode(bare_tok.encode(f"Find a {word}, {{\"x\": \"{word}\"}}")) == \
+        f"Find a {word}, {{\"x\": \"{word}\"}}"
 
 
 def test_tokenizer_round_trips_the_corpus_and_compresses_it(train, tok):

@@ -34,7 +34,7 @@ def _tokenizer_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=20000, help="conversations sampled for training (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-max-length", type=int, default=None)
-    p.add_argument("--split", default="words", choices=["words", "spaces"],
+    p.add_argument("--split", default="words", choices=["words", "bare", "spaces"],
                    help="pre-tokenizer: words (GPT-2 regex) or spaces (fewer tokens, see tokenizer_train.py)")
     return p
 
