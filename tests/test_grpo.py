@@ -235,6 +235,8 @@ def test_train_grpo_command_checkpoints_exports_and_resumes(tmp_path, capsys):
     for key in ("reward_mean", "kl", "clip_fraction", "loss"):
         assert all(math.isfinite(r[key]) for r in log)
     assert any(r["updated"] for r in log)
+    # a round with a group that disagreed is a round with a gradient, and only such a round updates
+    assert all((r["mixed_groups"] > 0) == r["updated"] and 0 <= r["mixed_groups"] <= 1 for r in log)
     assert (out / "grpo_curves.png").exists()
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and state["stage"] == "grpo"

@@ -35,6 +35,12 @@ from .trainer import build_model, build_tokenizer, lr_scale, rng_state, run_step
 THINK_PREFILL = "<think>\n"
 
 
+def _mixed_share(rewards: torch.Tensor, group_size: int) -> float:
+    """The share of groups whose samples did not all score the same."""
+    groups = rewards.view(-1, group_size)
+    return (groups.amax(dim=1) > groups.amin(dim=1)).float().mean().item()
+
+
 @dataclasses.dataclass(slots=True)
 class RolloutBatch:
     """A round's samples as padded tensors. ids [N, T] (prompt + completion, right-padded); the loss reads
@@ -194,6 +200,8 @@ class GRPOTrainer:
         record = {"step": self.step, **{k: v / epochs for k, v in sums.items()},
                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                   "pass_rate": sum(r.passed for r in results) / len(results),
+                  # the groups that hold both better and worse samples: only they carry a policy gradient
+                  "mixed_groups": _mixed_share(rewards, cfg.group_size),
                   "well_formed": sum(r.well_formed for r in results) / len(results),
                   "completion_tokens": sum(completion_tokens) / len(completion_tokens),
                   "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
