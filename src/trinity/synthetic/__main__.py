@@ -35,7 +35,8 @@ def _tokenizer_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-max-length", type=int, default=None)
     p.add_argument("--split", default="words", choices=["words", "bare", "spaces"],
-                   help="pre-tokenizer: words (GPT-2 regex) or spaces (fewer tokens, see tokenizer_train.py)")
+                   help="pre-tokenizer: words (GPT-2 regex), bare (a word the same tokens everywhere) or spaces "
+                        "(fewer tokens); see tokenizer_train.py")
     return p
 
 
