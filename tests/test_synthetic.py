@@ -63,6 +63,13 @@ def tok(tok_dir) -> TrinityTokenizer:
     return TrinityTokenizer.from_pretrained(tok_dir)
 
 
+@pytest.fixture(scope="module")
+def bare_tok(corpus, tmp_path_factory) -> TrinityTokenizer:
+    out = tmp_path_factory.mktemp("bare_tokenizer")
+    train_from_corpus(str(corpus), str(out), vocab_size=1200, split="bare")
+    return TrinityTokenizer.from_pretrained(out)
+
+
 # ---------------------------------------------------------------------------------------------- corpus files
 def test_same_seed_same_files_other_seed_other_files(corpus, tmp_path):
     write_corpus(str(tmp_path / "again"), TRAIN, HELDOUT, seed=3)
@@ -362,13 +369,6 @@ def test_tokenizer_splits_digits(tok):
 def test_tokenizer_round_trips_any_text(tok, bare_tok, text):
     assert tok.decode(tok.encode(text)) == text
     assert bare_tok.decode(bare_tok.encode(text)) == text
-
-
-@pytest.fixture(scope="module")
-def bare_tok(corpus, tmp_path_factory) -> TrinityTokenizer:
-    out = tmp_path_factory.mktemp("bare_tokenizer")
-    train_from_corpus(str(corpus), str(out), vocab_size=1200, split="bare")
-    return TrinityTokenizer.from_pretrained(out)
 
 
 def _pieces(tokenizer: TrinityTokenizer, text: str) -> list[str]:

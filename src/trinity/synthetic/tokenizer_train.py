@@ -25,9 +25,13 @@ from ..tokenizer import SPECIAL_TOKENS, TrinityTokenizer, _assemble_byte_level, 
 DEFAULT_VOCAB = 4096
 
 
-SPLITS = ("words", "bare", "spaces")
-# letters, one digit, punctuation and whitespace: each its own pre-token, the space never glued to a word
-BARE_PIECES = r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+|\s+"
+# the pre-token pattern of each split before byte-level BPE; None: ByteLevel's own (GPT-2) regex
+SPLIT_PATTERNS: dict[str, str | None] = {
+    "words": None,
+    "bare": r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+|\s+",  # letters, one digit, punctuation, whitespace: each apart
+    "spaces": r" ?[^\s]+|\s+",
+}
+SPLITS = tuple(SPLIT_PATTERNS)
 
 
 def digit_splitting_pre_tokenizer(split: str = "words") -> pre_tokenizers.PreTokenizer:
@@ -39,17 +43,12 @@ def digit_splitting_pre_tokenizer(split: str = "words") -> pre_tokenizers.PreTok
     copying one into another is a plain copy (about 30% more tokens on this corpus). `spaces`: split only at
     whitespace, so merges may join punctuation and words (`{"type":`): about 30% fewer tokens, less regular copying.
     """
-    if split == "words":
-        rest = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    elif split == "bare":
-        rest = [pre_tokenizers.Split(Regex(BARE_PIECES), "isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    elif split == "spaces":
-        rest = [pre_tokenizers.Split(Regex(r" ?[^\s]+|\s+"), "isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    else:
+    if split not in SPLIT_PATTERNS:
         raise ValueError(f"split {split!r}: allowed {', '.join(SPLITS)}")
-    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), *rest])
+    pattern = SPLIT_PATTERNS[split]
+    pieces = [] if pattern is None else [pre_tokenizers.Split(Regex(pattern), "isolated")]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pattern is None)
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), *pieces, byte_level])
 
 
 def rendered_texts(records: Iterable[dict[str, Any]], renderer: TrinityTokenizer) -> Iterator[str]:
