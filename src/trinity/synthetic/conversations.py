@@ -12,7 +12,6 @@ from .arithmetic import draw_problem, make_arithmetic, make_arithmetic_chain, qu
 from .example import Checkpoint, Example, assistant, maybe_system, user
 from .generated_conversations import family, make_call, make_forced, make_none, make_parallel
 from .json_replies import make_json_reply
-from .nonce_actions import training_pool
 from .plain import draw_plain, make_plain, make_plain_chain
 from .reasoned_json import make_reasoned_json
 from .tool_domains import HELDOUT_ACTIONS, TRAIN_ACTIONS
@@ -41,13 +40,12 @@ FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "plain": make_plain,
     "plain_chain": make_plain_chain,
     "mixed_chain": make_mixed_chain,
-    # tools made up per conversation from the training domains (tool_domains.py) and made-up words
-    # (nonce_actions.py): half the needed tools are about words never seen before
-    "gen_tool_call": family(make_call, training_pool, "gen_tool_call"),
-    "gen_tool_parallel": family(make_parallel, training_pool, "gen_tool_parallel"),
-    "gen_tool_none": family(make_none, training_pool, "gen_tool_none"),
-    "tool_choice_forced": family(make_forced, training_pool, "tool_choice_forced"),
-    "json_schema_reasoned": family(make_reasoned_json, training_pool, "json_schema_reasoned"),
+    # tools made up per conversation from the training domains (tool_domains.py)
+    "gen_tool_call": family(make_call, TRAIN_ACTIONS, "gen_tool_call"),
+    "gen_tool_parallel": family(make_parallel, TRAIN_ACTIONS, "gen_tool_parallel"),
+    "gen_tool_none": family(make_none, TRAIN_ACTIONS, "gen_tool_none"),
+    "tool_choice_forced": family(make_forced, TRAIN_ACTIONS, "tool_choice_forced"),
+    "json_schema_reasoned": family(make_reasoned_json, TRAIN_ACTIONS, "json_schema_reasoned"),
 }
 # Evaluation only: the same conversations over the held-out domains, whose tools no training family ever
 # offers ("unseen tools"). A training mix may not name them (parse_mix refuses names its default lacks).

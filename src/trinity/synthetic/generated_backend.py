@@ -13,7 +13,6 @@ import random
 import zlib
 from typing import Any
 
-from .nonce_actions import nonce_results, nonce_word_in
 from .tool_domains import HELDOUT_ACTIONS, TRAIN_ACTIONS, Action, name_forms
 
 ERROR_PERCENT = 12
@@ -25,15 +24,14 @@ ACTION_BY_NAME: dict[str, Action] = {form: action for action in TRAIN_ACTIONS + 
 
 
 def is_generated_tool(name: str) -> bool:
-    return name in ACTION_BY_NAME or nonce_word_in(name) is not None
+    return name in ACTION_BY_NAME
 
 
 def run_generated_tool(name: str, arguments: dict[str, Any], day: int) -> dict[str, Any]:
-    action = ACTION_BY_NAME.get(name)
-    results = action.results if action is not None else nonce_results(nonce_word_in(name))
+    action = ACTION_BY_NAME[name]
     # crc32 of the canonical call: the same in every process (str hash() is salted per run)
     h = zlib.crc32(f"{name}|{json.dumps(arguments, sort_keys=True)}|{day}".encode())
     rng = random.Random(h)
     if h % 100 < ERROR_PERCENT:
         return {"error": rng.choice(ERRORS)}
-    return {key: kind.draw(rng) for key, kind in results}
+    return {key: kind.draw(rng) for key, kind in action.results}

@@ -149,14 +149,10 @@ def make_forced(rng: random.Random, actions: tuple[Action, ...], family: str) ->
     return Example(family, messages, tools, checkpoints, {"day": day, "tool_choice": choice})
 
 
-ActionPool = tuple[Action, ...] | Callable[[random.Random], tuple[Action, ...]]
-
-
-def family(maker: Callable[[random.Random, tuple[Action, ...], str], Example], actions: ActionPool,
+def family(maker: Callable[[random.Random, tuple[Action, ...], str], Example], actions: tuple[Action, ...],
            name: str) -> Callable[[random.Random], Example]:
-    """A corpus family (rng -> Example) from a maker, the actions it draws from (fixed, or drawn per conversation
-    by a function of the conversation's rng) and the family's name."""
+    """A corpus family (rng -> Example) from a maker, the actions it draws from and the family's name."""
     def make(rng: random.Random) -> Example:
-        return maker(rng, actions(rng) if callable(actions) else actions, name)
+        return maker(rng, actions, name)
     make.__name__ = f"make_{name}"
     return make

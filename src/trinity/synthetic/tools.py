@@ -131,8 +131,6 @@ BACKENDS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def run_tool(name: str, arguments: dict[str, Any], day: int) -> dict[str, Any]:
-    if name in BACKENDS:
-        return BACKENDS[name](**arguments, day=day)
     if is_generated_tool(name):  # the tools generated_tools.py makes up (tool_domains.py's actions)
         return run_generated_tool(name, arguments, day)
     if name not in BACKENDS:
