@@ -252,6 +252,50 @@ def test_train_grpo_command_checkpoints_exports_and_resumes(tmp_path, capsys):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
 
 
+def test_filter_groups_trains_on_the_mixed_groups_only(tmp_path):
+    prompts = _prompt_file(tmp_path)
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"filter_{flag}"
+        assert cli_main(["train", "--stage", "grpo", "--prompts", str(prompts), "--out-dir", str(out), *GRPO_ARGS,
+                         "--steps", "3", "--filter-groups", flag]) == 0
+        runs[flag] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # the same seed draws the same first round: the filter changes what trains, not what is sampled
+    assert runs["false"][0]["reward_mean"] == runs["true"][0]["reward_mean"]
+    for r in runs["false"]:
+        assert r["trained_samples"] == 2 * 3
+    for r in runs["true"]:
+        mixed = round(r["mixed_groups"] * 2)
+        assert r["trained_samples"] == (3 * mixed if mixed else 2 * 3)
+    assert any(0 < r["mixed_groups"] < 1 for r in runs["true"]), "no round had one group of each kind to filter"
+
+
+def _forced_call_file(tmp_path: Path) -> Path:
+    # a named tool_choice that the prompt does not name: only the server's constraint makes the call
+    colour = {"type": "string", "enum": ["red", "blue"]}
+    tools = [{"type": "function", "function": {"name": name, "description": "d", "parameters": {
+        "type": "object", "properties": {"colour": colour}, "required": ["colour"]}}} for name in ("pick", "paint")]
+    task = {"prompt": "Pick red.", "tools": tools, "tool_choice": {"type": "function", "function": {"name": "pick"}},
+            "check": "tool_call", "expected": {"name": "pick", "arguments": {"colour": "red"}}}
+    path = tmp_path / "forced.jsonl"
+    path.write_text(json.dumps(task) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_rollouts_decode_under_the_constraint_the_server_applies(tmp_path, constrained):
+    cfg = GRPOConfig(prompts=str(_forced_call_file(tmp_path)), out_dir=str(tmp_path / "run"), prompts_per_step=1,
+                     group_size=6, rollout_max_tokens=96, enable_thinking=False, device="cpu", progress=False,
+                     autocast=False, rollout_constraints=constrained)
+    record = GRPOTrainer(cfg).train_step()
+    if constrained:
+        # every sample is one call of the named tool with valid arguments: the reward then only tells red from blue
+        assert record["well_formed"] == 1.0
+        assert record["pass_rate"] == pytest.approx(record["reward_mean"])
+    else:  # a random model's free text makes no call at all
+        assert record["well_formed"] == 0.0 and record["reward_mean"] == 0.0
+
+
 def test_grpo_with_lora_serves_and_exports_the_merged_weights(tmp_path):
     cfg = load_train_config(None, {"stage": "grpo", "prompts": str(_prompt_file(tmp_path)),
                                    "out_dir": str(tmp_path / "lora"), "steps": "2", "lora_rank": "4",

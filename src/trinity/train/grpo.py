@@ -28,6 +28,7 @@ from .lora import AdapterOptimizer, apply_lora, lora_disabled, merged_state_dict
 from .optim import CombinedOptimizer
 from .parallel import clip_grad_norm_
 from .rewards import task_reward
+from .rollout_constraints import RolloutConstraints
 from .rollouts import Rollout, RolloutEngine, load_tasks, render_prompt, round_tasks
 from .trainer import build_model, build_tokenizer, lr_scale, rng_state, run_steps, save_atomic, seed_everything, \
     set_rng_state, start_or_resume
@@ -35,10 +36,10 @@ from .trainer import build_model, build_tokenizer, lr_scale, rng_state, run_step
 THINK_PREFILL = "<think>\n"
 
 
-def _mixed_share(rewards: torch.Tensor, group_size: int) -> float:
-    """The share of groups whose samples did not all score the same."""
+def _mixed_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[P] bool: the groups whose samples did not all score the same."""
     groups = rewards.view(-1, group_size)
-    return (groups.amax(dim=1) > groups.amin(dim=1)).float().mean().item()
+    return groups.amax(dim=1) > groups.amin(dim=1)
 
 
 @dataclasses.dataclass(slots=True)
@@ -85,6 +86,8 @@ class GRPOTrainer:
             for t in self.tasks]
         self.policy = build_model(cfg, self.tokenizer).to(self.device)
         self.model_config = self.policy.config
+        self.constraints = RolloutConstraints(self.tokenizer, self.model_config.vocab_size) \
+            if cfg.rollout_constraints else None
         self.reference: TrinityForCausalLM | None = None
         if cfg.lora_rank:
             apply_lora(self.policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
@@ -148,15 +151,27 @@ class GRPOTrainer:
         cfg = self.cfg
         start = time.perf_counter()
         indices = round_tasks(len(self.tasks), self.step, cfg.prompts_per_step, cfg.seed)
+        constraints = None
+        if self.constraints is not None:
+            constraints = [self.constraints.for_task(self.tasks[i], self.starts_in_reasoning[i],
+                                                     cfg.rollout_max_tokens) for i in indices]
         rollouts = self.engine.generate([self.prompts[i] for i in indices], indices, cfg.group_size,
                                         cfg.rollout_max_tokens, cfg.rollout_temperature, cfg.rollout_top_p,
-                                        seed=cfg.seed * 100_003 + self.step)
+                                        seed=cfg.seed * 100_003 + self.step, constraints=constraints)
         rollout_s = time.perf_counter() - start
         results = [task_reward(self.tasks[r.task_index], r.text, cfg.format_reward,
                                self.starts_in_reasoning[r.task_index]) for r in rollouts]
         rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.group_size, cfg.advantage_eps).to(self.device)
-        batch = pack_rollouts(rollouts, self.pad_id)
+        trained = rollouts
+        if cfg.filter_groups:
+            # only the groups whose samples differ carry a policy gradient; the others would cost two forwards and a
+            # backward for their KL term alone (DAPO's dynamic sampling keeps only these too)
+            mixed = _mixed_groups(rewards, cfg.group_size).repeat_interleave(cfg.group_size)
+            if mixed.any():
+                trained = [r for r, keep in zip(rollouts, mixed.tolist()) if keep]
+                advantages = advantages[mixed.to(self.device)]
+        batch = pack_rollouts(trained, self.pad_id)
         mask = batch.mask.to(self.device)
         num_tokens = int(mask.sum().clamp_min(1).item())
         ref_logp = self._frozen_logprobs(batch, reference=True) if cfg.kl_coeff else None
@@ -201,7 +216,8 @@ class GRPOTrainer:
                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                   "pass_rate": sum(r.passed for r in results) / len(results),
                   # the groups that hold both better and worse samples: only they carry a policy gradient
-                  "mixed_groups": _mixed_share(rewards, cfg.group_size),
+                  "mixed_groups": _mixed_groups(rewards, cfg.group_size).float().mean().item(),
+                  "trained_samples": len(trained),
                   "well_formed": sum(r.well_formed for r in results) / len(results),
                   "completion_tokens": sum(completion_tokens) / len(completion_tokens),
                   "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),

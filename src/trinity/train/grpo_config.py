@@ -26,12 +26,16 @@ class GRPOConfig(TrainConfig):
     rollout_top_p: float = 1.0
     rollout_kv_blocks: int = 0  # KV blocks per pool for the rollout engine; 0 = enough for one round
     enable_thinking: bool = True  # the chat template's `<think>` prefill
+    # decode each task under the constraint the server would apply to it (its tool_choice, response_format, and
+    # valid calls under "auto"; train/rollout_constraints.py), so rewards score what the served model can reply
+    rollout_constraints: bool = True
     # objective
     clip_eps: float = 0.2  # PPO clip: the ratio is held within [1 - eps, 1 + eps] where that lowers the objective
     kl_coeff: float = 0.04  # beta of the k3 KL penalty to the frozen reference policy
     advantage_eps: float = 1e-4  # (r - mean) / (std + eps): a group whose rewards all agree gets 0
     epochs_per_round: int = 1  # optimizer passes over a round's rollouts (> 1 makes the clip matter)
     skip_no_signal: bool = True  # no optimizer step for a round whose every group's rewards agree
+    filter_groups: bool = False  # train on the round's mixed groups only (the others' advantages are all 0)
     format_reward: float = 0.0  # partial credit for a well-formed but wrong reply (answer/call/JSON parsed)
     # LoRA: 0 = full fine-tuning; otherwise only rank-r adapters train, merged into the weights for export
     lora_rank: int = 0

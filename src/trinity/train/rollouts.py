@@ -76,11 +76,13 @@ class RolloutEngine:
         self.llm.update_weights(policy_state)
 
     def generate(self, prompts: list[list[int]], task_indices: list[int], group_size: int, max_tokens: int,
-                 temperature: float, top_p: float, seed: int) -> list[Rollout]:
+                 temperature: float, top_p: float, seed: int, constraints: list | None = None) -> list[Rollout]:
         """G samples per prompt, group by group in the prompts' order. Each request has its own seed, so a round's
-        samples depend only on the weights and the step (resume reproduces them)."""
+        samples depend only on the weights and the step (resume reproduces them). `constraints`: per prompt, the
+        constraint factory its samples decode under (None: free text)."""
+        constraints = constraints or [None] * len(prompts)
         params = [SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                 seed=seed * 7919 + i) for i in range(len(prompts))]
+                                 seed=seed * 7919 + i, constraint_factory=constraints[i]) for i in range(len(prompts))]
         outputs = self.llm.generate(prompt_token_ids=prompts, sampling_params=params)
         rollouts = []
         for index, prompt, out in zip(task_indices, prompts, outputs):
