@@ -296,6 +296,25 @@ def test_rollouts_decode_under_the_constraint_the_server_applies(tmp_path, const
         assert record["well_formed"] == 0.0 and record["reward_mean"] == 0.0
 
 
+def test_screening_keeps_the_tasks_the_starting_policy_gets_wrong(tmp_path):
+    # task 0 passes with any answer, task 1 with none a random model writes
+    tasks = [{"prompt": "Say anything.", "check": "contains", "expected": {"contains": []}},
+             {"prompt": "Say the code.", "check": "contains", "expected": {"contains": ["<<never written>>"]}}]
+    prompts = tmp_path / "screen.jsonl"
+    prompts.write_text("".join(json.dumps(t) + "\n" for t in tasks), encoding="utf-8")
+    args = ["train", "--stage", "grpo", "--prompts", str(prompts), "--out-dir", str(tmp_path / "run"), *GRPO_ARGS,
+            "--solved-keep", "0"]
+    assert cli_main([*args, "--steps", "1"]) == 0
+    screened = json.loads((tmp_path / "run" / "screened_tasks.json").read_text())
+    assert screened == {"tasks": 2, "solved": 1, "kept": [1]}
+    (tmp_path / "run" / "screened_tasks.json").write_text(json.dumps({**screened, "kept": [0]}))
+    # a resumed run reads the saved list (it does not screen again with its trained weights): only task 0 now,
+    # which every sample passes
+    assert cli_main([*args, "--steps", "2"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["pass_rate"] == 0.0 and log[1]["pass_rate"] == 1.0
+
+
 def test_grpo_with_lora_serves_and_exports_the_merged_weights(tmp_path):
     cfg = load_train_config(None, {"stage": "grpo", "prompts": str(_prompt_file(tmp_path)),
                                    "out_dir": str(tmp_path / "lora"), "steps": "2", "lora_rank": "4",
@@ -324,6 +343,8 @@ def test_grpo_with_lora_serves_and_exports_the_merged_weights(tmp_path):
 def test_grpo_config_errors():
     with pytest.raises(ValueError, match="prompts"):
         load_train_config(None, {"stage": "grpo"})
+    with pytest.raises(ValueError, match="solved_keep"):
+        GRPOConfig(prompts="x.jsonl", solved_keep=1.5)
     with pytest.raises(ValueError, match="group_size"):
         GRPOConfig(prompts="x.jsonl", group_size=1)
     with pytest.raises(ValueError, match="stage"):

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 
 import torch
@@ -102,6 +103,7 @@ class GRPOTrainer:
             else self.tokenizer.eos_token_id
         start_or_resume(self)
         self.engine = self._rollout_engine()
+        self.task_ids = self._screened_tasks() if cfg.solved_keep < 1 else list(range(len(self.tasks)))
 
     # ------------------------------------------------------------------ setup
     @property
@@ -121,6 +123,35 @@ class GRPOTrainer:
         blocks = cfg.rollout_kv_blocks or seqs * (math.ceil(max_model_len / block_size) + 1)
         return RolloutEngine(merged_state_dict(self.policy), self.model_config, self.tokenizer, self.device,
                              max_model_len, seqs, blocks, cfg.seed)
+
+    def _constraints(self, indices: list[int]) -> list | None:
+        if self.constraints is None:
+            return None
+        return [self.constraints.for_task(self.tasks[i], self.starts_in_reasoning[i], self.cfg.rollout_max_tokens)
+                for i in indices]
+
+    def _screened_tasks(self) -> list[int]:
+        """The tasks RL trains on: every task the starting policy gets wrong greedily, and `solved_keep` of those it
+        already gets right (a group of 8 right samples has no gradient; DAPO-style difficulty filtering, done once).
+        Saved in out_dir, so a resumed run trains on the same tasks whatever its weights now answer."""
+        cfg = self.cfg
+        path = os.path.join(cfg.out_dir, "screened_tasks.json")
+        if self.step > 0:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)["kept"]
+        everything = list(range(len(self.tasks)))
+        replies = self.engine.generate(self.prompts, everything, 1, cfg.rollout_max_tokens, 0.0, 1.0, seed=cfg.seed,
+                                       constraints=self._constraints(everything))
+        solved = [task_reward(self.tasks[r.task_index], r.text, 0.0, self.starts_in_reasoning[r.task_index]).passed
+                  for r in replies]
+        rng = random.Random(cfg.seed)
+        kept = [i for i in everything if not solved[i] or rng.random() < cfg.solved_keep]
+        if not kept:
+            raise ValueError(f"the starting policy solves every task greedily and solved_keep = {cfg.solved_keep} "
+                             "keeps none of them: nothing to train on")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"tasks": len(everything), "solved": sum(solved), "kept": kept}, f)
+        return kept
 
     # ------------------------------------------------------------------ one step
     def _forward_logprobs(self, model, ids: torch.Tensor) -> torch.Tensor:
@@ -150,11 +181,9 @@ class GRPOTrainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         start = time.perf_counter()
-        indices = round_tasks(len(self.tasks), self.step, cfg.prompts_per_step, cfg.seed)
-        constraints = None
-        if self.constraints is not None:
-            constraints = [self.constraints.for_task(self.tasks[i], self.starts_in_reasoning[i],
-                                                     cfg.rollout_max_tokens) for i in indices]
+        indices = [self.task_ids[k] for k in round_tasks(len(self.task_ids), self.step, cfg.prompts_per_step,
+                                                          cfg.seed)]
+        constraints = self._constraints(indices)
         rollouts = self.engine.generate([self.prompts[i] for i in indices], indices, cfg.group_size,
                                         cfg.rollout_max_tokens, cfg.rollout_temperature, cfg.rollout_top_p,
                                         seed=cfg.seed * 100_003 + self.step, constraints=constraints)

@@ -35,6 +35,9 @@ class GRPOConfig(TrainConfig):
     advantage_eps: float = 1e-4  # (r - mean) / (std + eps): a group whose rewards all agree gets 0
     epochs_per_round: int = 1  # optimizer passes over a round's rollouts (> 1 makes the clip matter)
     skip_no_signal: bool = True  # no optimizer step for a round whose every group's rewards agree
+    # before the first step, the tasks are screened greedily: those the starting policy gets wrong all stay, this
+    # share of those it gets right too (1 = no screening)
+    solved_keep: float = 1.0
     filter_groups: bool = False  # train on the round's mixed groups only (the others' advantages are all 0)
     format_reward: float = 0.0  # partial credit for a well-formed but wrong reply (answer/call/JSON parsed)
     # LoRA: 0 = full fine-tuning; otherwise only rank-r adapters train, merged into the weights for export
@@ -71,6 +74,8 @@ class GRPOConfig(TrainConfig):
         if self.rollout_temperature <= 0:
             raise ValueError(f"rollout_temperature = {self.rollout_temperature} must be > 0: GRPO needs samples "
                              "that differ within a group")
+        if not 0 <= self.solved_keep <= 1:
+            raise ValueError(f"solved_keep = {self.solved_keep} must be in [0, 1]")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank = {self.lora_rank} must be >= 0 (0 = full fine-tuning)")
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
