@@ -5,6 +5,11 @@ rewards by code (rewards.py), advantages normalised within each group, then `epo
 passes over the round's samples with the clipped-ratio loss and a k3 KL penalty to the frozen starting policy
 (grpo_loss.py). After each pass the engine serves the updated weights: copied in place, prefix cache dropped.
 
+Rollouts decode under the constraint the server would apply to the same request (rollout_constraints.py). The loss
+reads the unconstrained policy's log-probabilities of the sampled tokens, so a token the grammar forced is trained
+as if sampled: the model learns the form the constraint would otherwise impose. Optionally the tasks are screened
+once with the starting policy (`solved_keep`) and only the groups whose samples differ are trained (`filter_groups`).
+
 Full fine-tuning (Muon + AdamW, as the supervised trainer) or LoRA adapters (AdamW on the adapters only, the
 reference policy then being the same model with its adapters switched off). Checkpoints, resume, the log and the
 HF export work as the supervised trainer's; one process only (no data parallel)."""
