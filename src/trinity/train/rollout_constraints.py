@@ -30,7 +30,11 @@ class RolloutConstraints:
     def grammar(self) -> GrammarBackend:
         """Built on first use: tasks without tools or a response_format never need the grammar library."""
         if self._grammar is None:
-            self._grammar = GrammarBackend(self.tokenizer, self.vocab_size)
+            try:
+                self._grammar = GrammarBackend(self.tokenizer, self.vocab_size)
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}; or set rollout_constraints = false to sample rollouts as free text "
+                                   "(rewards then score replies the server would have constrained)") from e
         return self._grammar
 
     def for_task(self, task: dict[str, Any], starts_in_reasoning: bool, max_tokens: int):
