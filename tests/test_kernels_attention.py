@@ -917,12 +917,32 @@ def test_fp8_decode_only_step_equals_reference(monkeypatch, fast, cache_dtype):
     assert same_bytes(gated.kv.v["full"].cpu(), plain.kv.v["full"])
 
 
+def _interpreter_rounds_to_e5m2() -> bool:
+    """Whether Triton's `.to(tl.float8e5)` rounds as torch does on values that round up into the next binade (the
+    interpreter of the Triton that pip resolved on 2026-12-06, 3.8 and 3.9, got 4% of N(0, 3) values wrong)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def convert(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offsets, tl.load(x_ptr + offsets).to(tl.float8e5))
+
+    x = torch.tensor([1.922377109527588, 7.701698303222656, -7.839967727661133, 0.3])
+    y = torch.empty(x.shape, dtype=torch.float8_e5m2)
+    convert[(1,)](x, y, BLOCK=4)
+    return torch.equal(y.float(), x.to(torch.float8_e5m2).float())
+
+
 @pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="the engine on the Triton path: TRITON_INTERPRET=1")
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_engine_on_the_triton_path_equals_the_simulation(monkeypatch, name):
     """The whole engine on the Triton kernels (prefill chunks that read the fp8 cache, decode steps that quantize
     their new K/V in the attention launch) against the fp32 simulation of the fp8 cache (tests/test_kv_cache_fp8.py)."""
     from test_kv_cache_fp8 import check_against_simulation
+    if name == "fp8_e5m2" and not _interpreter_rounds_to_e5m2():
+        pytest.skip("this Triton's interpreter rounds fp32 -> fp8e5 wrongly (1.9224 -> 1.0, where round-to-nearest "
+                    "gives 2.0: the carry into the exponent is dropped); GPUs convert in hardware")
     monkeypatch.setenv("TRINITY_KERNELS", "triton")
     monkeypatch.setenv("TRINITY_CPU_NATIVE", "0")
     check_against_simulation(name, lengths=(23,), max_tokens=6)
