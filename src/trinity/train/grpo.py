@@ -197,14 +197,14 @@ class GRPOTrainer:
                                self.starts_in_reasoning[r.task_index]) for r in rollouts]
         rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.group_size, cfg.advantage_eps).to(self.device)
+        mixed = _mixed_groups(rewards, cfg.group_size)
         trained = rollouts
-        if cfg.filter_groups:
+        if cfg.filter_groups and mixed.any():
             # only the groups whose samples differ carry a policy gradient; the others would cost two forwards and a
             # backward for their KL term alone (DAPO's dynamic sampling keeps only these too)
-            mixed = _mixed_groups(rewards, cfg.group_size).repeat_interleave(cfg.group_size)
-            if mixed.any():
-                trained = [r for r, keep in zip(rollouts, mixed.tolist()) if keep]
-                advantages = advantages[mixed.to(self.device)]
+            keep = mixed.repeat_interleave(cfg.group_size)
+            trained = [r for r, k in zip(rollouts, keep.tolist()) if k]
+            advantages = advantages[keep.to(self.device)]
         batch = pack_rollouts(trained, self.pad_id)
         mask = batch.mask.to(self.device)
         num_tokens = int(mask.sum().clamp_min(1).item())
@@ -250,7 +250,7 @@ class GRPOTrainer:
                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                   "pass_rate": sum(r.passed for r in results) / len(results),
                   # the groups that hold both better and worse samples: only they carry a policy gradient
-                  "mixed_groups": _mixed_groups(rewards, cfg.group_size).float().mean().item(),
+                  "mixed_groups": mixed.float().mean().item(),
                   "trained_samples": len(trained),
                   "well_formed": sum(r.well_formed for r in results) / len(results),
                   "completion_tokens": sum(completion_tokens) / len(completion_tokens),
