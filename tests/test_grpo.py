@@ -17,6 +17,7 @@ from trinity.train.grpo_loss import group_advantages, grpo_loss, token_logprobs
 from trinity.train.lora import (AdapterOptimizer, LoRALinear, apply_lora, lora_disabled, merged_state_dict)
 from trinity.train.rewards import parse_reply, task_reward
 from trinity.train.rollouts import Rollout, RolloutEngine, round_tasks
+from trinity.train.screening import screened_task_ids
 from trinity.train.trainer import load_train_config
 
 
@@ -313,6 +314,31 @@ def test_screening_keeps_the_tasks_the_starting_policy_gets_wrong(tmp_path):
     assert cli_main([*args, "--steps", "2"]) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["pass_rate"] == 0.0 and log[1]["pass_rate"] == 1.0
+
+
+def test_screening_keeps_each_familys_share_of_the_rounds():
+    # family a: 6 tasks, all failed; family b: 12 tasks, all solved. Keeping half the solved ones would make a half
+    # of the rounds (6 of ~12); with its share kept, a stays a third of them and b two thirds.
+    solved = [False] * 6 + [True] * 12
+    families = ["a"] * 6 + ["b"] * 12
+    plain = screened_task_ids(solved, families, 0.5, seed=3, keep_family_shares=False)
+    assert plain[:6] == list(range(6)) and all(i >= 6 for i in plain[6:])
+    shared = screened_task_ids(solved, families, 0.5, seed=3, keep_family_shares=True)
+    a = [i for i in shared if i < 6]
+    b = [i for i in shared if i >= 6]
+    assert len(shared) == len(plain)
+    assert len(a) == round(len(plain) / 3) and len(b) == len(plain) - len(a)
+    assert set(a) < set(range(6)) and set(b) == set(plain[6:])  # b's kept tasks cycled, none added
+    assert screened_task_ids([True] * 4, ["a"] * 4, 0.0, seed=0, keep_family_shares=True) == []
+
+
+def test_resume_without_the_screened_list_says_why(tmp_path, capsys):
+    args = ["train", "--stage", "grpo", "--prompts", str(_prompt_file(tmp_path)), "--out-dir", str(tmp_path / "run"),
+            *GRPO_ARGS]
+    assert cli_main([*args, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert cli_main([*args, "--steps", "2", "--solved-keep", "0.5"]) != 0
+    assert "no screened_tasks.json" in capsys.readouterr().err
 
 
 def test_grpo_with_lora_serves_and_exports_the_merged_weights(tmp_path):

@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..chat_template import ChatTemplateError
 from ..engine.request import CompletionOutput, RequestOutput
-from .chat_constraints import ChatTokens, auto_tool_calls_async, json_answer_async, reasoning_first, \
-    tool_call_answer_async
+from .chat_constraints import ChatTokens, auto_tool_calls_async, forces_calls, generation_constraint, \
+    json_answer_async, tool_call_answer_async
 from .errors import APIError, structured_output_error
 from .formatting import chat_logprobs, sse_stream, usage
 from .protocol import ChatCompletionRequest
@@ -43,7 +43,7 @@ class _Plan:
 
     @property
     def constrained_tools(self) -> bool:
-        return self.tool_choice == "required" or isinstance(self.tool_choice, tuple)
+        return forces_calls(self.tool_choice)
 
 
 @dataclass
@@ -95,7 +95,7 @@ async def prompt_tokens(state: ServerState, body: ChatCompletionRequest) -> int:
     state.admit(body.model)
     tools, choice = _tools_and_choice(state, body)
     fmt = body.response_format
-    constrained = choice == "required" or isinstance(choice, tuple) or bool(fmt and fmt.get("type") != "text")
+    constrained = forces_calls(choice) or bool(fmt and fmt.get("type") != "text")
     prompt = _render(state, body, tools if choice != "none" else None, constrained)
     return len(await state.encode(prompt, "messages"))
 
@@ -139,7 +139,7 @@ def _render(state: ServerState, body: ChatCompletionRequest, tools: list[dict] |
 async def _answer_constraint(state: ServerState, body: ChatCompletionRequest, choice, tools):
     """The constraint a required answer is under (forced tool calls, or response_format's JSON), or None."""
     try:
-        if choice == "required" or isinstance(choice, tuple):
+        if forces_calls(choice):
             return await tool_call_answer_async(await state.grammar_async(), ChatTokens.of(state.tokenizer), tools,
                                                 choice, body.parallel_tool_calls)
         if body.response_format:
@@ -155,9 +155,7 @@ async def _decoding_constraint(state: ServerState, body: ChatCompletionRequest, 
     blocks checked wherever they open under "auto" with the hermes parser."""
     tokens = ChatTokens.of(state.tokenizer)
     calls = await _auto_calls(state, tokens, tools) if choice == "auto" and tools else None
-    if starts_in_reasoning:
-        return reasoning_first(tokens, answer, calls, body.thinking_token_budget, room)
-    return answer or calls
+    return generation_constraint(tokens, answer, calls, starts_in_reasoning, body.thinking_token_budget, room)
 
 
 async def _auto_calls(state: ServerState, tokens: ChatTokens, tools: list[dict]):

@@ -147,6 +147,21 @@ async def auto_tool_calls_async(grammar: GrammarBackend, tokens: ChatTokens, too
     return _triggered_calls(await _call_json_async(grammar, tools, None), tokens)
 
 
+def forces_calls(choice: str | tuple) -> bool:
+    """Whether a parsed tool_choice ("required" or ("named", NAME)) makes the answer tool calls."""
+    return choice == "required" or isinstance(choice, tuple)
+
+
+def generation_constraint(tokens: ChatTokens, answer: Factory | None, auto_calls: Factory | None,
+                          starts_in_reasoning: bool, budget: int | None, room: int | None) -> Factory | None:
+    """A request's whole constraint from its compiled parts: after the reasoning when the reply starts in it,
+    otherwise the answer's (or the auto calls') from the first token. The server and GRPO's rollouts both compose
+    through here, so a rollout decodes as the served reply would."""
+    if starts_in_reasoning:
+        return reasoning_first(tokens, answer, auto_calls, budget, room)
+    return answer or auto_calls
+
+
 def reasoning_first(tokens: ChatTokens, answer: Factory | None, auto_calls: Factory | None, budget: int | None,
                     room: int | None) -> Factory | None:
     """The constraint of a generation that starts inside the reasoning: `answer` (a required JSON or tool-call

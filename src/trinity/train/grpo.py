@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 
 import torch
@@ -36,6 +35,7 @@ from .parallel import clip_grad_norm_
 from .rewards import task_reward
 from .rollout_constraints import RolloutConstraints
 from .rollouts import Rollout, RolloutEngine, load_tasks, render_prompt, round_tasks
+from .screening import screened_task_ids
 from .trainer import build_model, build_tokenizer, lr_scale, rng_state, run_steps, save_atomic, seed_everything, \
     set_rng_state, start_or_resume
 
@@ -136,12 +136,14 @@ class GRPOTrainer:
                 for i in indices]
 
     def _screened_tasks(self) -> list[int]:
-        """The tasks RL trains on: every task the starting policy gets wrong greedily, and `solved_keep` of those it
-        already gets right (a group of 8 right samples has no gradient; DAPO-style difficulty filtering, done once).
-        Saved in out_dir, so a resumed run trains on the same tasks whatever its weights now answer."""
+        """The tasks RL trains on (screening.py), chosen from the starting policy's greedy replies. Saved in out_dir,
+        so a resumed run trains on the same tasks whatever its weights now answer."""
         cfg = self.cfg
         path = os.path.join(cfg.out_dir, "screened_tasks.json")
         if self.step > 0:
+            if not os.path.exists(path):
+                raise ValueError(f"{cfg.out_dir} holds a run at step {self.step} but no screened_tasks.json: it was "
+                                 f"started without screening; resume it with solved_keep = 1, or start a new out_dir")
             with open(path, encoding="utf-8") as f:
                 return json.load(f)["kept"]
         everything = list(range(len(self.tasks)))
@@ -149,8 +151,8 @@ class GRPOTrainer:
                                        constraints=self._constraints(everything))
         solved = [task_reward(self.tasks[r.task_index], r.text, 0.0, self.starts_in_reasoning[r.task_index]).passed
                   for r in replies]
-        rng = random.Random(cfg.seed)
-        kept = [i for i in everything if not solved[i] or rng.random() < cfg.solved_keep]
+        families = [str(t.get("family", "")) for t in self.tasks]
+        kept = screened_task_ids(solved, families, cfg.solved_keep, cfg.seed, cfg.keep_family_shares)
         if not kept:
             raise ValueError(f"the starting policy solves every task greedily and solved_keep = {cfg.solved_keep} "
                              "keeps none of them: nothing to train on")

@@ -38,6 +38,7 @@ class GRPOConfig(TrainConfig):
     # before the first step, the tasks are screened greedily: those the starting policy gets wrong all stay, this
     # share of those it gets right too (1 = no screening)
     solved_keep: float = 1.0
+    keep_family_shares: bool = True  # after screening, each task "family" keeps its share of the rounds
     filter_groups: bool = False  # train on the round's mixed groups only (the others' advantages are all 0)
     format_reward: float = 0.0  # partial credit for a well-formed but wrong reply (answer/call/JSON parsed)
     # LoRA: 0 = full fine-tuning; otherwise only rank-r adapters train, merged into the weights for export

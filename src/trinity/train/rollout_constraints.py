@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..serve.chat_constraints import ChatTokens, auto_tool_calls, json_answer, reasoning_first, tool_call_answer
+from ..serve.chat_constraints import ChatTokens, auto_tool_calls, forces_calls, generation_constraint, json_answer, \
+    tool_call_answer
 from ..serve.structured import GrammarBackend
 from ..serve.tools import parse_tool_choice
 
@@ -45,11 +46,9 @@ class RolloutConstraints:
             return None
         choice = parse_tool_choice(task.get("tool_choice"), tools)
         answer = None
-        if choice == "required" or isinstance(choice, tuple):
+        if forces_calls(choice):
             answer = tool_call_answer(self.grammar, self.tokens, tools, choice, parallel=True)
         elif task.get("response_format"):
             answer = json_answer(self.grammar, task["response_format"])
         calls = auto_tool_calls(self.grammar, self.tokens, tools) if choice == "auto" and tools else None
-        if starts_in_reasoning:
-            return reasoning_first(self.tokens, answer, calls, None, max_tokens)
-        return answer or calls
+        return generation_constraint(self.tokens, answer, calls, starts_in_reasoning, None, max_tokens)
