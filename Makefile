@@ -38,7 +38,8 @@ clean:
 	rm -rf $(VENV) build dist src/*.egg-info
 
 # The built-in tiny model from scratch (issues 7 and 24): synthetic corpus -> BPE tokenizer -> `trinity train` with
-# configs/tiny_model.toml (supervised) -> GRPO with configs/tiny_grpo.toml -> its export copied into the package.
+# configs/tiny_model.toml (supervised) -> GRPO with configs/tiny_grpo.toml, then configs/tiny_grpo_json.toml -> the
+# last export copied into the package.
 # Everything under out/tiny is rebuilt. TINY_TRAIN_ARGS / TINY_GRPO_ARGS pass overrides to either stage, e.g.
 # TINY_TRAIN_ARGS="--steps 30" TINY_GRPO_ARGS="--steps 2" for a smoke run.
 TINY        := out/tiny
@@ -48,6 +49,8 @@ TINY_CORPUS := --train 60000 --heldout 300 --seed 0
 # model already gets right every time (tool_use, JSON) are left out: their groups would carry no gradient
 # (rest=0: the families not named get weight 0; without it --heldout-mix would keep the unseen-tool families)
 TINY_RL     := --train 0 --heldout 1600 --seed 7 --heldout-mix arithmetic=0.2,arithmetic_chain=0.05,gen_tool_call=0.3,gen_tool_none=0.1,gen_tool_parallel=0.1,tool_choice_forced=0.25,rest=0
+# the second RL stage's extra tasks: arithmetic answered under a JSON schema (evaluation/RL only, not in the corpus)
+TINY_RL_JSON := --train 0 --heldout 400 --seed 99 --heldout-mix arithmetic_json=1,rest=0
 # glibc returns large freed blocks to the OS, so every big activation buffer page-faults anew on first touch:
 # keeping them in the heap measured ~15% more training tokens/s on 2 cores.
 TINY_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
@@ -63,8 +66,11 @@ tiny-model: install
 	$(TINY_MALLOC) $(VENV)/bin/trinity train --config configs/tiny_model.toml $(TINY_TRAIN_ARGS)
 	$(PY) -m trinity.synthetic --out $(TINY)/rl $(TINY_RL)
 	$(GRPO_MALLOC) $(VENV)/bin/trinity train --config configs/tiny_grpo.toml $(TINY_GRPO_ARGS)
+	$(PY) -m trinity.synthetic --out $(TINY)/rl_json $(TINY_RL_JSON)
+	cat $(TINY)/rl/heldout.jsonl $(TINY)/rl_json/heldout.jsonl > $(TINY)/rl_json/tasks.jsonl
+	$(GRPO_MALLOC) $(VENV)/bin/trinity train --config configs/tiny_grpo_json.toml $(TINY_GRPO_ARGS)
 	rm -rf $(TINY_ASSETS) && mkdir -p $(TINY_ASSETS)
-	cp $(TINY)/grpo/export/* $(TINY_ASSETS)/
+	cp $(TINY)/grpo_json/export/* $(TINY_ASSETS)/
 	cp $(TINY)/tokenizer/* $(TINY_ASSETS)/  # the same tokenizer, with the chat template in tokenizer_config.json
 	cp configs/tiny_model_card.md $(TINY_ASSETS)/README.md
 

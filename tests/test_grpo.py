@@ -115,6 +115,11 @@ def test_rewards_by_code():
     assert not task_reward(json_task, '</think>\n{"age": "three"}', format_reward=0.2).passed
     assert task_reward(json_task, '</think>\n{"age": "three"}', format_reward=0.2).reward == 0.2
     assert task_reward(json_task, "</think>\nage three", format_reward=0.2).reward == 0.0
+    # json_exact: a valid object with another value (an answer cut short) no longer passes
+    assert task_reward(json_task, '</think>\n{"age": 31}').passed
+    assert not task_reward(json_task, '</think>\n{"age": 31}', json_exact=True).passed
+    assert task_reward(json_task, '</think>\n{"age": 3}', json_exact=True).passed
+    assert task_reward(arithmetic, "...</think>\nThe answer is 936.", json_exact=True).passed  # json tasks only
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
@@ -371,6 +376,8 @@ def test_grpo_config_errors():
         load_train_config(None, {"stage": "grpo"})
     with pytest.raises(ValueError, match="solved_keep"):
         GRPOConfig(prompts="x.jsonl", solved_keep=1.5)
+    with pytest.raises(ValueError, match="json_reward"):
+        GRPOConfig(prompts="x.jsonl", json_reward="close")
     with pytest.raises(ValueError, match="group_size"):
         GRPOConfig(prompts="x.jsonl", group_size=1)
     with pytest.raises(ValueError, match="stage"):

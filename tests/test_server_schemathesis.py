@@ -95,7 +95,9 @@ def repair(case) -> None:
     elif body.get("stop") == "":
         body["stop"] = None
     if isinstance(body.get("stop_token_ids"), list):
-        body["stop_token_ids"] = [t % VOCAB for t in body["stop_token_ids"]]
+        # the generator may put any JSON in the list (it found nested lists): only ints are ids to bring in range
+        body["stop_token_ids"] = [t % VOCAB for t in body["stop_token_ids"]
+                                  if isinstance(t, int) and not isinstance(t, bool)]
     if body.get("top_logprobs") and not body.get("logprobs"):
         body["logprobs"] = True
     messages = body.get("messages")

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from trinity.chat_template import BUILTIN_CHAT_TEMPLATE
 from trinity.synthetic.arithmetic import add_steps, multiply_steps, solve, subtract_steps
-from trinity.synthetic.conversations import FAMILIES, TRAIN_MIX, example_at, parse_mix
+from trinity.synthetic.conversations import FAMILIES, HELDOUT_MIX, TRAIN_MIX, example_at, parse_mix
 from trinity.jsonl import read_jsonl
-from trinity.synthetic.corpus import prompt_key, write_corpus
+from trinity.synthetic.corpus import heldout_task, prompt_key, write_corpus
 from trinity.synthetic.json_replies import describe
 from trinity.synthetic.scoring import Reply, reference_reply, score
 from trinity.synthetic.tokenizer_train import train_from_corpus
@@ -442,3 +442,25 @@ def test_jsonl_reader_skips_blank_lines_and_names_a_bad_one(tmp_path):
         read_jsonl(str(path))
     path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
     assert read_jsonl(str(path)) == [{"a": 1}, {"a": 2}]
+
+
+def test_arithmetic_json_tasks_are_for_evaluation_and_rl_only():
+    """Arithmetic answered under a JSON schema: the reference reply is valid and exact, the task carries the
+    response_format the evaluator sends, and the family can be drawn for held-out tasks but not for training."""
+    mix = parse_mix("arithmetic_json=1,rest=0", HELDOUT_MIX)
+    tasks = [heldout_task(5, i, mix, set()) for i in range(30)]
+    assert {t["family"] for t in tasks} == {"arithmetic_json"}
+    for task in tasks:
+        assert task["response_format"]["json_schema"]["schema"] == task["expected"]["schema"]
+        (key,) = task["expected"]["value"]
+        reply = reference_reply(task)
+        assert "result: " in reply.reasoning and json.loads(reply.content) == task["expected"]["value"]
+        result = score(task, reply)
+        assert result.passed and result.exact
+        # the failure it measures: a right number that runs on is valid JSON only once closed, and then not exact
+        value = task["expected"]["value"][key]
+        assert not score(task, Reply(f'{{"{key}": {value}000', reply.reasoning, [], True)).passed
+        assert not score(task, Reply(f'{{"{key}": {value}0}}', reply.reasoning, [], True)).exact
+    assert HELDOUT_MIX["arithmetic_json"] == 0  # the evaluation's default tasks are unchanged
+    with pytest.raises(ValueError, match="arithmetic_json"):
+        parse_mix("arithmetic_json=1", TRAIN_MIX)

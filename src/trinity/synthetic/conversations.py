@@ -13,7 +13,7 @@ from .example import Checkpoint, Example, assistant, maybe_system, user
 from .generated_conversations import family, make_call, make_forced, make_none, make_parallel
 from .json_replies import make_json_reply
 from .plain import draw_plain, make_plain, make_plain_chain
-from .reasoned_json import make_reasoned_json
+from .reasoned_json import make_arithmetic_json, make_reasoned_json
 from .tool_domains import HELDOUT_ACTIONS, TRAIN_ACTIONS
 from .tool_use import make_tool_follow_up, make_tool_not_needed, make_tool_use
 
@@ -54,7 +54,12 @@ HELDOUT_FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "unseen_tool_parallel": family(make_parallel, HELDOUT_ACTIONS, "unseen_tool_parallel"),
     "unseen_tool_none": family(make_none, HELDOUT_ACTIONS, "unseen_tool_none"),
 }
-ALL_FAMILIES = {**FAMILIES, **HELDOUT_FAMILIES}
+# Tasks for evaluation and RL that the supervised corpus does not hold (its recipe predates them): allowed in a
+# held-out mix, at weight 0 by default so the evaluation's default tasks stay as they were.
+TASK_FAMILIES: dict[str, Callable[[random.Random], Example]] = {
+    "arithmetic_json": make_arithmetic_json,
+}
+ALL_FAMILIES = {**FAMILIES, **HELDOUT_FAMILIES, **TASK_FAMILIES}
 
 # About a fifth of the conversations (a third of the tokens: their tool lists are long) use generated tools.
 # Arithmetic keeps its weight per conversation (26% of the tokens, from 29%); the five corpus tools give up the
@@ -71,7 +76,7 @@ HELDOUT_MIX: dict[str, float] = {"arithmetic": 0.15, "arithmetic_chain": 0.05, "
                                  "tool_follow_up": 0.06, "tool_not_needed": 0.05, "json": 0.12, "plain": 0.02,
                                  "plain_chain": 0.01, "mixed_chain": 0.01, "unseen_tool_call": 0.14,
                                  "unseen_tool_parallel": 0.04, "unseen_tool_none": 0.03, "tool_choice_forced": 0.10,
-                                 "json_schema_reasoned": 0.04}
+                                 "json_schema_reasoned": 0.04, "arithmetic_json": 0.0}
 
 
 def parse_mix(text: str | None, default: Mapping[str, float]) -> dict[str, float]:
@@ -80,7 +85,7 @@ def parse_mix(text: str | None, default: Mapping[str, float]) -> dict[str, float
     the held-out mix's unseen-tool families by default). The held-out-only families are allowed only where the
     default names them (the held-out mix)."""
     mix = dict(default)
-    allowed = [*FAMILIES, *(n for n in HELDOUT_FAMILIES if n in default)]
+    allowed = [*FAMILIES, *(n for n in (*HELDOUT_FAMILIES, *TASK_FAMILIES) if n in default)]
     parts = [p.strip() for p in (text or "").split(",") if p.strip()]
     if "rest=0" in parts:
         mix = dict.fromkeys(default, 0.0)

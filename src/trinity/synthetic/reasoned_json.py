@@ -13,7 +13,8 @@ import json
 import random
 from typing import Any
 
-from .example import Checkpoint, Example, assistant, system, user
+from .arithmetic import draw_problem, question, solve
+from .example import Checkpoint, Example, assistant, maybe_system, system, user
 from .generated_tools import draw_call, make_tool
 from .json_replies import describe, object_schema
 from .tool_domains import Action
@@ -42,4 +43,24 @@ def make_reasoned_json(rng: random.Random, actions: tuple[Action, ...], family: 
     messages.append(assistant(reasoning, json.dumps(call.arguments)))
     return Example(family, messages, None,
                    [Checkpoint(len(messages) - 1, "json", {"schema": schema, "value": call.arguments})],
+                   {"response_format": response_format(schema)})
+
+
+# Keys a client might name for one computed number. The built-in model's supervised corpus has none of these tasks;
+# they exist for evaluation and RL (conversations.TASK_FAMILIES).
+NUMBER_KEYS = ("value", "result", "answer", "total", "sum", "number")
+
+
+def make_arithmetic_json(rng: random.Random) -> Example:
+    """An arithmetic question under `response_format` {KEY: integer}, the question alone as a client sends it: the
+    column work in the reasoning, then the object with the number, closed. A model that learnt `"value": N` only as
+    the start of a longer object (convert_units' arguments) wants `,` after N, which the schema forbids; the
+    number then runs on in digits until max_tokens (what this family measures)."""
+    a, op, b = draw_problem(rng, allow_negative=False)
+    lines, value = solve(a, op, b)
+    key = rng.choice(NUMBER_KEYS)
+    schema = object_schema({key: {"type": "integer"}})
+    messages = [*maybe_system(rng), user(question(rng, a, op, b)), assistant("\n".join(lines), json.dumps({key: value}))]
+    return Example("arithmetic_json", messages, None,
+                   [Checkpoint(len(messages) - 1, "json", {"schema": schema, "value": {key: value}})],
                    {"response_format": response_format(schema)})

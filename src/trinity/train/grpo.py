@@ -149,8 +149,7 @@ class GRPOTrainer:
         everything = list(range(len(self.tasks)))
         replies = self.engine.generate(self.prompts, everything, 1, cfg.rollout_max_tokens, 0.0, 1.0, seed=cfg.seed,
                                        constraints=self._constraints(everything))
-        solved = [task_reward(self.tasks[r.task_index], r.text, 0.0, self.starts_in_reasoning[r.task_index]).passed
-                  for r in replies]
+        solved = [self._reward(r.task_index, r.text, 0.0).passed for r in replies]
         families = [str(t.get("family", "")) for t in self.tasks]
         kept = screened_task_ids(solved, families, cfg.solved_keep, cfg.seed, cfg.keep_family_shares)
         if not kept:
@@ -159,6 +158,10 @@ class GRPOTrainer:
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"tasks": len(everything), "solved": sum(solved), "kept": kept}, f)
         return kept
+
+    def _reward(self, task_index: int, text: str, format_reward: float):
+        return task_reward(self.tasks[task_index], text, format_reward, self.starts_in_reasoning[task_index],
+                           json_exact=self.cfg.json_reward == "exact")
 
     # ------------------------------------------------------------------ one step
     def _forward_logprobs(self, model, ids: torch.Tensor) -> torch.Tensor:
@@ -195,8 +198,7 @@ class GRPOTrainer:
                                         cfg.rollout_max_tokens, cfg.rollout_temperature, cfg.rollout_top_p,
                                         seed=cfg.seed * 100_003 + self.step, constraints=constraints)
         rollout_s = time.perf_counter() - start
-        results = [task_reward(self.tasks[r.task_index], r.text, cfg.format_reward,
-                               self.starts_in_reasoning[r.task_index]) for r in rollouts]
+        results = [self._reward(r.task_index, r.text, cfg.format_reward) for r in rollouts]
         rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.group_size, cfg.advantage_eps).to(self.device)
         mixed = _mixed_groups(rewards, cfg.group_size)

@@ -41,6 +41,7 @@ class GRPOConfig(TrainConfig):
     keep_family_shares: bool = True  # after screening, each task "family" keeps its share of the rounds
     filter_groups: bool = False  # train on the round's mixed groups only (the others' advantages are all 0)
     format_reward: float = 0.0  # partial credit for a well-formed but wrong reply (answer/call/JSON parsed)
+    json_reward: str = "valid"  # "valid": a JSON answer passes when its schema validates it; "exact": and its value
     # LoRA: 0 = full fine-tuning; otherwise only rank-r adapters train, merged into the weights for export
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -77,6 +78,8 @@ class GRPOConfig(TrainConfig):
                              "that differ within a group")
         if not 0 <= self.solved_keep <= 1:
             raise ValueError(f"solved_keep = {self.solved_keep} must be in [0, 1]")
+        if self.json_reward not in ("valid", "exact"):
+            raise ValueError(f"json_reward = {self.json_reward!r}: allowed valid, exact")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank = {self.lora_rank} must be >= 0 (0 = full fine-tuning)")
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]

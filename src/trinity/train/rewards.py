@@ -7,7 +7,8 @@ evaluator's own (`synthetic.scoring.score`), so a reward of 1 means exactly what
 - arithmetic: the last "The answer is N." equals the expected N;
 - tool_call: exactly one Hermes `<tool_call>{json}</tool_call>` of the expected tool with the expected
   arguments, and (checked here too) the arguments validate against that tool's parameter schema;
-- json: the content is one JSON value that validates against the task's schema;
+- json: the content is one JSON value that validates against the task's schema (with `json_exact`, and equals
+  the task's expected value: for answers whose value is checkable, such as arithmetic under a schema);
 - contains / no_tool: the content holds every expected string (and no_tool: no call).
 
 The reply text is split the way the server splits it: reasoning (`<think>...</think>`) first, then tool calls
@@ -77,11 +78,15 @@ def _well_formed(task: dict[str, Any], reply: Reply) -> bool:
 
 
 def task_reward(task: dict[str, Any], text: str, format_reward: float = 0.0,
-                starts_in_reasoning: bool = True) -> RewardResult:
+                starts_in_reasoning: bool = True, json_exact: bool = False) -> RewardResult:
     """The reward of one generated reply to `task`: 1 if right, `format_reward` if only well formed, else 0."""
     reply = parse_reply(text, task.get("tools"), starts_in_reasoning)
     result = score(task, reply)
     passed, detail = result.passed, result.detail
+    if passed and json_exact and task["check"] == "json" and not result.exact:
+        # valid but another value: under a schema that forbids what the model wanted next, validity alone rewards
+        # closing the object early (a number cut short) as much as closing it at the right place
+        passed, detail = False, "valid JSON, not the expected value"
     if passed and task["check"] == "tool_call":
         why = _arguments_fit_schema(task, reply)
         passed, detail = not why, why
