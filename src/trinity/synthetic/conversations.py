@@ -82,8 +82,8 @@ HELDOUT_MIX: dict[str, float] = {"arithmetic": 0.15, "arithmetic_chain": 0.05, "
 def parse_mix(text: str | None, default: Mapping[str, float]) -> dict[str, float]:
     """'arithmetic=0.3,json=0.2' changes those weights and keeps the others; a weight of 0 drops a family, and
     'rest=0' drops every family the text does not name (a mix of only the named ones: GRPO's tasks must not keep
-    the held-out mix's unseen-tool families by default). The held-out-only families are allowed only where the
-    default names them (the held-out mix)."""
+    the held-out mix's unseen-tool families by default). The held-out-only and task-only families (HELDOUT_FAMILIES,
+    TASK_FAMILIES) are allowed only where the default names them (the held-out mix)."""
     mix = dict(default)
     allowed = [*FAMILIES, *(n for n in (*HELDOUT_FAMILIES, *TASK_FAMILIES) if n in default)]
     parts = [p.strip() for p in (text or "").split(",") if p.strip()]

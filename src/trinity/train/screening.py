@@ -10,7 +10,7 @@ keeps the share of the rounds it had in the task file: within a family, the hard
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 
 def screened_task_ids(solved: list[bool], families: list[str], solved_keep: float, seed: int,
@@ -23,12 +23,12 @@ def screened_task_ids(solved: list[bool], families: list[str], solved_keep: floa
     by_family: dict[str, list[int]] = defaultdict(list)
     for i in kept:
         by_family[families[i]].append(i)
-    present = {f: sum(1 for g in families if g == f) for f in by_family}
-    total = sum(present.values())
+    share = Counter(families)  # each family's size in the task file
+    total = sum(share[f] for f in by_family)  # families with nothing kept drop out of the shares
     out: list[int] = []
     for family in sorted(by_family):
         pool = by_family[family]
         rng.shuffle(pool)
-        count = max(1, round(len(kept) * present[family] / total))
+        count = max(1, round(len(kept) * share[family] / total))
         out.extend(pool[k % len(pool)] for k in range(count))
     return out
