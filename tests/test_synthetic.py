@@ -25,7 +25,7 @@ from trinity.synthetic.json_replies import describe
 from trinity.synthetic.scoring import Reply, reference_reply, score
 from trinity.synthetic.tokenizer_train import train_from_corpus
 from trinity.synthetic.tool_use import UNIT_PAIRS, UNIT_WORDS
-from trinity.synthetic.tools import TOOL_SCHEMAS, UNITS, convert, evaluate, run_tool
+from trinity.synthetic.tools import TOOL_SCHEMAS, UNITS, convert, evaluate, run_corpus_tool, run_tool
 from trinity.tokenizer import SPECIAL_TOKENS, TAG_TOKENS, TrinityTokenizer
 from trinity.train.data import chat_document, load_documents
 
@@ -190,7 +190,7 @@ def test_tool_calls_agree_with_backends_and_schemas(train):
                 jsonschema.validate(args, offered[name]["function"]["parameters"])
                 result = messages[i + 1 + k]
                 assert result["role"] == "tool" and result["tool_call_id"] == call["id"]
-                assert json.loads(result["content"]) == run_tool(name, args, record["meta"]["day"])
+                assert json.loads(result["content"]) == run_corpus_tool(name, args, record["meta"]["day"])
                 calls += 1
         if record["family"] == "tool_not_needed":
             assert not any(m.get("tool_calls") for m in messages)
@@ -464,3 +464,17 @@ def test_arithmetic_json_tasks_are_for_evaluation_and_rl_only():
     assert HELDOUT_MIX["arithmetic_json"] == 0  # the evaluation's default tasks are unchanged
     with pytest.raises(ValueError, match="arithmetic_json"):
         parse_mix("arithmetic_json=1", TRAIN_MIX)
+
+
+def test_arithmetic_json_asked_names_its_key_in_the_prompt():
+    """The supervised twin of arithmetic_json: the prompt asks for the object by its key (so the same bare question
+    never has two answers in the corpus), and the reference reply is the closed object with the exact number."""
+    examples = [example_at(3, "train", i, {"arithmetic_json_asked": 1.0}) for i in range(40)]
+    for example in examples:
+        (checkpoint,) = example.checkpoints
+        (key,) = checkpoint.expected["value"]
+        prompt = " ".join(m["content"] for m in example.messages[:checkpoint.index])
+        assert key in prompt and "JSON" in prompt
+        assert json.loads(example.messages[-1]["content"]) == checkpoint.expected["value"]
+    assert {e.messages[0]["role"] for e in examples} == {"system", "user"}  # said in either place
+    assert TRAIN_MIX["arithmetic_json_asked"] > 0 and "arithmetic_json" not in TRAIN_MIX

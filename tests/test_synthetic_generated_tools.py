@@ -21,10 +21,12 @@ from trinity.jsonl import read_jsonl
 from trinity.synthetic.corpus import write_corpus
 from trinity.synthetic.generated_backend import ACTION_BY_NAME, ERRORS
 from trinity.synthetic.generated_tools import draw_call, make_tool
+from trinity.synthetic.made_up_tools import VERBS, made_up_action, made_up_pool
+from trinity.synthetic.made_up_words import made_up_word
 from trinity.synthetic.scoring import Reply, reference_reply, score
-from trinity.synthetic.tool_domains import HELDOUT_ACTIONS, HELDOUT_DOMAINS, HELDOUT_TOOL_NAMES, TRAIN_ACTIONS, \
-    TRAIN_DOMAINS, TRAIN_TOOL_NAMES, Param
-from trinity.synthetic.tools import TOOL_SCHEMAS, run_tool
+from trinity.synthetic.tool_domains import HELDOUT_ACTIONS, HELDOUT_DOMAINS, HELDOUT_TOOL_NAMES, HELDOUT_WORDS, \
+    TRAIN_ACTIONS, TRAIN_DOMAINS, TRAIN_TOOL_NAMES, Param, name_forms
+from trinity.synthetic.tools import TOOL_SCHEMAS, run_corpus_tool, run_tool
 from trinity.tokenizer import TrinityTokenizer
 from trinity.train.data import chat_document
 
@@ -138,7 +140,7 @@ def test_heldout_vocabulary_is_disjoint_from_training():
 def test_heldout_tools_never_appear_in_training():
     names_pattern = re.compile(r"\b(%s)\b" % "|".join(sorted(map(re.escape, HELDOUT_TOOL_NAMES), key=len)[::-1]))
     keywords = {k for a in HELDOUT_ACTIONS for k in a.keywords}
-    generated_names = set()
+    generated_names, made_up_names = set(), set()
     for i in range(3000):
         record = example_at(11, "train", i, TRAIN_MIX).record()
         text = json.dumps(record)
@@ -148,12 +150,16 @@ def test_heldout_tools_never_appear_in_training():
             if name in TOOL_SCHEMAS:
                 continue  # the five corpus tools (among them the old `weather`) are not generated
             generated_names.add(name)
-            assert name in TRAIN_TOOL_NAMES
+            made_up = name not in ACTION_BY_NAME
+            if made_up:
+                made_up_names.add(name)
+            assert name in TRAIN_TOOL_NAMES or made_up and not (_words(name) - set(VERBS)) & HELDOUT_WORDS, name
             assert not _words(json.dumps(tool)) & keywords, tool
         if record["family"] in NEW_TRAIN:
             said = " ".join(m["content"] or "" for m in record["messages"])
             assert not _words(said) & keywords, said
     assert len(generated_names) > 100  # many names: the model cannot learn them by heart
+    assert len(made_up_names) > 100  # made-up ones (made_up_tools.py) besides
 
 
 def test_unseen_families_call_only_heldout_tools(samples):
@@ -175,14 +181,16 @@ def test_training_mix_refuses_the_heldout_families():
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-def _param(name: str, key: str) -> Param:
-    return next(p for p in ACTION_BY_NAME[name].params if key in p.names)
+def _param(name: str, key: str) -> Param | None:
+    """The parameter behind `key` of a named tool; None for a made-up tool (its action lives only in its
+    conversation)."""
+    return next(p for p in ACTION_BY_NAME[name].params if key in p.names) if name in ACTION_BY_NAME else None
 
 
 def _check_said(param: Param, value, text: str) -> None:
     """The value is in the user's words: a string or number as written, a boolean by its phrase."""
     if isinstance(value, bool):
-        assert param.say(value) in text, (param.phrase, value, text)
+        assert param is None or param.say(value) in text, (value, text)
     elif isinstance(value, dict):
         for v in value.values():
             assert str(v) in text, (value, text)
@@ -228,7 +236,7 @@ def test_results_agree_with_the_backends_and_the_answers_use_them(samples):
                 [c["id"] for c in messages[turn]["tool_calls"]]
             answer = messages[turn + 1 + len(calls)]["content"]
             for (name, args), result in zip(calls, results):
-                assert result == run_tool(name, args, example.meta["day"])
+                assert result == run_corpus_tool(name, args, example.meta["day"])
                 for value in ([result["error"]] if "error" in result else result.values()):
                     assert (value if isinstance(value, str) else json.dumps(value)) in answer
     assert run_tool("get_weather", {"city": "Paris"}, 3) == run_tool("get_weather", {"city": "Paris"}, 3)
@@ -355,3 +363,37 @@ def test_the_makefiles_grpo_tasks_hold_no_heldout_family():
     # without rest=0 the unnamed families keep their weights; with it only the named ones are drawn
     assert parse_mix("json=0.5", HELDOUT_MIX)["unseen_tool_call"] == HELDOUT_MIX["unseen_tool_call"]
     assert {k for k, w in parse_mix("json=0.5,rest=0", HELDOUT_MIX).items() if w} == {"json"}
+
+
+# ---------------------------------------------------------------------------------------------- made-up tools
+def test_made_up_words_are_fresh_and_never_heldout():
+    rng = random.Random(4)
+    words = [made_up_word(rng, HELDOUT_WORDS) for _ in range(3000)]
+    assert not set(words) & HELDOUT_WORDS and all(w.isalpha() and w.islower() and len(w) >= 4 for w in words)
+    assert len(set(words)) > 2500  # nearly every draw is new: nothing to learn by heart
+    assert made_up_word(random.Random(9)) == made_up_word(random.Random(9))
+    # a forbidden word is redrawn: forbid everything the first draws make, the next draw is still allowed
+    first = {made_up_word(random.Random(s)) for s in range(5)}
+    assert made_up_word(random.Random(0), frozenset(first)) not in first
+
+
+def test_made_up_actions_can_only_be_copied():
+    """Names, keys and (many) values of a made-up tool are words no other conversation has; the request names each
+    key it gives a value for, except one place and one person said with their usual preposition."""
+    rng = random.Random(2)
+    for _ in range(300):
+        action = made_up_action(rng)
+        assert not (_words(" ".join(action.names)) - set(VERBS)) & HELDOUT_WORDS
+        keys = [p.names[0] for p in action.params]
+        assert len(set(keys)) == len(keys)
+        prepositions = [p.phrase for p in action.params if p.phrase in ("in {v}", "for {v}")]
+        assert len(set(prepositions)) == len(prepositions)  # at most one place and one person
+        call = draw_call(rng, make_tool(rng, action))
+        assert call.tool.name in {form for n in action.names for form in name_forms(n)}
+        for key in call.arguments:
+            param = next(p for p in action.params if key in p.names)
+            if param.phrase not in ("in {v}", "for {v}"):
+                word = param.names[-1]
+                assert word in call.text, (word, call.text)  # the key's own word is said
+    pool = made_up_pool(random.Random(1), TRAIN_ACTIONS)
+    assert sum(a.domain.startswith("made_up:") for a in pool) == 5 and len(pool) == 8

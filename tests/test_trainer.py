@@ -456,6 +456,25 @@ def test_load_train_config_file_and_overrides(tmp_path):
         TrainConfig(steps=0)
 
 
+def test_a_config_extends_another_and_changes_only_what_it_names(tmp_path):
+    (tmp_path / "base.toml").write_text('steps = 7\nlr = 1e-3\n[model]\nnum_experts = 4\nhidden_size = 64\n',
+                                        encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "stage.toml").write_text('extends = "../base.toml"\nsteps = 3\n[model]\nnum_experts = 8\n',
+                                                 encoding="utf-8")
+    cfg = load_train_config(str(tmp_path / "sub" / "stage.toml"), {"lr": "2e-3"})
+    assert (cfg.steps, cfg.lr, cfg.model) == (3, 2e-3, {"num_experts": 8, "hidden_size": 64})
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n', encoding="utf-8")
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="loops back"):
+        load_train_config(str(tmp_path / "a.toml"), {})
+    # the shipped second GRPO stage is the first with its own few changes
+    first, second = (load_train_config(str(ROOT / "configs" / name), {})
+                     for name in ("tiny_grpo.toml", "tiny_grpo_json.toml"))
+    assert (second.steps, second.json_reward, second.init_from) == (30, "exact", first.export_dir)
+    assert (second.group_size, second.lr, second.kl_coeff) == (first.group_size, first.lr, first.kl_coeff)
+
+
 def test_cli_train_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n', encoding="utf-8")

@@ -13,7 +13,7 @@ import random
 import zlib
 from typing import Any
 
-from .tool_domains import HELDOUT_ACTIONS, TRAIN_ACTIONS, Action, name_forms
+from .tool_domains import HELDOUT_ACTIONS, TRAIN_ACTIONS, Action, Kind, name_forms
 
 ERROR_PERCENT = 12
 ERRORS: tuple[str, ...] = ("the service is unavailable", "no results were found", "the request was rejected",
@@ -27,11 +27,15 @@ def is_generated_tool(name: str) -> bool:
     return name in ACTION_BY_NAME
 
 
-def run_generated_tool(name: str, arguments: dict[str, Any], day: int) -> dict[str, Any]:
-    action = ACTION_BY_NAME[name]
+def run_generated_tool(name: str, arguments: dict[str, Any], day: int,
+                       results: tuple[tuple[str, Kind], ...] | None = None) -> dict[str, Any]:
+    """The result of one call; `results` (the result keys and kinds) defaults to the named action's, and a
+    made-up tool (made_up_tools.py, not in ACTION_BY_NAME) passes MADE_UP_RESULTS."""
+    if results is None:
+        results = ACTION_BY_NAME[name].results
     # crc32 of the canonical call: the same in every process (str hash() is salted per run)
     h = zlib.crc32(f"{name}|{json.dumps(arguments, sort_keys=True)}|{day}".encode())
     rng = random.Random(h)
     if h % 100 < ERROR_PERCENT:
         return {"error": rng.choice(ERRORS)}
-    return {key: kind.draw(rng) for key, kind in action.results}
+    return {key: kind.draw(rng) for key, kind in results}

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .example import Checkpoint, Example, assistant, maybe_system, system, tool_result, user
+from .generated_backend import run_generated_tool
 from .generated_tools import Call, draw_call, lower_first, make_tool, offered
+from .made_up_tools import made_up_pool
 from .plain import draw_plain
 from .tool_domains import Action
-from .tools import run_tool
 
 # domains close enough that "none of my tools can do that" would be arguable if one were offered
 RELATED: tuple[frozenset[str], ...] = (frozenset({"reminder", "todo", "notes", "calendar"}),
@@ -57,7 +58,7 @@ def _call_answer_turns(messages: list[dict], calls: list[Call], day: int) -> lis
     """The tool results and the answer after a turn that made `calls`; returns what the answer must hold."""
     reasons, sentences, must = [], [], []
     for n, call in enumerate(calls):
-        result = run_tool(call.tool.name, call.arguments, day)
+        result = run_generated_tool(call.tool.name, call.arguments, day, call.tool.action.results)
         messages.append(tool_result(f"call_{n}", result))
         reasoning, sentence, needles = read_result(call.tool.name, result)
         reasons.append(reasoning)
@@ -150,9 +151,13 @@ def make_forced(rng: random.Random, actions: tuple[Action, ...], family: str) ->
 
 
 def family(maker: Callable[[random.Random, tuple[Action, ...], str], Example], actions: tuple[Action, ...],
-           name: str) -> Callable[[random.Random], Example]:
-    """A corpus family (rng -> Example) from a maker, the actions it draws from and the family's name."""
+           name: str, made_up: float = 0.0) -> Callable[[random.Random], Example]:
+    """A corpus family (rng -> Example) from a maker, the actions it draws from and the family's name. In a
+    `made_up` share of the conversations the maker draws from made-up actions mixed with a few of `actions`
+    (made_up_tools.py), so names, keys and values must be copied from the prompt."""
     def make(rng: random.Random) -> Example:
+        if made_up and rng.random() < made_up:
+            return maker(rng, made_up_pool(rng, actions), name)
         return maker(rng, actions, name)
     make.__name__ = f"make_{name}"
     return make

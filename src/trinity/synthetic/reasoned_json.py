@@ -46,21 +46,39 @@ def make_reasoned_json(rng: random.Random, actions: tuple[Action, ...], family: 
                    {"response_format": response_format(schema)})
 
 
-# Keys a client might name for one computed number. The built-in model's supervised corpus has none of these tasks;
-# they exist for evaluation and RL (conversations.TASK_FAMILIES).
+# Keys a client might name for one computed number.
 NUMBER_KEYS = ("value", "result", "answer", "total", "sum", "number")
+NUMBER_INSTRUCTIONS = ("Answer in JSON with the key {key}.", "Reply with a JSON object with one integer, {key}.",
+                       "Give the result as JSON: {key} (integer).")
 
 
-def make_arithmetic_json(rng: random.Random) -> Example:
-    """An arithmetic question under `response_format` {KEY: integer}, the question alone as a client sends it: the
-    column work in the reasoning, then the object with the number, closed. A model that learnt `"value": N` only as
-    the start of a longer object (convert_units' arguments) wants `,` after N, which the schema forbids; the
-    number then runs on in digits until max_tokens (what this family measures)."""
+def _arithmetic_json(rng: random.Random, family: str, asked: bool) -> Example:
     a, op, b = draw_problem(rng, allow_negative=False)
     lines, value = solve(a, op, b)
     key = rng.choice(NUMBER_KEYS)
     schema = object_schema({key: {"type": "integer"}})
-    messages = [*maybe_system(rng), user(question(rng, a, op, b)), assistant("\n".join(lines), json.dumps({key: value}))]
-    return Example("arithmetic_json", messages, None,
+    messages = maybe_system(rng)
+    text = question(rng, a, op, b)
+    if asked:
+        instruction = rng.choice(NUMBER_INSTRUCTIONS).format(key=key)
+        messages, text = ([system(instruction)], text) if rng.random() < 0.4 else (messages, f"{text} {instruction}")
+    messages += [user(text), assistant("\n".join(lines), json.dumps({key: value}))]
+    return Example(family, messages, None,
                    [Checkpoint(len(messages) - 1, "json", {"schema": schema, "value": {key: value}})],
                    {"response_format": response_format(schema)})
+
+
+def make_arithmetic_json(rng: random.Random) -> Example:
+    """An arithmetic question under `response_format` {KEY: integer}, the question alone as a client sends it (the
+    server does not show the schema to the model): the column work in the reasoning, then the object with the
+    number, closed. A model that learnt `"value": N` only as the start of a longer object (convert_units'
+    arguments) wants `,` after N, which the schema forbids; the number then runs on in digits until max_tokens
+    (what this family measures). For evaluation and RL only: in a supervised corpus the same bare question would
+    have two answers, plain and JSON."""
+    return _arithmetic_json(rng, "arithmetic_json", asked=False)
+
+
+def make_arithmetic_json_asked(rng: random.Random) -> Example:
+    """The same, with the prompt asking for the JSON object (system message or after the question): a supervised
+    family that teaches the single-key object closed after its number."""
+    return _arithmetic_json(rng, "arithmetic_json_asked", asked=True)

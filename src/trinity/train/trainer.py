@@ -97,15 +97,7 @@ class TrainConfig:
 
 def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
     """A TOML or JSON file, then `--key value` overrides (typed by the field's default)."""
-    data: dict[str, Any] = {}
-    if path:
-        with open(path, "rb") as f:
-            if path.endswith(".toml"):
-                import tomllib
-
-                data = tomllib.load(f)
-            else:
-                data = json.load(f)
+    data = _read_config_file(path) if path else {}
     cls = config_class(str(overrides.get("stage", data.get("stage", "supervised"))))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in list(data) + list(overrides) if k not in fields]
@@ -114,6 +106,34 @@ def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfi
     for key, raw in overrides.items():
         data[key] = _coerce(raw, _default(fields[key]))
     return cls(**data)
+
+
+def _read_config_file(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The options of one file. `extends = "other.toml"` (relative to the file) starts from that file's options
+    and lets this one change some: a later stage of a recipe states only what differs. A table such as [model]
+    is merged key by key."""
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ValueError(f"{path}: `extends` loops back to itself ({' -> '.join((*seen, real))})")
+    with open(path, "rb") as f:
+        if path.endswith(".toml"):
+            import tomllib
+
+            data = tomllib.load(f)
+        else:
+            data = json.load(f)
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ValueError(f"{path}: `extends` must be a file name, got {base_name!r}")
+    merged = _read_config_file(os.path.join(os.path.dirname(path), base_name), (*seen, real))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def _default(f: dataclasses.Field) -> Any:
