@@ -49,7 +49,8 @@ TINY_CORPUS := --train 60000 --heldout 300 --seed 0
 # model already gets right every time (tool_use, JSON) are left out: their groups would carry no gradient
 # (rest=0: the families not named get weight 0; without it --heldout-mix would keep the unseen-tool families)
 TINY_RL     := --train 0 --heldout 1600 --seed 7 --heldout-mix arithmetic=0.2,arithmetic_chain=0.05,gen_tool_call=0.3,gen_tool_none=0.1,gen_tool_parallel=0.1,tool_choice_forced=0.25,rest=0
-# the second RL stage's extra tasks: arithmetic answered under a JSON schema (evaluation/RL only, not in the corpus)
+# the second RL stage's extra tasks: arithmetic under a JSON schema, the bare question as a client sends it (the corpus
+# holds only the form whose prompt asks for JSON: arithmetic_json_asked)
 TINY_RL_JSON := --train 0 --heldout 400 --seed 99 --heldout-mix arithmetic_json=1,rest=0
 # glibc returns large freed blocks to the OS, so every big activation buffer page-faults anew on first touch:
 # keeping them in the heap measured ~15% more training tokens/s on 2 cores.

@@ -471,7 +471,7 @@ def test_a_config_extends_another_and_changes_only_what_it_names(tmp_path):
     # the shipped second GRPO stage is the first with its own few changes
     first, second = (load_train_config(str(ROOT / "configs" / name), {})
                      for name in ("tiny_grpo.toml", "tiny_grpo_json.toml"))
-    assert (second.steps, second.json_reward, second.init_from) == (30, "exact", first.export_dir)
+    assert (second.steps, second.json_reward, second.init_from) == (10, "exact", first.export_dir)
     assert (second.group_size, second.lr, second.kl_coeff) == (first.group_size, first.lr, first.kl_coeff)
 
 

@@ -8,7 +8,8 @@ is one action with one name, one description and one spelling of each parameter 
 The held-out domains (weather, pizza, ferries, ...) never appear in training: no name, description or request
 template of theirs is drawn by a training family, so the evaluation's "unseen tools" are really unseen. Their
 names are checked to share no distinctive word with the training actions (tests/test_synthetic_generated_tools).
-Values (cities, people, numbers) are shared: the split is about tools, not about the world.
+Values (cities, people, numbers) are shared: the split is about tools, not about the world. The training actions
+also name made-up towns now and then (TRAIN_CITY), so that a city is copied from the request, not recalled.
 """
 
 from __future__ import annotations
@@ -141,21 +142,20 @@ COUNT = _integer(0, 60)
 STATUS = _enum(("confirmed", "scheduled", "done", "queued"))
 MINUTES = _integer(2, 90)
 TEMPERATURE = _integer(-5, 35)
+CONDITION = _enum(("sunny", "cloudy", "rainy", "windy", "foggy", "clear"))
 # Results every made-up action returns (made_up_tools.py): the backend can run such a tool by its name alone.
 MADE_UP_RESULTS: tuple[tuple[str, Kind], ...] = (("confirmation", CODE), ("status", STATUS))
-
-
 MADE_UP_CITY_SHARE = 0.3
 
 
 def _train_city(rng: random.Random) -> str:
-    """A corpus city, or now and then a made-up town: a model that saw only the 60 cities writes one of them for
-    any city it is asked about (issue 24's get_weather probe); a made-up town can only be copied."""
+    """A corpus city, or now and then a made-up town (never a held-out word: HELDOUT_WORDS is defined below, read
+    at draw time): a model that saw only the 60 cities writes one of them for any city it is asked about (issue
+    24's get_weather probe); a made-up town can only be copied. Held-out actions keep CITY."""
     return made_up_place(rng, HELDOUT_WORDS) if rng.random() < MADE_UP_CITY_SHARE else rng.choice(CITIES)
 
 
 TRAIN_CITY = Kind({"type": "string"}, _train_city)
-CONDITION = _enum(("sunny", "cloudy", "rainy", "windy", "foggy", "clear"))
 
 
 def _train_actions() -> tuple[Action, ...]:
