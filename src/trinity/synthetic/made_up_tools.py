@@ -1,5 +1,5 @@
-"""Actions made of made-up words (made_up_words.py), drawn per conversation: "dravin a kelmosa" with a tool
-named dravin_kelmosa, parameters such as `tosal_count` and values such as "Brevita".
+"""Actions made of made-up words (made_up_words.py), drawn per conversation: "book a kelmosa" with a tool
+named book_kelmosa, parameters such as `tosal_count` and values such as "Brevita".
 
 The training families (conversations.py) mix them with the training actions, so a generated tool's name, its
 parameter keys and many of its values can only be written by copying them from the prompt: the skill the held-out
