@@ -57,8 +57,9 @@ HELDOUT_FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "unseen_tool_parallel": family(make_parallel, HELDOUT_ACTIONS, "unseen_tool_parallel"),
     "unseen_tool_none": family(make_none, HELDOUT_ACTIONS, "unseen_tool_none"),
 }
-# Tasks for evaluation and RL that the supervised corpus does not hold (its recipe predates them): allowed in a
-# held-out mix, at weight 0 by default so the evaluation's default tasks stay as they were.
+# Tasks for evaluation and RL only, never in a supervised corpus (the bare arithmetic question would have two answers
+# there; the corpus holds arithmetic_json_asked instead): allowed in a held-out mix, at weight 0 by default so the
+# evaluation's default tasks stay as they were.
 TASK_FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "arithmetic_json": make_arithmetic_json,
 }
