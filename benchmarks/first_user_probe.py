@@ -1,6 +1,6 @@
 """The first thing a new user tries (issue 24): offer one tool of their own, `get_weather(city)`, and ask about the
-weather in a city the built-in corpus never names. Counts the replies that call the tool, and those that call
-it with the city the user said (a model that learnt tools and cities by heart calls a city it knows instead).
+weather in a city the built-in corpus never names (50 of them). Counts the replies that call the tool, and those
+that call it with the city the user said (a model that learnt tools and cities by heart calls a city it knows instead).
 
     python benchmarks/first_user_probe.py                                  # the built-in model
     python benchmarks/first_user_probe.py --model out/tiny/grpo_json/export --model src/trinity/assets/trinity-tiny
@@ -19,9 +19,16 @@ import openai
 
 from tiny_eval import Server
 
-# real cities, none of them in trinity/synthetic/words.py's CITIES (the corpus' only real city names)
+# real cities, none of them in trinity/synthetic/words.py's CITIES (the corpus' only real city names). The first 10
+# are the issue's probe (`first_10` in the output); the other 40 make a difference of a few cities measurable.
 CITIES = ("Krakow", "Marseille", "Nagoya", "Quito", "Tbilisi", "Valparaiso", "Winnipeg", "Gdansk", "Bergen",
-          "Adelaide")
+          "Adelaide",
+          "Antwerp", "Bordeaux", "Cordoba", "Dakar", "Edinburgh", "Florence", "Glasgow", "Hobart", "Innsbruck",
+          "Jaipur", "Kampala", "Leipzig", "Luanda", "Montreal", "Naples", "Odessa", "Perth", "Riga", "Salzburg",
+          "Tallinn", "Utrecht", "Vilnius", "Wellington", "Yokohama", "Zagreb", "Aarhus", "Bilbao", "Cusco", "Durban",
+          "Eindhoven", "Fukuoka", "Granada", "Halifax", "Ibiza", "Juneau", "Kyiv", "Lhasa", "Mombasa", "Nantes",
+          "Oaxaca")
+FIRST = 10
 GET_WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a given city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city name"}},
@@ -40,7 +47,13 @@ def probe(base_url: str) -> dict:
         replies.append({"city": city, "calls": calls, "content": message.content})
     called = [r for r in replies if any(name == "get_weather" for name, _ in r["calls"])]
     right = [r for r in called if any(name == "get_weather" and _city(args) == r["city"] for name, args in r["calls"])]
-    return {"called": len(called), "right_city": len(right), "asked": len(CITIES), "replies": replies}
+    first = [r for r in right if CITIES.index(r["city"]) < FIRST]
+    # the city copied whole, maybe with letters after it ("Zagrebwhereb"): a copy that did not stop
+    whole = [r for r in called if any((_city(args) or "").startswith(r["city"]) for _, args in r["calls"])]
+    return {"called": len(called), "right_city": len(right), "city_then_more": len(whole) - len(right),
+            "asked": len(CITIES),
+            "first_10": {"called": sum(CITIES.index(r["city"]) < FIRST for r in called), "right_city": len(first)},
+            "replies": replies}
 
 
 def _city(arguments: str) -> str | None:
@@ -63,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         r = results[model or "built-in"]
         print(f"{model or 'built-in'}: called get_weather {r['called']}/{r['asked']}, right city {r['right_city']}/"
-              f"{r['asked']}", file=sys.stderr)
+              f"{r['asked']} (the first 10: {r['first_10']['right_city']}), the city then more letters "
+              f"{r['city_then_more']}", file=sys.stderr)
     print(json.dumps(results))
     return 0
 
