@@ -45,15 +45,19 @@ def probe(base_url: str) -> dict:
             messages=[{"role": "user", "content": f"What's the weather like in {city} right now?"}]).choices[0].message
         calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
         replies.append({"city": city, "calls": calls, "content": message.content})
-    called = [r for r in replies if any(name == "get_weather" for name, _ in r["calls"])]
-    right = [r for r in called if any(name == "get_weather" and _city(args) == r["city"] for name, args in r["calls"])]
-    first = [r for r in right if CITIES.index(r["city"]) < FIRST]
-    # the city copied whole, maybe with letters after it ("Zagrebwhereb"): a copy that did not stop
-    whole = [r for r in called if any((_city(args) or "").startswith(r["city"]) for _, args in r["calls"])]
-    return {"called": len(called), "right_city": len(right), "city_then_more": len(whole) - len(right),
-            "asked": len(CITIES),
-            "first_10": {"called": sum(CITIES.index(r["city"]) < FIRST for r in called), "right_city": len(first)},
-            "replies": replies}
+    # replies are in CITIES' order, so the issue's 10 are the first replies
+    return {**_tally(replies), "asked": len(CITIES), "first_10": _tally(replies[:FIRST]), "replies": replies}
+
+
+def _tally(replies: list[dict]) -> dict:
+    """Replies that call get_weather, those with the user's city, and those with the city then more letters
+    ("Zagrebwhereb": a copy that did not stop)."""
+    def cities(reply: dict) -> list[str | None]:
+        return [_city(args) for name, args in reply["calls"] if name == "get_weather"]
+    called = [r for r in replies if cities(r)]
+    right = sum(r["city"] in cities(r) for r in called)
+    whole = sum(any((c or "").startswith(r["city"]) for c in cities(r)) for r in called)
+    return {"called": len(called), "right_city": right, "city_then_more": whole - right}
 
 
 def _city(arguments: str) -> str | None:
