@@ -15,7 +15,9 @@ reasoning and no content, which a reply with an empty answer would look like too
 The issues' targets: tool calls >= 95% right (name and arguments), arithmetic exact >= 80%, `</think>` closed
 >= 99% of all replies, JSON valid >= 95%; unseen tools (names and domains never in training, see
 trinity/synthetic/tool_domains.py) >= 90% right tool with right arguments (parallel calls all right); forced
-calls (tool_choice required / named) >= 95% right. Prints a table, then one JSON object as the last line.
+calls (tool_choice required / named) >= 95% right. Besides the targets: `unseen_right_tool`, the unseen tools'
+single calls that chose the right tool whatever their arguments (a wrong choice of tool and wrong values are two
+failures to work on apart). Prints a table, then one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -209,6 +211,9 @@ def summarise(tasks: list[dict[str, Any]], scores: list[Score]) -> dict[str, Any
     for name, covers in EXTRA_METRICS.items():
         picked = [s for t, s in zip(tasks, scores) if covers(t)]
         metrics[name] = {"value": sum(s.passed for s in picked) / len(picked) if picked else None, "n": len(picked)}
+    # of the unseen tools' single calls, those that chose the right tool (with right or wrong arguments)
+    chosen = [s.right_tool for t, s in zip(tasks, scores) if t["check"] == "tool_call" and _unseen(t)]
+    metrics["unseen_right_tool"] = {"value": sum(chosen) / len(chosen) if chosen else None, "n": len(chosen)}
     exact = [s.exact for t, s in zip(tasks, scores) if t["check"] == "json"]
     metrics["json_exact"] = {"value": sum(map(bool, exact)) / len(exact) if exact else None, "n": len(exact)}
     families: dict[str, list[Score]] = defaultdict(list)
@@ -255,7 +260,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with open(args.out, "w", encoding="utf-8") as f:
             for t, r, s in zip(tasks, replies, scores):
                 f.write(json.dumps({"id": t["id"], "family": t["family"], "check": t["check"], "passed": s.passed,
-                                    "think_closed": s.think_closed, "detail": s.detail, "content": r.content,
+                                    "think_closed": s.think_closed, "right_tool": s.right_tool,
+                                    "detail": s.detail, "content": r.content,
                                     "reasoning": r.reasoning, "tool_calls": r.tool_calls, "error": r.error}) + "\n")
     summary = summarise(tasks, scores)
     errors = [r.error for r in replies if r.error]

@@ -337,8 +337,12 @@ def test_gold_replies_pass_and_wrong_ones_fail(heldout):
     assert score(call, Reply(None, tool_calls=[(name, json.dumps(loud))])).passed  # case and "42" vs 42 are fine
     key = next(iter(args))
     args[key] = "something else" if isinstance(args[key], str) else args[key] + 1
-    assert not score(call, Reply(None, tool_calls=[(name, json.dumps(args))])).passed
-    assert not score(call, Reply("It is sunny.")).passed
+    wrong_values = score(call, Reply(None, tool_calls=[(name, json.dumps(args))]))
+    assert not wrong_values.passed and wrong_values.right_tool  # the right tool, a wrong value
+    other_tool = score(call, Reply(None, tool_calls=[(name + "_other", json.dumps(call["expected"]["arguments"]))]))
+    assert not other_tool.passed and other_tool.right_tool is False
+    assert not score(call, Reply("It is sunny.")).passed and score(call, Reply("It is sunny.")).right_tool is False
+    assert score(call, reference_reply(call)).right_tool
     no_tool = next(t for t in heldout if t["check"] == "no_tool")
     assert not score(no_tool, Reply(None, tool_calls=[("weather", "{}")])).passed
     js = next(t for t in heldout if t["check"] == "json")

@@ -64,6 +64,7 @@ def test_evaluator_end_to_end(setup, tmp_path):
     assert metrics["forced_call_accuracy"]["n"] == len(forced)
     assert metrics["tool_call_accuracy"]["n"] == checks.count("tool_call") - len(forced) - \
         sum(t["check"] == "tool_call" for t in unseen)
+    assert metrics["unseen_right_tool"]["n"] == sum(t["check"] == "tool_call" for t in unseen)
     assert metrics["arithmetic_exact"]["n"] == checks.count("arithmetic")
     assert metrics["json_valid"]["n"] == checks.count("json")
     for m in metrics.values():

@@ -30,6 +30,9 @@ class Score:
     think_closed: bool
     detail: str = ""
     exact: bool | None = None  # json: the object also equals the expected value
+    # tool_call: the one call names the expected tool, whatever its arguments (tells a wrong choice of tool from
+    # wrong values when a model fails on tools it has never seen)
+    right_tool: bool | None = None
 
 
 def parse_answer(content: str | None) -> float | None:
@@ -119,16 +122,17 @@ def score(task: dict[str, Any], reply: Reply) -> Score:
     closed = reply.think_closed
     if check == "tool_call":
         if len(reply.tool_calls) != 1:
-            return Score(False, closed, f"{len(reply.tool_calls)} tool calls")
+            return Score(False, closed, f"{len(reply.tool_calls)} tool calls", right_tool=False)
         name, arguments = reply.tool_calls[0]
+        right_tool = name == expected["name"]
         try:
             parsed = json.loads(arguments)
         except json.JSONDecodeError:
-            return Score(False, closed, "arguments are not JSON")
-        if name != expected["name"]:
-            return Score(False, closed, f"called {name}, expected {expected['name']}")
+            return Score(False, closed, "arguments are not JSON", right_tool=right_tool)
+        if not right_tool:
+            return Score(False, closed, f"called {name}, expected {expected['name']}", right_tool=False)
         ok = same_value(expected["arguments"], parsed)
-        return Score(ok, closed, "" if ok else f"arguments {arguments}")
+        return Score(ok, closed, "" if ok else f"arguments {arguments}", right_tool=True)
     if check == "tool_calls":
         return _score_parallel(expected["calls"], reply.tool_calls, closed)
     if reply.tool_calls:
