@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -74,6 +75,15 @@ def test_evaluator_end_to_end(setup, tmp_path):
     replies = read_jsonl(str(tmp_path / "replies.jsonl"))
     assert len(replies) == TASKS and all(r["error"] is None for r in replies)
     assert sum(r["family"] == f for r in replies for f in result["by_family"]) == TASKS
+    # benchmarks/tool_choice_probe.py reads these replies: each unseen single call scored after both reasonings
+    probe = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tool_choice_probe.py"), "--model", str(model),
+                            "--heldout", str(heldout), "--replies", str(tmp_path / "replies.jsonl")],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert found["tasks"] == metrics["unseen_right_tool"]["n"] > 0
+    ways = {f"{which}_reasoning_{way}" for which in ("own", "gold") for way in ("greedy", "sum", "mean")}
+    assert ways <= set(found) and all(0.0 <= found[k] <= 100.0 for k in ways) and 0 < found["chance"] < 100
 
 
 def test_server_prompts_are_the_training_prompts(setup):
