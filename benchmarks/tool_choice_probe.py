@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from trinity.jsonl import read_jsonl  # noqa: E402
 from trinity.loading import load_model  # noqa: E402
+from trinity.synthetic.conversations import HELDOUT_FAMILIES  # noqa: E402
 
 CALL_OPENING = '\n</think>\n<tool_call>\n{"name": "'
 
@@ -75,7 +76,7 @@ def main() -> None:
     right: dict[str, int] = {}
     n, chance = 0, 0.0
     for task in read_jsonl(args.heldout):
-        if task["check"] != "tool_call" or not task["family"].startswith("unseen_tool"):
+        if task["check"] != "tool_call" or task["family"] not in HELDOUT_FAMILIES:  # tiny_eval's unseen split
             continue
         prompt = scorer.tok.apply_chat_template(task["prompt"], tools=task["tools"])
         names = [t["function"]["name"] for t in task["tools"]]
