@@ -50,17 +50,18 @@ class Scorer:
     def choose(self, prefix: str, names: list[str]) -> dict[str, str]:
         """The name each way picks after `prefix`."""
         head = self.tok.encode(prefix)
-        tails, total = {}, {}
+        tails, lps, total = {}, {}, {}
         for name in names:
             ids = self.tok.encode(prefix + name + '", ')
             if ids[:len(head)] != head:
                 raise ValueError(f"the prefix does not tokenize alone as within {name!r}")
             tails[name] = ids[len(head):]
-            lp = self.logprobs(ids)
-            total[name] = sum(lp[len(head) - 1 + i, t].item() for i, t in enumerate(tails[name]))
+            # row len(head) - 1 + i: the next-token distribution after the prefix and the name's first i tokens
+            lps[name] = self.logprobs(ids)[len(head) - 1:]
+            total[name] = sum(lps[name][i, t].item() for i, t in enumerate(tails[name]))
         alive, depth = list(names), 0
         while len(alive) > 1:  # greedy: the best next token among the names still possible
-            lp = self.logprobs(head + tails[alive[0]][:depth])[-1]
+            lp = lps[alive[0]][depth]  # the names alive share their first `depth` tokens, so any one's row serves
             nexts = {n: tails[n][depth] for n in alive if depth < len(tails[n])}
             best = max(nexts.values(), key=lambda t: lp[t].item())
             alive = [n for n in alive if nexts.get(n) == best]
