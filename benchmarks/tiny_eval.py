@@ -17,7 +17,10 @@ The issues' targets: tool calls >= 95% right (name and arguments), arithmetic ex
 trinity/synthetic/tool_domains.py) >= 90% right tool with right arguments (parallel calls all right); forced
 calls (tool_choice required / named) >= 95% right. Besides the targets: `unseen_right_tool`, the unseen tools'
 single calls that chose the right tool whatever their arguments (a wrong choice of tool and wrong values are two
-failures to work on apart). Prints a table, then one JSON object as the last line.
+failures to work on apart); `tools_listed`, on the tool-listing tasks ("Which tools do you have?", families
+tool_list and unseen_tool_list, weight 0 unless a mix names them), the offered tools the reply names at their
+place: whether the model can copy from the tool list at all. Prints a table, then one JSON object as the last
+line.
 """
 
 from __future__ import annotations
@@ -214,6 +217,10 @@ def summarise(tasks: list[dict[str, Any]], scores: list[Score]) -> dict[str, Any
     # of the unseen tools' single calls, those that chose the right tool (with right or wrong arguments)
     chosen = [s.right_tool for t, s in zip(tasks, scores) if t["check"] == "tool_call" and _unseen(t)]
     metrics["unseen_right_tool"] = {"value": sum(chosen) / len(chosen) if chosen else None, "n": len(chosen)}
+    # of the tools that listing tasks offered, those the reply names at their place (a long-range copy)
+    offered = sum(len(t["expected"]["names"]) for t in tasks if "names" in t["expected"])
+    listed = sum(s.listed or 0 for t, s in zip(tasks, scores) if "names" in t["expected"])
+    metrics["tools_listed"] = {"value": listed / offered if offered else None, "n": offered}
     exact = [s.exact for t, s in zip(tasks, scores) if t["check"] == "json"]
     metrics["json_exact"] = {"value": sum(map(bool, exact)) / len(exact) if exact else None, "n": len(exact)}
     families: dict[str, list[Score]] = defaultdict(list)

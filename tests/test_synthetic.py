@@ -24,6 +24,7 @@ from trinity.synthetic.corpus import heldout_task, prompt_key, write_corpus
 from trinity.synthetic.json_replies import describe
 from trinity.synthetic.scoring import Reply, reference_reply, score
 from trinity.synthetic.tokenizer_train import train_from_corpus
+from trinity.synthetic.tool_domains import HELDOUT_TOOL_NAMES
 from trinity.synthetic.tool_use import UNIT_PAIRS, UNIT_WORDS
 from trinity.synthetic.tools import TOOL_SCHEMAS, UNITS, convert, evaluate, run_corpus_tool, run_tool
 from trinity.tokenizer import SPECIAL_TOKENS, TAG_TOKENS, TrinityTokenizer
@@ -86,7 +87,7 @@ def test_example_does_not_depend_on_the_corpus_size(train):
 
 
 def test_every_family_appears_and_mix_is_configurable(train):
-    assert {r["family"] for r in train} == set(FAMILIES)
+    assert {r["family"] for r in train} == {f for f in FAMILIES if TRAIN_MIX[f] > 0}
     only = parse_mix("json=1," + ",".join(f"{f}=0" for f in FAMILIES if f != "json"), TRAIN_MIX)
     assert {example_at(0, "train", i, only).family for i in range(20)} == {"json"}
     with pytest.raises(ValueError, match="FAMILY=WEIGHT"):
@@ -482,3 +483,28 @@ def test_arithmetic_json_asked_names_its_key_in_the_prompt():
         assert json.loads(example.messages[-1]["content"]) == checkpoint.expected["value"]
     assert {e.messages[0]["role"] for e in examples} == {"system", "user"}  # said in either place
     assert TRAIN_MIX["arithmetic_json_asked"] > 0 and "arithmetic_json" not in TRAIN_MIX
+
+
+def test_tool_listing_names_the_offered_tools_in_their_order():
+    """ "Which tools do you have?": the reference reply lists every offered tool, name and description, in the
+    list's order, and scores every name; a name out of place or one that was not offered does not count. Both
+    families are off in the default mixes (the shipped corpus and evaluation are unchanged) and can be mixed in."""
+    mix = parse_mix("unseen_tool_list=1,rest=0", HELDOUT_MIX)
+    tasks = [heldout_task(5, i, mix, set()) for i in range(20)]
+    assert {t["family"] for t in tasks} == {"unseen_tool_list"}
+    for task in tasks:
+        names = task["expected"]["names"]
+        assert names == [t["function"]["name"] for t in task["tools"]]
+        assert all(n in HELDOUT_TOOL_NAMES or n in TOOL_SCHEMAS for n in names)  # sometimes one corpus tool
+        reply = reference_reply(task)
+        assert score(task, reply).passed and score(task, reply).listed == len(names)
+        lines = reply.content.splitlines()
+        swapped = "\n".join([lines[0], lines[2], lines[1], *lines[3:]])
+        assert score(task, Reply(swapped, reply.reasoning, [], True)).listed == len(names) - 2
+        foreign = reply.content.replace(f"- {names[0]}:", "- get_time:")
+        result = score(task, Reply(foreign, reply.reasoning, [], True))
+        assert result.listed == len(names) - 1 and not result.passed
+    assert TRAIN_MIX["tool_list"] == 0 and HELDOUT_MIX["unseen_tool_list"] == 0
+    examples = [example_at(2, "train", i, {"tool_list": 1.0}) for i in range(20)]
+    assert {e.family for e in examples} == {"tool_list"}
+    assert all(not set(e.checkpoints[0].expected["names"]) & HELDOUT_TOOL_NAMES for e in examples)

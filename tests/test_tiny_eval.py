@@ -86,6 +86,24 @@ def test_evaluator_end_to_end(setup, tmp_path):
     assert ways <= set(found) and all(0.0 <= found[k] <= 100.0 for k in ways) and 0 < found["chance"] < 100
 
 
+def test_tools_listed_counts_the_names_at_their_place():
+    """tools_listed: of the tools the listing tasks offer, those the replies name at their place."""
+    from trinity.synthetic.conversations import HELDOUT_MIX, parse_mix
+    from trinity.synthetic.corpus import heldout_task
+    from trinity.synthetic.scoring import Reply, reference_reply, score
+    tasks = [heldout_task(9, i, parse_mix("unseen_tool_list=1,arithmetic=1,rest=0", HELDOUT_MIX), set())
+             for i in range(12)]
+    listing = [t for t in tasks if "names" in t["expected"]]
+    assert listing and len(listing) < len(tasks)
+    offered = sum(len(t["expected"]["names"]) for t in listing)
+    first = listing[0]["expected"]["names"]
+    replies = [reference_reply(t) for t in tasks]
+    replies[tasks.index(listing[0])] = Reply(f"- {first[0]}: something", "The user asks.", [], True)
+    metric = tiny_eval.summarise(tasks, [score(t, r) for t, r in zip(tasks, replies)])["metrics"]["tools_listed"]
+    assert metric["n"] == offered
+    assert metric["value"] == pytest.approx((offered - len(first) + 1) / offered)
+
+
 def test_server_prompts_are_the_training_prompts(setup):
     """The server renders each task (tools included) to exactly the tokens the trainer puts before the turn."""
     from trinity.tokenizer import TrinityTokenizer

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 from .arithmetic import draw_problem, make_arithmetic, make_arithmetic_chain, question, solved_turn
 from .example import Checkpoint, Example, assistant, maybe_system, user
-from .generated_conversations import family, make_call, make_forced, make_none, make_parallel
+from .generated_conversations import family, make_call, make_forced, make_none, make_parallel, make_tool_list
 from .json_replies import make_json_reply
 from .plain import draw_plain, make_plain, make_plain_chain
 from .reasoned_json import make_arithmetic_json, make_arithmetic_json_asked, make_reasoned_json
@@ -49,6 +49,7 @@ FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "tool_choice_forced": family(make_forced, TRAIN_ACTIONS, "tool_choice_forced", MADE_UP_SHARE),
     "json_schema_reasoned": family(make_reasoned_json, TRAIN_ACTIONS, "json_schema_reasoned", MADE_UP_SHARE),
     "arithmetic_json_asked": make_arithmetic_json_asked,
+    "tool_list": family(make_tool_list, TRAIN_ACTIONS, "tool_list", MADE_UP_SHARE),
 }
 # Evaluation only: the same conversations over the held-out domains, whose tools no training family ever
 # offers ("unseen tools"). A training mix may not name them (parse_mix refuses names its default lacks).
@@ -56,6 +57,7 @@ HELDOUT_FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "unseen_tool_call": family(make_call, HELDOUT_ACTIONS, "unseen_tool_call"),
     "unseen_tool_parallel": family(make_parallel, HELDOUT_ACTIONS, "unseen_tool_parallel"),
     "unseen_tool_none": family(make_none, HELDOUT_ACTIONS, "unseen_tool_none"),
+    "unseen_tool_list": family(make_tool_list, HELDOUT_ACTIONS, "unseen_tool_list"),
 }
 # Tasks for evaluation and RL only, never in a supervised corpus (the bare arithmetic question would have two answers
 # there; the corpus holds arithmetic_json_asked instead): allowed in a held-out mix, at weight 0 by default so the
@@ -75,14 +77,15 @@ TRAIN_MIX: dict[str, float] = {"arithmetic": 0.24, "arithmetic_chain": 0.10, "to
                                "tool_follow_up": 0.04, "tool_not_needed": 0.05, "json": 0.11, "plain": 0.05,
                                "plain_chain": 0.03, "mixed_chain": 0.03, "gen_tool_call": 0.10,
                                "gen_tool_parallel": 0.03, "gen_tool_none": 0.03, "tool_choice_forced": 0.04,
-                               "json_schema_reasoned": 0.02, "arithmetic_json_asked": 0.02}
+                               "json_schema_reasoned": 0.02, "arithmetic_json_asked": 0.02, "tool_list": 0.0}
 # The evaluation leans on what the issues measure: arithmetic, tool calls (now also unseen tools and forced
 # calls), JSON, closed thinking.
 HELDOUT_MIX: dict[str, float] = {"arithmetic": 0.15, "arithmetic_chain": 0.05, "tool_use": 0.18,
                                  "tool_follow_up": 0.06, "tool_not_needed": 0.05, "json": 0.12, "plain": 0.02,
                                  "plain_chain": 0.01, "mixed_chain": 0.01, "unseen_tool_call": 0.14,
                                  "unseen_tool_parallel": 0.04, "unseen_tool_none": 0.03, "tool_choice_forced": 0.10,
-                                 "json_schema_reasoned": 0.04, "arithmetic_json": 0.0}
+                                 "json_schema_reasoned": 0.04, "arithmetic_json": 0.0,
+                                 "unseen_tool_list": 0.0}
 
 
 def parse_mix(text: str | None, default: Mapping[str, float]) -> dict[str, float]:

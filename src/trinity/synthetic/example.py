@@ -18,7 +18,8 @@ from .words import SYSTEM_PROMPTS
 #   arithmetic  {"answer": int}                       content states "The answer is N."
 #   tool_call   {"name": str, "arguments": dict}      exactly one call with these (normalised) arguments
 #   tool_calls  {"calls": [{"name", "arguments"}]}    parallel calls: exactly these, in any order
-#   no_tool     {"contains": [str, ...]}              no call; content holds every string (any case)
+#   no_tool     {"contains": [str, ...]}              no call; content holds every string (any case); a tool
+#                                                     listing also gives "names", the offered names in order
 #   json        {"schema": dict, "value": dict}       content is one JSON object valid under schema
 #   contains    {"contains": [str, ...]}              content holds every string (any case)
 CHECKS = ("arithmetic", "tool_call", "tool_calls", "no_tool", "json", "contains")

@@ -150,6 +150,24 @@ def make_forced(rng: random.Random, actions: tuple[Action, ...], family: str) ->
     return Example(family, messages, tools, checkpoints, {"day": day, "tool_choice": choice})
 
 
+LIST_QUESTIONS = ("Which tools do you have?", "What tools can you use?", "List your tools.",
+                  "What can you do with your tools?", "Which functions are available?")
+
+
+def make_tool_list(rng: random.Random, actions: tuple[Action, ...], family: str) -> Example:
+    """The user asks which tools there are; the answer lists every offered name with its description, in the
+    list's order. A copy of the whole tool list from the system turn, hundreds of tokens back: the long-range copy
+    that calling an unseen tool needs (its name and keys are only in that list), asked for on its own."""
+    tools = offered(rng, [], actions, count=rng.randint(2, 6))
+    names = [t["function"]["name"] for t in tools]
+    lines = [f"{t['function']['name']}: {t['function'].get('description', '')}" for t in tools]
+    messages = [*maybe_system(rng, 0.2), user(rng.choice(LIST_QUESTIONS)),
+                assistant(f"The user asks which tools I have. There are {len(tools)}: I list them in order.",
+                          "I can use these tools:\n" + "\n".join(f"- {line}" for line in lines))]
+    expected = {"contains": lines, "names": names}
+    return Example(family, messages, tools, [Checkpoint(len(messages) - 1, "no_tool", expected)])
+
+
 def family(maker: Callable[[random.Random, tuple[Action, ...], str], Example], actions: tuple[Action, ...],
            name: str, made_up: float = 0.0) -> Callable[[random.Random], Example]:
     """A corpus family (rng -> Example) from a maker, the actions it draws from and the family's name. In a

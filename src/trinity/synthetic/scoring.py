@@ -33,6 +33,8 @@ class Score:
     # tool_call: the one call names the expected tool, whatever its arguments (tells a wrong choice of tool from
     # wrong values when a model fails on tools it has never seen)
     right_tool: bool | None = None
+    # a tool-listing reply (expected "names"): how many offered names it lists at their place in the list
+    listed: int | None = None
 
 
 def parse_answer(content: str | None) -> float | None:
@@ -115,6 +117,16 @@ def _score_parallel(expected: list[dict[str, Any]], calls: list[tuple[str, str]]
     return Score(True, closed)
 
 
+_LISTED_NAME = re.compile(r"^- ([^:\n]+):", re.M)
+
+
+def listed_in_place(names: list[str], content: str | None) -> int:
+    """How many of `names` a reply's "- name: description" lines give at their own place (the first line names
+    the first tool, ...): a name from elsewhere, or a right name out of place, does not count."""
+    listed = _LISTED_NAME.findall(content or "")
+    return sum(1 for want, got in zip(names, listed) if got.strip() == want)
+
+
 def score(task: dict[str, Any], reply: Reply) -> Score:
     check, expected = task["check"], task["expected"]
     if reply.error is not None:
@@ -143,7 +155,8 @@ def score(task: dict[str, Any], reply: Reply) -> Score:
         return Score(ok, closed, "" if ok else f"answer {got}")
     if check in ("contains", "no_tool"):
         ok = _contains_all(reply.content, expected["contains"])
-        return Score(ok, closed, "" if ok else "missing expected text")
+        listed = listed_in_place(expected["names"], reply.content) if "names" in expected else None
+        return Score(ok, closed, "" if ok else "missing expected text", listed=listed)
     if check == "json":
         value, why = validate_json(reply.content, expected["schema"])
         return Score(not why, closed, why, exact=not why and same_value(expected["value"], value))
