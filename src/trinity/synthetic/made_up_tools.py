@@ -21,12 +21,6 @@ VERBS = ("book", "order", "check", "find", "start", "cancel", "reserve", "track"
 KEY_ENDINGS = {"string": ("", "", "_id", "_name", "_code"), "integer": ("", "", "_count")}
 
 
-# Experiment (issue 24, eleventh try): this share of made-up tools is named with another made-up word, so that
-# only the description links the request to the tool and the name must be copied from the tool list
-UNRELATED_NAME = 0.7
-NAME_SUFFIXES = ("tool", "api", "service", "v2", "run", "do")
-NAME_PREFIXES = ("my", "svc", "app", "x", "do", "tool")
-
 # a made-up word may not be a held-out word nor a verb (a verb never doubles as a noun)
 FORBIDDEN: frozenset[str] = HELDOUT_WORDS | frozenset(VERBS)
 
@@ -76,14 +70,8 @@ def made_up_action(rng: random.Random) -> Action:
     taken = {noun}
     params = tuple(_param(rng, taken, optional=n > 0 and rng.random() < 0.3) for n in range(rng.choice((1, 2, 2, 3))))
     purpose = f"{verb} a {noun}"
-    names = (f"{verb}_{noun}", f"{noun}_{verb}")
-    if rng.random() < UNRELATED_NAME:  # only the description links the request to this tool
-        other = _word(rng)
-        while other in taken:
-            other = _word(rng)
-        names = (rng.choice((other, f"{other}_{rng.choice(NAME_SUFFIXES)}", f"{rng.choice(NAME_PREFIXES)}_{other}")),)
     return Action(
-        f"made_up:{noun}", names, purpose,
+        f"made_up:{noun}", (f"{verb}_{noun}", f"{noun}_{verb}"), purpose,
         (f"{verb.capitalize()} a {noun}.", f"Use this to {purpose}.", f"{verb.capitalize()} a {noun} for the user."),
         (f"{verb.capitalize()} a {noun} {{args}}.", f"Please {purpose} {{args}}.", f"I need to {purpose} {{args}}.",
          f"Can you {purpose} {{args}}?"),
