@@ -6,7 +6,9 @@ of actions: the training actions for training families, the held-out actions for
 - parallel: two requests in one message, two calls in one assistant turn, two results, one answer;
 - none: a request no offered tool can do (or a plain question): no call, a direct answer;
 - forced: tool_choice "required" or a named tool (the request says so in `meta["tool_choice"]`, which the
-  evaluator sends; the system message often says so too): the call is mandatory.
+  evaluator sends; the system message often says so too): the call is mandatory;
+- tool list: "Which tools do you have?", answered with every offered name and description in order (off in the
+  default mixes: a probe of the long-range copy from the tool list).
 """
 
 from __future__ import annotations
