@@ -19,7 +19,9 @@ import torch
 from trinity import preset
 from trinity.model.init import write_random_checkpoint
 from trinity.jsonl import read_jsonl
-from trinity.synthetic.corpus import write_corpus
+from trinity.synthetic.conversations import HELDOUT_MIX, parse_mix
+from trinity.synthetic.corpus import heldout_task, write_corpus
+from trinity.synthetic.scoring import Reply, reference_reply, score
 from trinity.synthetic.tokenizer_train import train_from_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,9 +90,6 @@ def test_evaluator_end_to_end(setup, tmp_path):
 
 def test_tools_listed_counts_the_names_at_their_place():
     """tools_listed: of the tools the listing tasks offer, those the replies name at their place."""
-    from trinity.synthetic.conversations import HELDOUT_MIX, parse_mix
-    from trinity.synthetic.corpus import heldout_task
-    from trinity.synthetic.scoring import Reply, reference_reply, score
     tasks = [heldout_task(9, i, parse_mix("unseen_tool_list=1,arithmetic=1,rest=0", HELDOUT_MIX), set())
              for i in range(12)]
     listing = [t for t in tasks if "names" in t["expected"]]

@@ -162,7 +162,7 @@ def make_tool_list(rng: random.Random, actions: tuple[Action, ...], family: str)
     that calling an unseen tool needs (its name and keys are only in that list), asked for on its own."""
     tools = offered(rng, [], actions, count=rng.randint(2, 6))
     names = [t["function"]["name"] for t in tools]
-    lines = [f"{t['function']['name']}: {t['function'].get('description', '')}" for t in tools]
+    lines = [f"{name}: {t['function'].get('description', '')}" for name, t in zip(names, tools)]
     messages = [*maybe_system(rng, 0.2), user(rng.choice(LIST_QUESTIONS)),
                 assistant(f"The user asks which tools I have. There are {len(tools)}: I list them in order.",
                           "I can use these tools:\n" + "\n".join(f"- {line}" for line in lines))]
