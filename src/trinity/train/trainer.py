@@ -20,6 +20,7 @@ from torch import nn
 from ..config import TrinityConfig, preset
 from ..model.model import TrinityForCausalLM
 from .balance import BalanceConfig, ExpertBalancer, max_violation, moe_blocks
+from .copy_task import CopyTaskLoader, ordinary_token_ids
 from .data import DATA_ORDERS, load_documents, make_loader
 from .losses import router_z_loss, sequence_balance_loss
 from .optim import CombinedOptimizer
@@ -44,6 +45,10 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     data_order: str = "rsdb"  # rsdb | sequential | packed (whole documents per row: conversations, data.PackedLoader)
     buffer_size: int = 64
+    # the first steps train on synthetic copy rows (train/copy_task.py: a span written twice, spans of
+    # copy_span/2..copy_span tokens) instead of the corpus: they teach the long-range copy that tools need
+    copy_warmup_steps: int = 0
+    copy_span: int = 32
     # sequential order: readers starting at evenly spaced documents (like data workers on separate shards);
     # a step's batch is split into this many equal runs, one per reader. Independent of ranks and micro batches,
     # so neither changes the data.
@@ -93,6 +98,9 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.copy_warmup_steps and not 2 <= self.copy_span <= (self.seq_len + 1) // 2:
+            raise ValueError(f"copy_span = {self.copy_span}: a span is written twice in a row of seq_len + 1 = "
+                             f"{self.seq_len + 1} tokens, so it must be 2..{(self.seq_len + 1) // 2}")
 
 
 def load_train_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -321,6 +329,8 @@ class Trainer:
         eos = self.tokenizer.eos_token_id
         self.loader = make_loader(cfg.data_order, load_documents(cfg.data, self.tokenizer, eos), cfg.seq_len,
                                   cfg.seed, cfg.buffer_size, streams=cfg.data_streams, pad_id=eos)
+        self.copy_loader = CopyTaskLoader(cfg.seq_len, cfg.copy_span, ordinary_token_ids(self.tokenizer), cfg.seed) \
+            if cfg.copy_warmup_steps else None
         start_or_resume(self, writes_log=self.rank == 0)
 
     # ------------------------------------------------------------------ setup
@@ -350,7 +360,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         start = time.perf_counter()
         # Every rank draws the whole global batch (same seed) and keeps its share: the same data as one process.
-        ids, labels = self.loader.next_batch(cfg.batch_size)
+        loader = self.copy_loader if self.step < cfg.copy_warmup_steps else self.loader
+        ids, labels = loader.next_batch(cfg.batch_size)
         valid = (labels != -100).sum().clamp_min(1).float()  # loss tokens of the global batch
         scale = lr_scale(cfg, self.step)
         self.optimizer.set_lr_scale(scale)
@@ -446,6 +457,8 @@ class Trainer:
         state = {"step": self.step, "model": model_state, "optimizer": optimizer_state,
                  "balancer": self.balancer.state_dict(), "data": self.loader.state_dict(),
                  "rng": rng_state(), "config": dataclasses.asdict(self.cfg)}
+        if self.copy_loader is not None:
+            state["copy_data"] = self.copy_loader.state_dict()
         save_atomic(state, path)
 
     def load_checkpoint(self, path: str) -> None:
@@ -456,6 +469,8 @@ class Trainer:
                                         for key, opt in self.optimizer.named_optimizers().items()})
         self.balancer.load_state_dict(state["balancer"])
         self.loader.load_state_dict(state["data"])
+        if self.copy_loader is not None and "copy_data" in state:
+            self.copy_loader.load_state_dict(state["copy_data"])
         set_rng_state(state["rng"])
         self.step = state["step"]
 
