@@ -7,7 +7,7 @@ know where the span began). Two kinds of rows:
 
 - `var`: the span's length, so the distance of the copy, changes per row. Only a content match (an induction
   head: find the earlier occurrence of the current token, write the token after it) predicts the repeat.
-- `fixed`: every span has the same length, so "the token n+1 back" predicts the repeat: a position shortcut that
+- `fixed`: every span has the same length, so "the token N back" predicts the repeat: a position shortcut that
   RoPE layers can learn and NoPE layers cannot. It is a control, not the copy that tools need.
 
 Each variant is `KIND:N:WINDOW[:GAIN]`: rows of 2N tokens with spans of N/2..N (`var`) or N (`fixed`) tokens,

@@ -3,9 +3,10 @@
 Why they exist: to call a tool it has never seen, a model copies the tool's name and keys from the tool list,
 hundreds of tokens back. That copy is an induction head (find the earlier occurrence of the current token, write
 the token that followed it). A model of the built-in size does not form one from the corpus, where such copies are
-rare. It does form one from these rows in a few hundred steps, and keeps it through later training. The span's
-length changes per segment, so the distance of the copy does too: "the token n back" does not predict the repeat,
-only a content match does. Measurements: benchmarks/README.md, "Issue 24, twelfth try".
+rare. It does form one from these rows, after a plateau of several hundred steps, and loses it again when later
+training never needs it. The span's length changes per segment, so the distance of the copy does too: "the token
+n back" does not predict the repeat, only a content match does. Measurements: benchmarks/README.md, "Issue 24,
+twelfth try".
 
 `TrainConfig.copy_warmup_steps` trains on these rows before the corpus; `benchmarks/copy_probe.py` trains on them
 alone.
