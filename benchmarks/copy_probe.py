@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from trinity.config import preset  # noqa: E402
 from trinity.model.model import TrinityForCausalLM  # noqa: E402
-from trinity.train.copy_task import copy_batch  # noqa: E402
+from trinity.train.copy_task import IGNORE, copy_batch  # noqa: E402
 from trinity.train.optim import CombinedOptimizer  # noqa: E402
 from trinity.train.trainer import init_like_report_, load_train_config  # noqa: E402
 
@@ -60,7 +60,7 @@ def accuracy(model: TrinityForCausalLM, ids: torch.Tensor, labels: torch.Tensor)
     with torch.no_grad():
         predicted = model(ids).argmax(-1)
     model.train()
-    scored = labels != -100
+    scored = labels != IGNORE
     return (predicted[scored] == labels[scored]).float().mean().item()
 
 
@@ -83,7 +83,7 @@ def run_variant(spec: str, steps: int, eval_every: int, warmup: int, config_path
         ids, labels = copy_batch(batch, 2 * n - 1, n, pool, data, fixed)
         logits = model(ids)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100)
+                                                 ignore_index=IGNORE)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from .data import IGNORE
 
 
 def ordinary_token_ids(tokenizer) -> torch.Tensor:
