@@ -1,4 +1,6 @@
-"""The synthetic copy rows (`trinity.train.copy_task`) and the trainer's copy warm-up that trains on them first."""
+"""The synthetic copy rows (`trinity.train.copy_task`) and the trainer's use of them: a warm-up, then rows mixed in."""
+
+import copy
 
 import pytest
 import torch
@@ -104,3 +106,51 @@ def test_a_run_resumed_inside_the_copy_warmup_matches_the_uninterrupted_one(corp
     first = Trainer(config(corpus_dir, tmp_path / "parts", copy_warmup_steps=3, steps=2)).run()
     rest = Trainer(config(corpus_dir, tmp_path / "parts", copy_warmup_steps=3)).run()
     assert [r["loss"] for r in first + rest] == [r["loss"] for r in whole]
+
+
+def test_after_the_warmup_copy_rows_are_mixed_into_every_batch(corpus_dir, tmp_path):
+    trainer = Trainer(config(corpus_dir, tmp_path / "run", copy_warmup_steps=1, copy_rows=1, steps=3))
+    taken = []
+    for name in ("loader", "copy_loader"):
+        source = getattr(trainer, name)
+        source.next_batch = (lambda original, label: lambda size: taken.append((label, size)) or original(size))(
+            source.next_batch, name)
+    records = trainer.run()
+    assert taken == [("copy_loader", 2)] + [("loader", 1), ("copy_loader", 1)] * 2
+    assert records[0]["copy_loss"] == pytest.approx(records[0]["loss"])  # the warm-up: every row a copy row
+    assert all(r["copy_loss"] is not None for r in records)
+
+
+def test_copy_loss_is_the_cross_entropy_of_the_copy_rows_alone(corpus_dir, tmp_path):
+    # two micro batches of one row: the copy row is the second, so the first micro batch must add nothing to it
+    trainer = Trainer(config(corpus_dir, tmp_path / "run", copy_warmup_steps=0, copy_rows=1, micro_batch_size=1,
+                             autocast=False))  # bf16 autocast would round the step's forward, not ours
+    before = copy.deepcopy(trainer.model).eval()
+    batch = []
+    original = trainer._next_batch
+    trainer._next_batch = lambda: batch.append(original()) or batch[-1]
+    record = trainer.train_step()
+    ids, labels, copy_from = batch[0]
+    assert copy_from == 1
+    with torch.no_grad():
+        logits = before(ids[1:])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[1:].reshape(-1),
+                                                 ignore_index=IGNORE)
+    assert record["copy_loss"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_without_copy_rows_no_copy_loss_is_logged(corpus_dir, tmp_path):
+    record = Trainer(config(corpus_dir, tmp_path / "run", copy_warmup_steps=0, steps=1)).run()[0]
+    assert record["copy_loss"] is None
+
+
+def test_a_run_resumed_with_copy_rows_matches_the_uninterrupted_one(corpus_dir, tmp_path):
+    whole = Trainer(config(corpus_dir, tmp_path / "whole", copy_warmup_steps=1, copy_rows=1)).run()
+    first = Trainer(config(corpus_dir, tmp_path / "parts", copy_warmup_steps=1, copy_rows=1, steps=2)).run()
+    rest = Trainer(config(corpus_dir, tmp_path / "parts", copy_warmup_steps=1, copy_rows=1)).run()
+    assert [(r["loss"], r["copy_loss"]) for r in first + rest] == [(r["loss"], r["copy_loss"]) for r in whole]
+
+
+def test_copy_rows_leave_at_least_one_corpus_row():
+    with pytest.raises(ValueError, match="copy_rows = 4"):
+        TrainConfig(seq_len=64, batch_size=4, copy_rows=4)

@@ -49,6 +49,9 @@ class TrainConfig:
     # copy_span/2..copy_span tokens) instead of the corpus: they teach the long-range copy that tools need
     copy_warmup_steps: int = 0
     copy_span: int = 32
+    # after the warm-up, this many rows of every batch are copy rows too (the rest from the corpus): the corpus
+    # alone never needs the copy, so a model that learnt it in the warm-up unlearns it (logged as copy_loss)
+    copy_rows: int = 0
     # sequential order: readers starting at evenly spaced documents (like data workers on separate shards);
     # a step's batch is split into this many equal runs, one per reader. Independent of ranks and micro batches,
     # so neither changes the data.
@@ -98,7 +101,10 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
-        if self.copy_warmup_steps and not 2 <= self.copy_span <= (self.seq_len + 1) // 2:
+        if not 0 <= self.copy_rows < self.batch_size:
+            raise ValueError(f"copy_rows = {self.copy_rows}: allowed 0..{self.batch_size - 1} (batch_size "
+                             f"{self.batch_size}), a batch keeps at least one corpus row")
+        if (self.copy_warmup_steps or self.copy_rows) and not 2 <= self.copy_span <= (self.seq_len + 1) // 2:
             raise ValueError(f"copy_span = {self.copy_span}: a span is written twice in a row of seq_len + 1 = "
                              f"{self.seq_len + 1} tokens, so it must be 2..{(self.seq_len + 1) // 2}")
 
@@ -330,7 +336,7 @@ class Trainer:
         self.loader = make_loader(cfg.data_order, load_documents(cfg.data, self.tokenizer, eos), cfg.seq_len,
                                   cfg.seed, cfg.buffer_size, streams=cfg.data_streams, pad_id=eos)
         self.copy_loader = CopyTaskLoader(cfg.seq_len, cfg.copy_span, ordinary_token_ids(self.tokenizer), cfg.seed) \
-            if cfg.copy_warmup_steps else None
+            if cfg.copy_warmup_steps or cfg.copy_rows else None
         start_or_resume(self, writes_log=self.rank == 0)
 
     # ------------------------------------------------------------------ setup
@@ -360,29 +366,35 @@ class Trainer:
         cfg, model = self.cfg, self.model
         start = time.perf_counter()
         # Every rank draws the whole global batch (same seed) and keeps its share: the same data as one process.
-        loader = self.copy_loader if self.step < cfg.copy_warmup_steps else self.loader
-        ids, labels = loader.next_batch(cfg.batch_size)
+        ids, labels, copy_from = self._next_batch()
         valid = (labels != -100).sum().clamp_min(1).float()  # loss tokens of the global batch
         scale = lr_scale(cfg, self.step)
         self.optimizer.set_lr_scale(scale)
         micro_ce: list[float] = []
-        totals = torch.zeros(3, dtype=torch.float64)  # ce, aux, z (global means, summed over micro batches)
+        # ce, aux, z (global means, summed over micro batches); the copy rows' ce sum and their loss tokens
+        totals = torch.zeros(5, dtype=torch.float64)
         blocks = moe_blocks(model)
         micro = list(self._micro_batches(ids, labels))
+        first_row = self.rank * (cfg.batch_size // self.world)  # global index of this micro batch's first row
         for index, (mids, mlabels) in enumerate(micro):
             mids, mlabels = mids.to(self.device), mlabels.to(self.device)
             with self.parallel.micro_batch(last=index == len(micro) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
                     logits = self.parallel.module(mids)
-                ce_sum = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     mlabels.reshape(-1), ignore_index=-100, reduction="sum")
+                token_ce = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                       mlabels.reshape(-1), ignore_index=-100, reduction="none")
+                ce_sum = token_ce.sum()
                 share = mids.shape[0] / cfg.batch_size  # this micro batch's weight in the global mean
                 aux, z = self._router_losses(blocks, mids.shape[0])
                 loss = ce_sum / valid + share * (self.aux_coeff * aux + cfg.z_loss_coeff * z)
                 loss.backward()
             micro_valid = (mlabels != -100).sum().clamp_min(1)
             micro_ce.append((ce_sum / micro_valid).item())
-            totals += torch.tensor([(ce_sum / valid).item(), share * aux.item(), share * z.item()], dtype=torch.float64)
+            copy_part = slice(max(copy_from - first_row, 0) * mids.shape[1], None)  # the copy rows are last
+            copy_tokens = (mlabels.reshape(-1)[copy_part] != -100).sum().item()
+            totals += torch.tensor([(ce_sum / valid).item(), share * aux.item(), share * z.item(),
+                                    token_ce[copy_part].sum().item(), copy_tokens], dtype=torch.float64)
+            first_row += mids.shape[0]
         self.parallel.sync_gradients()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
         self.optimizer.step()
@@ -398,12 +410,26 @@ class Trainer:
                   "tokens_per_s": cfg.batch_size * cfg.seq_len / elapsed,
                   "batchhet": max(micro_ce) - sum(micro_ce) / len(micro_ce),
                   "maxvio": maxvio.mean().item() if maxvio is not None else None,
-                  "maxvio_per_layer": maxvio.tolist() if maxvio is not None else None}
+                  "maxvio_per_layer": maxvio.tolist() if maxvio is not None else None,
+                  "copy_loss": totals[3] / totals[4] if totals[4] else None}
         self.history.append(record)
         if self.rank == 0:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         return record
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(ids, labels, index of the first copy row): copy rows alone in the warm-up, then `copy_rows` of them
+        after the corpus rows (batch_size when there are none)."""
+        cfg = self.cfg
+        if self.step < cfg.copy_warmup_steps:
+            return (*self.copy_loader.next_batch(cfg.batch_size), 0)
+        corpus = cfg.batch_size - cfg.copy_rows
+        ids, labels = self.loader.next_batch(corpus)
+        if cfg.copy_rows:
+            copy_ids, copy_labels = self.copy_loader.next_batch(cfg.copy_rows)
+            ids, labels = torch.cat([ids, copy_ids]), torch.cat([labels, copy_labels])
+        return ids, labels, corpus
 
     @staticmethod
     def _router_losses(blocks, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
