@@ -23,19 +23,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from trinity.model.model import TrinityForCausalLM  # noqa: E402
-from trinity.train.copy_task import IGNORE, copy_batch, ordinary_token_ids  # noqa: E402
+from trinity.train.copy_task import copy_accuracy, copy_batch, ordinary_token_ids  # noqa: E402
 from trinity.train.trainer import build_tokenizer  # noqa: E402
 
 TOKENS_PER_SHAPE = 8192
 
 
-def copy_accuracy(model: TrinityForCausalLM, pool: torch.Tensor, seq_len: int, span: int, seed: int) -> float:
+def shape_accuracy(model: TrinityForCausalLM, pool: torch.Tensor, seq_len: int, span: int, seed: int) -> float:
     ids, labels = copy_batch(max(1, TOKENS_PER_SHAPE // seq_len), seq_len, span, pool,
                              torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        predicted = model(ids).argmax(-1)
-    scored = labels != IGNORE
-    return (predicted[scored] == labels[scored]).float().mean().item()
+    return copy_accuracy(model, ids, labels)
 
 
 def main() -> None:
@@ -50,7 +47,7 @@ def main() -> None:
     results = {}
     for path in args.models:
         model = TrinityForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        results[path] = {f"{seq}:{span}": round(copy_accuracy(model, pool, seq, span, args.seed), 3)
+        results[path] = {f"{seq}:{span}": round(shape_accuracy(model, pool, seq, span, args.seed), 3)
                          for seq, span in shapes}
     print(json.dumps({"tokens_per_shape": TOKENS_PER_SHAPE, "seed": args.seed, "accuracy": results}))
 

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from trinity.config import preset  # noqa: E402
 from trinity.model.model import TrinityForCausalLM  # noqa: E402
-from trinity.train.copy_task import IGNORE, copy_batch  # noqa: E402
+from trinity.train.copy_task import IGNORE, copy_accuracy, copy_batch  # noqa: E402
 from trinity.train.optim import CombinedOptimizer  # noqa: E402
 from trinity.train.trainer import init_like_report_, load_train_config  # noqa: E402
 
@@ -57,11 +57,9 @@ def build(window: int, gain: float, config_path: str) -> tuple[TrinityForCausalL
 
 def accuracy(model: TrinityForCausalLM, ids: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
-    with torch.no_grad():
-        predicted = model(ids).argmax(-1)
+    value = copy_accuracy(model, ids, labels)
     model.train()
-    scored = labels != IGNORE
-    return (predicted[scored] == labels[scored]).float().mean().item()
+    return value
 
 
 def run_variant(spec: str, steps: int, eval_every: int, warmup: int, config_path: str) -> dict:

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from trinity.train.copy_task import IGNORE, CopyTaskLoader, copy_batch, ordinary_token_ids
+from trinity.train.copy_task import IGNORE, CopyTaskLoader, copy_accuracy, copy_batch, ordinary_token_ids
 from trinity.train.trainer import TrainConfig, Trainer, build_tokenizer
 
 SPAN, SEQ_LEN = 16, 100
@@ -66,6 +66,22 @@ def test_the_loader_resumes_from_its_state():
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
+def test_copy_accuracy_counts_the_labelled_positions_only():
+    ids, labels = copy_batch(4, SEQ_LEN, SPAN, torch.arange(16, 300), torch.Generator().manual_seed(4))
+    vocab = 301  # the pool's ids and one more, for a wrong guess
+
+    def predicting(row_tokens):  # logits whose greedy token is the given one at every position
+        return lambda _: torch.nn.functional.one_hot(row_tokens, vocab).float()
+
+    assert copy_accuracy(predicting(labels.clamp_min(0)), ids, labels) == 1.0  # right on every repeat
+    wrong_on_repeats = torch.where(labels != IGNORE, labels + 1, labels.clamp_min(0))  # right only off the repeats
+    assert copy_accuracy(predicting(wrong_on_repeats), ids, labels) == 0.0
+    half = labels.clone()
+    half[:2] = torch.where(labels[:2] != IGNORE, labels[:2] + 1, labels[:2])
+    expected = (labels[2:] != IGNORE).sum().item() / (labels != IGNORE).sum().item()
+    assert copy_accuracy(predicting(half.clamp_min(0)), ids, labels) == pytest.approx(expected)
+
+
 def test_ordinary_ids_leave_out_control_and_tag_tokens():
     tokenizer = build_tokenizer("byte")
     pool = ordinary_token_ids(tokenizer)
@@ -90,15 +106,21 @@ def corpus_dir(tmp_path):
     return root
 
 
-def test_the_trainer_takes_copy_rows_first_then_the_corpus(corpus_dir, tmp_path):
-    trainer = Trainer(config(corpus_dir, tmp_path / "run"))
+def record_batches(trainer: Trainer) -> list[tuple[str, int]]:
+    """(loader attribute, rows asked for) of every batch the trainer takes from now on."""
     taken = []
     for name in ("loader", "copy_loader"):
         source = getattr(trainer, name)
-        source.next_batch = (lambda original, label: lambda size: taken.append(label) or original(size))(
+        source.next_batch = (lambda original, label: lambda size: taken.append((label, size)) or original(size))(
             source.next_batch, name)
+    return taken
+
+
+def test_the_trainer_takes_copy_rows_first_then_the_corpus(corpus_dir, tmp_path):
+    trainer = Trainer(config(corpus_dir, tmp_path / "run"))
+    taken = record_batches(trainer)
     trainer.run()
-    assert taken == ["copy_loader", "copy_loader", "loader", "loader"]
+    assert [name for name, _ in taken] == ["copy_loader", "copy_loader", "loader", "loader"]
 
 
 def test_a_run_resumed_inside_the_copy_warmup_matches_the_uninterrupted_one(corpus_dir, tmp_path):
@@ -110,11 +132,7 @@ def test_a_run_resumed_inside_the_copy_warmup_matches_the_uninterrupted_one(corp
 
 def test_after_the_warmup_copy_rows_are_mixed_into_every_batch(corpus_dir, tmp_path):
     trainer = Trainer(config(corpus_dir, tmp_path / "run", copy_warmup_steps=1, copy_rows=1, steps=3))
-    taken = []
-    for name in ("loader", "copy_loader"):
-        source = getattr(trainer, name)
-        source.next_batch = (lambda original, label: lambda size: taken.append((label, size)) or original(size))(
-            source.next_batch, name)
+    taken = record_batches(trainer)
     records = trainer.run()
     assert taken == [("copy_loader", 2)] + [("loader", 1), ("copy_loader", 1)] * 2
     assert records[0]["copy_loss"] == pytest.approx(records[0]["loss"])  # the warm-up: every row a copy row

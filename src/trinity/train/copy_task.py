@@ -8,8 +8,8 @@ training never needs it. The span's length changes per segment, so the distance 
 n back" does not predict the repeat, only a content match does. Measurements: benchmarks/README.md, "Issue 24,
 twelfth try".
 
-`TrainConfig.copy_warmup_steps` trains on these rows before the corpus; `benchmarks/copy_probe.py` trains on them
-alone.
+`TrainConfig.copy_warmup_steps` trains on these rows before the corpus and `copy_rows` mixes them into it;
+`benchmarks/copy_probe.py` trains on them alone; `benchmarks/copy_accuracy.py` scores saved models on them.
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ def copy_batch(batch: int, seq_len: int, span: int, pool: torch.Tensor, generato
         rows_ids.append(ids[:-1])
         rows_labels.append(labels[1:])
     return torch.stack(rows_ids), torch.stack(rows_labels)
+
+
+def copy_accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of the labelled (repeat) positions where the model's greedy next token is the copy."""
+    with torch.no_grad():
+        predicted = model(ids).argmax(-1)
+    scored = labels != IGNORE
+    return (predicted[scored] == labels[scored]).float().mean().item()
 
 
 class CopyTaskLoader:

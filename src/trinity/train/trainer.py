@@ -390,10 +390,13 @@ class Trainer:
                 loss.backward()
             micro_valid = (mlabels != -100).sum().clamp_min(1)
             micro_ce.append((ce_sum / micro_valid).item())
-            copy_part = slice(max(copy_from - first_row, 0) * mids.shape[1], None)  # the copy rows are last
-            copy_tokens = (mlabels.reshape(-1)[copy_part] != -100).sum().item()
+            copy_ce = copy_tokens = 0.0
+            if copy_from < first_row + mids.shape[0]:  # the copy rows are last; only read them where there are any
+                copy_part = slice(max(copy_from - first_row, 0) * mids.shape[1], None)
+                copy_ce = token_ce[copy_part].sum().item()
+                copy_tokens = (mlabels.reshape(-1)[copy_part] != -100).sum().item()
             totals += torch.tensor([(ce_sum / valid).item(), share * aux.item(), share * z.item(),
-                                    token_ce[copy_part].sum().item(), copy_tokens], dtype=torch.float64)
+                                    copy_ce, copy_tokens], dtype=torch.float64)
             first_row += mids.shape[0]
         self.parallel.sync_gradients()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
