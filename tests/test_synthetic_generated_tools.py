@@ -27,7 +27,6 @@ from trinity.synthetic.scoring import Reply, reference_reply, score
 from trinity.synthetic.tool_domains import HELDOUT_ACTIONS, HELDOUT_DOMAINS, HELDOUT_TOOL_NAMES, HELDOUT_WORDS, \
     TRAIN_ACTIONS, TRAIN_DOMAINS, TRAIN_TOOL_NAMES, Param, name_forms
 from trinity.synthetic.tools import TOOL_SCHEMAS, run_corpus_tool, run_tool
-from trinity.synthetic.word_tools import KEY_WORDS, NOUNS, word_action
 from trinity.tokenizer import TrinityTokenizer
 from trinity.train.data import chat_document
 
@@ -399,33 +398,3 @@ def test_made_up_actions_can_only_be_copied():
                 assert word in call.text, (word, call.text)  # the key's own word is said
     pool = made_up_pool(random.Random(1), TRAIN_ACTIONS)
     assert sum(a.domain.startswith("made_up:") for a in pool) == 5 and len(pool) == 8
-
-
-def test_word_actions_say_their_noun_everywhere_and_no_heldout_word():
-    """A real-noun action links request and tool by its noun alone: the noun is in every name, description and
-    request; no name word but the verbs, no noun and no key word is a word of the held-out actions."""
-    assert len(NOUNS) > 300 and not (set(NOUNS) | set(KEY_WORDS)) & HELDOUT_WORDS
-    rng = random.Random(4)
-    for _ in range(300):
-        action = word_action(rng)
-        noun = action.keywords[0]
-        assert noun in NOUNS and all(noun in text.lower() for text in (*action.names, *action.descriptions))
-        assert not (_words(" ".join(action.names)) - set(VERBS)) & HELDOUT_WORDS, action.names
-        call = draw_call(rng, make_tool(rng, action))
-        assert noun in call.text.lower(), call.text
-        jsonschema.validate(call.arguments, call.tool.schema()["function"]["parameters"])
-
-
-def test_pools_with_word_actions_hold_no_noun_twice_and_keep_the_shipped_draws_without():
-    rng, word_actions = random.Random(3), 0
-    for _ in range(200):
-        pool = made_up_pool(rng, TRAIN_ACTIONS, words=0.6)
-        fresh = [a for a in pool if a.domain.startswith(("word:", "made_up:"))]
-        assert len(fresh) == 5 and len({a.keywords[0] for a in fresh}) == 5
-        word_actions += sum(a.domain.startswith("word:") for a in fresh)
-    assert 500 < word_actions < 700  # ~60% of 1000
-    # words=0 draws exactly what the made-up pools drew before real nouns existed (the shipped corpus)
-    old, new = random.Random(8), random.Random(8)
-    expected = tuple(made_up_action(old) for _ in range(5)) + tuple(old.sample(TRAIN_ACTIONS, 3))
-    assert [(a.domain, a.names, a.requests) for a in made_up_pool(new, TRAIN_ACTIONS)] == \
-        [(a.domain, a.names, a.requests) for a in expected]

@@ -31,8 +31,6 @@ def make_mixed_chain(rng: random.Random) -> Example:
 
 
 MADE_UP_SHARE = 0.5
-# of those made-up pools' fresh actions, the share about real nouns (word_tools.py) instead of made-up words
-WORD_SHARE = 0.6
 FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "arithmetic": make_arithmetic,
     "arithmetic_chain": make_arithmetic_chain,
@@ -45,13 +43,13 @@ FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "mixed_chain": make_mixed_chain,
     # tools made up per conversation from the training domains (tool_domains.py), half the time mixed with actions
     # of made-up words (made_up_tools.py)
-    "gen_tool_call": family(make_call, TRAIN_ACTIONS, "gen_tool_call", MADE_UP_SHARE, WORD_SHARE),
-    "gen_tool_parallel": family(make_parallel, TRAIN_ACTIONS, "gen_tool_parallel", MADE_UP_SHARE, WORD_SHARE),
-    "gen_tool_none": family(make_none, TRAIN_ACTIONS, "gen_tool_none", MADE_UP_SHARE, WORD_SHARE),
-    "tool_choice_forced": family(make_forced, TRAIN_ACTIONS, "tool_choice_forced", MADE_UP_SHARE, WORD_SHARE),
-    "json_schema_reasoned": family(make_reasoned_json, TRAIN_ACTIONS, "json_schema_reasoned", MADE_UP_SHARE, WORD_SHARE),
+    "gen_tool_call": family(make_call, TRAIN_ACTIONS, "gen_tool_call", MADE_UP_SHARE),
+    "gen_tool_parallel": family(make_parallel, TRAIN_ACTIONS, "gen_tool_parallel", MADE_UP_SHARE),
+    "gen_tool_none": family(make_none, TRAIN_ACTIONS, "gen_tool_none", MADE_UP_SHARE),
+    "tool_choice_forced": family(make_forced, TRAIN_ACTIONS, "tool_choice_forced", MADE_UP_SHARE),
+    "json_schema_reasoned": family(make_reasoned_json, TRAIN_ACTIONS, "json_schema_reasoned", MADE_UP_SHARE),
     "arithmetic_json_asked": make_arithmetic_json_asked,
-    "tool_list": family(make_tool_list, TRAIN_ACTIONS, "tool_list", MADE_UP_SHARE, WORD_SHARE),
+    "tool_list": family(make_tool_list, TRAIN_ACTIONS, "tool_list", MADE_UP_SHARE),
 }
 # Evaluation only: the same conversations over the held-out domains, whose tools no training family ever
 # offers ("unseen tools"). A training mix may not name them (parse_mix refuses names its default lacks).

@@ -171,14 +171,13 @@ def make_tool_list(rng: random.Random, actions: tuple[Action, ...], family: str)
 
 
 def family(maker: Callable[[random.Random, tuple[Action, ...], str], Example], actions: tuple[Action, ...],
-           name: str, made_up: float = 0.0, words: float = 0.0) -> Callable[[random.Random], Example]:
+           name: str, made_up: float = 0.0) -> Callable[[random.Random], Example]:
     """A corpus family (rng -> Example) from a maker, the actions it draws from and the family's name. In a
     `made_up` share of the conversations the maker draws from made-up actions mixed with a few of `actions`
-    (made_up_tools.py), so names, keys and values must be copied from the prompt; a `words` share of those
-    actions are about real nouns instead (word_tools.py)."""
+    (made_up_tools.py), so names, keys and values must be copied from the prompt."""
     def make(rng: random.Random) -> Example:
         if made_up and rng.random() < made_up:
-            return maker(rng, made_up_pool(rng, actions, words=words), name)
+            return maker(rng, made_up_pool(rng, actions), name)
         return maker(rng, actions, name)
     make.__name__ = f"make_{name}"
     return make

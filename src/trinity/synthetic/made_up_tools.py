@@ -10,7 +10,6 @@ the fake backend run any made-up tool by name. No word of the held-out actions i
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 from .made_up_words import made_up_word
 from .tool_domains import (BOOLEAN, HELDOUT_WORDS, MADE_UP_RESULTS, MONEY, PERSON, TRAIN_CITY, Action, Kind,
@@ -40,13 +39,12 @@ SHAPES = ((0.3, "string"), (0.2, "integer"), (0.1, "number"), (0.1, "boolean"), 
           (0.1, "person"))
 
 
-def param_of(rng: random.Random, taken: set[str], optional: bool,
-             key_word: Callable[[random.Random], str] = _word) -> Param:
-    """A parameter keyed by a fresh word (made up unless `key_word` draws others); the user names it by that key
-    ("with tosal 12"), or says a place or a person with the usual preposition."""
-    word = key_word(rng)
+def _param(rng: random.Random, taken: set[str], optional: bool) -> Param:
+    """A parameter with a made-up key; the user names it by that key ("with tosal 12"), or says a place or a
+    person with the usual preposition."""
+    word = _word(rng)
     while word in taken:
-        word = key_word(rng)
+        word = _word(rng)
     taken.add(word)
     shares, shapes = zip(*[(w, s) for w, s in SHAPES if s not in taken])
     shape = rng.choices(shapes, shares)[0]
@@ -70,7 +68,7 @@ def param_of(rng: random.Random, taken: set[str], optional: bool,
 def made_up_action(rng: random.Random) -> Action:
     noun, verb = _word(rng), rng.choice(VERBS)
     taken = {noun}
-    params = tuple(param_of(rng, taken, optional=n > 0 and rng.random() < 0.3) for n in range(rng.choice((1, 2, 2, 3))))
+    params = tuple(_param(rng, taken, optional=n > 0 and rng.random() < 0.3) for n in range(rng.choice((1, 2, 2, 3))))
     purpose = f"{verb} a {noun}"
     return Action(
         f"made_up:{noun}", (f"{verb}_{noun}", f"{noun}_{verb}"), purpose,
@@ -80,17 +78,8 @@ def made_up_action(rng: random.Random) -> Action:
         params, MADE_UP_RESULTS, (noun,))
 
 
-def made_up_pool(rng: random.Random, actions: tuple[Action, ...], made_up: int = 5, known: int = 3,
-                 words: float = 0.0) -> tuple[Action, ...]:
-    """`made_up` fresh actions and `known` of `actions`: the families draw the needed tools and the distractors
-    from this pool, so most targets are fresh and the distractors are of both kinds. A `words` share of the fresh
-    actions are about real nouns (word_tools.py), the rest about made-up words; no two share a word."""
-    if not words:  # the shipped corpus' draws, unchanged
-        return tuple(made_up_action(rng) for _ in range(made_up)) + tuple(rng.sample(actions, known))
-    from .word_tools import word_action  # word_tools builds on this module's parameters
-
-    fresh: dict[str, Action] = {}
-    while len(fresh) < made_up:
-        action = word_action(rng) if rng.random() < words else made_up_action(rng)
-        fresh.setdefault(action.keywords[0], action)
-    return tuple(fresh.values()) + tuple(rng.sample(actions, known))
+def made_up_pool(rng: random.Random, actions: tuple[Action, ...], made_up: int = 5, known: int = 3
+                 ) -> tuple[Action, ...]:
+    """`made_up` fresh made-up actions and `known` of `actions`: the families draw the needed tools and the
+    distractors from this pool, so most targets are made up and the distractors are of both kinds."""
+    return tuple(made_up_action(rng) for _ in range(made_up)) + tuple(rng.sample(actions, known))
