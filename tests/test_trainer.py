@@ -197,6 +197,39 @@ def test_llm_generates_from_the_export(full_run):
     assert result[0].outputs[0].text == trainer.tokenizer.decode(tokens)
 
 
+def test_export_in_bf16_is_half_the_size_and_keeps_the_model(full_run, tmp_path):
+    """export_dtype = "bfloat16" stores the weights in bf16 (the built-in model's size budget counts stored bytes);
+    loaded for the CPU it computes in fp32 with the trained tensors rounded to bf16, and predicts like the fp32 export."""
+    from safetensors import safe_open
+
+    trainer, _, out = full_run
+    trainer.cfg.export_dtype = "bfloat16"
+    try:
+        trainer.export(str(tmp_path / "bf16"))
+    finally:
+        trainer.cfg.export_dtype = None
+    fp32_file, bf16_file = out / "export" / "model.safetensors", tmp_path / "bf16" / "model.safetensors"
+    with safe_open(str(bf16_file), "pt") as f:
+        stored = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert "BF16" in stored and json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] \
+        in ("bfloat16", "torch.bfloat16")
+    assert bf16_file.stat().st_size < 0.6 * fp32_file.stat().st_size
+    fp32 = TrinityForCausalLM.from_pretrained(out / "export", dtype=torch.float32).eval()
+    bf16 = TrinityForCausalLM.from_pretrained(tmp_path / "bf16", device="cpu").eval()
+    assert bf16.dtype == torch.float32  # the CPU default: fp32 compute from bf16 storage
+    # every tensor is the trained one rounded to bf16, or kept as it was (those the model keeps in fp32)
+    stored, trained = bf16.state_dict(), fp32.state_dict()
+    for name, tensor in trained.items():
+        assert torch.equal(stored[name], tensor.bfloat16().float()) or torch.equal(stored[name], tensor), name
+    assert sum(not torch.equal(stored[n], t) for n, t in trained.items()) > len(trained) // 2
+    ids = torch.tensor([trainer.tokenizer.encode("the cat sat on the mat. a dog ran")])
+    with torch.no_grad():
+        a, b = fp32(ids), bf16(ids)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9  # the same model, up to rounding
+    with pytest.raises(ValueError, match="unknown dtype"):
+        TrainConfig(export_dtype="float8")
+
+
 # ---------------------------------------------------------------------------------------------- data parallel
 
 def free_port() -> int:

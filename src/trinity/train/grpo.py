@@ -303,5 +303,5 @@ class GRPOTrainer:
         """HF layout, LoRA adapters merged into the weights: a normal checkpoint any loader reads."""
         model = TrinityForCausalLM.empty(self.model_config, torch.float32, "cpu")
         model.load_state_dict({k: v.cpu() for k, v in merged_state_dict(self.policy).items()})
-        model.save_pretrained(path)
+        model.save_pretrained(path, dtype=self.cfg.export_dtype)
         self.tokenizer.save_pretrained(path)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import TrinityConfig, preset
+from ..model.checkpoint import parse_dtype
 from ..model.model import TrinityForCausalLM
 from .balance import BalanceConfig, ExpertBalancer, max_violation, moe_blocks
 from .copy_task import CopyTaskLoader, ordinary_token_ids
@@ -84,6 +85,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     log_every: int = 10
     export_dir: str | None = None  # HF-layout export at the end (default out_dir/export)
+    # the export's stored dtype: "bfloat16" halves the file (the built-in model's size budget counts stored bytes;
+    # on the CPU trinity computes in fp32 whatever is stored); default: fp32, as trained
+    export_dtype: str | None = None
     device: str = "auto"
     progress: bool = True
     # with several processes (torchrun): auto | fsdp | ddp | manual (see train/parallel.py)
@@ -101,6 +105,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.export_dtype is not None:
+            parse_dtype(self.export_dtype)  # a clear error now, not after the run
         if not 0 <= self.copy_rows < self.batch_size:
             raise ValueError(f"copy_rows = {self.copy_rows}: allowed 0..{self.batch_size - 1} (batch_size "
                              f"{self.batch_size}), a batch keeps at least one corpus row")
@@ -508,5 +514,5 @@ class Trainer:
         model = self.parallel.full_model(lambda: TrinityForCausalLM.empty(self.model_config, torch.float32, "cpu"))
         if self.rank != 0:
             return
-        model.save_pretrained(path)
+        model.save_pretrained(path, dtype=self.cfg.export_dtype)
         self.tokenizer.save_pretrained(path)
