@@ -226,8 +226,9 @@ def test_export_in_bf16_is_half_the_size_and_keeps_the_model(full_run, tmp_path)
     with torch.no_grad():
         a, b = fp32(ids), bf16(ids)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9  # the same model, up to rounding
-    with pytest.raises(ValueError, match="unknown dtype"):
-        TrainConfig(export_dtype="float8")
+    for wrong in ("float8", "auto"):
+        with pytest.raises(ValueError, match="export_dtype"):
+            TrainConfig(export_dtype=wrong)
 
 
 # ---------------------------------------------------------------------------------------------- data parallel
