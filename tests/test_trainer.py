@@ -199,7 +199,8 @@ def test_llm_generates_from_the_export(full_run):
 
 def test_export_in_bf16_is_half_the_size_and_keeps_the_model(full_run, tmp_path):
     """export_dtype = "bfloat16" stores the weights in bf16 (the built-in model's size budget counts stored bytes);
-    loaded for the CPU it computes in fp32 with the trained tensors rounded to bf16, and predicts like the fp32 export."""
+    loaded for the CPU it computes in fp32 with the trained tensors rounded to bf16, and predicts like the fp32
+    export."""
     from safetensors import safe_open
 
     trainer, _, out = full_run
@@ -210,8 +211,8 @@ def test_export_in_bf16_is_half_the_size_and_keeps_the_model(full_run, tmp_path)
         trainer.cfg.export_dtype = None
     fp32_file, bf16_file = out / "export" / "model.safetensors", tmp_path / "bf16" / "model.safetensors"
     with safe_open(str(bf16_file), "pt") as f:
-        stored = {f.get_slice(name).get_dtype() for name in f.keys()}
-    assert "BF16" in stored and json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] \
+        file_dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert "BF16" in file_dtypes and json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] \
         in ("bfloat16", "torch.bfloat16")
     assert bf16_file.stat().st_size < 0.6 * fp32_file.stat().st_size
     fp32 = TrinityForCausalLM.from_pretrained(out / "export", dtype=torch.float32).eval()

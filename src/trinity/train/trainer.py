@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import TrinityConfig, preset
+from ..model.checkpoint import parse_dtype
 from ..model.model import TrinityForCausalLM
 from .balance import BalanceConfig, ExpertBalancer, max_violation, moe_blocks
 from .copy_task import CopyTaskLoader, ordinary_token_ids
@@ -29,7 +30,6 @@ from .parallel import DataParallel, clip_grad_norm_, resolve_mode
 
 
 STAGES = ("supervised", "grpo")
-EXPORT_DTYPES = (None, "bfloat16", "float16", "float32")  # None: as trained (fp32)
 
 
 @dataclass
@@ -105,8 +105,11 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
-        if self.export_dtype not in EXPORT_DTYPES:  # a clear error now, not after the run
-            raise ValueError(f"export_dtype {self.export_dtype!r}: allowed {', '.join(map(str, EXPORT_DTYPES))}")
+        if self.export_dtype is not None:  # the names save_pretrained reads (aliases too), checked before the run
+            try:
+                parse_dtype(self.export_dtype)
+            except ValueError:
+                raise ValueError(f"export_dtype {self.export_dtype!r}: allowed bfloat16, float16, float32") from None
         if not 0 <= self.copy_rows < self.batch_size:
             raise ValueError(f"copy_rows = {self.copy_rows}: allowed 0..{self.batch_size - 1} (batch_size "
                              f"{self.batch_size}), a batch keeps at least one corpus row")
