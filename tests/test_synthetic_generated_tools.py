@@ -398,3 +398,56 @@ def test_made_up_actions_can_only_be_copied():
                 assert word in call.text, (word, call.text)  # the key's own word is said
     pool = made_up_pool(random.Random(1), TRAIN_ACTIONS)
     assert sum(a.domain.startswith("made_up:") for a in pool) == 5 and len(pool) == 8
+
+
+# ----------------------------------------------------------------------------------------- tool lookup drills
+HELDOUT_KEYWORDS = {k for a in HELDOUT_ACTIONS for k in a.keywords}  # as in the test of the training mix
+
+
+def test_lookup_drills_are_told_apart_only_by_the_requested_word():
+    """Every offered tool is about its own word, which no other tool's name or description holds; the request
+    says the target's word and no other tool's; the conversation ends at the call, which fits the schema."""
+    from trinity.synthetic.lookup_tools import LOOKUP_VERBS, make_lookup
+
+    # the template words of names and descriptions; what is left of a tool's words is its verb and its noun
+    common = {"a", "the", "user", "s", "use", "this", "to", "service", "handles", "requests", "for", "everything",
+              "about", "it", "one", "task", "tool"}
+
+    def noun_of(tool: dict) -> str | None:
+        text = re.sub(r"([a-z])([A-Z])", r"\1 \2", tool["function"]["name"]) + " " + tool["function"]["description"]
+        left = _words(text) - set(LOOKUP_VERBS) - common
+        return left.pop() if len(left) == 1 else None
+
+    for seed in range(300):
+        example = make_lookup(random.Random(seed))
+        request, turn = example.messages[-2]["content"], example.messages[-1]
+        call = turn["tool_calls"][0]["function"]
+        assert turn is example.messages[-1] and turn["role"] == "assistant"
+        assert 3 <= len(example.tools) <= 6
+        nouns = [noun_of(t) for t in example.tools]
+        assert None not in nouns and len(set(nouns)) == len(nouns), example.tools
+        target = next(i for i, t in enumerate(example.tools) if t["function"]["name"] == call["name"])
+        said = _words(request)
+        assert nouns[target] in said and not (set(nouns) - {nouns[target]}) & said, (request, nouns)
+        assert not set(nouns) & HELDOUT_WORDS and not _words(json.dumps(example.record())) & HELDOUT_KEYWORDS
+        jsonschema.validate(json.loads(call["arguments"]), example.tools[target]["function"]["parameters"])
+
+
+def test_lookup_drill_names_each_requested_tool_once_by_its_word():
+    """A drill asks for most of its 8-14 tools, each once, by a request that holds that tool's word; each answer
+    line names the tool of its request, in the request's order."""
+    from trinity.synthetic.lookup_tools import make_lookup_drill
+
+    for seed in range(100):
+        example = make_lookup_drill(random.Random(seed))
+        requests = example.messages[-2]["content"].splitlines()[1:]
+        answers = example.messages[-1]["content"].splitlines()
+        names = [t["function"]["name"] for t in example.tools]
+        assert 8 <= len(names) <= 14 and len(requests) == len(answers) >= 3
+        chosen = [re.search(r"The tool (\S+) does this\.$", line).group(1) for line in answers]
+        assert len(set(chosen)) == len(chosen) and set(chosen) <= set(names)
+        assert not _words(json.dumps(example.record())) & HELDOUT_KEYWORDS
+        for n, (request, line) in enumerate(zip(requests, answers), 1):
+            assert request.startswith(f"{n}. ") and line.startswith(f"{n}. The user wants to ")
+            noun = line.split(". The tool")[0].split()[-1]  # "... wants to check a boiler" -> boiler
+            assert noun in _words(request), (request, line)

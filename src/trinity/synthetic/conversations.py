@@ -12,6 +12,7 @@ from .arithmetic import draw_problem, make_arithmetic, make_arithmetic_chain, qu
 from .example import Checkpoint, Example, assistant, maybe_system, user
 from .generated_conversations import family, make_call, make_forced, make_none, make_parallel, make_tool_list
 from .json_replies import make_json_reply
+from .lookup_tools import make_lookup, make_lookup_drill
 from .plain import draw_plain, make_plain, make_plain_chain
 from .reasoned_json import make_arithmetic_json, make_arithmetic_json_asked, make_reasoned_json
 from .tool_domains import HELDOUT_ACTIONS, TRAIN_ACTIONS
@@ -50,6 +51,9 @@ FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "json_schema_reasoned": family(make_reasoned_json, TRAIN_ACTIONS, "json_schema_reasoned", MADE_UP_SHARE),
     "arithmetic_json_asked": make_arithmetic_json_asked,
     "tool_list": family(make_tool_list, TRAIN_ACTIONS, "tool_list", MADE_UP_SHARE),
+    # drills of the word match that picks an unseen tool (lookup_tools.py); off by default
+    "tool_lookup": make_lookup,
+    "tool_lookup_drill": make_lookup_drill,
 }
 # Evaluation only: the same conversations over the held-out domains, whose tools no training family ever
 # offers ("unseen tools"). A training mix may not name them (parse_mix refuses names its default lacks).
@@ -77,7 +81,8 @@ TRAIN_MIX: dict[str, float] = {"arithmetic": 0.24, "arithmetic_chain": 0.10, "to
                                "tool_follow_up": 0.04, "tool_not_needed": 0.05, "json": 0.11, "plain": 0.05,
                                "plain_chain": 0.03, "mixed_chain": 0.03, "gen_tool_call": 0.10,
                                "gen_tool_parallel": 0.03, "gen_tool_none": 0.03, "tool_choice_forced": 0.04,
-                               "json_schema_reasoned": 0.02, "arithmetic_json_asked": 0.02, "tool_list": 0.0}
+                               "json_schema_reasoned": 0.02, "arithmetic_json_asked": 0.02, "tool_list": 0.0,
+                               "tool_lookup": 0.0, "tool_lookup_drill": 0.0}
 # The evaluation leans on what the issues measure: arithmetic, tool calls (now also unseen tools and forced
 # calls), JSON, closed thinking.
 HELDOUT_MIX: dict[str, float] = {"arithmetic": 0.15, "arithmetic_chain": 0.05, "tool_use": 0.18,
