@@ -422,7 +422,7 @@ def test_lookup_drills_are_told_apart_only_by_the_requested_word():
         example = make_lookup(random.Random(seed))
         request, turn = example.messages[-2]["content"], example.messages[-1]
         call = turn["tool_calls"][0]["function"]
-        assert turn is example.messages[-1] and turn["role"] == "assistant"
+        assert turn["role"] == "assistant" and example.messages[-2]["role"] == "user"  # the call is the last turn
         assert 3 <= len(example.tools) <= 6
         nouns = [noun_of(t) for t in example.tools]
         assert None not in nouns and len(set(nouns)) == len(nouns), example.tools
@@ -451,3 +451,5 @@ def test_lookup_drill_names_each_requested_tool_once_by_its_word():
             assert request.startswith(f"{n}. ") and line.startswith(f"{n}. The user wants to ")
             noun = line.split(". The tool")[0].split()[-1]  # "... wants to check a boiler" -> boiler
             assert noun in _words(request), (request, line)
+            tool = next(t["function"] for t in example.tools if t["function"]["name"] == chosen[n - 1])
+            assert noun in _words(tool["description"]), (line, tool)  # the named tool is the one about that word
