@@ -428,6 +428,7 @@ def test_lookup_drills_are_told_apart_only_by_the_requested_word():
         assert None not in nouns and len(set(nouns)) == len(nouns), example.tools
         target = next(i for i, t in enumerate(example.tools) if t["function"]["name"] == call["name"])
         said = _words(request)
+        assert not re.search(r" [.?,]", request), request  # a tool without parameters leaves no gap
         assert nouns[target] in said and not (set(nouns) - {nouns[target]}) & said, (request, nouns)
         assert not set(nouns) & HELDOUT_WORDS and not _words(json.dumps(example.record())) & HELDOUT_KEYWORDS
         jsonschema.validate(json.loads(call["arguments"]), example.tools[target]["function"]["parameters"])
@@ -449,6 +450,7 @@ def test_lookup_drill_names_each_requested_tool_once_by_its_word():
         assert not _words(json.dumps(example.record())) & HELDOUT_KEYWORDS
         for n, (request, line) in enumerate(zip(requests, answers), 1):
             assert request.startswith(f"{n}. ") and line.startswith(f"{n}. The user wants to ")
+            assert not re.search(r" [.?,]|,[.?]", request), request
             noun = line.split(". The tool")[0].split()[-1]  # "... wants to check a boiler" -> boiler
             assert noun in _words(request), (request, line)
             tool = next(t["function"] for t in example.tools if t["function"]["name"] == chosen[n - 1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,12 +90,20 @@ def _distinct_values(rng: random.Random, given: list[Param]) -> dict[str, Any]:
     return values
 
 
+def say_request(template: str, phrases: list[str]) -> str:
+    """A request template with the parameters' phrases at "{args}"; with none, "{args}" goes with the space or
+    comma before it ("What's the boiler like {args}?" -> "What's the boiler like?")."""
+    if not phrases:
+        return re.sub(r",? ?\{args\}", "", template)
+    return template.format(args=" ".join(phrases))
+
+
 def draw_call(rng: random.Random, tool: GeneratedTool, opening: bool = True) -> Call:
     given = [p for p, _ in tool.keys if not p.optional or rng.random() < 0.5]
     values = _distinct_values(rng, given)
     # phrases in the action's natural order; arguments in the schema's order (the order the model writes keys)
     phrases = [p.say(values[p.names[0]]) for p in tool.action.params if p.names[0] in values]
-    text = (rng.choice(OPENINGS) if opening else "") + rng.choice(tool.action.requests).format(args=" ".join(phrases))
+    text = (rng.choice(OPENINGS) if opening else "") + say_request(rng.choice(tool.action.requests), phrases)
     arguments = {key: values[p.names[0]] for p, key in tool.keys if p.names[0] in values}
     left_out = [key for p, key in tool.keys if p.names[0] not in values]
     return Call(tool, text, arguments, left_out)

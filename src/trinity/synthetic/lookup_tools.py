@@ -20,7 +20,7 @@ import random
 
 from .example import Checkpoint, Example, assistant, maybe_system, user
 from .generated_conversations import calls_turn
-from .generated_tools import draw_call, make_tool
+from .generated_tools import draw_call, make_tool, say_request
 from .made_up_tools import VERBS, _param
 from .made_up_words import made_up_word
 from .tool_domains import HELDOUT_WORDS, MADE_UP_RESULTS, Action
@@ -134,13 +134,9 @@ def make_lookup_drill(rng: random.Random) -> Example:
                for _ in range(rng.randint(8, 14))]
     tools = [make_tool(rng, a) for a in actions]
     asked = rng.sample(tools, max(3, round(len(tools) * rng.uniform(0.6, 1.0))))
-    requests = [" ".join(rng.choice(t.action.requests).format(args="").split()).replace(" .", ".")
-                .replace(" ?", "?").replace(" ,", ",") for t in asked]
+    requests = [say_request(rng.choice(t.action.requests), []) for t in asked]
     question = rng.choice(DRILL_QUESTIONS) + "\n" + "\n".join(f"{n}. {r}" for n, r in enumerate(requests, 1))
-    answer = "\n".join(f"{n}. The user wants to {t.action.purpose}. The tool {t.name} does this."
-                       for n, t in enumerate(asked, 1))
-    messages = [*maybe_system(rng, 0.2), user(question), assistant(DRILL_REASONING, answer)]
-    expected = {"contains": [f"{n}. The user wants to {t.action.purpose}. The tool {t.name} does this."
-                             for n, t in enumerate(asked, 1)]}
+    lines = [f"{n}. The user wants to {t.action.purpose}. The tool {t.name} does this." for n, t in enumerate(asked, 1)]
+    messages = [*maybe_system(rng, 0.2), user(question), assistant(DRILL_REASONING, "\n".join(lines))]
     return Example("tool_lookup_drill", messages, [t.schema() for t in tools],
-                   [Checkpoint(len(messages) - 1, "contains", expected)])
+                   [Checkpoint(len(messages) - 1, "contains", {"contains": lines})])
